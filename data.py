@@ -1,0 +1,304 @@
+"""
+data.py: the toy preference task, its judge, the batches, and the evaluation every method shares.
+
+A miniature of the DPO paper's controlled-sentiment experiment (arXiv 2305.18290, section 6.1): there a
+GPT-2 continues the prefix of a movie review and a sentiment classifier is the ground-truth reward. Here
+the prompt names a film ("new horror film"), the response is a short review of 3 to 16 words drawn from
+a word-level vocabulary, and a program is the judge, so every effect of a method shows up in numbers.
+
+One worked example (these numbers are what the functions below return):
+
+    prompt          "classic comedy film"
+    response a      "the acting was great and the music superb <eos>"   8 words: 2 positive, 0 negative
+    response b      "a dull plot but lovely cast <eos>"                 6 words: 1 positive, 1 negative
+    score(a)        = (2 - 0) / 8 = 0.25          the ground-truth reward: an AVERAGE per word, so
+    score(b)        = (1 - 1) / 6 = 0.0           padding a review with words never raises it
+    P(a > b | x)    = sigmoid((0.25 - 0.0) / tau) = sigmoid(1.0) = 0.731    (tau = 0.25)
+
+The preference oracle is Bradley-Terry on the hidden score: P(y > y' | x) = sigmoid((s(y) - s(y')) / tau).
+It labels the offline pairs (by sampling, so some labels are "wrong", as with human raters), and it is the
+P that SPPO's self-play queries. The score ignores the prompt: the prompt sets the topic only.
+
+Two knobs build the conditions of the SimPO write-up's claims (off by default):
+    length_bias  the raters favour the longer review: P(a chosen) = sigmoid((s_a - s_b)/tau + length_bias * (|a| - |b|))
+    pair_style   the pairs are written in another style: each pair response swaps a random fraction
+                 (up to pair_style) of its neutral words for archaic ones ("verily", "forsooth") that the
+                 SFT data almost never uses. The judge ignores style; the likelihood does not.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+PAD, BOS, SEP, EOS = "<pad>", "<bos>", "<sep>", "<eos>"
+DECADES = "new old classic recent cult modern".split()                               # prompt word 1
+GENRES = "horror comedy drama western thriller musical romance sci-fi war family".split()   # prompt word 2
+NOUNS = "film movie sequel remake series documentary".split()                          # prompt word 3
+POSITIVE = ("good great excellent wonderful superb brilliant lovely delightful moving charming fun "
+            "beautiful amazing fantastic clever enjoyable").split()
+NEGATIVE = ("bad awful terrible boring dull poor weak messy tedious bland clumsy lazy painful annoying "
+            "dreadful forgettable").split()
+NEUTRAL = ("the a and it was is this with its very quite rather really so but plot acting cast scenes "
+           "ending music script story characters").split()
+STYLE = "verily forsooth thus indeed whilst hath thee mayhap".split()   # score-neutral, rare in SFT data
+
+VOCAB = [PAD, BOS, SEP, EOS] + DECADES + GENRES + NOUNS + POSITIVE + NEGATIVE + NEUTRAL + STYLE
+STOI = {w: i for i, w in enumerate(VOCAB)}
+PAD_ID, BOS_ID, SEP_ID, EOS_ID = 0, 1, 2, 3
+PROMPT_LEN = 5            # BOS w1 w2 w3 SEP
+MAX_WORDS = 16            # responses are 3..16 words, then EOS
+MAX_RESPONSE = MAX_WORDS + 1
+BANNED_IN_RESPONSE = (PAD_ID, BOS_ID, SEP_ID)  # a sampler never draws these
+
+_ids = lambda words: np.array([STOI[w] for w in words])
+POS_IDS, NEG_IDS, NEU_IDS, STYLE_IDS = _ids(POSITIVE), _ids(NEGATIVE), _ids(NEUTRAL), _ids(STYLE)
+WORD_VALUE = torch.zeros(len(VOCAB))           # what each token adds to the score: +1, -1 or 0
+WORD_VALUE[torch.as_tensor(POS_IDS)] = 1.0
+WORD_VALUE[torch.as_tensor(NEG_IDS)] = -1.0
+
+
+def encode(text):
+    return [STOI[w] for w in text.split()]
+
+
+def decode(ids):
+    """Token ids -> words, stopping at EOS and skipping padding and markers."""
+    words = []
+    for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID, SEP_ID):
+            words.append(VOCAB[i])
+    return " ".join(words)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The judge: score and preference oracle
+# ----------------------------------------------------------------------------------------------------
+
+def score_responses(responses):
+    """Hidden ground-truth reward of each response [N, L] (token ids, EOS then PAD): the mean word
+    value, (#positive - #negative) / #words, in [-1, 1]. An empty review scores -1."""
+    responses = torch.as_tensor(responses).cpu()
+    is_word = (responses != PAD_ID) & (responses != EOS_ID)
+    n_words = is_word.sum(-1)
+    total = (WORD_VALUE[responses] * is_word).sum(-1)
+    return torch.where(n_words > 0, total / n_words.clamp(min=1), torch.full_like(total, -1.0))
+
+
+def response_lengths(responses):
+    """Number of words (EOS not counted) in each response [N, L]."""
+    responses = torch.as_tensor(responses).cpu()
+    return ((responses != PAD_ID) & (responses != EOS_ID)).sum(-1)
+
+
+def score(prompt, response):
+    """score(x, y) for text: the prompt sets the topic and does not change the score."""
+    return score_responses(torch.tensor([encode(response) + [EOS_ID]]))[0].item()
+
+
+def preference_prob(score_a, score_b, tau):
+    """Bradley-Terry oracle P(a > b | x) = sigmoid((s_a - s_b) / tau). P(a > b) + P(b > a) = 1 exactly."""
+    return torch.sigmoid((torch.as_tensor(score_a) - torch.as_tensor(score_b)) / tau)
+
+
+def oracle(prompt, response_a, response_b, tau=0.25):
+    """P(a > b | x) for text, as in the worked example above."""
+    return preference_prob(score(prompt, response_a), score(prompt, response_b), tau).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task: prompts, SFT demonstrations, preference pairs
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TaskConfig:
+    tau: float = 0.25              # oracle temperature: smaller = sharper, less noisy labels
+    sentiment_rate: float = 0.5    # share of sentiment words in SFT-like reviews (the rest neutral)
+    n_demos: int = 6000            # SFT demonstrations (train prompts)
+    n_pairs: int = 4000            # training preference pairs
+    n_heldout: int = 512           # held-out demonstrations and held-out pairs, each
+    heldout_fraction: float = 0.2  # share of the 360 prompts kept for evaluation
+    length_bias: float = 0.0       # > 0: raters prefer the longer review beyond what the score warrants
+    pair_style: float = 0.0        # > 0: pair reviews use a foreign style (see the module docstring)
+    demo_style_rate: float = 0.01  # how often SFT reviews use a style word (rare, never zero)
+
+
+def _random_responses(rng, n, sentiment_rate, style_rate):
+    """n SFT-like reviews [n, MAX_RESPONSE] with a broad mix of quality: each review draws its own
+    propensity p ~ U(0, 1); each word is a sentiment word with probability sentiment_rate, positive
+    with probability p; otherwise neutral, and a neutral word is a style word with probability
+    style_rate (a scalar or one rate per review). Vectorised: no Python loop over reviews."""
+    lengths = rng.integers(3, MAX_WORDS + 1, size=n)
+    p = rng.random((n, 1))
+    sentiment = rng.random((n, MAX_WORDS)) < sentiment_rate
+    positive = rng.random((n, MAX_WORDS)) < p
+    style = rng.random((n, MAX_WORDS)) < np.broadcast_to(np.asarray(style_rate, dtype=float).reshape(-1, 1), (n, 1))
+    words = np.where(sentiment,
+                     np.where(positive, rng.choice(POS_IDS, (n, MAX_WORDS)), rng.choice(NEG_IDS, (n, MAX_WORDS))),
+                     np.where(style, rng.choice(STYLE_IDS, (n, MAX_WORDS)), rng.choice(NEU_IDS, (n, MAX_WORDS))))
+    out = np.full((n, MAX_RESPONSE), PAD_ID, dtype=np.int64)
+    pos = np.arange(MAX_RESPONSE)[None, :]
+    out[:, :MAX_WORDS] = np.where(pos[:, :MAX_WORDS] < lengths[:, None], words, PAD_ID)
+    out[np.arange(n), lengths] = EOS_ID
+    return torch.from_numpy(out)
+
+
+def join(prompts, responses):
+    """prompts [N, PROMPT_LEN] + responses [N, L] -> input_ids [N, PROMPT_LEN + L] and the response mask:
+    1 on response tokens (EOS included), 0 on the prompt and on padding."""
+    ids = torch.cat([prompts, responses], dim=1)
+    mask = torch.zeros_like(ids)
+    mask[:, prompts.shape[1]:] = (responses != PAD_ID).long()
+    return ids, mask
+
+
+class Task:
+    """All data of one run, built once from (config, seed), as tensors on the CPU."""
+
+    def __init__(self, config=None, seed=0):
+        self.config = config or TaskConfig()
+        c = self.config
+        rng = np.random.default_rng(seed)
+        grid = np.array([[BOS_ID, STOI[d], STOI[g], STOI[n], SEP_ID] for d in DECADES for g in GENRES for n in NOUNS])
+        order = rng.permutation(len(grid))
+        n_held = int(round(len(grid) * c.heldout_fraction))
+        self.heldout_prompts = torch.from_numpy(grid[np.sort(order[:n_held])])   # never seen in training
+        self.train_prompts = torch.from_numpy(grid[np.sort(order[n_held:])])
+
+        def prompts_for(pool, n):
+            return pool[torch.from_numpy(rng.integers(0, len(pool), n))]
+
+        # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve.
+        p = prompts_for(self.train_prompts, c.n_demos)
+        self.sft_ids, self.sft_mask = join(p, _random_responses(rng, c.n_demos, c.sentiment_rate, c.demo_style_rate))
+        p = prompts_for(self.heldout_prompts, c.n_heldout)
+        self.sft_heldout_ids, self.sft_heldout_mask = join(p, _random_responses(rng, c.n_heldout, c.sentiment_rate, c.demo_style_rate))
+        self.pairs = self._make_pairs(rng, self.train_prompts, c.n_pairs)
+        self.heldout_pairs = self._make_pairs(rng, self.heldout_prompts, c.n_heldout)
+
+    def _make_pairs(self, rng, pool, n):
+        """n preference pairs (x, y_w, y_l): two SFT-like reviews of one prompt, labelled by SAMPLING the
+        oracle (so about a quarter of the labels go against the score, like noisy raters)."""
+        c = self.config
+        prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
+        style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
+        a = _random_responses(rng, n, c.sentiment_rate, style[0])
+        b = _random_responses(rng, n, c.sentiment_rate, style[1])
+        logit = (score_responses(a) - score_responses(b)) / c.tau
+        logit = logit + c.length_bias * (response_lengths(a) - response_lengths(b)).float()
+        a_wins = torch.from_numpy(rng.random(n)) < torch.sigmoid(logit.double())
+        chosen = torch.where(a_wins[:, None], a, b)
+        rejected = torch.where(a_wins[:, None], b, a)
+        chosen_ids, chosen_mask = join(prompts, chosen)
+        rejected_ids, rejected_mask = join(prompts, rejected)
+        return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+                "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
+                "chosen_score": score_responses(chosen), "rejected_score": score_responses(rejected)}
+
+    def config_dict(self):
+        return asdict(self.config)
+
+    def eval_prompts(self, n):
+        """n held-out prompts, cycling through all of them in a fixed order."""
+        reps = math.ceil(n / len(self.heldout_prompts))
+        return self.heldout_prompts.repeat(reps, 1)[:n]
+
+
+def pair_batch(pairs, idx, device):
+    """The pairs at positions idx, trimmed of all-padding columns and moved to device."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids, mask = pairs[f"{side}_ids"][idx], pairs[f"{side}_mask"][idx]
+        width = int((ids != PAD_ID).any(0).nonzero().max()) + 1
+        out[f"{side}_ids"], out[f"{side}_mask"] = ids[:, :width].to(device), mask[:, :width].to(device)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: sample on held-out prompts and let the judge compare
+# ----------------------------------------------------------------------------------------------------
+
+def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.0):
+    """Sample one review per held-out prompt from each model (temperature 1 by default) and compare.
+
+    win_rate  mean oracle P(policy sample > baseline sample | x) over the prompts
+    kl        Monte-Carlo KL(policy || baseline) = E_{y~policy}[log policy(y|x) - log baseline(y|x)]
+              (summed over response tokens), the x-axis of the DPO paper's reward-vs-KL figure
+    The baseline's draws use their own seed, so every method meets the same SFT samples.
+    """
+    from model import sample, make_generator, sequence_logps
+    prompts = task.eval_prompts(n_samples).to(device)
+    ys = sample(policy, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
+                generator=make_generator(device, seed))
+    yb = sample(baseline, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
+                generator=make_generator(device, seed + 1))
+    s_policy, s_base = score_responses(ys), score_responses(yb)
+    ids, mask = join(prompts, ys)
+    with torch.no_grad():
+        lp_policy, _ = sequence_logps(policy, ids, mask)
+        lp_base, _ = sequence_logps(baseline, ids, mask)
+    return {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
+            "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
+            "length": response_lengths(ys).float().mean().item(),
+            "baseline_length": response_lengths(yb).float().mean().item(),
+            "kl": (lp_policy - lp_base).mean().item(),
+            "samples": ys.cpu(), "baseline_samples": yb.cpu(), "prompts": prompts.cpu()}
+
+
+def evaluate(policy, sft, task, device, n_samples=512, seed=0):
+    """The run contract's evaluation: the trained policy against the SFT model on held-out prompts."""
+    r = head_to_head(policy, sft, task, device, n_samples, seed=10_000 + seed)
+    return {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
+            "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
+            "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary: tables, completions and curves in the terminal (Unicode blocks, no plotting dependency)
+# ----------------------------------------------------------------------------------------------------
+
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+
+def print_completions(prompts, before, after, n=4, before_name="SFT", after_name="trained"):
+    """The same held-out prompts, a sample before and after training, with the judge's score."""
+    s_before, s_after = score_responses(before), score_responses(after)
+    for i in range(min(n, len(prompts))):
+        print(f"  prompt: {decode(prompts[i])}")
+        print(f"    {before_name:>8} [{s_before[i]:+.2f}] {decode(before[i])}")
+        print(f"    {after_name:>8} [{s_after[i]:+.2f}] {decode(after[i])}")
+
+
+def chart(values, title, width=60, height=8):
+    """A curve as Unicode block characters: `width` columns (each the mean of its span of values),
+    `height` rows of eight levels each. Returns the lines, to be printed."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return [f"{title}: (no data)"]
+    if len(values) > width:                          # average consecutive values into `width` columns
+        edges = np.linspace(0, len(values), width + 1).astype(int)
+        values = [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    levels = [round((v - lo) / span * (height * 8 - 1)) + 1 for v in values]   # 1..height*8
+    blocks = " ▁▂▃▄▅▆▇█"
+    lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {len(values)} columns)"]
+    for row in range(height - 1, -1, -1):
+        cells = "".join(blocks[min(8, max(0, lv - row * 8))] for lv in levels)
+        label = f"{hi:9.3g} │" if row == height - 1 else (f"{lo:9.3g} │" if row == 0 else "          │")
+        lines.append(label + cells)
+    lines.append("          └" + "─" * len(values))
+    return lines
