@@ -13,7 +13,7 @@ One worked example (these numbers are what the functions below return):
     response b      "a dull plot but lovely cast <eos>"                 6 words: 1 positive, 1 negative
     score(a)        = (2 - 0) / 8 = 0.25          the ground-truth reward: an AVERAGE per word, so
     score(b)        = (1 - 1) / 6 = 0.0           padding a review with words never raises it
-    P(a > b | x)    = sigmoid((0.25 - 0.0) / tau) = sigmoid(1.0) = 0.731    (tau = 0.25)
+    P(a > b | x)    = sigmoid((0.25 - 0.0) / tau) = sigmoid(1.25) = 0.777   (tau = 0.2)
 
 The preference oracle is Bradley-Terry on the hidden score: P(y > y' | x) = sigmoid((s(y) - s(y')) / tau).
 It labels the offline pairs (by sampling, so some labels are "wrong", as with human raters), and it is the
@@ -108,7 +108,7 @@ def preference_prob(score_a, score_b, tau):
     return torch.sigmoid((torch.as_tensor(score_a) - torch.as_tensor(score_b)) / tau)
 
 
-def oracle(prompt, response_a, response_b, tau=0.25):
+def oracle(prompt, response_a, response_b, tau=0.2):
     """P(a > b | x) for text, as in the worked example above."""
     return preference_prob(score(prompt, response_a), score(prompt, response_b), tau).item()
 
@@ -119,7 +119,7 @@ def oracle(prompt, response_a, response_b, tau=0.25):
 
 @dataclass
 class TaskConfig:
-    tau: float = 0.25              # oracle temperature: smaller = sharper, less noisy labels
+    tau: float = 0.2               # oracle temperature: smaller = sharper, less noisy labels
     sentiment_rate: float = 0.5    # share of sentiment words in SFT-like reviews (the rest neutral)
     n_demos: int = 6000            # SFT demonstrations (train prompts)
     n_pairs: int = 4000            # training preference pairs
@@ -185,7 +185,7 @@ class Task:
 
     def _make_pairs(self, rng, pool, n):
         """n preference pairs (x, y_w, y_l): two SFT-like reviews of one prompt, labelled by SAMPLING the
-        oracle (so about a quarter of the labels go against the score, like noisy raters)."""
+        oracle (so about one label in five goes against the score, like noisy raters)."""
         c = self.config
         prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
         style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
@@ -211,6 +211,29 @@ class Task:
         return self.heldout_prompts.repeat(reps, 1)[:n]
 
 
+def add_task_args(parser):
+    """The task's knobs as flags (shared by the three scripts); task_config(args) reads them back."""
+    g = parser.add_argument_group("task (data.py)")
+    g.add_argument("--tau", type=float, default=TaskConfig.tau,
+                   help="oracle temperature in P(a > b) = sigmoid((s_a - s_b)/tau); smaller = less label noise")
+    g.add_argument("--length-bias", type=float, default=TaskConfig.length_bias,
+                   help="> 0: raters prefer longer reviews by this many logits per extra word (claim c)")
+    g.add_argument("--pair-style", type=float, default=TaskConfig.pair_style,
+                   help="0..1: pairs written in a foreign style the judge ignores (claim a); 0 = off")
+    return parser
+
+
+def task_config(args):
+    from model import fail
+    if not args.tau > 0:
+        fail(f"--tau must be > 0, got {args.tau}")
+    if not 0 <= args.pair_style <= 1:
+        fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
+    if not math.isfinite(args.length_bias):
+        fail(f"--length-bias must be a finite number, got {args.length_bias}")
+    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style)
+
+
 def pair_batch(pairs, idx, device):
     """The pairs at positions idx, trimmed of all-padding columns and moved to device."""
     out = {}
@@ -232,18 +255,25 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
     kl        Monte-Carlo KL(policy || baseline) = E_{y~policy}[log policy(y|x) - log baseline(y|x)]
               (summed over response tokens), the x-axis of the DPO paper's reward-vs-KL figure
     The baseline's draws use their own seed, so every method meets the same SFT samples.
+    `baseline` is a model, or a state_dict that `policy`'s own module loads in turn (model.swapped_weights):
+    simpo.py's way of evaluating against the SFT model without ever building a second network.
     """
-    from model import sample, make_generator, sequence_logps
+    from model import make_generator, sample, sequence_logps, swapped_weights
     prompts = task.eval_prompts(n_samples).to(device)
-    ys = sample(policy, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
-                generator=make_generator(device, seed))
-    yb = sample(baseline, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
-                generator=make_generator(device, seed + 1))
-    s_policy, s_base = score_responses(ys), score_responses(yb)
+    draw = lambda model, s: sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
+                                   generator=make_generator(device, s))
+    ys = draw(policy, seed)
     ids, mask = join(prompts, ys)
     with torch.no_grad():
         lp_policy, _ = sequence_logps(policy, ids, mask)
-        lp_base, _ = sequence_logps(baseline, ids, mask)
+        if isinstance(baseline, dict):
+            with swapped_weights(policy, baseline) as base_model:
+                yb = draw(base_model, seed + 1)
+                lp_base, _ = sequence_logps(base_model, ids, mask)
+        else:
+            yb = draw(baseline, seed + 1)
+            lp_base, _ = sequence_logps(baseline, ids, mask)
+    s_policy, s_base = score_responses(ys), score_responses(yb)
     return {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
             "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
             "length": response_lengths(ys).float().mean().item(),
@@ -258,6 +288,18 @@ def evaluate(policy, sft, task, device, n_samples=512, seed=0):
     return {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
             "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
             "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
+
+
+def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths):
+    """On held-out pairs:
+    reward_accuracy    fraction with r(x, y_w) > r(x, y_l) under the method's own reward
+    ranking_agreement  fraction on which that reward and the generation metric, the average
+                       log-likelihood (1/|y|) log pi_theta(y|x) [SimPO-1], order y_w and y_l the same way
+                       (the SimPO paper measured about 50% for DPO; for SimPO it is 1 by construction)"""
+    reward_order = chosen_rewards > rejected_rewards
+    likelihood_order = chosen_logps / chosen_lengths > rejected_logps / rejected_lengths
+    return {"reward_accuracy": reward_order.float().mean().item(),
+            "ranking_agreement": (reward_order == likelihood_order).float().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,3 +344,23 @@ def chart(values, title, width=60, height=8):
         lines.append(label + cells)
     lines.append("          └" + "─" * len(values))
     return lines
+
+
+SUMMARY_ROWS = [("win rate vs SFT", "win_rate_vs_sft", "{:.3f}"), ("score (judge)", "score", "{:+.3f}"),
+                ("length (words)", "length", "{:.2f}"), ("KL to SFT (nats)", "kl_to_sft", "{:.2f}"),
+                ("reward accuracy", "reward_accuracy", "{:.3f}"), ("ranking agreement", "ranking_agreement", "{:.3f}"),
+                ("seconds per step", "seconds_per_step", "{:.4f}"), ("peak memory (MB)", "peak_memory_mb", "{:.2f}")]
+
+
+def print_before_after(before, after, rows=SUMMARY_ROWS, names=("SFT", "trained")):
+    """The end-of-run table: one row per metric, SFT on the left, the trained policy on the right.
+    A metric missing on one side (a cost the SFT model never paid) prints as '-'."""
+    cell = lambda d, key, fmt: fmt.format(d[key]) if d.get(key) is not None else "-"
+    print_table(["", *names], [[label, cell(before, key, fmt), cell(after, key, fmt)] for label, key, fmt in rows])
+
+
+def print_curves(log_rows, curves):
+    """One chart per (key in log.jsonl, title): what the run did, before the numbers."""
+    for key, title in curves:
+        for line in chart([r[key] for r in log_rows if key in r], title):
+            print(line)

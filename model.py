@@ -292,6 +292,24 @@ def trim(ids, mask):
     return ids[:, :width], mask[:, :width]
 
 
+class swapped_weights:
+    """with swapped_weights(model, state): the module computes with `state` (a state_dict) inside the block
+    and gets its own weights back after. Lets one network play two models, as simpo.py's evaluation
+    needs (the SFT baseline) without building a second one."""
+
+    def __init__(self, model, state):
+        self.model, self.state = model, state
+
+    def __enter__(self):
+        self.saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.state)
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved)
+        return False
+
+
 def frozen_copy(model):
     """A copy that never trains: eval mode, requires_grad False (DPO's pi_ref, SPPO's pi_t)."""
     import copy
@@ -474,3 +492,14 @@ class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                  "fordblks", "keepcost")]
+
+
+@torch.no_grad()
+def pair_logps_all(model, pairs, device, batch_size=512):
+    """pair_logps over a whole pair set (data.Task.pairs or .heldout_pairs), in batches, no gradients.
+    Returns chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, each [N] on the CPU."""
+    from data import pair_batch   # data.py imports model.py; this import runs only when called
+    n = pairs["chosen_ids"].shape[0]
+    parts = [pair_logps(model, **pair_batch(pairs, torch.arange(s, min(s + batch_size, n)), device))
+             for s in range(0, n, batch_size)]
+    return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(4))

@@ -1,0 +1,172 @@
+"""
+dpo.py: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290), from scratch.
+
+The method in five lines:
+  1. Start from the SFT model pi_sft and keep a frozen copy of it as the reference, pi_ref.
+  2. For a preference pair (x, y_w, y_l), sum log pi(y|x) over the response tokens under pi_theta and pi_ref.
+  3. Read a reward off the policy itself: r(x, y) = beta log pi_theta(y|x) / pi_ref(y|x)   [DPO-2]
+  4. Fit it to the preferences by Bradley-Terry maximum likelihood: L = -log sigma(r(x, y_w) - r(x, y_l))  [DPO-1]
+  5. No reward model and no sampling during training: one supervised loss on offline pairs.
+
+Run:       python dpo.py                      (CPU, 2 cores: about 15 s once out/sft holds the SFT cache)
+           python dpo.py --beta 0.5 --device cuda
+Expected:  win rate against the SFT model >= 0.9 on held-out prompts (README, "Results").
+Departures from the paper: a toy judge instead of a sentiment classifier (data.py), a 0.1 M-parameter GPT,
+Adam without warm-up; the loss itself is the paper's equation 7 exactly.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, pair_logps_all, pick_device,
+                   positive_float, prepare_out_dir, save_run, sft_model)
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+
+parser = argparse.ArgumentParser(description="DPO on the toy sentiment task (arXiv 2305.18290)")
+g = parser.add_argument_group("DPO")
+g.add_argument("--beta", type=positive_float, default=0.1,
+               help="KL strength beta in [DPO-1]: smaller lets the policy move further from pi_ref "
+                    "(higher score, larger KL); larger keeps it close (default: %(default)s)")
+add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
+data.add_task_args(parser)
+
+# ----------------------------------------------------------------------------------------------------
+# The objective (the heart of this file)
+# ----------------------------------------------------------------------------------------------------
+#
+# Derivation, DPO paper section 4, one equation per step.
+#
+# 1. RLHF maximises reward while staying close to the reference (KL-regularised):
+#        max_pi  E_{x~D, y~pi(.|x)}[ r(x, y) ]  -  beta KL( pi(.|x) || pi_ref(.|x) )
+# 2. For any reward r this has a closed-form optimum (the Gibbs distribution):
+#        pi_r(y|x) = pi_ref(y|x) exp( r(x, y) / beta ) / Z(x),    Z(x) = sum_y pi_ref(y|x) exp( r(x, y) / beta )
+# 3. Take logs and solve for r: the reward is written through the policy it induces      [DPO-2]
+#        r(x, y) = beta log pi_r(y|x) / pi_ref(y|x) + beta log Z(x)
+#    Z(x) sums over every possible response: intractable. The next step removes it.
+# 4. Bradley-Terry says preferences depend only on reward DIFFERENCES:
+#        p(y_w > y_l | x) = sigma( r(x, y_w) - r(x, y_l) )
+#    Put [DPO-2] in: beta log Z(x) appears in both rewards and cancels (same x).
+# 5. Parameterise pi_r by the network pi_theta and maximise the likelihood of the preferences:   [DPO-1]
+#        L_DPO(pi_theta; pi_ref) = -E_{(x, y_w, y_l)~D}[ log sigma( beta log pi_theta(y_w|x)/pi_ref(y_w|x)
+#                                                                  - beta log pi_theta(y_l|x)/pi_ref(y_l|x) ) ]
+#    It is a logistic regression whose logit is the implicit reward margin.
+#
+# Gradient (paper section 4, "What does the DPO update do?"): with r_hat = beta log pi_theta/pi_ref,
+#     grad L = -beta E[ sigma(r_hat(y_l) - r_hat(y_w)) (grad log pi_theta(y_w|x) - grad log pi_theta(y_l|x)) ]
+# Each pair is weighted by how WRONG the implicit reward orders it; ordered pairs stop pulling.
+#
+# log pi(y|x) is a SUM over the response tokens (model.sequence_logps): the prompt and the padding never
+# count. F.logsigmoid(z) stays finite for any z, where torch.log(torch.sigmoid(z)) gives -inf below
+# z ~ -104 in float32 and its gradient becomes NaN.
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Per-example DPO losses and implicit rewards, each [B].
+
+    *_logps  [B]  log pi(y|x) summed over response tokens, for y_w (chosen) and y_l (rejected)
+    beta     the KL strength of step 1
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps         # log pi_theta(y_w|x)/pi_ref(y_w|x)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps   # log pi_theta(y_l|x)/pi_ref(y_l|x)
+    logits = beta * (chosen_logratios - rejected_logratios)           # r(x, y_w) - r(x, y_l), Z cancelled
+    losses = -F.logsigmoid(logits)                                    # [DPO-1]
+    chosen_rewards = beta * chosen_logratios.detach()                 # [DPO-2] without beta log Z(x)
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def main():
+    args = parser.parse_args()
+    start_time = time.time()
+
+    # ------------------------------------------------------------------------------------------------
+    # Data and models
+    # ------------------------------------------------------------------------------------------------
+    device = pick_device(args.device)
+    task_cfg = data.task_config(args)
+    prepare_out_dir(args.out)
+    prepare_out_dir(args.sft_dir)
+    torch.manual_seed(args.seed)
+    task = data.Task(task_cfg, seed=args.seed)
+    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
+    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
+          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
+    ref = frozen_copy(policy)              # pi_ref: the SFT model, frozen (eval mode, no gradients)
+    policy.train()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+
+    # ------------------------------------------------------------------------------------------------
+    # Training loop
+    # ------------------------------------------------------------------------------------------------
+    batch_order = torch.Generator().manual_seed(args.seed)   # CPU generator: same batches on any device
+    n_pairs = task.pairs["chosen_ids"].shape[0]
+    log_rows = []
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc="DPO", disable=None, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, n_pairs, (args.batch_size,), generator=batch_order)
+        batch = data.pair_batch(task.pairs, idx, device)
+        policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
+        with torch.no_grad():   # the reference forward: DPO's extra cost per step
+            ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, **batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta)
+        loss = losses.mean()
+        memory.sample()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        memory.sample()
+        optimizer.step()
+
+        row = {"step": step, "loss": loss.item(),
+               "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+               "logps/chosen": policy_chosen_logps.mean().item(), "logps/rejected": policy_rejected_logps.mean().item()}
+        log_rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
+    train_seconds = time.time() - t0
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation and summary
+    # ------------------------------------------------------------------------------------------------
+    policy.eval()
+    result = data.evaluate(policy, ref, task, device, args.eval_samples, args.seed)
+    heldout_policy = pair_logps_all(policy, task.heldout_pairs, device)
+    heldout_ref = pair_logps_all(ref, task.heldout_pairs, device)
+    _, chosen_rewards, rejected_rewards = dpo_loss(heldout_policy[0], heldout_policy[1],
+                                                   heldout_ref[0], heldout_ref[1], args.beta)
+    ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+
+    metrics = {"method": "dpo", "seed": args.seed, "device": device.type, "steps": args.steps,
+               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
+               "peak_memory_mb": memory.peak_mb(),
+               **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
+               "beta": args.beta, "lr": args.lr, "batch_size": args.batch_size,
+               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
+               "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
+    save_run(args.out, policy, args, metrics, log_rows)
+
+    print()
+    data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
+                                 ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
+    print()
+    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"], "kl_to_sft": 0.0}
+    data.print_before_after(sft_row, metrics)
+    print("\nHeld-out completions, SFT model and DPO policy (judge's score in brackets):")
+    data.print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name="DPO")
+    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
+          f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
+          f"wrote {args.out}/metrics.json, log.jsonl, model.pt")
+
+
+if __name__ == "__main__":
+    main()
