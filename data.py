@@ -23,7 +23,7 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
     length_bias  the raters favour the longer review: P(a chosen) = sigmoid((s_a - s_b)/tau + length_bias * (|a| - |b|))
     pair_style   the pairs are written in another style: each pair response swaps a random fraction
                  (up to pair_style) of its neutral words for archaic ones ("verily", "forsooth") that the
-                 SFT data almost never uses. The judge ignores style; the likelihood does not.
+                 SFT data never uses. The judge ignores style; the likelihood does not.
 """
 
 import math
@@ -46,7 +46,7 @@ NEGATIVE = ("bad awful terrible boring dull poor weak messy tedious bland clumsy
             "dreadful forgettable").split()
 NEUTRAL = ("the a and it was is this with its very quite rather really so but plot acting cast scenes "
            "ending music script story characters").split()
-STYLE = "verily forsooth thus indeed whilst hath thee mayhap".split()   # score-neutral, rare in SFT data
+STYLE = "verily forsooth thus indeed whilst hath thee mayhap".split()   # score-neutral, absent from SFT data
 
 VOCAB = [PAD, BOS, SEP, EOS] + DECADES + GENRES + NOUNS + POSITIVE + NEGATIVE + NEUTRAL + STYLE
 STOI = {w: i for i, w in enumerate(VOCAB)}
@@ -127,7 +127,7 @@ class TaskConfig:
     heldout_fraction: float = 0.2  # share of the 360 prompts kept for evaluation
     length_bias: float = 0.0       # > 0: raters prefer the longer review beyond what the score warrants
     pair_style: float = 0.0        # > 0: pair reviews use a foreign style (see the module docstring)
-    demo_style_rate: float = 0.01  # how often SFT reviews use a style word (rare, never zero)
+    demo_style_rate: float = 0.0   # how often SFT reviews use a style word
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
@@ -364,3 +364,73 @@ def print_curves(log_rows, curves):
     for key, title in curves:
         for line in chart([r[key] for r in log_rows if key in r], title):
             print(line)
+
+
+def scatter(points, x_title, y_title, width=56, height=14):
+    """points: (label, x, y) -> lines of a text scatter plot, each point drawn as its label's first
+    character (a legend below gives the values). The DPO paper's reward-vs-KL frontier, in miniature."""
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs + [0.0]), max(xs) or 1.0
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
+    grid = [[" "] * width for _ in range(height)]
+    for label, x, y in points:
+        col = round((x - x0) / ((x1 - x0) or 1.0) * (width - 1))
+        row = round((y1 - y) / ((y1 - y0) or 1.0) * (height - 1))
+        grid[row][col] = label[0]
+    lines = [f"{y_title} against {x_title}"]
+    for r, cells in enumerate(grid):
+        tick = f"{y1:7.2f} │" if r == 0 else (f"{y0:7.2f} │" if r == height - 1 else "        │")
+        lines.append(tick + "".join(cells))
+    lines.append("        └" + "─" * width)
+    lines.append(f"         {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}")
+    lines += [f"  {label[0]} = {label[2:] if label[1:2] == ':' else label}: {x_title} {x:.2f}, {y_title} {y:.3f}"
+              for label, x, y in points]
+    return lines
+
+
+def main(argv=None):
+    """python data.py                  show the task: the worked example and a few training pairs
+       python data.py frontier DIR...  score against KL(policy || SFT) for finished runs (metrics.json in
+                                       each DIR), as a text chart: the DPO paper's figure 2 in miniature"""
+    import argparse
+    import json
+    import os
+    import sys
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier"])
+    parser.add_argument("dirs", nargs="*", help="run folders holding metrics.json (frontier)")
+    args = parser.parse_args(argv)
+    if args.command == "frontier":
+        points = []
+        for d in args.dirs:
+            try:
+                with open(os.path.join(d, "metrics.json")) as f:
+                    m = json.load(f)
+                points.append((f"{chr(ord('A') + len(points))}:{os.path.basename(os.path.normpath(d))} "
+                               f"({m['method']}{', beta ' + str(m['beta']) if 'beta' in m else ''})",
+                               float(m["kl_to_sft"]), float(m["score"])))
+            except (OSError, ValueError, KeyError) as e:
+                print(f"error: {d}: no usable metrics.json ({e})", file=sys.stderr)
+                sys.exit(2)
+        if not points:
+            print("error: frontier needs at least one run folder", file=sys.stderr)
+            sys.exit(2)
+        points.insert(0, ("S:the SFT model", 0.0, float(m["sft_score"])))   # where every run starts
+        print("\n".join(scatter(points, "KL(policy || SFT)", "score")))
+        return
+    a, b = "the acting was great and the music superb", "a dull plot but lovely cast"
+    print(f"prompt: classic comedy film\n  a: {a}  score {score('', a):+.3f}\n  b: {b}  score {score('', b):+.3f}")
+    print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = {oracle('', a, b):.3f}")
+    task = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4))
+    print("\ntraining pairs (chosen / rejected, judge's score):")
+    for i in range(4):
+        p = task.pairs
+        print(f"  {decode(p['chosen_ids'][i][:PROMPT_LEN])}\n"
+              f"    y_w [{p['chosen_score'][i]:+.2f}] {decode(p['chosen_ids'][i][PROMPT_LEN:])}\n"
+              f"    y_l [{p['rejected_score'][i]:+.2f}] {decode(p['rejected_ids'][i][PROMPT_LEN:])}")
+    print(f"\nvocabulary: {len(VOCAB)} tokens; {len(DECADES) * len(GENRES) * len(NOUNS)} prompts")
+
+
+if __name__ == "__main__":
+    main()
