@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from model import fail, make_generator, sample, sequence_logps, swapped_weights, trim
+
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
 # ----------------------------------------------------------------------------------------------------
@@ -224,7 +226,6 @@ def add_task_args(parser):
 
 
 def task_config(args):
-    from model import fail
     if not args.tau > 0:
         fail(f"--tau must be > 0, got {args.tau}")
     if not 0 <= args.pair_style <= 1:
@@ -238,9 +239,8 @@ def pair_batch(pairs, idx, device):
     """The pairs at positions idx, trimmed of all-padding columns and moved to device."""
     out = {}
     for side in ("chosen", "rejected"):
-        ids, mask = pairs[f"{side}_ids"][idx], pairs[f"{side}_mask"][idx]
-        width = int((ids != PAD_ID).any(0).nonzero().max()) + 1
-        out[f"{side}_ids"], out[f"{side}_mask"] = ids[:, :width].to(device), mask[:, :width].to(device)
+        ids, mask = trim(pairs[f"{side}_ids"][idx], pairs[f"{side}_mask"][idx])
+        out[f"{side}_ids"], out[f"{side}_mask"] = ids.to(device), mask.to(device)
     return out
 
 
@@ -258,7 +258,6 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
     `baseline` is a model, or a state_dict that `policy`'s own module loads in turn (model.swapped_weights):
     simpo.py's way of evaluating against the SFT model without ever building a second network.
     """
-    from model import make_generator, sample, sequence_logps, swapped_weights
     prompts = task.eval_prompts(n_samples).to(device)
     draw = lambda model, s: sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
                                    generator=make_generator(device, s))

@@ -35,6 +35,9 @@ g = parser.add_argument_group("DPO")
 g.add_argument("--beta", type=positive_float, default=0.1,
                help="KL strength beta in [DPO-1]: smaller lets the policy move further from pi_ref "
                     "(higher score, larger KL); larger keeps it close (default: %(default)s)")
+g.add_argument("--reference-free", action="store_true",
+               help="exercise: drop pi_ref from the loss (log pi_ref = 0), so the reward is beta log pi_theta(y|x), "
+                    "summed; pi_ref is still kept to evaluate against the SFT model")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -115,8 +118,11 @@ def main():
         idx = torch.randint(0, n_pairs, (args.batch_size,), generator=batch_order)
         batch = data.pair_batch(task.pairs, idx, device)
         policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
-        with torch.no_grad():   # the reference forward: DPO's extra cost per step
-            ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, **batch)
+        if args.reference_free:   # exercise: log pi_ref(y|x) := 0
+            ref_chosen_logps, ref_rejected_logps = torch.zeros_like(policy_chosen_logps), torch.zeros_like(policy_rejected_logps)
+        else:
+            with torch.no_grad():   # the reference forward: DPO's extra cost per step
+                ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, **batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta)
         loss = losses.mean()
@@ -142,6 +148,8 @@ def main():
     result = data.evaluate(policy, ref, task, device, args.eval_samples, args.seed)
     heldout_policy = pair_logps_all(policy, task.heldout_pairs, device)
     heldout_ref = pair_logps_all(ref, task.heldout_pairs, device)
+    if args.reference_free:
+        heldout_ref = tuple(torch.zeros_like(t) for t in heldout_ref)
     _, chosen_rewards, rejected_rewards = dpo_loss(heldout_policy[0], heldout_policy[1],
                                                    heldout_ref[0], heldout_ref[1], args.beta)
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
@@ -150,7 +158,7 @@ def main():
                "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
                "peak_memory_mb": memory.peak_mb(),
                **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
-               "beta": args.beta, "lr": args.lr, "batch_size": args.batch_size,
+               "beta": args.beta, "reference_free": args.reference_free, "lr": args.lr, "batch_size": args.batch_size,
                "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
                "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
     save_run(args.out, policy, args, metrics, log_rows)

@@ -11,12 +11,12 @@ Nothing here knows about DPO, SimPO or SPPO; dpo.py, simpo.py and sppo.py hold t
 """
 
 import argparse
+import copy
 import ctypes
 import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -254,6 +254,8 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
         except Exception as e:  # corrupt, truncated, foreign: say so in one line and rebuild
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
             print(f"note: SFT cache {path} is unusable ({first_line}); rebuilding it", file=sys.stderr)
+    else:
+        print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)", file=sys.stderr)
 
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
@@ -312,7 +314,6 @@ class swapped_weights:
 
 def frozen_copy(model):
     """A copy that never trains: eval mode, requires_grad False (DPO's pi_ref, SPPO's pi_t)."""
-    import copy
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
@@ -446,7 +447,10 @@ class MemoryMeter:
     CUDA: torch.cuda.max_memory_allocated since start(). CPU (glibc): the peak of live heap bytes
     (mallinfo2) above the level at start(), sampled after each forward and each backward, where a step
     holds the most. Elsewhere: the process's peak resident set (ru_maxrss), a coarse upper bound.
-    Call start() before the models of the run are built, so their parameters count too.
+    Call start() before the method's own models and optimiser are built, so that they count too.
+    On CPU the first backward pass of a process also allocates about 25 MB of runtime buffers that stay
+    allocated; a run that had to train the SFT model first has paid for them before start(), so its
+    number is lower by that much. Compare runs made with the SFT cache present, as the README does.
     """
 
     def __init__(self, device):
@@ -468,6 +472,7 @@ class MemoryMeter:
         if self._mallinfo2 is not None:
             info = self._mallinfo2()
             return info.uordblks + info.hblkhd
+        import resource   # Unix only; imported here so that the rest of this file runs anywhere
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def start(self):
