@@ -1,0 +1,413 @@
+"""
+sppo.py: Self-Play Preference Optimization (Wu, Sun, Yuan, Ji, Yang and Gu 2024, arXiv 2405.00675), from scratch.
+
+The method in five lines:
+  1. Alignment is a two-player game judged by a preference oracle P(y > y'|x); the goal is its Nash policy  [SPPO-1]
+  2. Play it by multiplicative weights: pi_{t+1}(y|x) ∝ pi_t(y|x) exp(eta P(y > pi_t|x)), from pi_1 = SFT  [SPPO-2]
+  3. Each iteration samples K responses per prompt from the frozen pi_t and asks the oracle about every pair,
+     which estimates each response's win rate against pi_t                                            [SPPO-5]
+  4. Fit pi_{t+1} by regression, per sample: (log pi_theta(y|x)/pi_t(y|x) - eta (P_hat(y > pi_t|x) - 1/2))^2  [SPPO-6]
+  5. Needs prompts and an oracle, no preference pairs; --variant hard is the offline, pairwise shortcut    [SPPO-9]
+
+Run:       python sppo.py                     (CPU, 2 cores: about 15 s once out/sft holds the SFT cache)
+           python sppo.py --iterations 5 --eta 10  (smaller steps, more of them)
+           python sppo.py --variant hard      (TRL's loss_type="sppo_hard" on data.py's offline pairs)
+Expected:  win rate against the SFT model >= 0.9 on held-out prompts, rising from one iteration to the next
+           (seed 0: 0.70, 0.87, 0.95); --variant hard about 0.75 (one fit to noisy offline labels).
+Departures from the paper:
+  - the oracle is data.py's Bradley-Terry judge, not PairRM; a 0.1 M-parameter GPT, not Mistral-7B;
+  - every one of the K samples is regressed on its own target, as in [SPPO-6] and Algorithm 1; the official
+    code keeps, per prompt, only the best and the worst of its K = 5 samples and regresses that pair;
+  - the same 288 training prompts in every iteration (the paper: a fresh third of 60k prompts each time);
+  - eta = 20, not the official 1000 (its --beta 0.001): our log-ratios are sums over ~10 tokens, not hundreds;
+  - Adam with a fresh state and a fixed number of steps per iteration (official: RMSprop, 18 epochs);
+    samples at temperature 1, so they are draws from pi_t itself.
+"""
+
+import argparse
+import os
+import time
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with another busy process, spinning makes
+# this model's many small operations up to 30 times slower. It must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from tqdm import tqdm
+
+import data
+from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps, pair_logps_all,
+                   pick_device, positive_float, positive_int, prepare_out_dir, sample, save_run,
+                   sequence_logps, sft_model, trim)
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+
+parser = argparse.ArgumentParser(description="SPPO on the toy sentiment task (arXiv 2405.00675)")
+g = parser.add_argument_group("SPPO")
+g.add_argument("--variant", choices=["selfplay", "hard"], default="selfplay",
+               help="selfplay: Algorithm 1, sample from pi_t, oracle win rates, [SPPO-6]; hard: offline pairs "
+                    "with P = 1 for y_w and 0 for y_l and pi_ref = SFT, [SPPO-9] (default: %(default)s)")
+g.add_argument("--eta", type=positive_float, default=20.0,
+               help="step size eta of [SPPO-2], the paper's convention (TRL's and the official code's beta is "
+                    "1/eta): a sample's target log-ratio is eta (P - 1/2). Larger moves further per iteration "
+                    "(higher win rate sooner, larger KL); smaller needs more iterations. The target is compared "
+                    "with a log-ratio SUMMED over the response's tokens, so the useful scale grows with response "
+                    "length: 10 to 20 for these ~10-token reviews, 1000 in the paper's runs on responses of "
+                    "hundreds of tokens (default: %(default)s)")
+g.add_argument("--iterations", type=positive_int, default=3,
+               help="self-play iterations T (selfplay only): each samples from the current policy, then fits "
+                    "the next one; more: closer to the game's equilibrium, slower (default: %(default)s)")
+g.add_argument("--k", type=positive_int, default=4,
+               help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives "
+                    "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
+                    "(default: %(default)s)")
+STEPS = {"selfplay": 40, "hard": 200}   # --steps when not given: per iteration (selfplay), in all (hard)
+add_run_args(parser, "sppo", steps=STEPS["selfplay"], batch_size=64, lr=1e-3)
+parser.set_defaults(steps=None)
+for action in parser._actions:   # the shared --steps help, made precise for SPPO's two variants
+    if action.dest == "steps":
+        action.help = (f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
+                       f"with hard; more fits each regression more closely (default: {STEPS['selfplay']} per "
+                       f"iteration, {STEPS['hard']} for hard)")
+data.add_task_args(parser)
+
+# ----------------------------------------------------------------------------------------------------
+# The objective (the heart of this file)
+# ----------------------------------------------------------------------------------------------------
+#
+# Derivation, SPPO paper sections 3 and 4, one equation per step. P(y > y'|x) is a preference oracle: the
+# probability that response y is preferred to y' for prompt x (the paper: PairRM, a 0.4 B-parameter
+# pairwise model; here data.py's judge). Against a whole policy pi, y wins with probability
+#     P(y > pi|x) = E_{y'~pi(.|x)}[ P(y > y'|x) ]                      (the win rate of y against pi)
+#
+# 1. Alignment as a game (section 3). Two players each pick a policy; player one wins a round with
+#    probability P(y > y'|x). As P(y > y') + P(y' > y) = 1 it is a constant-sum game, and its Nash
+#    equilibrium is a policy that no other policy beats more than half of the time:                [SPPO-1]
+#        (pi*, pi*) = argmax_pi min_pi' E_{x~X}[ E_{y~pi(.|x), y'~pi'(.|x)}[ P(y > y'|x) ] ]
+#    No reward and no Bradley-Terry model are assumed: P may even be intransitive.
+# 2. Play it against yourself with multiplicative weights (Freund and Schapire 1999; section 4.1): each
+#    iteration reweights every response by how often it beats the current policy:                 [SPPO-2]
+#        pi_{t+1}(y|x) = pi_t(y|x) exp( eta P(y > pi_t|x) ) / Z_{pi_t}(x),
+#        Z_{pi_t}(x)   = sum_y pi_t(y|x) exp( eta P(y > pi_t|x) )
+#    eta is the step size. The paper's Theorem 4.1: with eta of order 1/sqrt(T), the average of
+#    pi_1..pi_T is within O(1/sqrt(T)) of the Nash equilibrium.
+# 3. Take logs: the update sets a target for the log-ratio of the new policy to the old one:      [SPPO-3]
+#        log( pi_{t+1}(y|x) / pi_t(y|x) ) = eta P(y > pi_t|x) - log Z_{pi_t}(x)
+# 4. A network cannot be set to the right-hand side response by response, so fit it by least squares on
+#    responses drawn from pi_t itself (the policy plays against its own samples: "self-play"):     [SPPO-4]
+#        pi_{t+1} = argmin_pi E_{x~X, y~pi_t(.|x)}( log( pi(y|x)/pi_t(y|x) ) - ( eta P(y > pi_t|x) - log Z_{pi_t}(x) ) )^2
+#    When the policy class can express [SPPO-2], the loss reaches 0 there: its minimiser is [SPPO-2].
+# 5. Finite samples (section 4.2): draw K responses y_1..y_K ~ pi_t(.|x) per prompt and let their
+#    empirical distribution pi_hat_t^K stand in for the opponent pi_t:                             [SPPO-5]
+#        P(y > pi_hat_t^K|x) = (1/K) sum_{k=1..K} P(y > y_k|x)
+#    Which samples enter the mean: all K, the response itself included, which ties with itself,
+#    P(y_i > y_i|x) = 1/2; the official code builds the full K x K matrix with its diagonal and averages
+#    each row, and so does estimate_win_rates below. One consequence: because P(y_i > y_j) + P(y_j > y_i)
+#    = 1, the K win rates of a prompt average to exactly 1/2, which is step 6's constant.
+# 6. Replace log Z by eta/2 (section 4.2). If every comparison were a fair coin, each response's win
+#    rate would tend to 1/2 as K grows, so Z -> exp(eta/2) and log Z -> eta/2 (and 1/2 is exactly the
+#    average win rate of pi_t against itself, step 5):                                               [SPPO-6]
+#        pi_{t+1} = argmin_pi E_{x~X, y~pi_t(.|x)}( log( pi(y|x)/pi_t(y|x) ) - eta ( P(y > pi_hat_t^K|x) - 1/2 ) )^2
+#    Read per sample: a response that beats pi_t more often than not (P > 1/2) gets its log-probability
+#    raised by eta (P - 1/2) nats, one that loses gets it lowered, both relative to pi_t.
+#    Correction: the SPPO write-up says "replace log Z by 2"; the eta was lost: log Z is replaced by eta/2,
+#    which is what turns eta P - log Z into eta (P - 1/2).
+# 7. The policy-gradient reading (section 4, the connection to policy gradient). Divide what [SPPO-4]
+#    squares by eta (the loss by eta^2; the minimiser is the same):                                [SPPO-7]
+#        theta_{t+1} = argmin_theta E_{x, y~pi_theta_t}( P(y > pi_theta_t|x) - eta^-1 log( pi_theta(y|x)/pi_theta_t(y|x) )
+#                                                        - eta^-1 log Z_{pi_theta_t}(x) )^2
+#    RLHF's policy gradient with reward r(y;x), KL coefficient eta^-1 and baseline b(x) is
+#        grad J(theta) = E_{x, y~pi_theta}[ ( r(y;x) - eta^-1 log( pi_theta(y|x)/pi_ref(y|x) ) - b(x) ) grad log pi_theta(y|x) ]
+#                      = -(eta/2) E_{x, y~pi_theta}[ grad ( r(y;x) - eta^-1 log( pi_theta(y|x)/pi_ref(y|x) ) - b(x) )^2 ]
+#    because grad (u)^2 = 2 u grad u and grad u = -eta^-1 grad log pi_theta. So one SPPO regression step at
+#    theta = theta_t is a policy-gradient step with reward r = P(y > pi_t|x), KL coefficient 1/eta,
+#    reference pi_t and baseline b(x) = eta^-1 log Z (the samples' average reward, 1/2, after step 6).
+#    Correction: the write-up's last line reads "= eta E[-grad(...)^2]"; it dropped the factor 1/2.
+# 8. The losses this file trains. Per sample, [SPPO-6] with pi_ref = pi_t is sppo_loss below. The
+#    write-up's pairwise loss [SPPO-8] is that loss on y_w plus that loss on y_l:
+#        L = ( log( pi_theta(y_w|x)/pi_ref(y_w|x) ) - eta ( P(y_w > pi_t|x) - 1/2 ) )^2
+#          + ( log( pi_theta(y_l|x)/pi_ref(y_l|x) ) - eta ( P(y_l > pi_t|x) - 1/2 ) )^2
+#    and with hard labels, P = 1 for y_w and P = 0 for y_l (--variant hard, pi_ref = SFT):          [SPPO-9]
+#        L = ( log( pi_theta(y_w|x)/pi_ref(y_w|x) ) - eta/2 )^2 + ( log( pi_theta(y_l|x)/pi_ref(y_l|x) ) + eta/2 )^2
+#    Corrections to the write-up's loss section: (a) it writes log(log pi_theta/pi_ref): there is ONE log, of
+#    the ratio (a log of a log-ratio is not even defined where pi_theta < pi_ref); (b) it writes
+#    eta^-1 (P - 1/2) and +-1/(2 eta), where the derivation above gives eta (P - 1/2) and +-eta/2: its
+#    "eta" there is TRL's beta.
+#
+# Convention: eta here is the paper's eta, the multiplicative-weights step size of [SPPO-2]. TRL
+# (loss_type="sppo_hard") and the official SPPO code write the same losses with beta = 1/eta, so
+# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL also halves [SPPO-9]
+# (the mean of the two squares); Adam is invariant to a constant factor on the loss, so that changes nothing.
+#
+# log pi(y|x) is a SUM over the response tokens (model.sequence_logps), EOS included; the prompt and the
+# padding never count. The loss is a plain square: its gradient 2 (log-ratio - target) grows linearly
+# with the error and is finite for any finite log-probs (there is no exp or log to overflow).
+
+def sppo_loss(policy_logps, ref_logps, win_prob, eta):
+    """Per-sample SPPO losses [SPPO-6], shape [B].
+
+    policy_logps  [B]  log pi_theta(y|x), summed over response tokens
+    ref_logps     [B]  log pi_ref(y|x) under the frozen reference (pi_t in self-play, the SFT model in --variant hard)
+    win_prob      [B]  the estimated win rate P(y > pi_t|x) of each sample (a tensor or a number)
+    eta                the step size of [SPPO-2] (TRL's beta = 1/eta)
+    """
+    logratios = policy_logps - ref_logps                       # log pi_theta(y|x)/pi_ref(y|x)
+    targets = eta * (torch.as_tensor(win_prob, dtype=logratios.dtype, device=logratios.device) - 0.5)
+    return (logratios - targets) ** 2                          # the minimiser: log-ratio = eta (P - 1/2)
+
+
+def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, eta):
+    """[SPPO-9]: sppo_loss on y_w with P = 1 plus sppo_loss on y_l with P = 0, i.e. per pair
+    (a_w - eta/2)^2 + (a_l + eta/2)^2 with a = log pi_theta(y|x)/pi_ref(y|x). Shape [B]."""
+    return (sppo_loss(policy_chosen_logps, ref_chosen_logps, 1.0, eta)
+            + sppo_loss(policy_rejected_logps, ref_rejected_logps, 0.0, eta))
+
+
+def estimate_win_rates(scores, tau):
+    """[SPPO-5]: each sample's win rate against the K samples of its prompt, itself included (a tie, 1/2).
+
+    scores  [N, K]  the judge's hidden score of K responses to each of N prompts
+    returns [N, K]  P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), with P the oracle data.preference_prob
+    Each row averages to exactly 1/2, since P(y_i > y_j) + P(y_j > y_i) = 1.
+    """
+    prefs = data.preference_prob(scores[:, :, None], scores[:, None, :], tau)   # [N, K, K]: P(y_i > y_j | x)
+    prefs.diagonal(dim1=1, dim2=2).fill_(0.5)   # a tie with itself (Bradley-Terry gives 1/2 anyway; any oracle must)
+    return prefs.mean(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One self-play iteration (Algorithm 1's loop body) and the offline hard-label fit
+# ----------------------------------------------------------------------------------------------------
+
+SAMPLE_CHUNK = 512   # prompt rows per sampling call: one step of the progress bar
+
+
+def sample_responses(pi_t, prompts, k, sampler, device, desc="sampling", quiet=False):
+    """K responses per prompt from pi_t, as rows [N*K]: prompt i's samples are rows i*K .. i*K+K-1."""
+    rows = prompts.repeat_interleave(k, dim=0).to(device)
+    parts = []
+    for s in tqdm(range(0, rows.shape[0], SAMPLE_CHUNK), desc=desc, disable=True if quiet else None,
+                  leave=False, dynamic_ncols=True):
+        parts.append(sample(pi_t, rows[s:s + SAMPLE_CHUNK], data.MAX_RESPONSE, data.EOS_ID,
+                            data.BANNED_IN_RESPONSE, temperature=1.0, generator=sampler))
+    return rows, torch.cat(parts)
+
+
+@torch.no_grad()
+def all_logps(model, ids, mask, batch_size=1024):
+    """sequence_logps over many rows in batches, no gradients: [M]."""
+    return torch.cat([sequence_logps(model, *trim(ids[s:s + batch_size], mask[s:s + batch_size]))[0]
+                      for s in range(0, ids.shape[0], batch_size)])
+
+
+def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch_size, lr, device, sampler,
+                        batch_order, log_rows, memory=None, quiet=False):
+    """One iteration t of Algorithm 1: freeze pi_t (= the policy as it stands), sample K responses per
+    prompt from it, estimate win rates [SPPO-5], and fit the policy, which becomes pi_{t+1}, by minimising
+    [SPPO-6] over those samples for `steps` Adam steps (a fresh optimiser, as each official iteration is a
+    new training run). Appends one row per step to log_rows. Returns (pi_t, stats)."""
+    t0 = time.time()
+    pi_t = frozen_copy(policy)                                       # pi_t: frozen, no gradients
+    rows, responses = sample_responses(pi_t, prompts, k, sampler, device,
+                                       desc=f"iteration {iteration}: sampling", quiet=quiet)
+    scores = data.score_responses(responses).view(-1, k)             # the judge, [N, K]
+    win_prob = estimate_win_rates(scores, tau).view(-1).to(device)   # [SPPO-5], [N*K]
+    ids, mask = data.join(rows, responses)
+    ref_logps = all_logps(pi_t, ids, mask)                           # pi_t is frozen: its log-probs once
+    sampling_seconds = time.time() - t0
+
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    policy.train()
+    bar = tqdm(range(steps), desc=f"iteration {iteration}: fitting", disable=True if quiet else None,
+               leave=False, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(0, ids.shape[0], (batch_size,), generator=batch_order).to(device)
+        b_ids, b_mask = trim(ids[idx], mask[idx])
+        policy_logps, _ = sequence_logps(policy, b_ids, b_mask)
+        losses = sppo_loss(policy_logps, ref_logps[idx], win_prob[idx], eta)   # [SPPO-6]
+        loss = losses.mean()
+        if memory is not None:
+            memory.sample()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if memory is not None:
+            memory.sample()
+        optimizer.step()
+
+        logratios = (policy_logps.detach() - ref_logps[idx])
+        above = win_prob[idx] > 0.5                       # samples that beat pi_t more often than not
+        row = {"step": len(log_rows), "iteration": iteration, "loss": loss.item(),
+               "logps/policy": policy_logps.mean().item(), "logps/ref": ref_logps[idx].mean().item(),
+               "logratios/mean": logratios.mean().item(),
+               # TRL's reward beta * log-ratio with beta = 1/eta: the fitted eta^-1 log-ratio, whose target is P - 1/2
+               "rewards/above_half": (logratios[above] / eta).mean().item() if above.any() else 0.0,
+               "rewards/below_half": (logratios[~above] / eta).mean().item() if (~above).any() else 0.0,
+               # the share of samples whose log-ratio already has the sign of its target eta (P - 1/2)
+               "rewards/accuracies": ((logratios > 0) == above).float().mean().item()}
+        log_rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    policy.eval()
+    train_seconds = time.time() - t0
+    fitted = all_logps(policy, ids, mask)
+    stats = {"iteration": iteration, "samples": ids.shape[0], "steps": steps,
+             "win_prob_mean": win_prob.mean().item(),          # 1/2 by construction (step 5 of the derivation)
+             "win_prob_std": win_prob.std().item(),            # how much the targets vary: the signal
+             "sample_score": scores.mean().item(),
+             "sample_length": data.response_lengths(responses).float().mean().item(),
+             "loss_before": sppo_loss(ref_logps, ref_logps, win_prob, eta).mean().item(),   # pi_theta = pi_t
+             "loss_after": sppo_loss(fitted, ref_logps, win_prob, eta).mean().item(),
+             "train_seconds": train_seconds, "sampling_seconds": sampling_seconds}
+    return pi_t, stats
+
+
+def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_order, log_rows, memory=None,
+             quiet=False):
+    """--variant hard: [SPPO-9] on offline pairs, pi_ref = the SFT model (TRL's loss_type="sppo_hard")."""
+    t0 = time.time()
+    ref_chosen, ref_rejected, _, _ = pair_logps_all(ref, pairs, device)   # pi_ref frozen: once
+    ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    policy.train()
+    n_pairs = pairs["chosen_ids"].shape[0]
+    bar = tqdm(range(steps), desc="SPPO (hard)", disable=True if quiet else None, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(0, n_pairs, (batch_size,), generator=batch_order)
+        batch = data.pair_batch(pairs, idx, device)
+        idx = idx.to(device)
+        policy_chosen, policy_rejected, _, _ = pair_logps(policy, **batch)
+        losses = sppo_hard_loss(policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], eta)
+        loss = losses.mean()
+        if memory is not None:
+            memory.sample()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if memory is not None:
+            memory.sample()
+        optimizer.step()
+
+        chosen_rewards = (policy_chosen.detach() - ref_chosen[idx]) / eta       # TRL: beta * log-ratio, beta = 1/eta
+        rejected_rewards = (policy_rejected.detach() - ref_rejected[idx]) / eta  # targets: +1/2 and -1/2
+        row = {"step": len(log_rows), "iteration": 1, "loss": loss.item(),
+               "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+               "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item()}
+        log_rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}")
+    policy.eval()
+    return {"iteration": 1, "samples": n_pairs, "steps": steps, "train_seconds": time.time() - t0,
+            "sampling_seconds": 0.0}
+
+
+def main():
+    args = parser.parse_args()
+    if args.variant == "selfplay" and args.k < 2:
+        parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
+    if args.steps is None:
+        args.steps = STEPS[args.variant]
+    start_time = time.time()
+
+    # ------------------------------------------------------------------------------------------------
+    # Data and models
+    # ------------------------------------------------------------------------------------------------
+    device = pick_device(args.device)
+    task_cfg = data.task_config(args)
+    prepare_out_dir(args.out)
+    prepare_out_dir(args.sft_dir)
+    torch.manual_seed(args.seed)
+    task = data.Task(task_cfg, seed=args.seed)
+    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
+    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
+          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
+    sft = frozen_copy(policy)              # pi_1 (self-play) or pi_ref (hard), and the evaluation's baseline
+    policy.eval()
+
+    # ------------------------------------------------------------------------------------------------
+    # Training loop: Algorithm 1, one self-play iteration after another, each one evaluated
+    # ------------------------------------------------------------------------------------------------
+    sampler = make_generator(device, args.seed)                # self-play sampling: its own RNG
+    batch_order = torch.Generator().manual_seed(args.seed)     # CPU generator: same batches on any device
+    iterations = args.iterations if args.variant == "selfplay" else 1
+    log_rows, table, train_seconds, sampling_seconds = [], [], 0.0, 0.0
+    for t in range(1, iterations + 1):
+        if args.variant == "selfplay":
+            pi_t, stats = self_play_iteration(
+                policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task_cfg.tau,
+                steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=device, sampler=sampler,
+                batch_order=batch_order, log_rows=log_rows, memory=memory)
+        else:
+            pi_t = sft
+            stats = hard_fit(policy, sft, task.pairs, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, device=device, batch_order=batch_order, log_rows=log_rows, memory=memory)
+        train_seconds += stats["train_seconds"]
+        sampling_seconds += stats["sampling_seconds"]
+        # Held-out evaluation of pi_{t+1}: against SFT, and against pi_t (did this iteration improve?). Both
+        # use the evaluation's seed, so pi_{t+1}'s samples are the same in the two comparisons, and in the
+        # first iteration, where pi_t is pi_1 = SFT, the two are one comparison.
+        result = data.evaluate(policy, sft, task, device, args.eval_samples, args.seed)
+        vs_prev = result["win_rate_vs_sft"] if t == 1 else data.head_to_head(
+            policy, pi_t, task, device, args.eval_samples, seed=10_000 + args.seed)["win_rate"]
+        stats.update(win_rate_vs_prev=vs_prev, win_rate_vs_sft=result["win_rate_vs_sft"],
+                     score=result["score"], length=result["length"], kl_to_sft=result["kl_to_sft"])
+        table.append(stats)
+        msg = (f"iteration {t}: win rate vs pi_{t} {stats['win_rate_vs_prev']:.3f}, vs SFT "
+               f"{stats['win_rate_vs_sft']:.3f}, score {stats['score']:+.3f}, KL to SFT {stats['kl_to_sft']:.2f}")
+        if "loss_before" in stats:
+            msg += f", [SPPO-6] loss {stats['loss_before']:.2f} -> {stats['loss_after']:.2f}"
+        tqdm.write(msg)
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation and summary (`result` is the last iteration's evaluation against SFT)
+    # ------------------------------------------------------------------------------------------------
+    # The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs: after T iterations of [SPPO-2],
+    # log pi_{T+1}/pi_1 = eta sum_t P(y > pi_t|x) - sum_t log Z_t, a cumulative win rate.
+    heldout_policy = pair_logps_all(policy, task.heldout_pairs, device)
+    heldout_sft = pair_logps_all(sft, task.heldout_pairs, device)
+    chosen_rewards = (heldout_policy[0] - heldout_sft[0]) / args.eta
+    rejected_rewards = (heldout_policy[1] - heldout_sft[1]) / args.eta
+    ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+    total_steps = len(log_rows)
+
+    metrics = {"method": "sppo", "seed": args.seed, "device": device.type, "steps": total_steps,
+               # train_seconds: everything training needs, self-play sampling and the oracle included
+               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(total_steps, 1),
+               "sampling_seconds": sampling_seconds, "peak_memory_mb": memory.peak_mb(),
+               **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
+               "eta": args.eta, "k": args.k if args.variant == "selfplay" else None, "iterations": iterations,
+               "variant": args.variant, "steps_per_iteration": args.steps, "lr": args.lr,
+               "batch_size": args.batch_size,
+               "win_rate_vs_sft_per_iteration": [r["win_rate_vs_sft"] for r in table],
+               "win_rate_vs_prev_per_iteration": [r["win_rate_vs_prev"] for r in table],
+               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
+               "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
+    save_run(args.out, policy, args, metrics, log_rows)
+
+    print()
+    data.print_curves(log_rows, [("loss", f"SPPO loss [{'SPPO-6' if args.variant == 'selfplay' else 'SPPO-9'}] "
+                                          f"per step ({iterations} iteration{'s' * (iterations > 1)})")])
+    for line in data.chart([0.5] + [r["win_rate_vs_sft"] for r in table],
+                           "win rate vs SFT after each iteration (first column: SFT itself, 0.5)"):
+        print(line)
+    print("\nPer iteration. Samples: pi_t's own, on training prompts; their win rates P_hat average 1/2 by "
+          "construction\n(derivation, step 5), their spread is the signal. Win rates: pi_{t+1} on held-out prompts.")
+    fmt = lambda r, key, spec: spec.format(r[key]) if r.get(key) is not None else "-"
+    data.print_table(
+        ["iteration", "P_hat mean", "P_hat std", "sample score", "loss before", "loss after",
+         "win vs pi_t", "win vs SFT", "score", "length", "KL to SFT"],
+        [[r["iteration"], fmt(r, "win_prob_mean", "{:.3f}"), fmt(r, "win_prob_std", "{:.3f}"),
+          fmt(r, "sample_score", "{:+.3f}"), fmt(r, "loss_before", "{:.3f}"), fmt(r, "loss_after", "{:.3f}"),
+          fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
+          fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
+    print()
+    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"], "kl_to_sft": 0.0}
+    data.print_before_after(sft_row, metrics)
+    print("\nHeld-out completions, SFT model and SPPO policy (judge's score in brackets):")
+    data.print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name="SPPO")
+    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
+          f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
+
+
+if __name__ == "__main__":
+    main()
