@@ -27,7 +27,7 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -203,9 +203,6 @@ class Task:
         return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
                 "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
                 "chosen_score": score_responses(chosen), "rejected_score": score_responses(rejected)}
-
-    def config_dict(self):
-        return asdict(self.config)
 
     def eval_prompts(self, n):
         """n held-out prompts, cycling through all of them in a fixed order."""

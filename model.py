@@ -238,7 +238,12 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
     cfg = cfg or GPTConfig()
     # Everything that determines the weights goes into the key (the device too: CPU and CUDA kernels
     # round differently, and "same seed, same device, same numbers" is the promise).
-    key = {"version": 1, "task": task.config_dict(), "model": asdict(cfg), "seed": seed, "steps": steps,
+    # The demonstrations enter as a digest of the tensors themselves, so runs that differ only in how the
+    # preference pairs are made (--length-bias, --pair-style, --tau) share one SFT model, as they should.
+    demos = hashlib.sha256()
+    for t in (task.sft_ids, task.sft_mask, task.sft_heldout_ids, task.sft_heldout_mask):
+        demos.update(t.cpu().numpy().tobytes())
+    key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,
            "batch_size": SFT_BATCH_SIZE, "lr": SFT_LR, "device": device.type}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(sft_dir, f"sft-{digest}.pt")
