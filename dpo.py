@@ -16,15 +16,11 @@ Adam without warm-up; the loss itself is the paper's equation 7 exactly.
 """
 
 import argparse
-import os
 import time
 
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with another busy process, spinning makes
-# this model's many small operations up to 30 times slower. It must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, pair_logps_all, pick_device,

@@ -183,7 +183,6 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
         caches = [dict() for _ in model.blocks] if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens = []
-        seq = idx
         for step in range(max_new_tokens):
             logits = model(idx if (step == 0 or not use_cache) else tokens[-1][:, None], caches)[:, -1, :]
             logits = logits.float() / temperature

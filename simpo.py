@@ -16,15 +16,11 @@ beta and gamma re-tuned for 0.1 M parameters (see --beta); the loss itself is th
 """
 
 import argparse
-import os
 import time
 
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with another busy process, spinning makes
-# this model's many small operations up to 30 times slower. It must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, pair_logps_all, pick_device,

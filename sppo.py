@@ -25,13 +25,9 @@ Departures from the paper:
 """
 
 import argparse
-import os
 import time
 
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with another busy process, spinning makes
-# this model's many small operations up to 30 times slower. It must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 from tqdm import tqdm
 
 import data

@@ -10,11 +10,15 @@ tiny so that the whole file runs in well under two minutes on a 2-core CPU.
 
 import argparse
 import contextlib
+import os
+
+# The tests start several scripts at once; on 2 cores, OpenMP threads that spin while they wait would slow
+# every process many times over, so they sleep instead (inherited by the subprocesses). Before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import glob
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
