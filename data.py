@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import fail, make_generator, sample, sequence_logps, swapped_weights, trim
+from model import (fail, make_generator, pick_device, prepare_out_dir, sample, sequence_logps, sft_model,
+                   swapped_weights, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
@@ -230,6 +231,22 @@ def task_config(args):
     if not math.isfinite(args.length_bias):
         fail(f"--length-bias must be a finite number, got {args.length_bias}")
     return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style)
+
+
+def start_run(args):
+    """What every method script does first, in this order: pick the device, check the task flags, prove
+    the output folders writable (before any work), seed, build the task, and load or train the SFT model.
+    Returns (device, task, policy, sft_info); `policy` is the SFT model, ready to be trained further."""
+    device = pick_device(args.device)
+    task_cfg = task_config(args)
+    prepare_out_dir(args.out)
+    prepare_out_dir(args.sft_dir)
+    torch.manual_seed(args.seed)
+    task = Task(task_cfg, seed=args.seed)
+    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
+    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
+          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    return device, task, policy, sft_info
 
 
 def pair_batch(pairs, idx, device):

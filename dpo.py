@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, pair_logps_all, pick_device,
-                   positive_float, prepare_out_dir, save_run, sft_model)
+from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, pair_logps_all, positive_float,
+                   save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -92,15 +92,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # Data and models
     # ------------------------------------------------------------------------------------------------
-    device = pick_device(args.device)
-    task_cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    prepare_out_dir(args.sft_dir)
-    torch.manual_seed(args.seed)
-    task = data.Task(task_cfg, seed=args.seed)
-    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
-    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
     memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
     ref = frozen_copy(policy)              # pi_ref: the SFT model, frozen (eval mode, no gradients)
     policy.train()

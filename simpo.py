@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, pair_logps_all, pick_device,
-                   positive_float, prepare_out_dir, save_run, sft_model)
+from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, pair_logps_all, positive_float,
+                   save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -97,15 +97,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # Data and model (one model: the policy, initialised from SFT)
     # ------------------------------------------------------------------------------------------------
-    device = pick_device(args.device)
-    task_cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    prepare_out_dir(args.sft_dir)
-    torch.manual_seed(args.seed)
-    task = data.Task(task_cfg, seed=args.seed)
-    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
-    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
     # Evaluation compares with the SFT model, so keep its WEIGHTS (a plain state_dict, never a network):
     # after training they are loaded into this same module in turn (model.swapped_weights).
     sft_weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}

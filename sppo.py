@@ -32,8 +32,7 @@ from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps, pair_logps_all,
-                   pick_device, positive_float, positive_int, prepare_out_dir, sample, save_run,
-                   sequence_logps, sft_model, trim)
+                   positive_float, positive_int, sample, save_run, sequence_logps, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -307,15 +306,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # Data and models
     # ------------------------------------------------------------------------------------------------
-    device = pick_device(args.device)
-    task_cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    prepare_out_dir(args.sft_dir)
-    torch.manual_seed(args.seed)
-    task = data.Task(task_cfg, seed=args.seed)
-    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
-    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
     memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
     sft = frozen_copy(policy)              # pi_1 (self-play) or pi_ref (hard), and the evaluation's baseline
     policy.eval()
@@ -330,7 +321,7 @@ def main():
     for t in range(1, iterations + 1):
         if args.variant == "selfplay":
             pi_t, stats = self_play_iteration(
-                policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task_cfg.tau,
+                policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task.config.tau,
                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=device, sampler=sampler,
                 batch_order=batch_order, log_rows=log_rows, memory=memory)
         else:
