@@ -347,8 +347,9 @@ nonneg_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def add_run_args(parser, method, steps, batch_size, lr):
-    """The flags every method script shares (the run contract), with each script's own defaults."""
+def add_run_args(parser, method, steps, batch_size, lr, steps_help=None):
+    """The flags every method script shares (the run contract), with each script's own defaults.
+    steps=None leaves the default to the script (sppo.py: it depends on --variant; say so in steps_help)."""
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, then mps, then cpu (default: %(default)s)")
@@ -362,7 +363,7 @@ def add_run_args(parser, method, steps, batch_size, lr):
                    help="SFT steps for the warm start (more: a sharper start, slower first run)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=nonneg_int, default=steps,
-                   help="optimiser steps (more: further from the start; 0 evaluates the SFT model)")
+                   help=steps_help or "optimiser steps (more: further from the start; 0 evaluates the SFT model)")
     g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="examples per step (larger: smoother, slower steps)")
     g.add_argument("--lr", type=positive_float, default=lr,

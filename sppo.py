@@ -58,13 +58,10 @@ g.add_argument("--k", type=positive_int, default=4,
                     "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
                     "(default: %(default)s)")
 STEPS = {"selfplay": 40, "hard": 200}   # --steps when not given: per iteration (selfplay), in all (hard)
-add_run_args(parser, "sppo", steps=STEPS["selfplay"], batch_size=64, lr=1e-3)
-parser.set_defaults(steps=None)
-for action in parser._actions:   # the shared --steps help, made precise for SPPO's two variants
-    if action.dest == "steps":
-        action.help = (f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
-                       f"with hard; more fits each regression more closely (default: {STEPS['selfplay']} per "
-                       f"iteration, {STEPS['hard']} for hard)")
+add_run_args(parser, "sppo", steps=None, batch_size=64, lr=1e-3,
+             steps_help=f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
+                        f"with hard; more fits each regression more closely (default: {STEPS['selfplay']} per "
+                        f"iteration, {STEPS['hard']} for hard)")
 data.add_task_args(parser)
 
 # ----------------------------------------------------------------------------------------------------
