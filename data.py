@@ -303,6 +303,15 @@ def evaluate(policy, sft, task, device, n_samples=512, seed=0):
             "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
 
 
+def pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """One log.jsonl line of a pairwise method, with TRL's metric names (means over the batch)."""
+    return {"step": step, "loss": loss.item(),
+            "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": policy_chosen_logps.mean().item(), "logps/rejected": policy_rejected_logps.mean().item()}
+
+
 def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths):
     """On held-out pairs:
     reward_accuracy    fraction with r(x, y_w) > r(x, y_l) under the method's own reward

@@ -124,11 +124,7 @@ def main():
         memory.sample()
         optimizer.step()
 
-        row = {"step": step, "loss": loss.item(),
-               "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-               "logps/chosen": policy_chosen_logps.mean().item(), "logps/rejected": policy_rejected_logps.mean().item()}
+        row = data.pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
         log_rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
     train_seconds = time.time() - t0

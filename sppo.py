@@ -280,11 +280,8 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
 
         chosen_rewards = (policy_chosen.detach() - ref_chosen[idx]) / eta       # TRL: beta * log-ratio, beta = 1/eta
         rejected_rewards = (policy_rejected.detach() - ref_rejected[idx]) / eta  # targets: +1/2 and -1/2
-        row = {"step": len(log_rows), "iteration": 1, "loss": loss.item(),
-               "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-               "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item()}
+        row = {**data.pair_log_row(len(log_rows), loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
+               "iteration": 1}
         log_rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}")
     policy.eval()
