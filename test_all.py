@@ -348,6 +348,33 @@ class TestTask(unittest.TestCase):
 
 
 class TestMetricsAndChart(unittest.TestCase):
+    def test_scatter_places_points_by_value(self):
+        lines = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
+                             width=41, height=11)
+        grid = lines[1:12]                                       # the plot rows, top row = highest score
+        row_of = {ch: next(r for r, line in enumerate(grid) if ch in line.split("│", 1)[1]) for ch in "ABC"}
+        col_of = {ch: grid[row_of[ch]].split("│", 1)[1].index(ch) for ch in "ABC"}
+        self.assertEqual((row_of["B"], row_of["C"], row_of["A"]), (0, 5, 10))   # score 1, 0.5, 0 top to bottom
+        self.assertEqual((col_of["A"], col_of["C"], col_of["B"]), (0, 20, 40))  # KL 0, 2, 4 left to right
+        self.assertTrue(any(line.strip().startswith("B = high") for line in lines))
+
+    def test_frontier_command(self):
+        with tempfile.TemporaryDirectory() as d:
+            for name, kl, sc in (("run_a", 1.5, 0.4), ("run_b", 3.0, 0.8)):
+                os.makedirs(os.path.join(d, name))
+                with open(os.path.join(d, name, "metrics.json"), "w") as f:
+                    json.dump({"method": "dpo", "beta": 0.1, "kl_to_sft": kl, "score": sc, "sft_score": 0.0}, f)
+            ok = subprocess.run([sys.executable, "data.py", "frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")],
+                                cwd=REPO, capture_output=True, text=True)
+            self.assertEqual(ok.returncode, 0, ok.stderr)
+            self.assertIn("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800", ok.stdout)
+            self.assertIn("S = the SFT model: KL(policy || SFT) 0.00, score 0.000", ok.stdout)
+            bad = subprocess.run([sys.executable, "data.py", "frontier", os.path.join(d, "missing")],
+                                 cwd=REPO, capture_output=True, text=True)
+            self.assertEqual(bad.returncode, 2)
+            self.assertIn("error:", bad.stderr)
+            self.assertNotIn("Traceback", bad.stderr)
+
     def test_ranking_metrics_constructed_case(self):
         chosen_rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
         rejected_rewards = torch.tensor([0.0, 3.0, 2.0, 5.0])      # reward puts y_w first: T F T F -> 0.5
