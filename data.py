@@ -381,6 +381,17 @@ def print_before_after(before, after, rows=SUMMARY_ROWS, names=("SFT", "trained"
     print_table(["", *names], [[label, cell(before, key, fmt), cell(after, key, fmt)] for label, key, fmt in rows])
 
 
+def print_sft_vs_policy(method, result, metrics, sft_metrics=None):
+    """The end-of-run table (the SFT model's win rate against itself is 1/2 by definition; its other
+    columns come from the evaluation `result`, plus any `sft_metrics` the method measured), then a few
+    held-out completions before and after."""
+    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"],
+               "kl_to_sft": 0.0, **(sft_metrics or {})}
+    print_before_after(sft_row, metrics)
+    print(f"\nHeld-out completions, SFT model and {method} policy (judge's score in brackets):")
+    print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name=method)
+
+
 def print_curves(log_rows, curves):
     """One chart per (key in log.jsonl, title): what the run did, before the numbers."""
     for key, title in curves:

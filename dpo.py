@@ -155,10 +155,7 @@ def main():
     data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
                                  ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
     print()
-    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"], "kl_to_sft": 0.0}
-    data.print_before_after(sft_row, metrics)
-    print("\nHeld-out completions, SFT model and DPO policy (judge's score in brackets):")
-    data.print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name="DPO")
+    data.print_sft_vs_policy("DPO", result, metrics)
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
           f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
           f"wrote {args.out}/metrics.json, log.jsonl, model.pt")

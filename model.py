@@ -220,15 +220,18 @@ SFT_BATCH_SIZE = 64
 SFT_LR = 3e-3
 
 
-def sft_ce(model, ids, mask, batch_size=1024):
-    """Mean cross-entropy per response token (nats), no gradients."""
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for s in range(0, ids.shape[0], batch_size):
-            logps, lengths = sequence_logps(model, ids[s:s + batch_size], mask[s:s + batch_size])
-            total += -logps.sum().item()
-            count += lengths.sum().item()
-    return total / count
+@torch.no_grad()
+def sequence_logps_all(model, ids, mask, batch_size=1024):
+    """sequence_logps over many rows, in batches trimmed of padding, no gradients: logps [M], lengths [M]."""
+    parts = [sequence_logps(model, *trim(ids[s:s + batch_size], mask[s:s + batch_size]))
+             for s in range(0, ids.shape[0], batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def sft_ce(model, ids, mask):
+    """Mean cross-entropy per response token (nats) over a set of demonstrations."""
+    logps, lengths = sequence_logps_all(model, ids, mask)
+    return -logps.double().sum().item() / lengths.sum().item()
 
 
 def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):

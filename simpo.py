@@ -161,11 +161,7 @@ def main():
     data.print_curves(log_rows, [("loss", "SimPO loss [SimPO-4] per step"),
                                  ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
     print()
-    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"],
-               "kl_to_sft": 0.0, **sft_ranking}
-    data.print_before_after(sft_row, metrics)
-    print("\nHeld-out completions, SFT model and SimPO policy (judge's score in brackets):")
-    data.print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name="SimPO")
+    data.print_sft_vs_policy("SimPO", result, metrics, sft_ranking)
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
           f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
           f"wrote {args.out}/metrics.json, log.jsonl, model.pt")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps, pair_logps_all,
-                   positive_float, positive_int, sample, save_run, sequence_logps, trim)
+                   positive_float, positive_int, sample, save_run, sequence_logps, sequence_logps_all, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -186,13 +186,6 @@ def sample_responses(pi_t, prompts, k, sampler, device, desc="sampling", quiet=F
     return rows, torch.cat(parts)
 
 
-@torch.no_grad()
-def all_logps(model, ids, mask, batch_size=1024):
-    """sequence_logps over many rows in batches, no gradients: [M]."""
-    return torch.cat([sequence_logps(model, *trim(ids[s:s + batch_size], mask[s:s + batch_size]))[0]
-                      for s in range(0, ids.shape[0], batch_size)])
-
-
 def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch_size, lr, device, sampler,
                         batch_order, log_rows, memory=None, quiet=False):
     """One iteration t of Algorithm 1: freeze pi_t (= the policy as it stands), sample K responses per
@@ -206,7 +199,7 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch
     scores = data.score_responses(responses).view(-1, k)             # the judge, [N, K]
     win_prob = estimate_win_rates(scores, tau).view(-1).to(device)   # [SPPO-5], [N*K]
     ids, mask = data.join(rows, responses)
-    ref_logps = all_logps(pi_t, ids, mask)                           # pi_t is frozen: its log-probs once
+    ref_logps, _ = sequence_logps_all(pi_t, ids, mask)               # pi_t is frozen: its log-probs once
     sampling_seconds = time.time() - t0
 
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
@@ -241,7 +234,7 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     policy.eval()
     train_seconds = time.time() - t0
-    fitted = all_logps(policy, ids, mask)
+    fitted, _ = sequence_logps_all(policy, ids, mask)
     stats = {"iteration": iteration, "samples": ids.shape[0], "steps": steps,
              "win_prob_mean": win_prob.mean().item(),          # 1/2 by construction (step 5 of the derivation)
              "win_prob_std": win_prob.std().item(),            # how much the targets vary: the signal
@@ -382,10 +375,7 @@ def main():
           fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
           fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
     print()
-    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"], "kl_to_sft": 0.0}
-    data.print_before_after(sft_row, metrics)
-    print("\nHeld-out completions, SFT model and SPPO policy (judge's score in brackets):")
-    data.print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name="SPPO")
+    data.print_sft_vs_policy("SPPO", result, metrics)
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
           f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
 
