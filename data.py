@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import (fail, make_generator, pick_device, prepare_out_dir, sample, sequence_logps, sft_model,
+from model import (fail, make_generator, pair_logps, pick_device, prepare_out_dir, sample, sequence_logps, sft_model,
                    swapped_weights, trim)
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,6 +256,16 @@ def pair_batch(pairs, idx, device):
         ids, mask = trim(pairs[f"{side}_ids"][idx], pairs[f"{side}_mask"][idx])
         out[f"{side}_ids"], out[f"{side}_mask"] = ids.to(device), mask.to(device)
     return out
+
+
+@torch.no_grad()
+def pair_logps_all(model, pairs, device, batch_size=512):
+    """model.pair_logps over a whole pair set (Task.pairs or .heldout_pairs), in batches, no gradients.
+    Returns chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, each [N] on the CPU."""
+    n = pairs["chosen_ids"].shape[0]
+    parts = [pair_logps(model, **pair_batch(pairs, torch.arange(s, min(s + batch_size, n)), device))
+             for s in range(0, n, batch_size)]
+    return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(4))
 
 
 # ----------------------------------------------------------------------------------------------------

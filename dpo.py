@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, pair_logps_all, positive_float,
+from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, positive_float,
                    save_run)
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def main():
     # ------------------------------------------------------------------------------------------------
     policy.eval()
     result = data.evaluate(policy, ref, task, device, args.eval_samples, args.seed)
-    heldout_policy = pair_logps_all(policy, task.heldout_pairs, device)
-    heldout_ref = pair_logps_all(ref, task.heldout_pairs, device)
+    heldout_policy = data.pair_logps_all(policy, task.heldout_pairs, device)
+    heldout_ref = data.pair_logps_all(ref, task.heldout_pairs, device)
     if args.reference_free:
         heldout_ref = tuple(torch.zeros_like(t) for t in heldout_ref)
     _, chosen_rewards, rejected_rewards = dpo_loss(heldout_policy[0], heldout_policy[1],

@@ -505,14 +505,3 @@ class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                  "fordblks", "keepcost")]
-
-
-@torch.no_grad()
-def pair_logps_all(model, pairs, device, batch_size=512):
-    """pair_logps over a whole pair set (data.Task.pairs or .heldout_pairs), in batches, no gradients.
-    Returns chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, each [N] on the CPU."""
-    from data import pair_batch   # data.py imports model.py; this import runs only when called
-    n = pairs["chosen_ids"].shape[0]
-    parts = [pair_logps(model, **pair_batch(pairs, torch.arange(s, min(s + batch_size, n)), device))
-             for s in range(0, n, batch_size)]
-    return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(4))

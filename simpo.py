@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, pair_logps_all, positive_float,
+from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, positive_float,
                    save_run)
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def main():
     # after training they are loaded into this same module in turn (model.swapped_weights).
     sft_weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     lengths_or_ones = (lambda n: torch.ones_like(n)) if args.no_length_norm else (lambda n: n)
-    sft_heldout = pair_logps_all(policy, task.heldout_pairs, device)   # the SFT model's own SimPO reward
+    sft_heldout = data.pair_logps_all(policy, task.heldout_pairs, device)   # the SFT model's own SimPO reward
     _, c, r = simpo_loss(sft_heldout[0], sft_heldout[1], lengths_or_ones(sft_heldout[2]),
                          lengths_or_ones(sft_heldout[3]), args.beta, args.gamma)
     sft_ranking = data.ranking_metrics(c, r, *sft_heldout)
@@ -142,7 +142,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     policy.eval()
     result = data.evaluate(policy, sft_weights, task, device, args.eval_samples, args.seed)
-    heldout = pair_logps_all(policy, task.heldout_pairs, device)
+    heldout = data.pair_logps_all(policy, task.heldout_pairs, device)
     _, chosen_rewards, rejected_rewards = simpo_loss(heldout[0], heldout[1], lengths_or_ones(heldout[2]),
                                                      lengths_or_ones(heldout[3]), args.beta, args.gamma)
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout)

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps, pair_logps_all,
+from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps,
                    positive_float, positive_int, sample, save_run, sequence_logps, sequence_logps_all, trim)
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
              quiet=False):
     """--variant hard: [SPPO-9] on offline pairs, pi_ref = the SFT model (TRL's loss_type="sppo_hard")."""
     t0 = time.time()
-    ref_chosen, ref_rejected, _, _ = pair_logps_all(ref, pairs, device)   # pi_ref frozen: once
+    ref_chosen, ref_rejected, _, _ = data.pair_logps_all(ref, pairs, device)   # pi_ref frozen: once
     ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     policy.train()
@@ -337,8 +337,8 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs: after T iterations of [SPPO-2],
     # log pi_{T+1}/pi_1 = eta sum_t P(y > pi_t|x) - sum_t log Z_t, a cumulative win rate.
-    heldout_policy = pair_logps_all(policy, task.heldout_pairs, device)
-    heldout_sft = pair_logps_all(sft, task.heldout_pairs, device)
+    heldout_policy = data.pair_logps_all(policy, task.heldout_pairs, device)
+    heldout_sft = data.pair_logps_all(sft, task.heldout_pairs, device)
     chosen_rewards = (heldout_policy[0] - heldout_sft[0]) / args.eta
     rejected_rewards = (heldout_policy[1] - heldout_sft[1]) / args.eta
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)

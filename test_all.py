@@ -1236,8 +1236,6 @@ class TestSPPOScript(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "bad_sft")))
 
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 # ====================================================================================================
