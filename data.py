@@ -27,13 +27,15 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
 """
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from model import (fail, make_generator, pair_logps, pick_device, prepare_out_dir, sample, sequence_logps, sft_model,
-                   swapped_weights, trim)
+from model import (fail, make_generator, model_config, pair_logps, pick_device, prepare_out_dir, progress, sample,
+                   sequence_logps_all, sft_model, swapped_weights, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
@@ -224,8 +226,8 @@ def add_task_args(parser):
 
 
 def task_config(args):
-    if not args.tau > 0:
-        fail(f"--tau must be > 0, got {args.tau}")
+    if not (args.tau > 0 and math.isfinite(args.tau)):   # tau = inf would pin every win rate at 1/2
+        fail(f"--tau must be a finite number > 0, got {args.tau}")
     if not 0 <= args.pair_style <= 1:
         fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
     if not math.isfinite(args.length_bias):
@@ -239,11 +241,14 @@ def start_run(args):
     Returns (device, task, policy, sft_info); `policy` is the SFT model, ready to be trained further."""
     device = pick_device(args.device)
     task_cfg = task_config(args)
+    cfg = model_config(args)
+    progress.reset(args.out)
     prepare_out_dir(args.out)
-    prepare_out_dir(args.sft_dir)
+    if os.path.exists(args.sft_dir) and not os.path.isdir(args.sft_dir):   # read-only is fine: it is read
+        fail(f"--sft-dir {args.sft_dir!r} is a file, not a folder")
     torch.manual_seed(args.seed)
     task = Task(task_cfg, seed=args.seed)
-    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps)
+    policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps, cfg)
     print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
           f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
     return device, task, policy, sft_info
@@ -282,20 +287,20 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
     `baseline` is a model, or a state_dict that `policy`'s own module loads in turn (model.swapped_weights):
     simpo.py's way of evaluating against the SFT model without ever building a second network.
     """
+    progress.phase = "evaluation"
     prompts = task.eval_prompts(n_samples).to(device)
     draw = lambda model, s: sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
                                    generator=make_generator(device, s))
     ys = draw(policy, seed)
     ids, mask = join(prompts, ys)
-    with torch.no_grad():
-        lp_policy, _ = sequence_logps(policy, ids, mask)
-        if isinstance(baseline, dict):
-            with swapped_weights(policy, baseline) as base_model:
-                yb = draw(base_model, seed + 1)
-                lp_base, _ = sequence_logps(base_model, ids, mask)
-        else:
-            yb = draw(baseline, seed + 1)
-            lp_base, _ = sequence_logps(baseline, ids, mask)
+    lp_policy, _ = sequence_logps_all(policy, ids, mask)      # in batches: --eval-samples may be large
+    if isinstance(baseline, dict):
+        with swapped_weights(policy, baseline) as base_model:
+            yb = draw(base_model, seed + 1)
+            lp_base, _ = sequence_logps_all(base_model, ids, mask)
+    else:
+        yb = draw(baseline, seed + 1)
+        lp_base, _ = sequence_logps_all(baseline, ids, mask)
     s_policy, s_base = score_responses(ys), score_responses(yb)
     return {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
             "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
@@ -368,14 +373,25 @@ def chart(values, title, width=60, height=8):
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     levels = [round((v - lo) / span * (height * 8 - 1)) + 1 for v in values]   # 1..height*8
-    blocks = " ▁▂▃▄▅▆▇█"
+    blocks, bar, corner, rule = chart_glyphs()
     lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {len(values)} columns)"]
     for row in range(height - 1, -1, -1):
         cells = "".join(blocks[min(8, max(0, lv - row * 8))] for lv in levels)
-        label = f"{hi:9.3g} │" if row == height - 1 else (f"{lo:9.3g} │" if row == 0 else "          │")
+        label = f"{hi:9.3g} {bar}" if row == height - 1 else (f"{lo:9.3g} {bar}" if row == 0 else f"          {bar}")
         lines.append(label + cells)
-    lines.append("          └" + "─" * len(values))
+    lines.append(f"          {corner}" + rule * len(values))
     return lines
+
+
+def chart_glyphs(stream=None):
+    """The characters of the charts: Unicode blocks, or ASCII where the terminal cannot show them
+    (a non-UTF-8 locale, PYTHONIOENCODING=ascii). Returns (9 levels from empty to full, axis, corner, rule)."""
+    fancy = (" ▁▂▃▄▅▆▇█", "│", "└", "─")
+    try:
+        "".join(fancy).encode((stream or sys.stdout).encoding or "ascii")
+        return fancy
+    except (UnicodeEncodeError, LookupError):
+        return (" .,:;=+*#", "|", "+", "-")
 
 
 SUMMARY_ROWS = [("win rate vs SFT", "win_rate_vs_sft", "{:.3f}"), ("score (judge)", "score", "{:+.3f}"),
@@ -421,11 +437,12 @@ def scatter(points, x_title, y_title, width=56, height=14):
         col = round((x - x0) / ((x1 - x0) or 1.0) * (width - 1))
         row = round((y1 - y) / ((y1 - y0) or 1.0) * (height - 1))
         grid[row][col] = label[0]
+    _, bar, corner, rule = chart_glyphs()
     lines = [f"{y_title} against {x_title}"]
     for r, cells in enumerate(grid):
-        tick = f"{y1:7.2f} │" if r == 0 else (f"{y0:7.2f} │" if r == height - 1 else "        │")
+        tick = f"{y1:7.2f} {bar}" if r == 0 else (f"{y0:7.2f} {bar}" if r == height - 1 else f"        {bar}")
         lines.append(tick + "".join(cells))
-    lines.append("        └" + "─" * width)
+    lines.append(f"        {corner}" + rule * width)
     lines.append(f"         {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}")
     lines += [f"  {label[0]} = {label[2:] if label[1:2] == ':' else label}: {x_title} {x:.2f}, {y_title} {y:.3f}"
               for label, x, y in points]

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, frozen_copy, pair_logps, positive_float,
-                   save_run)
+from model import (MemoryMeter, add_run_args, check_loss, check_weights, frozen_copy, pair_logps,
+                   positive_float, run, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -93,7 +93,7 @@ def main():
     # Data and models
     # ------------------------------------------------------------------------------------------------
     device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
-    memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
+    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
     ref = frozen_copy(policy)              # pi_ref: the SFT model, frozen (eval mode, no gradients)
     policy.train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
@@ -118,6 +118,7 @@ def main():
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta)
         loss = losses.mean()
+        check_loss(loss, step, args.steps)   # a NaN stops the run here, with one line (model.check_loss)
         memory.sample()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,6 +129,8 @@ def main():
         log_rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
     train_seconds = time.time() - t0
+    memory.pause()           # training only: the evaluation's sampling never counts
+    check_weights(policy)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation and summary
@@ -162,4 +165,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)   # model.run: a fault (Ctrl-C, NaN, full disk) ends in one line, not a traceback

@@ -13,10 +13,14 @@ Nothing here knows about DPO, SimPO or SPPO; dpo.py, simpo.py and sppo.py hold t
 import argparse
 import copy
 import ctypes
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -231,39 +235,84 @@ def sequence_logps_all(model, ids, mask, batch_size=1024):
 def sft_ce(model, ids, mask):
     """Mean cross-entropy per response token (nats) over a set of demonstrations."""
     logps, lengths = sequence_logps_all(model, ids, mask)
-    return -logps.double().sum().item() / lengths.sum().item()
+    return -logps.cpu().double().sum().item() / lengths.sum().item()   # float64 on the CPU: MPS has none
 
 
 def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
     """The SFT model for this task: loaded from `sft_dir` when a cache with the same key is there, else
-    trained (cross-entropy on the response tokens of task.sft_ids) and cached. Returns (model, info)."""
+    trained (cross-entropy on the response tokens of the demonstrations task.sft_ids) and cached.
+    Returns (model, info). Only four tensors of `task` are read: the demonstrations and their held-out set.
+
+    A classroom shares one --sft-dir: runs that start together on an empty one train the model once (the
+    first takes a file lock, the others wait for it and load its cache); a read-only folder that holds the
+    cache is read; a cache that cannot be written (read-only folder, full disk) costs a note, not the run."""
     cfg = cfg or GPTConfig()
-    # Everything that determines the weights goes into the key (the device too: CPU and CUDA kernels
-    # round differently, and "same seed, same device, same numbers" is the promise).
-    # The demonstrations enter as a digest of the tensors themselves, so runs that differ only in how the
-    # preference pairs are made (--length-bias, --pair-style, --tau) share one SFT model, as they should.
+    path, key = sft_cache_path(task, device, sft_dir, seed, steps, cfg)
+    if os.path.isdir(path):
+        fail(f"the SFT cache path {path} is a folder, not a file: remove it or choose another --sft-dir")
+    cached = _load_sft_cache(path, key, cfg, device, steps)
+    if cached is not None:
+        return cached
+    with _file_lock(path + ".lock") as waited:
+        if waited:   # another run held the lock: it has probably just written the cache
+            cached = _load_sft_cache(path, key, cfg, device, steps)
+            if cached is not None:
+                return cached
+        _remove_stale_temporaries(sft_dir)
+        model, info = _train_sft(task, device, seed, steps, cfg, quiet)
+        try:
+            os.makedirs(sft_dir, exist_ok=True)
+            atomic_torch_save({"key": key, "model": model.state_dict(), "info": info}, path)
+        except OSError as e:   # read-only folder, full disk: the model just trained is still good
+            print(f"note: could not write the SFT cache {path} ({_os_reason(e)}); going on with the model "
+                  f"just trained (the next run will train it again)", file=sys.stderr)
+    return model, dict(info, cached=False, path=path)
+
+
+def sft_cache_path(task, device, sft_dir, seed, steps, cfg):
+    """Where the SFT model of these settings is cached, and the key stored in the file.
+    Everything that determines the weights goes into the key (the device too, down to the GPU model:
+    CPU and CUDA kernels round differently, and "same seed, same device, same numbers" is the promise).
+    The demonstrations enter as a digest of the tensors themselves, so runs that differ only in how the
+    preference pairs are made (--length-bias, --pair-style, --tau) share one SFT model, as they should."""
     demos = hashlib.sha256()
     for t in (task.sft_ids, task.sft_mask, task.sft_heldout_ids, task.sft_heldout_mask):
         demos.update(t.cpu().numpy().tobytes())
     key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,
-           "batch_size": SFT_BATCH_SIZE, "lr": SFT_LR, "device": device.type}
+           "batch_size": SFT_BATCH_SIZE, "lr": SFT_LR, "device": device_name(device)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(sft_dir, f"sft-{digest}.pt")
-    if os.path.exists(path):
-        try:
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("key") != key:
-                raise ValueError("its key does not match this run's settings")
-            model = GPT(cfg).to(device)
-            model.load_state_dict(ckpt["model"])
-            model.eval()
-            return model, dict(ckpt["info"], cached=True, path=path)
-        except Exception as e:  # corrupt, truncated, foreign: say so in one line and rebuild
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            print(f"note: SFT cache {path} is unusable ({first_line}); rebuilding it", file=sys.stderr)
-    else:
-        print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)", file=sys.stderr)
+    return os.path.join(sft_dir, f"sft-{digest}.pt"), key
 
+
+def _load_sft_cache(path, key, cfg, device, steps):
+    """(model, info) from the cache file at `path`, or None, with a one-line note saying why not."""
+    if not os.path.exists(path):
+        print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)", file=sys.stderr)
+        return None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        print(f"note: SFT cache {path} is {describe_bad_file(path, e)}; rebuilding it", file=sys.stderr)
+        return None
+    if not (isinstance(ckpt, dict) and {"key", "model", "info"} <= set(ckpt)):
+        print(f"note: SFT cache {path} is not an SFT cache of this project; rebuilding it", file=sys.stderr)
+        return None
+    if ckpt["key"] != key:
+        print(f"note: SFT cache {path} was made with other settings (its key differs); rebuilding it",
+              file=sys.stderr)
+        return None
+    try:
+        model = GPT(cfg).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception:
+        print(f"note: SFT cache {path} holds weights of another shape; rebuilding it", file=sys.stderr)
+        return None
+    model.eval()
+    return model, dict(ckpt["info"], cached=True, path=path)
+
+
+def _train_sft(task, device, seed, steps, cfg, quiet):
+    """Cross-entropy on the response tokens of the demonstrations, AdamW with warm-up and a cosine decay."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     ids, mask = task.sft_ids.to(device), task.sft_mask.to(device)
@@ -273,6 +322,7 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
     g = torch.Generator().manual_seed(seed)          # batch order: CPU generator, same on every device
     t0 = time.time()
     model.train()
+    progress.phase = "SFT training"
     bar = tqdm(range(steps), desc="SFT", disable=True if quiet else None, leave=False, dynamic_ncols=True)
     for step in bar:
         lr = SFT_LR * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))  # warmup, cosine
@@ -282,6 +332,7 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
         b_ids, b_mask = trim(ids[idx], mask[idx])
         logps, lengths = sequence_logps(model, b_ids, b_mask)
         loss = -logps.sum() / lengths.sum()           # cross-entropy per response token
+        check_loss(loss, step, steps, phase="SFT training")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,9 +341,7 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
     model.eval()
     info = {"ce_before": ce_before, "ce_after": sft_ce(model, held_ids, held_mask),
             "seconds": time.time() - t0, "steps": steps}
-    os.makedirs(sft_dir, exist_ok=True)
-    atomic_torch_save({"key": key, "model": model.state_dict(), "info": info}, path)
-    return model, dict(info, cached=False, path=path)
+    return model, info
 
 
 def trim(ids, mask):
@@ -328,7 +377,7 @@ def frozen_copy(model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The run contract: flags, device, output folder, files, timing and memory
+# 5. The run contract: flags, device, output folder, files, faults, timing and memory
 # ----------------------------------------------------------------------------------------------------
 
 def _number(kind, test, what):
@@ -343,11 +392,24 @@ def _number(kind, test, what):
     return parse
 
 
+def bounded_int(low, high):
+    """A whole number in [low, high]: sizes that cannot fit are refused before any work, with the bound."""
+    return _number(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
+
+
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 positive_int = _number(int, lambda v: v > 0, "a whole number > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+# Upper bounds of the size flags. Batches and samples beyond these need gigabytes for a toy whose data
+# holds 4000 pairs and 72 held-out prompts; seeds are 32-bit so that every seed derived from one (the
+# evaluation adds 10,000) still fits torch's generators.
+MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 4096
+MAX_EVAL_SAMPLES = 65536
+MAX_LAYERS, MAX_HEADS, MAX_EMBD = 48, 64, 2048
 
 
 def add_run_args(parser, method, steps, batch_size, lr, steps_help=None):
@@ -356,24 +418,39 @@ def add_run_args(parser, method, steps, batch_size, lr, steps_help=None):
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, then mps, then cpu (default: %(default)s)")
-    g.add_argument("--seed", type=nonneg_int, default=0,
+    g.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
                    help="seeds data, SFT, batches and sampling; same seed + same device = same numbers")
     g.add_argument("--out", default=f"out/{method}",
                    help="folder for metrics.json, log.jsonl and model.pt (default: %(default)s)")
     g.add_argument("--sft-dir", default="out/sft",
-                   help="cache of SFT models, shared by all methods; delete it to retrain (default: %(default)s)")
+                   help="cache of SFT models, shared by all methods and runs (a read-only one is read); "
+                        "delete it to retrain (default: %(default)s)")
     g.add_argument("--sft-steps", type=positive_int, default=300,
                    help="SFT steps for the warm start (more: a sharper start, slower first run)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=nonneg_int, default=steps,
                    help=steps_help or "optimiser steps (more: further from the start; 0 evaluates the SFT model)")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+    g.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=batch_size,
                    help="examples per step (larger: smoother, slower steps)")
     g.add_argument("--lr", type=positive_float, default=lr,
-                   help="Adam learning rate (higher: faster, until the curve jumps in a few steps)")
-    g.add_argument("--eval-samples", type=positive_int, default=512,
+                   help="Adam learning rate (higher: faster, until the loss jumps or turns NaN)")
+    g.add_argument("--eval-samples", type=bounded_int(1, MAX_EVAL_SAMPLES), default=512,
                    help="held-out samples per policy in the evaluation (more: less noise, slower)")
+    g = parser.add_argument_group("model size (the SFT model and every policy; the default is the 0.1 M-parameter GPT)")
+    g.add_argument("--n-layer", type=bounded_int(1, MAX_LAYERS), default=GPTConfig.n_layer,
+                   help="transformer blocks (default: %(default)s)")
+    g.add_argument("--n-head", type=bounded_int(1, MAX_HEADS), default=GPTConfig.n_head,
+                   help="attention heads per block; must divide --n-embd (default: %(default)s)")
+    g.add_argument("--n-embd", type=bounded_int(8, MAX_EMBD), default=GPTConfig.n_embd,
+                   help="width of the residual stream (default: %(default)s)")
     return parser
+
+
+def model_config(args):
+    """The GPTConfig the size flags ask for (a bad combination is refused before any work)."""
+    if args.n_embd % args.n_head:
+        fail(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
 def fail(message, code=2):
@@ -391,80 +468,413 @@ def pick_device(name):
              "use --device cpu, or install a CUDA build of torch")
     elif name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         fail("--device mps, but MPS is not available here; use --device cpu")
-    print(f"device: {name}")
+    if name == "cuda":
+        make_cuda_deterministic()
+    print(f"device: {name}" + (f" ({torch.cuda.get_device_name()})" if name == "cuda" else ""))
     return torch.device(name)
 
 
+def make_cuda_deterministic():
+    """Same seed, same GPU, same numbers (PyTorch's "Reproducibility" notes). cuBLAS needs a fixed
+    workspace (the environment variable, read when cuBLAS starts: before the first matmul); the
+    flash and memory-efficient attention kernels accumulate gradients with atomic adds in no fixed order,
+    so attention runs on the plain "math" kernel, which at 22 tokens costs nothing; every other op takes
+    its deterministic implementation. warn_only: an op with none warns instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def device_name(device):
+    """The device as the SFT cache key names it: "cpu", "mps", or "cuda:" and the GPU model (two GPU
+    models round differently, so they must not share a cache)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+# --- Faults: one line and an exit code, never a traceback ---------------------------------------------
+
+class Progress:
+    """How far the run has got, for the one-line messages of a fault (Ctrl-C, divergence, disk full)."""
+    out = None          # the run's output folder
+    phase = "setup"     # setup, SFT training, training, evaluation, saving, saved
+    step = None         # the last step started in the current phase
+    total = None        # steps in the current phase
+
+    def reset(self, out):
+        self.out, self.phase, self.step, self.total = out, "setup", None, None
+
+
+progress = Progress()
+
+
+class Diverged(Exception):
+    pass
+
+
+def check_loss(loss, step, total=None, phase="training"):
+    """Every step: record where the run is (for Ctrl-C's message) and stop at a non-finite loss, before
+    the optimiser spreads NaN into the weights and long before evaluation would crash on them."""
+    progress.phase, progress.step, progress.total = phase, step, total
+    value = float(loss)
+    if not math.isfinite(value):
+        raise Diverged(f"the loss is {value} at step {step} of {phase}: the run diverged")
+
+
+def check_weights(model):
+    """After training: a last optimiser step can still have made a weight non-finite."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise Diverged(f"a weight is not finite after {progress.step} steps: the run diverged")
+
+
+def run(main):
+    """Run a script's main() so that every fault ends in one line on stderr and a non-zero exit:
+    1 a fault of the run (diverged, out of memory, disk full), 2 bad input, 130 Ctrl-C, 141 a closed pipe."""
+    if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") not in ("utf8", "utf16", "utf32"):
+        sys.stdout.reconfigure(errors="replace")   # a non-UTF-8 terminal: '?' for anything it cannot show
+    try:
+        main()
+    except KeyboardInterrupt:
+        where = _where()
+        if progress.phase == "saved":
+            print(f"interrupted {where}; the run was saved in {progress.out}", file=sys.stderr)
+        else:
+            print(f"interrupted {where}; {untouched_now()}", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:   # `python simpo.py | head`: the reader left; the files are saved already
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # so that Python's own flush at exit does not fail again
+        sys.exit(141)
+    except Diverged as e:
+        print(f"error: {e}; lower the learning rate (--lr) and run again; nothing was saved, "
+              f"{untouched_now()}", file=sys.stderr)
+        sys.exit(1)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        print(f"error: out of memory {_where()} ({type(e).__name__}); lower --batch-size, --eval-samples or the "
+              f"model size; {untouched_now()}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:   # the CPU allocator reports a failed allocation as a RuntimeError
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        print(f"error: out of memory {_where()}; lower --batch-size, --eval-samples or the model size; "
+              f"{untouched_now()}", file=sys.stderr)
+        sys.exit(1)
+
+
+def untouched_now():
+    return f"previous results in {progress.out or 'the output folder'} untouched"
+
+
+def _where():
+    if progress.step is None:
+        return f"during {progress.phase}"
+    if progress.phase.startswith("training") or progress.phase == "SFT training":
+        of = f" of {progress.total}" if progress.total else ""
+        return f"at step {progress.step}{of} ({progress.phase})"
+    return f"during {progress.phase}, after {progress.step + 1} training steps"
+
+
+# --- Files: a run is saved whole or not at all --------------------------------------------------------
+
+RUN_FILES = ("metrics.json", "log.jsonl", "model.pt")   # what a run leaves in its folder
+STAGING = ".incoming"                                    # the next run's files, until they are all written
+
+
 def prepare_out_dir(path):
-    """Create the output folder and prove it writable before any training starts."""
+    """Create the output folder and prove it writable before any training starts; finish or undo a save
+    that a killed process left halfway (see save_files)."""
     try:
         os.makedirs(path, exist_ok=True)
+        recover_out_dir(path)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        fail(f"cannot write to output folder {path!r}: {e.strerror or e}")
+        fail(f"cannot write to output folder {path!r}: {_os_reason(e)}")
+
+
+def save_run(out_dir, model, args, metrics, log_rows):
+    """metrics.json (flat), log.jsonl (one line per logged step) and model.pt (plain types only), saved
+    together: after any fault the folder holds the previous run's three files or this run's three.
+    model=None (a run with no GPT to save) removes a previous run's model.pt with the rest."""
+    files = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+             "log.jsonl": "".join(json.dumps(r) + "\n" for r in log_rows).encode()}
+    if model is not None:
+        plain_args = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                      for k, v in vars(args).items()}
+        files["model.pt"] = torch_bytes({"model": model.state_dict(), "config": asdict(model.config),
+                                         "args": plain_args})
+    save_files(out_dir, files)
+
+
+def save_files(out_dir, files):
+    """Replace a run's files in `out_dir` as one set. A two-phase commit:
+      1. write every new file into out_dir/.incoming/ (a full disk or Ctrl-C here: .incoming is removed,
+         the previous files were never touched);
+      2. write .incoming/COMMIT, the list of what to move in and what to remove: from this moment the
+         save is decided;
+      3. move each file into place (os.replace, atomic per file; Ctrl-C waits until this is done), remove
+         the RUN_FILES the new run does not have, and remove .incoming.
+    A process killed in 3 leaves COMMIT behind, and the next prepare_out_dir finishes the moves; killed
+    before, it leaves no COMMIT, and .incoming is discarded. No temporary file outlives either."""
+    progress.phase = "saving"
+    staging = os.path.join(out_dir, STAGING)
+    current = None
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        for name, content in files.items():
+            current = os.path.join(out_dir, name)
+            _write_durably(os.path.join(staging, name), content)
+        current = os.path.join(staging, "COMMIT")
+        plan = {"move": sorted(files), "remove": [f for f in RUN_FILES if f not in files]}
+        _write_durably(current + ".part", json.dumps(plan).encode())
+        os.replace(current + ".part", current)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            if e.errno == errno.ENOSPC:
+                fail(f"no space left on device writing {current}; nothing was saved, {untouched_now()}", 1)
+            fail(f"cannot write {current} ({_os_reason(e)}); nothing was saved, {untouched_now()}", 1)
+        raise
+    with _sigint_deferred():
+        _finish_commit(out_dir)
+    progress.phase = "saved"
+
+
+def recover_out_dir(out_dir):
+    """Finish a save that reached its COMMIT, discard one that did not, and remove the temporary files
+    of older versions of this project (NAME.tmp-PID)."""
+    staging = os.path.join(out_dir, STAGING)
+    if os.path.isdir(staging):
+        if os.path.exists(os.path.join(staging, "COMMIT")):
+            _finish_commit(out_dir)
+            print(f"note: finished saving the run in {out_dir} that was interrupted while its files were "
+                  f"being moved into place", file=sys.stderr)
+        else:
+            shutil.rmtree(staging)
+            print(f"note: removed the unfinished save of an interrupted run in {out_dir}; the files "
+                  f"beside it are the previous run's, whole", file=sys.stderr)
+    _remove_stale_temporaries(out_dir)
+
+
+def _finish_commit(out_dir):
+    staging = os.path.join(out_dir, STAGING)
+    with open(os.path.join(staging, "COMMIT")) as f:
+        plan = json.load(f)
+    for name in plan["move"]:
+        if os.path.exists(os.path.join(staging, name)):   # a resumed commit: some are moved already
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    for name in plan["remove"]:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    shutil.rmtree(staging)
+
+
+class _sigint_deferred:
+    """Ctrl-C inside this block is held back until its end (the block only renames files: milliseconds)."""
+
+    def __enter__(self):
+        self.caught, self.previous = False, None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        except ValueError:   # not the main thread: signals cannot be caught here anyway
+            pass
+        return self
+
+    def _hold(self, *_):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _write_durably(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def torch_bytes(obj):
+    """torch.save into memory: the file is then written by Python, whose errors (a full disk) are plain
+    OSErrors with an errno, where torch's own writer reports them as an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _atomic(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write one file under a temporary name beside it, then rename: readers see the old or the new."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, path)    # a reader sees the old file or the new one, never half of one
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_torch_save(obj, path):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    content = torch_bytes(obj)
+    _atomic(path, lambda tmp: _write_durably(tmp, content))
 
 
 def atomic_write_text(text, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic(path, write)
+    _atomic(path, lambda tmp: _write_durably(tmp, text.encode()))
 
 
-def save_run(out_dir, model, args, metrics, log_rows):
-    """metrics.json (flat), log.jsonl (one line per logged step) and model.pt (plain types only)."""
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", os.path.join(out_dir, "metrics.json"))
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in log_rows), os.path.join(out_dir, "log.jsonl"))
-    plain_args = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
-    atomic_torch_save({"model": model.state_dict(), "config": asdict(model.config), "args": plain_args},
-                      os.path.join(out_dir, "model.pt"))
+def _remove_stale_temporaries(folder):
+    """Temporary files (NAME.tmp-PID, .NAME.tmp-PID) of processes that no longer run: a killed process
+    cannot clean up after itself, so the next one to use the folder does."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name.rpartition(".tmp-")[2]
+        if ".tmp-" in name and pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class _file_lock:
+    """with _file_lock(path) as waited: an exclusive lock on `path` (fcntl.flock), so that runs sharing an
+    SFT cache folder train each model once. `waited` is True when another process held the lock first.
+    The holder deletes the lock file before it lets go, so none stays behind; a waiter that then wakes up
+    holding the lock of a deleted file sees that the path no longer names its file, and tries again.
+    Where no lock can be taken (a read-only folder, no fcntl on Windows) the block runs unlocked."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        waited = False
+        while True:
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                return waited
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if not waited:
+                    print(f"note: another run is training this SFT model (lock {self.path}); waiting for it",
+                          file=sys.stderr)
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except OSError:
+                same = False
+            if same:
+                self.fd = fd
+                return waited
+            os.close(fd)   # the holder deleted that file as it finished: lock the path's new file
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)   # releases the lock
+        return False
+
+
+def _os_reason(e):
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e)
+
+
+def describe_bad_file(path, error):
+    """Why torch.load failed on `path`, in words (torch's own message is a paragraph about weights_only)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"unreadable ({_os_reason(e)})"
+    if not head:
+        return "empty"
+    if head != b"PK\x03\x04":   # torch.save writes a zip archive
+        return "not a PyTorch file (unreadable or corrupt)"
+    if "central directory" in str(error) or isinstance(error, EOFError):
+        return "truncated (an interrupted copy or a full disk?)"
+    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
+        return "not a file of this project (it holds Python objects, not only tensors and plain values)"
+    return f"unreadable ({type(error).__name__})"
 
 
 def load_checkpoint(path, device="cpu"):
     """Load a model.pt written by save_run; a missing, corrupt or foreign file is a clear error."""
+    if not os.path.isfile(path):
+        fail(f"cannot load checkpoint {path!r}: no such file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"cannot load checkpoint {path!r}: {describe_bad_file(path, e)}")
+    try:
         model = GPT(GPTConfig(**ckpt["config"])).to(device)
         model.load_state_dict(ckpt["model"])
-    except Exception as e:
-        fail(f"cannot load checkpoint {path!r}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}")
+        args = ckpt["args"]
+    except Exception:
+        fail(f"cannot load checkpoint {path!r}: not a model.pt of this project (written by save_run)")
     model.eval()
-    return model, ckpt["args"]
+    return model, args
 
 
 class MemoryMeter:
     """Peak memory of training, in MB, comparable between methods on the same device.
 
+    Every method starts the meter at the same point: the SFT model is on the device and nothing of the
+    method exists yet (no reference copy, no optimiser). Training ends with pause(), before
+    any evaluation (pause(); SPPO resumes after each iteration's evaluation), so evaluation never counts.
     CUDA: torch.cuda.max_memory_allocated since start(). CPU (glibc): the peak of live heap bytes
     (mallinfo2) above the level at start(), sampled after each forward and each backward, where a step
-    holds the most. Elsewhere: the process's peak resident set (ru_maxrss), a coarse upper bound.
-    Call start() before the method's own models and optimiser are built, so that they count too.
-    On CPU the first backward pass of a process also allocates about 25 MB of runtime buffers that stay
-    allocated; a run that had to train the SFT model first has paid for them before start(), so its
-    number is lower by that much. Compare runs made with the SFT cache present, as the README does.
+    holds the most. Elsewhere (macOS): the process's peak resident set (ru_maxrss: bytes on macOS,
+    kilobytes on Linux), a coarse upper bound.
+    A process keeps some memory for good after its first training step: the optimiser's first step
+    imports parts of torch lazily (about 22 MB of Python objects), and the first forward and backward
+    passes of a shape leave the math library's buffers (about 3 MB). A run that trained its SFT model has
+    paid for both before start(); one that loaded it from the cache would pay during training, and the
+    two would differ by 25 MB. So start(warm_up=policy) first runs one forward and backward pass of the
+    policy on a dummy batch (its gradients are then dropped) and one Adam step on a throwaway tensor:
+    the weights and every random number are untouched, and the number is the same for a first run and
+    a cached one: what training adds.
     """
 
     def __init__(self, device):
         self.device = device
         self.base = 0
         self.peak = 0
+        self.stopped = False
         self._mallinfo2 = None
         if device.type == "cpu":
             try:
@@ -481,24 +891,56 @@ class MemoryMeter:
             info = self._mallinfo2()
             return info.uordblks + info.hblkhd
         import resource   # Unix only; imported here so that the rest of this file runs anywhere
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024   # macOS: bytes; Linux: kilobytes
 
-    def start(self):
+    def start(self, warm_up=None):
+        if warm_up is not None:
+            _warm_up(warm_up)
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.base = self._now()
         self.peak = self.base
+        self.stopped = False
         return self
 
     def sample(self):
+        if self.stopped:
+            return
         if self.device.type == "cuda":
             self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
         else:
             self.peak = max(self.peak, self._now())
 
+    def pause(self):
+        """Training stops here (for good, or for an evaluation between self-play iterations): calls to
+        sample() no longer count until resume()."""
+        self.sample()
+        self.stopped = True
+
+    def resume(self):
+        if self.device.type == "cuda":   # the CUDA peak restarts from what is allocated now
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.stopped = False
+
     def peak_mb(self):
         self.sample()
         return (self.peak - self.base) / 2**20
+
+
+def _warm_up(model):
+    """What a process keeps after its first training step, paid now: a forward and backward pass of
+    `model` on a dummy batch as large as a default training step (2 x 64 full-width sequences), its
+    gradients dropped, and one Adam step on a throwaway tensor (the optimiser's lazy imports)."""
+    device = next(model.parameters()).device
+    ids = torch.ones(2 * SFT_BATCH_SIZE, model.config.block_size, dtype=torch.long, device=device)
+    logps, _ = sequence_logps(model, ids, torch.ones_like(ids))
+    logps.sum().backward()
+    model.zero_grad(set_to_none=True)
+    throwaway = torch.zeros(1, requires_grad=True)
+    throwaway.sum().backward()
+    torch.optim.Adam([throwaway]).step()
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, nonneg_float, pair_logps, positive_float,
-                   save_run)
+from model import (MemoryMeter, add_run_args, check_loss, check_weights, nonneg_float, pair_logps,
+                   positive_float, run, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -106,7 +106,7 @@ def main():
     _, c, r = simpo_loss(sft_heldout[0], sft_heldout[1], lengths_or_ones(sft_heldout[2]),
                          lengths_or_ones(sft_heldout[3]), args.beta, args.gamma)
     sft_ranking = data.ranking_metrics(c, r, *sft_heldout)
-    memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
+    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
     policy.train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
 
@@ -126,6 +126,7 @@ def main():
             policy_chosen_logps, policy_rejected_logps, lengths_or_ones(chosen_lengths),
             lengths_or_ones(rejected_lengths), args.beta, args.gamma)
         loss = losses.mean()
+        check_loss(loss, step, args.steps)   # a NaN stops the run here, with one line (model.check_loss)
         memory.sample()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,6 +137,8 @@ def main():
         log_rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
     train_seconds = time.time() - t0
+    memory.pause()           # training only: the evaluation's sampling never counts
+    check_weights(policy)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation and summary
@@ -168,4 +171,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)   # model.run: a fault (Ctrl-C, NaN, full disk) ends in one line, not a traceback

@@ -31,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, frozen_copy, make_generator, pair_logps,
-                   positive_float, positive_int, sample, save_run, sequence_logps, sequence_logps_all, trim)
+from model import (MemoryMeter, add_run_args, bounded_int, check_loss, check_weights, frozen_copy, make_generator,
+                   pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps,
+                   sequence_logps_all, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -53,7 +54,7 @@ g.add_argument("--eta", type=positive_float, default=20.0,
 g.add_argument("--iterations", type=positive_int, default=3,
                help="self-play iterations T (selfplay only): each samples from the current policy, then fits "
                     "the next one; more: closer to the game's equilibrium, slower (default: %(default)s)")
-g.add_argument("--k", type=positive_int, default=4,
+g.add_argument("--k", type=bounded_int(1, 64), default=4,
                help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives "
                     "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
                     "(default: %(default)s)")
@@ -212,6 +213,7 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch
         policy_logps, _ = sequence_logps(policy, b_ids, b_mask)
         losses = sppo_loss(policy_logps, ref_logps[idx], win_prob[idx], eta)   # [SPPO-6]
         loss = losses.mean()
+        check_loss(loss, len(log_rows), phase=f"training, iteration {iteration}")   # a NaN stops the run here
         if memory is not None:
             memory.sample()
         optimizer.zero_grad(set_to_none=True)
@@ -263,6 +265,7 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
         policy_chosen, policy_rejected, _, _ = pair_logps(policy, **batch)
         losses = sppo_hard_loss(policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], eta)
         loss = losses.mean()
+        check_loss(loss, len(log_rows), steps)   # a NaN stops the run here, with one line (model.check_loss)
         if memory is not None:
             memory.sample()
         optimizer.zero_grad(set_to_none=True)
@@ -294,7 +297,7 @@ def main():
     # Data and models
     # ------------------------------------------------------------------------------------------------
     device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
-    memory = MemoryMeter(device).start()   # counts what preference training adds on top of one SFT model
+    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
     sft = frozen_copy(policy)              # pi_1 (self-play) or pi_ref (hard), and the evaluation's baseline
     policy.eval()
 
@@ -306,6 +309,8 @@ def main():
     iterations = args.iterations if args.variant == "selfplay" else 1
     log_rows, table, train_seconds, sampling_seconds = [], [], 0.0, 0.0
     for t in range(1, iterations + 1):
+        if t > 1:
+            memory.resume()      # training again, after the previous iteration's evaluation
         if args.variant == "selfplay":
             pi_t, stats = self_play_iteration(
                 policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task.config.tau,
@@ -317,6 +322,8 @@ def main():
                              lr=args.lr, device=device, batch_order=batch_order, log_rows=log_rows, memory=memory)
         train_seconds += stats["train_seconds"]
         sampling_seconds += stats["sampling_seconds"]
+        memory.pause()           # training only: the evaluation below never counts
+        check_weights(policy)
         # Held-out evaluation of pi_{t+1}: against SFT, and against pi_t (did this iteration improve?). Both
         # use the evaluation's seed, so pi_{t+1}'s samples are the same in the two comparisons, and in the
         # first iteration, where pi_t is pi_1 = SFT, the two are one comparison.
@@ -381,4 +388,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)   # model.run: a fault (Ctrl-C, NaN, full disk) ends in one line, not a traceback
