@@ -242,7 +242,7 @@ def start_run(args):
     device = pick_device(args.device)
     task_cfg = task_config(args)
     cfg = model_config(args)
-    progress.reset(args.out)
+    progress.reset(args.out, getattr(args, "lr", None))
     prepare_out_dir(args.out)
     if os.path.exists(args.sft_dir) and not os.path.isdir(args.sft_dir):   # read-only is fine: it is read
         fail(f"--sft-dir {args.sft_dir!r} is a file, not a folder")

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -290,7 +291,9 @@ def _load_sft_cache(path, key, cfg, device, steps):
         print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)", file=sys.stderr)
         return None
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about some foreign files before failing on them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         print(f"note: SFT cache {path} is {describe_bad_file(path, e)}; rebuilding it", file=sys.stderr)
         return None
@@ -505,9 +508,10 @@ class Progress:
     phase = "setup"     # setup, SFT training, training, evaluation, saving, saved
     step = None         # the last step started in the current phase
     total = None        # steps in the current phase
+    lr = None           # the run's --lr, for the hint of a diverged run
 
-    def reset(self, out):
-        self.out, self.phase, self.step, self.total = out, "setup", None, None
+    def reset(self, out, lr=None):
+        self.out, self.phase, self.step, self.total, self.lr = out, "setup", None, None, lr
 
 
 progress = Progress()
@@ -521,22 +525,28 @@ def check_loss(loss, step, total=None, phase="training"):
     """Every step: record where the run is (for Ctrl-C's message) and stop at a non-finite loss, before
     the optimiser spreads NaN into the weights and long before evaluation would crash on them."""
     progress.phase, progress.step, progress.total = phase, step, total
-    value = float(loss)
+    value = float(loss.detach())
     if not math.isfinite(value):
-        raise Diverged(f"the loss is {value} at step {step} of {phase}: the run diverged")
+        raise Diverged(f"the loss is {value} at step {step}{f' of {total}' if total else ''} ({phase}): "
+                       f"the run diverged")
 
 
 def check_weights(model):
     """After training: a last optimiser step can still have made a weight non-finite."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise Diverged(f"a weight is not finite after {progress.step} steps: the run diverged")
+        raise Diverged(f"a weight is not finite after the last training step: the run diverged")
 
 
 def run(main):
     """Run a script's main() so that every fault ends in one line on stderr and a non-zero exit:
-    1 a fault of the run (diverged, out of memory, disk full), 2 bad input, 130 Ctrl-C, 141 a closed pipe."""
-    if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") not in ("utf8", "utf16", "utf32"):
-        sys.stdout.reconfigure(errors="replace")   # a non-UTF-8 terminal: '?' for anything it cannot show
+    1 a fault of the run (diverged, out of memory, disk full), 2 bad input, 130 Ctrl-C.
+    Output problems never stop a run: a reader that leaves (`python simpo.py | head -3`) silences the
+    rest of the output, and a terminal that cannot show a character gets a '?' (the charts switch to
+    ASCII by themselves, data.chart_glyphs)."""
+    stdout = sys.stdout
+    if hasattr(stdout, "reconfigure") and (stdout.encoding or "").lower().replace("-", "") not in ("utf8", "utf16", "utf32"):
+        stdout.reconfigure(errors="replace")
+    sys.stdout = _PipeSafe(stdout)
     try:
         main()
     except KeyboardInterrupt:
@@ -546,13 +556,13 @@ def run(main):
         else:
             print(f"interrupted {where}; {untouched_now()}", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:   # `python simpo.py | head`: the reader left; the files are saved already
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())   # so that Python's own flush at exit does not fail again
-        sys.exit(141)
     except Diverged as e:
-        print(f"error: {e}; lower the learning rate (--lr) and run again; nothing was saved, "
-              f"{untouched_now()}", file=sys.stderr)
+        if progress.phase == "SFT training":   # its learning rate is fixed (SFT_LR): the model size is the knob
+            hint = "try a smaller model (--n-layer, --n-embd) or another --seed"
+        else:
+            hint = (f"lower the learning rate (--lr is {progress.lr:g}; try {progress.lr / 10:g})"
+                    if progress.lr else "lower the learning rate (--lr)")
+        print(f"error: {e}; {hint}; nothing was saved, {untouched_now()}", file=sys.stderr)
         sys.exit(1)
     except (torch.OutOfMemoryError, MemoryError) as e:
         print(f"error: out of memory {_where()} ({type(e).__name__}); lower --batch-size, --eval-samples or the "
@@ -564,6 +574,40 @@ def run(main):
         print(f"error: out of memory {_where()}; lower --batch-size, --eval-samples or the model size; "
               f"{untouched_now()}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        sys.stdout = stdout
+
+
+class _PipeSafe:
+    """sys.stdout, except that a closed pipe silences it instead of raising BrokenPipeError mid-run."""
+
+    def __init__(self, stream):
+        self.stream, self.broken = stream, False
+
+    def write(self, text):
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self):
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self):
+        self.broken = True
+        try:   # Python flushes stdout once more at exit: point its descriptor at /dev/null first
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):   # encoding, isatty, fileno...: the real stream's
+        return getattr(self.stream, name)
 
 
 def untouched_now():
@@ -645,7 +689,7 @@ def save_files(out_dir, files):
         raise
     with _sigint_deferred():
         _finish_commit(out_dir)
-    progress.phase = "saved"
+        progress.phase = "saved"
 
 
 def recover_out_dir(out_dir):
@@ -837,7 +881,9 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         fail(f"cannot load checkpoint {path!r}: no such file")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         fail(f"cannot load checkpoint {path!r}: {describe_bad_file(path, e)}")
     try:

@@ -10,6 +10,7 @@ tiny so that the whole file runs in well under two minutes on a 2-core CPU.
 
 import argparse
 import contextlib
+import errno
 import os
 
 # The tests start several scripts at once; on 2 cores, OpenMP threads that spin while they wait would slow
@@ -19,6 +20,7 @@ import glob
 import io
 import json
 import math
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1253,6 +1255,570 @@ class TestReadmeCitations(unittest.TestCase):
             lines, start = inspect.getsourcelines(getattr(module, name))
             cite = f"`{module.__name__}.py` lines {start}-{start + len(lines) - 1}"
             self.assertIn(cite, readme, f"README should cite {name} as {cite}")
+
+# ====================================================================================================
+# Every machine, every fault (issue 8): devices, memory, faults, the run saved whole, the shared SFT cache
+# ====================================================================================================
+
+def run_guarded(module, argv, stdout=None):
+    """model.run(module.main) in this process, as `python module.py argv` runs it: (exit code, stderr)."""
+    err = io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", [module.__name__ + ".py", *argv]), \
+            contextlib.redirect_stdout(stdout if stdout is not None else io.StringIO()), \
+            contextlib.redirect_stderr(err):
+        try:
+            model.run(module.main)
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def dead_pid():
+    """A process id that no process has now."""
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except OSError:
+            pass
+        pid += 1
+
+
+def write_previous_run(folder):
+    """A previous run's three files with recognisable bytes; returns {name: bytes}."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"metrics.json": b'{"previous": true}\n', "log.jsonl": b'{"step": 0}\n', "model.pt": b"previous weights"}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(content)
+    return files
+
+
+def folder_bytes(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+        else:
+            out[name] = "<folder>"
+    return out
+
+
+class FakeCudaMemory:
+    """torch.cuda's memory counters, driven by hand: allocated now, and the peak since the last reset."""
+
+    def __init__(self):
+        self.allocated, self.peak = 0, 0
+
+    def set(self, allocated):
+        self.allocated = allocated
+        self.peak = max(self.peak, allocated)
+
+    def patches(self):
+        return [mock.patch.object(torch.cuda, "memory_allocated", lambda device=None: self.allocated),
+                mock.patch.object(torch.cuda, "max_memory_allocated", lambda device=None: self.peak),
+                mock.patch.object(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.set(self.allocated) or setattr(self, "peak", self.allocated)),
+                mock.patch.object(torch.cuda, "synchronize", lambda device=None: None)]
+
+
+class TestDevices(unittest.TestCase):
+    def test_sft_ce_sums_in_float64_on_the_cpu_only(self):
+        """MPS has no float64: sft_ce must move log-probs to the CPU before .double()."""
+        class DeviceTensor:   # a tensor on a device without float64
+            def __init__(self, t):
+                self.t = t
+
+            def double(self):
+                raise AssertionError("float64 on the device: MPS has none (move to the CPU first)")
+
+            def cpu(self):
+                return self.t
+
+        logps, lengths = torch.tensor([-3.0, -5.0]), torch.tensor([2.0, 2.0])
+        with mock.patch.object(model, "sequence_logps_all", return_value=(DeviceTensor(logps), lengths)):
+            self.assertAlmostEqual(model.sft_ce(None, None, None), 8.0 / 4.0)
+
+    def test_peak_rss_is_bytes_on_macos_kilobytes_on_linux(self):
+        import resource
+        usage = mock.Mock(ru_maxrss=1000)
+        meter = model.MemoryMeter(torch.device("mps"))     # no mallinfo2 off the CPU: ru_maxrss
+        with mock.patch.object(resource, "getrusage", return_value=usage):
+            with mock.patch.object(sys, "platform", "darwin"):
+                self.assertEqual(meter._now(), 1000)
+            with mock.patch.object(sys, "platform", "linux"):
+                self.assertEqual(meter._now(), 1000 * 1024)
+
+    def test_cuda_peak_covers_training_only(self):
+        """max_memory_allocated is read at pause(): the evaluation's sampling after it never counts, and
+        an evaluation between two self-play iterations is skipped by pause() and resume()."""
+        fake = FakeCudaMemory()
+        patches = fake.patches()
+        for p in patches:
+            p.start()
+        try:
+            meter = model.MemoryMeter(torch.device("cuda"))
+            fake.set(100 * 2**20)                          # the SFT model
+            meter.start()
+            fake.set(130 * 2**20); meter.sample()         # a training step: +30 MB
+            fake.set(100 * 2**20)
+            meter.pause()
+            fake.set(900 * 2**20)                          # evaluation: sampling 800 MB
+            fake.set(100 * 2**20)
+            self.assertAlmostEqual(meter.peak_mb(), 30.0)
+            meter.resume()                                 # next iteration trains again
+            fake.set(140 * 2**20); meter.sample()
+            meter.pause()
+            self.assertAlmostEqual(meter.peak_mb(), 40.0)
+        finally:
+            for p in patches:
+                p.stop()
+
+    def test_cpu_meter_ignores_what_happens_after_pause(self):
+        meter = model.MemoryMeter(CPU).start()
+        meter.pause()
+        big = torch.ones(8 * 2**20)                        # 32 MB allocated during "evaluation"
+        meter.sample()
+        self.assertLess(meter.peak_mb(), 16.0)
+        del big
+
+    def test_warm_up_touches_neither_weights_nor_random_numbers(self):
+        m = sharp_model()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        model.MemoryMeter(CPU).start(warm_up=m)
+        self.assertTrue(torch.equal(torch.rand(3), expected))
+        self.assertTrue(state_equal(before, m.state_dict()))
+        self.assertTrue(all(p.grad is None for p in m.parameters()))
+
+    def test_every_script_meters_from_the_sft_model_to_the_end_of_training(self):
+        """The same window for every method: the meter starts before the method builds anything (DPO's
+        reference, SPPO's frozen copies, any optimiser) and pauses before the first evaluation."""
+        with tempfile.TemporaryDirectory() as d:
+            for module, extra in ((dpo, []), (simpo, []), (sppo, ["--k", "2", "--iterations", "1"])):
+                with self.subTest(script=module.__name__):
+                    events = []
+                    real_start, real_pause = model.MemoryMeter.start, model.MemoryMeter.pause
+                    real_adam, real_evaluate = torch.optim.Adam, data.evaluate
+                    real_copy = model.frozen_copy
+
+                    def start(meter, *a, **k):
+                        events.append("start")
+                        return real_start(meter, *a, **k)
+
+                    def pause(meter):
+                        events.append("pause")
+                        return real_pause(meter)
+
+                    def adam(*a, **k):
+                        events.append("optimiser")
+                        return real_adam(*a, **k)
+
+                    def evaluate(*a, **k):
+                        events.append("evaluate")
+                        return real_evaluate(*a, **k)
+
+                    def copy(m):
+                        events.append("copy")
+                        return real_copy(m)
+
+                    patches = [mock.patch.object(model.MemoryMeter, "start", start),
+                               mock.patch.object(model.MemoryMeter, "pause", pause),
+                               mock.patch.object(torch.optim, "Adam", adam),
+                               mock.patch.object(data, "evaluate", evaluate)]
+                    if hasattr(module, "frozen_copy"):
+                        patches.append(mock.patch.object(module, "frozen_copy", copy))
+                    with contextlib.ExitStack() as stack:
+                        for p in patches:
+                            stack.enter_context(p)
+                        run_main(module, TINY_RUN + extra + ["--out", os.path.join(d, module.__name__),
+                                                             "--sft-dir", os.path.join(d, "sft")])
+                    first_eval = events.index("evaluate")
+                    self.assertEqual(events[0], "start", events)
+                    self.assertIn("pause", events[:first_eval], events)
+                    self.assertIn("optimiser", events[:first_eval], events)
+                    self.assertNotIn("copy", events[:events.index("start")], events)
+
+    def test_cuda_is_made_deterministic_and_the_gpu_model_keys_the_cache(self):
+        calls = []
+        with mock.patch.object(torch.cuda, "is_available", return_value=True), \
+                mock.patch.object(torch.cuda, "get_device_name", return_value="Fake GPU 80GB"), \
+                mock.patch.object(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(("det", a, k))), \
+                mock.patch.object(torch.backends.cuda, "enable_flash_sdp", lambda on: calls.append(("flash", on))), \
+                mock.patch.object(torch.backends.cuda, "enable_mem_efficient_sdp", lambda on: calls.append(("mem", on))), \
+                mock.patch.object(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn", on))), \
+                mock.patch.dict(os.environ, {}, clear=False), contextlib.redirect_stdout(io.StringIO()) as out:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+            device = model.pick_device("cuda")
+            self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
+            self.assertEqual(model.device_name(device), "cuda:Fake GPU 80GB")
+            task = small_task()
+            path_a, key_a = model.sft_cache_path(task, device, "d", 0, 5, model.GPTConfig())
+        self.assertIn(("det", (True,), {"warn_only": True}), calls)
+        self.assertIn(("flash", False), calls)
+        self.assertIn(("mem", False), calls)
+        self.assertIn("Fake GPU 80GB", out.getvalue())
+        with mock.patch.object(torch.cuda, "get_device_name", return_value="Other GPU"):
+            path_b, key_b = model.sft_cache_path(small_task(), torch.device("cuda"), "d", 0, 5, model.GPTConfig())
+        self.assertNotEqual(path_a, path_b)
+        self.assertEqual(model.device_name(CPU), "cpu")
+
+    def test_model_size_flags(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "out")
+            code, err = run_guarded(simpo, TINY_RUN + ["--out", out, "--sft-dir", os.path.join(d, "sft"),
+                                                       "--n-layer", "1", "--n-head", "4", "--n-embd", "32"])
+            self.assertEqual(code, 0, err)
+            ckpt = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+            self.assertEqual((ckpt["config"]["n_layer"], ckpt["config"]["n_head"], ckpt["config"]["n_embd"]), (1, 4, 32))
+            loaded, _ = model.load_checkpoint(os.path.join(out, "model.pt"))
+            self.assertEqual(loaded.config.n_embd, 32)
+            self.assertEqual(len(loaded.blocks), 1)
+            # the default is unchanged, and another size is another SFT cache file
+            args = simpo.parser.parse_args([])
+            self.assertEqual(model.model_config(args), model.GPTConfig())
+            task = small_task()
+            self.assertNotEqual(model.sft_cache_path(task, CPU, d, 0, 5, model.GPTConfig())[0],
+                                model.sft_cache_path(task, CPU, d, 0, 5, model.GPTConfig(n_embd=32, n_head=4))[0])
+            code, err = run_guarded(simpo, TINY_RUN + ["--out", out, "--n-embd", "30", "--n-head", "4"])
+            self.assertEqual(code, 2)
+            self.assertIn("--n-embd", err)
+
+
+class TestSizeBounds(unittest.TestCase):
+    def test_sizes_seeds_and_tau_refused_up_front(self):
+        with tempfile.TemporaryDirectory() as d:
+            safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu"]
+            cases = [(simpo, ["--batch-size", "1000000000"], "4096"), (dpo, ["--eval-samples", "1000000000"], "65536"),
+                     (sppo, ["--k", "1000000000"], "64"), (simpo, ["--seed", str(2**64)], str(2**32 - 1)),
+                     (dpo, ["--seed", str(2**64 - 1)], "--seed"), (simpo, ["--seed", str(2**32)], "--seed"),
+                     (dpo, ["--tau", "inf"], "--tau"), (simpo, ["--n-layer", "1000"], "--n-layer"),
+                     (simpo, ["--n-embd", "100000"], "--n-embd")]
+            for module, args, expect in cases:
+                with self.subTest(args=args):
+                    code, err = run_guarded(module, safe + args)
+                    self.assertEqual(code, 2, err)
+                    self.assertIn(expect, err.strip().splitlines()[-1])   # the last line says what is wrong
+                    self.assertNotIn("Traceback", err)
+            self.assertEqual(os.listdir(d), [])
+        self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
+
+
+class TestFaults(unittest.TestCase):
+    """Each fault ends in one line on stderr and a non-zero exit, and the previous run stays whole."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.sft_dir = os.path.join(cls.tmp.name, "sft")
+        with contextlib.redirect_stderr(io.StringIO()):
+            model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, cls.sft_dir, 0, 5, quiet=True)
+        cls.count = 0
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def fresh_out(self):
+        TestFaults.count += 1
+        out = os.path.join(self.tmp.name, f"out{self.count}")
+        return out, write_previous_run(out)
+
+    def args(self, out):
+        return TINY_RUN + ["--out", out, "--sft-dir", self.sft_dir]
+
+    def assert_one_line(self, err):
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_disk_full_while_saving(self):
+        out, previous = self.fresh_out()
+        real = model._write_durably
+
+        def write(path, content):
+            if path.endswith("model.pt"):              # metrics.json and log.jsonl are written by now
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return real(path, content)
+
+        with mock.patch.object(model, "_write_durably", write):
+            code, err = run_guarded(simpo, self.args(out))
+        self.assertEqual(code, 1)
+        last = err.strip().splitlines()[-1]
+        self.assertIn("no space left on device writing", last)
+        self.assertIn("untouched", last)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(folder_bytes(out), previous)   # no .incoming, nothing new, nothing lost
+
+    def test_ctrl_c_during_training(self):
+        out, previous = self.fresh_out()
+        real, calls = data.pair_batch, []
+
+        def pair_batch(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        with mock.patch.object(data, "pair_batch", pair_batch):
+            code, err = run_guarded(dpo, self.args(out))
+        self.assertEqual(code, 130)
+        self.assertEqual(err.strip().splitlines()[-1],
+                         f"interrupted at step 1 of 3 (training); previous results in {out} untouched")
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(folder_bytes(out), previous)
+
+    def test_ctrl_c_during_the_save_waits_for_it(self):
+        """SIGINT while the files are moved into place: the move completes, then the run stops."""
+        out, previous = self.fresh_out()
+        real = model._finish_commit
+
+        def finish(folder):
+            os.kill(os.getpid(), signal.SIGINT)         # Ctrl-C arrives in the middle of the commit
+            return real(folder)
+
+        with mock.patch.object(model, "_finish_commit", finish):
+            code, err = run_guarded(simpo, self.args(out))
+        self.assertEqual(code, 130)
+        self.assertIn(f"the run was saved in {out}", err)
+        self.assert_one_line(err.split("\n", err.count("\n") - 1)[-1])
+        self.assertEqual(sorted(os.listdir(out)), ["log.jsonl", "metrics.json", "model.pt"])
+        self.assertEqual(read_json(os.path.join(out, "metrics.json"))["method"], "simpo")   # the new run, whole
+
+    def test_divergence_stops_with_one_line(self):
+        out, previous = self.fresh_out()
+        real = simpo.simpo_loss
+
+        def nan_at_step_one(*a, **k):
+            losses, c, r = real(*a, **k)
+            if losses.requires_grad:                       # a training step (not the SFT model's evaluation)
+                nan_at_step_one.steps += 1
+                if nan_at_step_one.steps == 2:
+                    losses = losses * float("nan")
+            return losses, c, r
+        nan_at_step_one.steps = 0
+
+        with mock.patch.object(simpo, "simpo_loss", nan_at_step_one):
+            code, err = run_guarded(simpo, self.args(out))
+        self.assertEqual(code, 1)
+        last = err.strip().splitlines()[-1]
+        self.assertIn("nan at step 1", last)
+        self.assertIn("--lr", last)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(folder_bytes(out), previous)
+
+    def test_non_finite_weights_after_the_last_step(self):
+        m = sharp_model()
+        model.check_weights(m)
+        with torch.no_grad():
+            m.lm_head.weight[0, 0] = float("inf")
+        with self.assertRaises(model.Diverged):
+            model.check_weights(m)
+        with self.assertRaises(model.Diverged):
+            model.check_loss(torch.tensor(float("nan")), 4, 10)
+
+    def test_out_of_memory_is_one_line(self):
+        out, previous = self.fresh_out()
+        with mock.patch.object(simpo, "pair_logps", side_effect=RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")):
+            code, err = run_guarded(simpo, self.args(out))
+        self.assertEqual(code, 1)
+        self.assertIn("out of memory", err.strip().splitlines()[-1])
+        self.assertIn("--batch-size", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(folder_bytes(out), previous)
+
+    def test_closed_pipe_and_an_ascii_terminal(self):
+        out, _ = self.fresh_out()
+
+        class ClosedPipe(io.StringIO):
+            def write(self, text):
+                if self.tell() > 40:                        # `| head -1`: the reader has gone
+                    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+                return super().write(text)
+
+            def fileno(self):
+                raise io.UnsupportedOperation("no file descriptor")
+
+        code, err = run_guarded(simpo, self.args(out), stdout=ClosedPipe())
+        self.assertEqual(code, 0, err)                       # the run goes on to the end, silently
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(read_json(os.path.join(out, "metrics.json"))["method"], "simpo")
+
+        out, _ = self.fresh_out()
+        raw = io.BytesIO()
+        ascii_stdout = io.TextIOWrapper(raw, encoding="ascii")
+        code, err = run_guarded(dpo, self.args(out), stdout=ascii_stdout)
+        ascii_stdout.flush()
+        self.assertEqual(code, 0, err)
+        text = raw.getvalue().decode("ascii")              # every byte is ASCII
+        self.assertIn("|", text)                             # the charts' ASCII axis
+        self.assertEqual(data.chart_glyphs(ascii_stdout)[1], "|")
+        self.assertEqual(data.chart_glyphs(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))[1], "│")
+
+
+class TestRunSavedWhole(unittest.TestCase):
+    """model.save_files: the previous run's files or the new run's, never a mix, never a temporary file."""
+
+    NEW = {"metrics.json": b"new metrics", "log.jsonl": b"new log", "model.pt": b"new weights"}
+
+    def test_save_replaces_the_set(self):
+        with tempfile.TemporaryDirectory() as d:
+            write_previous_run(d)
+            model.save_files(d, self.NEW)
+            self.assertEqual(folder_bytes(d), self.NEW)
+            # a run with no model.pt (nothing to save) removes the previous run's, with the rest
+            model.save_files(d, {"metrics.json": b"m2", "log.jsonl": b"l2"})
+            self.assertEqual(folder_bytes(d), {"log.jsonl": b"l2", "metrics.json": b"m2"})
+
+    def test_killed_while_writing_leaves_the_previous_run(self):
+        class Killed(BaseException):
+            pass
+
+        with tempfile.TemporaryDirectory() as d:
+            previous = write_previous_run(d)
+            real = model._write_durably
+            with mock.patch.object(model, "_write_durably",
+                                   lambda p, c: (_ for _ in ()).throw(Killed()) if p.endswith("log.jsonl") else real(p, c)), \
+                    mock.patch("shutil.rmtree"):               # a killed process cleans nothing up
+                with self.assertRaises(Killed):
+                    model.save_files(d, self.NEW)
+            self.assertTrue(os.path.isdir(os.path.join(d, model.STAGING)))
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                model.prepare_out_dir(d)                     # the next run into this folder
+            self.assertEqual(folder_bytes(d), previous)
+            self.assertIn("unfinished save", err.getvalue())
+
+    def test_killed_while_moving_is_finished_by_the_next_run(self):
+        class Killed(BaseException):
+            pass
+
+        with tempfile.TemporaryDirectory() as d:
+            write_previous_run(d)
+            real, moved = os.replace, []
+
+            def replace(src, dst):
+                if os.path.basename(os.path.dirname(src)) == model.STAGING and moved:
+                    raise Killed()                            # dies after moving one file
+                moved.append(dst)
+                return real(src, dst)
+
+            with mock.patch.object(os, "replace", replace):
+                with self.assertRaises(Killed):
+                    model.save_files(d, self.NEW)
+            mixed = folder_bytes(d)
+            self.assertIn(model.STAGING, mixed)              # a mix on disk, with its COMMIT beside it
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                model.prepare_out_dir(d)
+            self.assertEqual(folder_bytes(d), self.NEW)
+            self.assertIn("finished saving", err.getvalue())
+
+    def test_stale_temporaries_of_dead_processes_are_removed(self):
+        with tempfile.TemporaryDirectory() as d:
+            dead, alive = dead_pid(), os.getpid()
+            for name in (f"model.pt.tmp-{dead}", f".sft-abc.pt.tmp-{dead}", f"model.pt.tmp-{alive}"):
+                open(os.path.join(d, name), "w").close()
+            model.prepare_out_dir(d)
+            self.assertEqual(os.listdir(d), [f"model.pt.tmp-{alive}"])   # a live writer's file is left alone
+
+
+class TestSFTCacheClassroom(unittest.TestCase):
+    def sft(self, task, d, steps=3):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            m, info = model.sft_model(task, CPU, d, seed=0, steps=steps, quiet=True)
+        return m, info, err.getvalue()
+
+    def test_runs_starting_together_train_once(self):
+        import threading
+        import time
+        task = small_task(seed=21)
+        real, trained = model._train_sft, []
+
+        def slow_train(*a, **k):
+            trained.append(1)
+            time.sleep(0.5)                                   # long enough for the others to arrive
+            return real(*a, **k)
+
+        with tempfile.TemporaryDirectory() as d, mock.patch.object(model, "_train_sft", slow_train):
+            results, errors = [], io.StringIO()
+
+            def student():
+                results.append(model.sft_model(task, CPU, d, seed=0, steps=3, quiet=True))
+
+            with contextlib.redirect_stderr(errors):
+                threads = [threading.Thread(target=student) for _ in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            self.assertEqual(len(trained), 1, errors.getvalue())
+            self.assertEqual(len(results), 3)
+            self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
+            self.assertIn("waiting", errors.getvalue())
+            for m, _ in results[1:]:
+                self.assertTrue(state_equal(results[0][0].state_dict(), m.state_dict()))
+            self.assertEqual([f for f in os.listdir(d) if not f.endswith(".pt")], [])   # no lock file left
+
+    def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
+        task = small_task(seed=22)
+        denied = OSError(errno.EACCES, "Permission denied")
+        with tempfile.TemporaryDirectory() as d:
+            with mock.patch.object(model, "_write_durably", side_effect=denied), \
+                    mock.patch.object(os, "open", side_effect=denied):
+                m, info, err = self.sft(task, d)                 # nothing can be written: trains, goes on
+            self.assertFalse(info["cached"])
+            self.assertIn("could not write the SFT cache", err)
+            self.assertIn("going on", err)
+            self.assertEqual(os.listdir(d), [])
+            self.sft(task, d)                                    # now a writable folder: the cache is made
+            with mock.patch.object(model, "_write_durably", side_effect=denied), \
+                    mock.patch.object(os, "open", side_effect=denied), \
+                    mock.patch.object(model, "_train_sft", side_effect=AssertionError("retrained")):
+                m2, info2, err2 = self.sft(task, d)              # read-only with a valid cache: read it
+            self.assertTrue(info2["cached"])
+            self.assertTrue(state_equal(m.state_dict(), m2.state_dict()))
+            with mock.patch.object(model, "_write_durably", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+                _, info3, err3 = self.sft(task, d, steps=2)
+            self.assertIn("no space left on device", err3)
+            self.assertFalse(info3["cached"])
+
+    def test_a_folder_at_the_cache_path_is_a_clear_error(self):
+        task = small_task(seed=23)
+        with tempfile.TemporaryDirectory() as d:
+            path, _ = model.sft_cache_path(task, CPU, d, 0, 3, model.GPTConfig())
+            os.makedirs(path)
+            with self.assertRaises(SystemExit) as cm:
+                self.sft(task, d)
+            self.assertEqual(cm.exception.code, 2)
+
+    def test_corrupt_cache_notes_say_what_is_wrong(self):
+        task = small_task(seed=24)
+        with tempfile.TemporaryDirectory() as d:
+            _, info, _ = self.sft(task, d)
+            with open(info["path"], "rb") as f:
+                good = f.read()
+            foreign = io.BytesIO()
+            torch.save(nn.Linear(2, 2), foreign)
+            for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
+                                   (b"\x80\x04not a torch file at all", "not a PyTorch file"),
+                                   (foreign.getvalue(), "not a file of this project")]:
+                with self.subTest(words=words):
+                    with open(info["path"], "wb") as f:
+                        f.write(content)
+                    _, again, err = self.sft(task, d)
+                    self.assertFalse(again["cached"])
+                    self.assertEqual(len(err.strip().splitlines()), 1, err)
+                    self.assertIn(words, err)
+                    self.assertIn("rebuilding", err)
+                    self.assertNotIn("weights_only", err)
+
 
 if __name__ == "__main__":
     unittest.main()
