@@ -129,8 +129,9 @@ data.add_task_args(parser)
 #
 # Convention: eta here is the paper's eta, the multiplicative-weights step size of [SPPO-2]. TRL
 # (loss_type="sppo_hard") and the official SPPO code write the same losses with beta = 1/eta, so
-# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL also halves [SPPO-9]
-# (the mean of the two squares); Adam is invariant to a constant factor on the loss, so that changes nothing.
+# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL's sppo_hard SUMS the two
+# squares of [SPPO-9], as sppo_hard_loss does; the official SPPO trainer halves them ((loss_w + loss_l)/2).
+# Adam is invariant to a constant factor on the loss, so the factor changes nothing but the logged loss.
 #
 # log pi(y|x) is a SUM over the response tokens (model.sequence_logps), EOS included; the prompt and the
 # padding never count. The loss is a plain square: its gradient 2 (log-ratio - target) grows linearly

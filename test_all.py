@@ -1057,10 +1057,11 @@ class TestSPPOLoss(unittest.TestCase):
                 a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
                 want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
                 torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want))
-                # TRL's sppo_hard, beta = 1/eta: ((a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2) / 2, half of ours
+                # TRL's sppo_hard, beta = 1/eta: (a_w - 0.5/beta)^2 + (a_l + 0.5/beta)^2, the same sum as ours;
+                # the official SPPO trainer halves it, (loss_w + loss_l)/2
                 beta = 1 / eta
-                trl = [((w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2) / 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta) / 2, torch.tensor(trl))
+                trl = [(w - 0.5 / beta) ** 2 + (l + 0.5 / beta) ** 2 for w, l in zip(a_w, a_l)]
+                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(trl))
 
     def test_finite_at_extreme_inputs(self):
         policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
