@@ -343,6 +343,9 @@ def main():
     chosen_rewards = (heldout_policy[0] - heldout_sft[0]) / args.eta
     rejected_rewards = (heldout_policy[1] - heldout_sft[1]) / args.eta
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+    # The same for the SFT model, where training started: (1/eta) log pi_1/pi_1 is 0 for every response
+    sft_ranking = data.ranking_metrics((heldout_sft[0] - heldout_sft[0]) / args.eta,
+                                       (heldout_sft[1] - heldout_sft[1]) / args.eta, *heldout_sft)
     total_steps = len(log_rows)
 
     metrics = {"method": "sppo", "seed": args.seed, "device": device.type, "steps": total_steps,
@@ -376,7 +379,7 @@ def main():
           fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
           fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
     print()
-    data.print_sft_vs_policy("SPPO", result, metrics)
+    data.print_sft_vs_policy("SPPO", result, metrics, sft_ranking, data.tied_reward_note("(1/eta) log pi_theta/pi_1"))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
           f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
 
