@@ -26,9 +26,11 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
                  SFT data never uses. The judge ignores style; the likelihood does not.
 """
 
+import contextlib
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,7 +279,7 @@ def pair_logps_all(model, pairs, device, batch_size=512):
 # Evaluation: sample on held-out prompts and let the judge compare
 # ----------------------------------------------------------------------------------------------------
 
-def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.0):
+def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.0, baseline_vs_itself=False):
     """Sample one review per held-out prompt from each model (temperature 1 by default) and compare.
 
     win_rate  mean oracle P(policy sample > baseline sample | x) over the prompts
@@ -286,6 +288,9 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
     The baseline's draws use their own seed, so every method meets the same SFT samples.
     `baseline` is a model, or a state_dict that `policy`'s own module loads in turn (model.swapped_weights):
     simpo.py's way of evaluating against the SFT model without ever building a second network.
+    baseline_vs_itself: also draw the baseline with the policy's seed and report its win rate against its
+    own draws (`baseline_win_rate`): what `win_rate` would measure if the policy were the baseline, 1/2 up to
+    the sampling noise of the evaluation, which this shows.
     """
     progress.phase = "evaluation"
     prompts = task.eval_prompts(n_samples).to(device)
@@ -293,28 +298,31 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
                                    generator=make_generator(device, s))
     ys = draw(policy, seed)
     ids, mask = join(prompts, ys)
-    lp_policy, _ = sequence_logps_all(policy, ids, mask)      # in batches: --eval-samples may be large
-    if isinstance(baseline, dict):
-        with swapped_weights(policy, baseline) as base_model:
-            yb = draw(base_model, seed + 1)
-            lp_base, _ = sequence_logps_all(base_model, ids, mask)
-    else:
-        yb = draw(baseline, seed + 1)
-        lp_base, _ = sequence_logps_all(baseline, ids, mask)
+    lp_policy, _ = sequence_logps_all(policy, ids, mask)      # in batches, no gradients: --eval-samples may be large
+    swap = swapped_weights(policy, baseline) if isinstance(baseline, dict) else contextlib.nullcontext(baseline)
+    with swap as base_model:
+        yb = draw(base_model, seed + 1)
+        lp_base, _ = sequence_logps_all(base_model, ids, mask)   # the POLICY's samples, scored by the baseline
+        yb_self = draw(base_model, seed) if baseline_vs_itself else None
     s_policy, s_base = score_responses(ys), score_responses(yb)
-    return {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
-            "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
-            "length": response_lengths(ys).float().mean().item(),
-            "baseline_length": response_lengths(yb).float().mean().item(),
-            "kl": (lp_policy - lp_base).mean().item(),
-            "samples": ys.cpu(), "baseline_samples": yb.cpu(), "prompts": prompts.cpu()}
+    out = {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
+           "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
+           "length": response_lengths(ys).float().mean().item(),
+           "baseline_length": response_lengths(yb).float().mean().item(),
+           "kl": (lp_policy - lp_base).mean().item(),
+           "samples": ys.cpu(), "baseline_samples": yb.cpu(), "prompts": prompts.cpu()}
+    if baseline_vs_itself:
+        out["baseline_win_rate"] = preference_prob(score_responses(yb_self), s_base, task.config.tau).mean().item()
+    return out
 
 
 def evaluate(policy, sft, task, device, n_samples=512, seed=0):
-    """The run contract's evaluation: the trained policy against the SFT model on held-out prompts."""
-    r = head_to_head(policy, sft, task, device, n_samples, seed=10_000 + seed)
+    """The run contract's evaluation: the trained policy against the SFT model on held-out prompts, and the
+    SFT model against itself the same way (sft_win_rate_vs_sft: 1/2 up to sampling noise)."""
+    r = head_to_head(policy, sft, task, device, n_samples, seed=10_000 + seed, baseline_vs_itself=True)
     return {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
             "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
+            "sft_win_rate_vs_sft": r["baseline_win_rate"],
             "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
 
 
@@ -332,10 +340,12 @@ def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_log
     reward_accuracy    fraction with r(x, y_w) > r(x, y_l) under the method's own reward
     ranking_agreement  fraction on which that reward and the generation metric, the average
                        log-likelihood (1/|y|) log pi_theta(y|x) [SimPO-1], order y_w and y_l the same way
-                       (the SimPO paper measured about 50% for DPO; for SimPO it is 1 by construction)"""
-    reward_order = chosen_rewards > rejected_rewards
-    likelihood_order = chosen_logps / chosen_lengths > rejected_logps / rejected_lengths
-    return {"reward_accuracy": reward_order.float().mean().item(),
+                       (the SimPO paper measured about 50% for DPO; for SimPO it is 1 by construction)
+    A tie orders nothing: it is not a correct ordering, and it agrees only with a tie. So a reward that is
+    the same for every response (DPO's and SPPO's at the start, where pi_theta = pi_ref) scores 0 on both."""
+    reward_order = torch.sign(chosen_rewards - rejected_rewards)                                 # +1, 0 (tie), -1
+    likelihood_order = torch.sign(chosen_logps / chosen_lengths - rejected_logps / rejected_lengths)
+    return {"reward_accuracy": (reward_order > 0).float().mean().item(),
             "ranking_agreement": (reward_order == likelihood_order).float().mean().item()}
 
 
@@ -407,13 +417,23 @@ def print_before_after(before, after, rows=SUMMARY_ROWS, names=("SFT", "trained"
     print_table(["", *names], [[label, cell(before, key, fmt), cell(after, key, fmt)] for label, key, fmt in rows])
 
 
-def print_sft_vs_policy(method, result, metrics, sft_metrics=None):
-    """The end-of-run table (the SFT model's win rate against itself is 1/2 by definition; its other
-    columns come from the evaluation `result`, plus any `sft_metrics` the method measured), then a few
-    held-out completions before and after."""
-    sft_row = {"win_rate_vs_sft": 0.5, "score": result["sft_score"], "length": result["sft_length"],
-               "kl_to_sft": 0.0, **(sft_metrics or {})}
+def tied_reward_note(reward):
+    """The line under the end-of-run table of a method whose reward is a log-ratio to the SFT model."""
+    return textwrap.fill(f"SFT column: the SFT model is the reference, so its reward {reward} is 0 for every "
+                         f"response and orders no held-out pair: its reward accuracy and ranking agreement are 0 "
+                         f"by definition (a tie is not an ordering), not a judgement of the SFT model.", width=100)
+
+
+def print_sft_vs_policy(method, result, metrics, sft_metrics=None, note=None):
+    """The end-of-run table, then a few held-out completions before and after. The SFT column comes from the
+    evaluation `result` (its win rate: the SFT model against itself, measured the same way as the policy;
+    its KL to itself: 0), plus the `sft_metrics` (reward accuracy, ranking agreement) the method measured on
+    the SFT model; `note`, if given, is printed under the table."""
+    sft_row = {"win_rate_vs_sft": result["sft_win_rate_vs_sft"], "score": result["sft_score"],
+               "length": result["sft_length"], "kl_to_sft": 0.0, **(sft_metrics or {})}
     print_before_after(sft_row, metrics)
+    if note:
+        print(note)
     print(f"\nHeld-out completions, SFT model and {method} policy (judge's score in brackets):")
     print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name=method)
 

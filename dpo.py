@@ -138,12 +138,15 @@ def main():
     policy.eval()
     result = data.evaluate(policy, ref, task, device, args.eval_samples, args.seed)
     heldout_policy = data.pair_logps_all(policy, task.heldout_pairs, device)
-    heldout_ref = data.pair_logps_all(ref, task.heldout_pairs, device)
-    if args.reference_free:
-        heldout_ref = tuple(torch.zeros_like(t) for t in heldout_ref)
+    heldout_sft = data.pair_logps_all(ref, task.heldout_pairs, device)   # ref is the SFT model
+    heldout_ref = tuple(torch.zeros_like(t) for t in heldout_sft) if args.reference_free else heldout_sft
     _, chosen_rewards, rejected_rewards = dpo_loss(heldout_policy[0], heldout_policy[1],
                                                    heldout_ref[0], heldout_ref[1], args.beta)
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+    # The same for the SFT model, where training started: pi_theta = pi_ref, so its reward is 0 everywhere
+    _, sft_chosen_rewards, sft_rejected_rewards = dpo_loss(heldout_sft[0], heldout_sft[1],
+                                                           heldout_ref[0], heldout_ref[1], args.beta)
+    sft_ranking = data.ranking_metrics(sft_chosen_rewards, sft_rejected_rewards, *heldout_sft)
 
     metrics = {"method": "dpo", "seed": args.seed, "device": device.type, "steps": args.steps,
                "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
@@ -158,7 +161,8 @@ def main():
     data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
                                  ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
     print()
-    data.print_sft_vs_policy("DPO", result, metrics)
+    data.print_sft_vs_policy("DPO", result, metrics, sft_ranking,
+                             None if args.reference_free else data.tied_reward_note("beta log pi_theta/pi_ref"))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
           f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
           f"wrote {args.out}/metrics.json, log.jsonl, model.pt")

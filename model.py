@@ -39,7 +39,7 @@ from tqdm import tqdm
 @dataclass
 class GPTConfig:
     vocab_size: int = 90     # len(data.VOCAB); a test checks that they agree
-    block_size: int = 32     # longest sequence: BOS + 2 prompt words + SEP + 16 words + EOS = 21
+    block_size: int = 32     # longest sequence: BOS + 3 prompt words + SEP + 16 words + EOS = 22
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 64

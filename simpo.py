@@ -36,7 +36,8 @@ g.add_argument("--beta", type=positive_float, default=2.0,
                help="reward scale beta in [SimPO-2]; the paper uses 2 to 2.5 and so do we: larger sharpens "
                     "the preference and moves the policy faster (default: %(default)s)")
 g.add_argument("--gamma", type=nonneg_float, default=1.0,
-               help="target reward margin gamma in [SimPO-3]; the paper's gamma/beta is 0.25 to 0.5, ours 0.5: "
+               help="target reward margin gamma in [SimPO-3]; the official runs' gamma/beta spans 0.1 to 0.8 (their "
+                    "README suggests starting at 0.5), ours 0.5: "
                     "larger keeps pushing pairs that are already ordered (default: %(default)s)")
 g.add_argument("--no-length-norm", action="store_true",
                help="ablation: reward beta * log pi_theta(y|x), summed, not averaged; with --length-bias > 0 "

@@ -130,8 +130,9 @@ data.add_task_args(parser)
 #
 # Convention: eta here is the paper's eta, the multiplicative-weights step size of [SPPO-2]. TRL
 # (loss_type="sppo_hard") and the official SPPO code write the same losses with beta = 1/eta, so
-# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL also halves [SPPO-9]
-# (the mean of the two squares); Adam is invariant to a constant factor on the loss, so that changes nothing.
+# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL's sppo_hard SUMS the two
+# squares of [SPPO-9], as sppo_hard_loss does; the official SPPO trainer halves them ((loss_w + loss_l)/2).
+# Adam is invariant to a constant factor on the loss, so the factor changes nothing but the logged loss.
 #
 # log pi(y|x) is a SUM over the response tokens (model.sequence_logps), EOS included; the prompt and the
 # padding never count. The loss is a plain square: its gradient 2 (log-ratio - target) grows linearly
@@ -349,6 +350,9 @@ def main():
     chosen_rewards = (heldout_policy[0] - heldout_sft[0]) / args.eta
     rejected_rewards = (heldout_policy[1] - heldout_sft[1]) / args.eta
     ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+    # The same for the SFT model, where training started: (1/eta) log pi_1/pi_1 is 0 for every response
+    sft_ranking = data.ranking_metrics((heldout_sft[0] - heldout_sft[0]) / args.eta,
+                                       (heldout_sft[1] - heldout_sft[1]) / args.eta, *heldout_sft)
     total_steps = len(log_rows)
 
     metrics = {"method": "sppo", "seed": args.seed, "device": device.type, "steps": total_steps,
@@ -382,7 +386,7 @@ def main():
           fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
           fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
     print()
-    data.print_sft_vs_policy("SPPO", result, metrics)
+    data.print_sft_vs_policy("SPPO", result, metrics, sft_ranking, data.tied_reward_note("(1/eta) log pi_theta/pi_1"))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
           f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
 

@@ -17,6 +17,7 @@ import os
 # every process many times over, so they sleep instead (inherited by the subprocesses). Before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import glob
+import inspect
 import io
 import json
 import math
@@ -1059,10 +1060,11 @@ class TestSPPOLoss(unittest.TestCase):
                 a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
                 want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
                 torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want))
-                # TRL's sppo_hard, beta = 1/eta: ((a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2) / 2, half of ours
+                # TRL's sppo_hard, beta = 1/eta: (a_w - 0.5/beta)^2 + (a_l + 0.5/beta)^2, the same sum as ours;
+                # the official SPPO trainer halves it, (loss_w + loss_l)/2
                 beta = 1 / eta
-                trl = [((w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2) / 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta) / 2, torch.tensor(trl))
+                trl = [(w - 0.5 / beta) ** 2 + (l + 0.5 / beta) ** 2 for w, l in zip(a_w, a_l)]
+                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(trl))
 
     def test_finite_at_extreme_inputs(self):
         policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
@@ -1254,7 +1256,7 @@ class TestReadmeCitations(unittest.TestCase):
                              (sppo, "self_play_iteration"), (model, "sequence_logps"), (data, "ranking_metrics")]:
             lines, start = inspect.getsourcelines(getattr(module, name))
             cite = f"`{module.__name__}.py` lines {start}-{start + len(lines) - 1}"
-            self.assertIn(cite, readme, f"README should cite {name} as {cite}")
+            self.assertTrue(cite in readme, f"README should cite {name} as {cite}")
 
 # ====================================================================================================
 # Every machine, every fault (issue 8): devices, memory, faults, the run saved whole, the shared SFT cache
@@ -1818,6 +1820,686 @@ class TestSFTCacheClassroom(unittest.TestCase):
                     self.assertIn(words, err)
                     self.assertIn("rebuilding", err)
                     self.assertNotIn("weights_only", err)
+
+
+
+# ====================================================================================================
+# Wiring: every line that connects one piece to another (which model, which data, which way round),
+# checked by a test that fails when the connection is wrong, not only the formula at its end
+# ====================================================================================================
+
+class Spy:
+    """with Spy(module, "name") as spy: module.name still runs; spy.calls lists one Call per call, with
+    its arguments by name (`a`), its result, `before(a)` taken at call time (e.g. a copy of weights) and
+    the name of the calling function (`caller`). spy.by(name): the calls made from that function."""
+
+    class Call:
+        def __init__(self, a, result, before, caller):
+            self.a, self.result, self.before, self.caller = a, result, before, caller
+
+    def __init__(self, obj, name, before=None):
+        self.obj, self.name, self.before, self.calls = obj, name, before, []
+        self.original = getattr(obj, name)
+        self.signature = inspect.signature(self.original)
+
+    def __enter__(self):
+        def wrapper(*args, **kwargs):
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = dict(bound.arguments)
+            before = self.before(a) if self.before else None
+            caller = sys._getframe(1).f_code.co_name
+            result = self.original(*args, **kwargs)
+            self.calls.append(Spy.Call(a, result, before, caller))
+            return result
+        self.patch = mock.patch.object(self.obj, self.name, wrapper)
+        self.patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.patch.stop()
+        return False
+
+    def by(self, caller):
+        return [c for c in self.calls if c.caller == caller]
+
+
+def run_spied(module, argv, spies):
+    """run_main(module, argv) with every Spy in `spies` active."""
+    with contextlib.ExitStack() as stack:
+        for spy in spies:
+            stack.enter_context(spy)
+        return run_main(module, argv)
+
+
+WIRING_SEED = 1      # not 0, the default, so that a seed that is dropped on the way shows
+WIRING_RUN = ["--sft-steps", "5", "--eval-samples", "16", "--batch-size", "8", "--device", "cpu",
+              "--seed", str(WIRING_SEED)]
+_wiring_sft = {}
+
+
+def wiring_sft():
+    """(folder, SFT model): the SFT cache that WIRING_RUN's runs load (the default task, 5 steps), built
+    once per test process, and the SFT model read back from it independently of any script."""
+    if not _wiring_sft:
+        _wiring_sft["tmp"] = tempfile.TemporaryDirectory()
+        with contextlib.redirect_stderr(io.StringIO()):
+            sft, _ = model.sft_model(data.Task(data.TaskConfig(), seed=WIRING_SEED), CPU, _wiring_sft["tmp"].name,
+                                     WIRING_SEED, 5, quiet=True)
+        _wiring_sft["model"] = sft
+    return _wiring_sft["tmp"].name, _wiring_sft["model"]
+
+
+def rows_of(ids):
+    """The rows of a token tensor as tuples, trailing padding removed (so trimmed and full rows compare)."""
+    out = []
+    for row in ids.tolist():
+        while row and row[-1] == data.PAD_ID:
+            row.pop()
+        out.append(tuple(row))
+    return out
+
+
+def logps_of(m, ids, mask):
+    """log pi(y|x) of each row under m, one row set at a time (no stacking, no batching): [B]."""
+    with torch.no_grad():
+        return model.sequence_logps(m, ids, mask)[0]
+
+
+def with_weights(state):
+    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
+    m = model.GPT(model.GPTConfig())
+    m.load_state_dict(state)
+    m.eval()
+    return m
+
+
+def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
+    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here:
+    the fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's
+    order (+1, 0, -1) equals the average log-likelihood's."""
+    pc, pr, lc, lr = policy_logps
+    accuracy = (chosen_rewards > rejected_rewards).double().mean().item()
+    agreement = (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(pc / lc - pr / lr)).double().mean().item()
+    test.assertAlmostEqual(metrics["reward_accuracy"], accuracy, places=6, msg="reward accuracy on held-out pairs")
+    test.assertAlmostEqual(metrics["ranking_agreement"], agreement, places=6, msg="ranking agreement on held-out pairs")
+
+
+EVALUATION_KEYS = ["win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft"]
+
+
+class BigramStub(nn.Module):
+    """A language model whose next-token logits depend only on the current token: `first` after SEP (the
+    first response token), `rest` after any other token. Its sequence log-probs are known in closed form."""
+
+    def __init__(self, first, rest):
+        super().__init__()
+        self.first, self.rest = first, rest
+        self.blocks = nn.ModuleList()          # model.sample builds one cache per block: none
+
+    def forward(self, idx, caches=None):
+        return torch.where((idx == data.SEP_ID)[..., None], self.first, self.rest)
+
+
+IMPOSSIBLE = -1e9     # a logit that makes a token's probability exactly 0 while its log-prob stays finite
+
+
+def logits_row(words=(), eos=0.0):
+    """Next-token logits: the `words` (a list of ids) share probability 1 - eos equally, EOS gets eos."""
+    row = torch.full((len(data.VOCAB),), IMPOSSIBLE)
+    if len(words) and eos < 1:
+        row[torch.as_tensor(list(words))] = math.log((1 - eos) / len(words))
+    if eos > 0:
+        row[data.EOS_ID] = math.log(eos)
+    return row
+
+
+POS, NEG = data.POS_IDS.tolist(), data.NEG_IDS.tolist()
+POSITIVE_WRITER = BigramStub(logits_row(POS), logits_row(POS, eos=1.0))                # one positive word, EOS
+NEGATIVE_WRITER = BigramStub(logits_row(NEG), logits_row(NEG, eos=0.25))               # negative words, ~4 of them
+EITHER_WRITER = BigramStub(logits_row(POS + NEG), logits_row(POS, eos=1.0))            # one word of either kind, EOS
+
+
+class TestWiringEvaluation(unittest.TestCase):
+    """data.head_to_head and data.evaluate with models whose answers are known: which way round the win
+    rate is, the sign of the KL, which samples are whose, which prompts are used."""
+
+    def test_writer_of_positive_words_beats_writer_of_negative_ones(self):
+        """Every policy review scores +1 and every baseline review -1, so each comparison is
+        sigmoid((1 - (-1)) / tau): near 1 one way round, near 0 the other, with the task's own tau."""
+        for tau in (0.2, 1.0):
+            task = small_task(seed=20, tau=tau)
+            with self.subTest(tau=tau):
+                r = data.head_to_head(POSITIVE_WRITER, NEGATIVE_WRITER, task, CPU, 64, seed=3)
+                self.assertAlmostEqual(r["win_rate"], sig(2 / tau), places=5,
+                                       msg="win rate must be P(policy sample > baseline sample), with the task's tau")
+                self.assertEqual((r["score"], r["baseline_score"]), (1.0, -1.0))
+                self.assertEqual(r["length"], 1.0)                        # the policy's reviews: one word
+                self.assertGreater(r["baseline_length"], 2.0)             # the baseline's: about 4
+                self.assertGreater(r["kl"], 100.0)                        # the baseline cannot write positive words
+                back = data.head_to_head(NEGATIVE_WRITER, POSITIVE_WRITER, task, CPU, 64, seed=3)
+                self.assertAlmostEqual(back["win_rate"], sig(-2 / tau), places=5)
+        self.assertGreater(sig(2 / 0.2), 0.9999)
+
+    def test_kl_of_constructed_models_in_closed_form(self):
+        """The policy writes one positive word (16 to choose from) and stops; the baseline one word of 32 and
+        stops. Every policy review y has log pi(y|x) - log base(y|x) = log(1/16) - log(1/32) = log 2, so the
+        estimate of KL(policy || baseline) is log 2 exactly, sample by sample."""
+        task = small_task(seed=21)
+        r = data.head_to_head(POSITIVE_WRITER, EITHER_WRITER, task, CPU, 64, seed=4)
+        self.assertAlmostEqual(r["kl"], math.log(2), places=5,
+                               msg="KL must be E_{y~policy}[log policy(y|x) - log baseline(y|x)] on the policy's samples")
+        # the other way round the policy writes negative words half of the time, which the baseline never
+        # does: log-ratios of about 1e9 on those, so a huge positive KL (never a negative one)
+        self.assertGreater(data.head_to_head(EITHER_WRITER, POSITIVE_WRITER, task, CPU, 64, seed=4)["kl"], 1e6)
+
+    def test_kl_between_two_different_models_is_positive(self):
+        """Two random models that sample what they score (no mass on the tokens the sampler bans): the
+        estimate of KL(a || b) is positive both ways round, and 0 from a model to itself."""
+        task = small_task(seed=22)
+        g = torch.Generator().manual_seed(0)
+        allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
+
+        def random_writer():
+            first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
+            first[allowed] = torch.randn(len(allowed), generator=g) * 2
+            first[data.EOS_ID] = IMPOSSIBLE
+            rest[allowed] = torch.randn(len(allowed), generator=g) * 2
+            rest[data.EOS_ID] = 3.0                  # stop after a few words
+            return BigramStub(first, rest)
+
+        a, b = random_writer(), random_writer()
+        for policy, baseline in ((a, b), (b, a)):
+            self.assertGreater(data.head_to_head(policy, baseline, task, CPU, 128, seed=5)["kl"], 1.0)
+        self.assertEqual(data.head_to_head(a, a, task, CPU, 64, seed=5)["kl"], 0.0)
+
+    def test_evaluate_names_each_number_after_its_model(self):
+        """evaluate(policy, sft): the policy's numbers under the policy's names, the SFT model's under sft_*,
+        samples from each, on held-out prompts."""
+        task = small_task(seed=23)
+        e = data.evaluate(POSITIVE_WRITER, NEGATIVE_WRITER, task, CPU, 48, seed=2)
+        self.assertAlmostEqual(e["win_rate_vs_sft"], sig(2 / task.config.tau), places=6)
+        self.assertEqual((e["score"], e["sft_score"], e["length"]), (1.0, -1.0, 1.0))
+        self.assertGreater(e["sft_length"], 2.0)
+        self.assertGreater(e["kl_to_sft"], 100.0)
+        self.assertEqual(e["sft_win_rate_vs_sft"], 0.5)          # the SFT model's reviews all score -1: ties
+        words = lambda samples: {w for row in samples for w in data.decode(row).split()}
+        self.assertLessEqual(words(e["samples"]), set(data.POSITIVE))
+        self.assertLessEqual(words(e["sft_samples"]), set(data.NEGATIVE))
+        self.assertTrue(torch.equal(e["prompts"], task.eval_prompts(48)))
+
+    def test_evaluation_samples_heldout_prompts_only(self):
+        task = small_task(seed=24)
+        held = set(rows_of(task.heldout_prompts))
+        with Spy(data, "sample") as spy:
+            e = data.evaluate(sharp_model(32), sharp_model(33).state_dict(), task, CPU, 40, seed=1)
+        self.assertEqual(len(spy.calls), 3)                      # the policy, the SFT model, the SFT model again
+        for call in spy.calls:
+            self.assertLessEqual(set(rows_of(call.a["prompts"])), held, "evaluation must sample held-out prompts")
+        self.assertLessEqual(set(rows_of(e["prompts"])), held)
+        self.assertEqual(len(set(rows_of(e["prompts"]))), min(40, len(held)))   # cycling through all of them
+
+    def test_sft_win_rate_is_the_sft_model_scored_as_a_policy(self):
+        """sft_win_rate_vs_sft is what win_rate_vs_sft would be if the policy were the SFT model: the same
+        number for any policy, for a model or a state_dict baseline, and measured (not 1/2 by fiat)."""
+        task = small_task(seed=25)
+        sft = EITHER_WRITER          # its reviews score +1 or -1: comparisons are not all ties
+        itself = data.evaluate(sft, sft, task, CPU, 64, seed=3)["win_rate_vs_sft"]
+        for policy in (POSITIVE_WRITER, NEGATIVE_WRITER):
+            self.assertEqual(data.evaluate(policy, sft, task, CPU, 64, seed=3)["sft_win_rate_vs_sft"], itself)
+        self.assertNotEqual(itself, 0.5)
+        self.assertLess(abs(itself - 0.5), 0.15)
+        gpt_sft, policy = sharp_model(34), sharp_model(35)
+        itself = data.evaluate(gpt_sft, gpt_sft, task, CPU, 32, seed=0)["win_rate_vs_sft"]
+        as_state = data.evaluate(policy, gpt_sft.state_dict(), task, CPU, 32, seed=0)
+        self.assertAlmostEqual(as_state["sft_win_rate_vs_sft"], itself, places=6)
+
+
+class TestWiringData(unittest.TestCase):
+    """data.py's connectors: start_run, pair_logps_all, pair_log_row; model.py's SFT start."""
+
+    def test_start_run_builds_the_task_and_sft_model_the_flags_ask_for(self):
+        with tempfile.TemporaryDirectory() as d:
+            args = argparse.Namespace(device="cpu", tau=0.3, length_bias=0.2, pair_style=0.5, seed=3, sft_steps=2,
+                                      out=os.path.join(d, "out"), sft_dir=os.path.join(d, "sft"),
+                                      n_layer=1, n_head=2, n_embd=16, lr=1e-3)
+            small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                device, task, policy, info = data.start_run(args)
+                want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
+                # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if
+                # start_run trained with this seed, these steps and these demonstrations
+                with mock.patch.object(torch.optim, "AdamW", side_effect=AssertionError("not the cached SFT model")):
+                    again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, small)
+            self.assertTrue(os.path.isdir(args.out))
+        self.assertEqual(device, CPU)
+        self.assertEqual(task.config, want.config)
+        for key in ("chosen_ids", "rejected_ids"):
+            self.assertTrue(torch.equal(task.pairs[key], want.pairs[key]), key)
+        self.assertTrue(torch.equal(task.sft_ids, want.sft_ids))
+        self.assertEqual((info["steps"], info["path"]), (2, again_info["path"]))
+        self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
+
+    def test_sft_trains_on_demonstrations_and_measures_on_heldout_ones(self):
+        task = small_task(seed=26)
+        demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
+        pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
+        before = lambda a: torch.is_grad_enabled()
+        with tempfile.TemporaryDirectory() as d, Spy(model, "sequence_logps", before) as spy, \
+                contextlib.redirect_stderr(io.StringIO()):
+            model.sft_model(task, CPU, d, seed=0, steps=3, quiet=True)
+        training = [c for c in spy.calls if c.before]
+        measuring = [c for c in spy.calls if not c.before]
+        self.assertEqual(len(training), 3)
+        for c in training:
+            rows = set(rows_of(c.a["input_ids"]))
+            self.assertLessEqual(rows, demos, "SFT must train on the demonstrations (task.sft_ids)")
+            self.assertFalse(rows & pairs)
+        self.assertEqual(len(measuring), 2)                      # cross-entropy before and after
+        for c in measuring:
+            self.assertEqual(set(rows_of(c.a["input_ids"])), held, "SFT cross-entropy is measured on held-out demonstrations")
+
+    def test_sft_ce_is_per_response_token_and_batching_changes_nothing(self):
+        m, task = sharp_model(36), small_task(seed=27)
+        ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
+        logps, lengths = logps_of(m, ids, mask), mask[:, 1:].sum(1).float()
+        batched = model.sequence_logps_all(m, ids, mask, batch_size=5)           # 16 rows: batches of 5, 5, 5, 1
+        torch.testing.assert_close(batched[0], logps, rtol=0, atol=1e-4)
+        self.assertTrue(torch.equal(batched[1], lengths))
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps.double().sum().item() / lengths.sum().item(), places=4)
+
+    def test_pair_logps_all_keeps_pairs_sides_and_order(self):
+        m, pairs = sharp_model(37), small_task(seed=28).pairs                     # 16 pairs
+        got = data.pair_logps_all(m, pairs, CPU, batch_size=5)
+        want = (logps_of(m, pairs["chosen_ids"], pairs["chosen_mask"]),
+                logps_of(m, pairs["rejected_ids"], pairs["rejected_mask"]),
+                pairs["chosen_mask"][:, 1:].sum(1).float(), pairs["rejected_mask"][:, 1:].sum(1).float())
+        self.assertEqual(len(got), 4)
+        for name, g, w in zip(("chosen logps", "rejected logps", "chosen lengths", "rejected lengths"), got, want):
+            self.assertEqual(g.shape, (16,), name)
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=name)
+
+    def test_pair_log_row_puts_each_number_under_its_name(self):
+        chosen_rewards, rejected_rewards = t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5)
+        row = data.pair_log_row(7, t(0.25), chosen_rewards, rejected_rewards, t(-3.0, -5.0), t(-8.0, -10.0))
+        self.assertEqual(row["step"], 7)
+        self.assertEqual(row["loss"], 0.25)
+        self.assertAlmostEqual(row["rewards/chosen"], 2.5 / 4)
+        self.assertAlmostEqual(row["rewards/rejected"], 0.5 / 4)
+        self.assertAlmostEqual(row["rewards/accuracies"], 2 / 4)      # 1 > 0, 3 > 1; -2 < -1; a tie is not
+        self.assertAlmostEqual(row["rewards/margins"], 2.0 / 4)
+        self.assertEqual((row["logps/chosen"], row["logps/rejected"]), (-4.0, -9.0))
+
+
+def policy_snapshot(start_run_spy):
+    """A Spy `before` hook: a copy of the weights of the policy that start_run returned, as they are now."""
+    return lambda a: {k: v.detach().clone() for k, v in start_run_spy.calls[0].result[2].state_dict().items()}
+
+
+class ScriptWiring:
+    """A method script's main(), run once in this process (setUpClass) with its connections spied on;
+    the mixin's tests are the checks every method shares."""
+    module = None
+    extra = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.out = os.path.join(cls.tmp.name, "run")
+        sft_dir, cls.sft = wiring_sft()
+        start = Spy(data, "start_run")
+        cls.spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", policy_snapshot(start)),
+                   "evaluate": Spy(data, "evaluate"), "head_to_head": Spy(data, "head_to_head"),
+                   "pair_logps_all": Spy(data, "pair_logps_all"), "eval_sample": Spy(data, "sample"),
+                   "table": Spy(data, "print_sft_vs_policy"), **cls.more_spies()}
+        run_spied(cls.module, WIRING_RUN + cls.extra + ["--out", cls.out, "--sft-dir", sft_dir], cls.spy.values())
+        _, cls.task, cls.policy, _ = start.calls[0].result
+        cls.metrics = read_json(os.path.join(cls.out, "metrics.json"))
+        cls.log = read_jsonl(os.path.join(cls.out, "log.jsonl"))
+        cls.trained, _ = model.load_checkpoint(os.path.join(cls.out, "model.pt"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    @classmethod
+    def more_spies(cls):
+        return {}
+
+    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
+        (call,) = self.spy["evaluate"].calls[-1:]
+        self.assertIs(call.a["policy"], self.policy, "evaluate(policy, sft, ...): the trained policy first")
+        self.assertTrue(state_equal(call.a["policy"].state_dict(), self.trained.state_dict()))
+        sft = call.a["sft"]
+        sft_state = sft if isinstance(sft, dict) else sft.state_dict()
+        self.assertTrue(state_equal(sft_state, self.sft.state_dict()), "the baseline must be the SFT model")
+        self.assertEqual((call.a["n_samples"], call.a["seed"]), (16, WIRING_SEED))
+
+    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
+        held = set(rows_of(self.task.heldout_prompts))
+        self.assertTrue(self.spy["eval_sample"].calls)
+        for call in self.spy["eval_sample"].calls:
+            self.assertLessEqual(set(rows_of(call.a["prompts"])), held)
+        self.assertTrue(self.spy["pair_logps_all"].calls)
+        for call in self.spy["pair_logps_all"].calls:
+            self.assertIs(call.a["pairs"], self.task.heldout_pairs, "held-out metrics must use task.heldout_pairs")
+
+    def test_training_sees_training_pairs_only(self):
+        calls = self.spy["pair_batch"].by("main")
+        self.assertEqual(len(calls), self.steps)
+        g = torch.Generator().manual_seed(WIRING_SEED)       # the batches are the seeded draws, in order
+        for call in calls:
+            self.assertIs(call.a["pairs"], self.task.pairs, "training batches must come from task.pairs")
+            want = torch.randint(0, self.task.pairs["chosen_ids"].shape[0], (8,), generator=g)
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), want))
+
+    def test_evaluation_numbers_match_a_recomputation(self):
+        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
+        e = data.evaluate(self.trained, self.sft, self.task, CPU, 16, seed=WIRING_SEED)
+        for key in EVALUATION_KEYS:
+            self.assertAlmostEqual(self.metrics[key], e[key], places=5, msg=key)
+        self.assertAlmostEqual(e["sft_win_rate_vs_sft"],
+                               data.head_to_head(self.sft, self.sft, self.task, CPU, 16, 10_000 + WIRING_SEED)["win_rate"])
+
+    def test_end_of_run_table_gets_this_runs_numbers(self):
+        (call,) = self.spy["table"].calls
+        self.assertAlmostEqual(call.a["metrics"]["win_rate_vs_sft"], self.metrics["win_rate_vs_sft"])
+        self.assertAlmostEqual(call.a["result"]["sft_win_rate_vs_sft"], self.metrics["sft_win_rate_vs_sft"])
+        self.assertEqual(call.a["sft_metrics"], self.sft_column())
+
+
+def heldout_logps(m, task):
+    return data.pair_logps_all(m, task.heldout_pairs, CPU)
+
+
+class TestWiringDPO(ScriptWiring, unittest.TestCase):
+    """dpo.py: 3 steps with beta 0.5 and a learning rate high enough that the policy moves at every step."""
+    module, steps = dpo, 3
+    extra = ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"]
+
+    @classmethod
+    def more_spies(cls):
+        return {"dpo_loss": Spy(dpo, "dpo_loss")}
+
+    def test_reference_changes_the_loss_after_step_0(self):
+        """With the reference = the policy itself, every step's rewards are 0 and its loss ln 2."""
+        self.assertAlmostEqual(self.log[0]["loss"], math.log(2), places=6)     # step 0: pi_theta = pi_ref
+        for row in self.log[1:]:
+            self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
+            self.assertNotEqual(row["rewards/chosen"], 0.0)
+            self.assertNotEqual(row["rewards/margins"], 0.0)
+
+    def test_every_step_is_the_dpo_loss_of_its_batch(self):
+        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as
+        the reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
+        losses = [c for c in self.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
+        self.assertEqual(len(losses), self.steps)
+        for step, (batch_call, loss_call) in enumerate(zip(self.spy["pair_batch"].by("main"), losses)):
+            with self.subTest(step=step):
+                b, a = batch_call.result, loss_call.a
+                current = with_weights(batch_call.before)
+                want = {"policy_chosen_logps": logps_of(current, b["chosen_ids"], b["chosen_mask"]),
+                        "policy_rejected_logps": logps_of(current, b["rejected_ids"], b["rejected_mask"]),
+                        "ref_chosen_logps": logps_of(self.sft, b["chosen_ids"], b["chosen_mask"]),
+                        "ref_rejected_logps": logps_of(self.sft, b["rejected_ids"], b["rejected_mask"])}
+                for name, value in want.items():
+                    torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
+                self.assertTrue(a["policy_chosen_logps"].requires_grad)
+                self.assertFalse(a["ref_chosen_logps"].requires_grad)
+                self.assertEqual(a["beta"], 0.5)
+                margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (
+                    want["policy_rejected_logps"] - want["ref_rejected_logps"])
+                self.assertAlmostEqual(self.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        policy, sft = heldout_logps(self.trained, self.task), heldout_logps(self.sft, self.task)
+        heldout_rewards_check(self, self.metrics, 0.5 * (policy[0] - sft[0]), 0.5 * (policy[1] - sft[1]), policy)
+
+    def sft_column(self):
+        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
+
+
+class TestWiringSimPO(ScriptWiring, unittest.TestCase):
+    """simpo.py: 3 steps with beta 3 and gamma 0.6 (not the defaults, so a swap or a default shows)."""
+    module, steps = simpo, 3
+    extra = ["--steps", "3", "--beta", "3", "--gamma", "0.6", "--lr", "1e-2"]
+
+    @classmethod
+    def more_spies(cls):
+        return {"simpo_loss": Spy(simpo, "simpo_loss")}
+
+    def simpo_losses(self, m, b, beta, gamma, length_norm=True):
+        pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
+        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm \
+            else (1.0, 1.0)
+        return -F.logsigmoid(beta * pc / lc - beta * pr / lr - gamma)
+
+    def test_every_step_is_the_simpo_loss_of_its_batch(self):
+        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their
+        places, and the logged loss [SimPO-4] of those."""
+        losses = [c for c in self.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
+        self.assertEqual(len(losses), self.steps)
+        for step, (batch_call, loss_call) in enumerate(zip(self.spy["pair_batch"].by("main"), losses)):
+            with self.subTest(step=step):
+                b, a = batch_call.result, loss_call.a
+                current = with_weights(batch_call.before)
+                self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
+                self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
+                self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
+                torch.testing.assert_close(a["policy_chosen_logps"].detach(),
+                                           logps_of(current, b["chosen_ids"], b["chosen_mask"]), rtol=0, atol=1e-3)
+                self.assertAlmostEqual(self.log[step]["loss"], self.simpo_losses(current, b, 3.0, 0.6).mean().item(),
+                                       places=4)
+
+    def test_no_length_norm_sums_the_log_probs(self):
+        """--no-length-norm: the first step's loss is [SimPO-4] with |y| = 1 (and not the normalised one)."""
+        with tempfile.TemporaryDirectory() as d:
+            run_main(simpo, WIRING_RUN + ["--steps", "1", "--beta", "3", "--gamma", "0.6", "--no-length-norm",
+                                          "--out", d, "--sft-dir", wiring_sft()[0]])
+            loss = read_jsonl(os.path.join(d, "log.jsonl"))[0]["loss"]
+        b = self.spy["pair_batch"].by("main")[0].result             # the same seed: the same first batch
+        self.assertAlmostEqual(loss, self.simpo_losses(self.sft, b, 3.0, 0.6, length_norm=False).mean().item(), places=3)
+        self.assertNotAlmostEqual(loss, self.simpo_losses(self.sft, b, 3.0, 0.6).mean().item(), places=2)
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        policy = heldout_logps(self.trained, self.task)
+        heldout_rewards_check(self, self.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
+
+    def sft_column(self):
+        """The SFT model's own SimPO reward, (beta/|y|) log pi_sft(y|x): accurate where its average
+        log-likelihood puts y_w first, and in agreement with it everywhere."""
+        pc, pr, lc, lr = heldout_logps(self.sft, self.task)
+        return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
+
+
+class TestWiringSPPO(ScriptWiring, unittest.TestCase):
+    """sppo.py: two self-play iterations of 2 steps (K = 2, eta 10, tau 0.5: not the defaults), and the hard
+    variant once, each with its connections spied on."""
+    module, steps = sppo, 0            # self-play draws no preference pairs at all
+    extra = ["--steps", "2", "--k", "2", "--iterations", "2", "--eta", "10", "--tau", "0.5"]
+
+    @classmethod
+    def more_spies(cls):
+        return {"iteration": Spy(sppo, "self_play_iteration"), "play_sample": Spy(sppo, "sample")}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        start = Spy(data, "start_run")
+        cls.hard_spy = {"start_run": start, "hard_fit": Spy(sppo, "hard_fit"),
+                        "pair_batch": Spy(data, "pair_batch", policy_snapshot(start)),
+                        "hard_loss": Spy(sppo, "sppo_hard_loss")}
+        cls.hard_out = os.path.join(cls.tmp.name, "hard")
+        run_spied(sppo, WIRING_RUN + ["--variant", "hard", "--steps", "2", "--eta", "10", "--out", cls.hard_out,
+                                      "--sft-dir", wiring_sft()[0]], cls.hard_spy.values())
+
+    def test_self_play_runs_on_the_training_prompts(self):
+        """Each iteration samples from pi_t on task.train_prompts, never on the held-out prompts, with
+        --k, --eta and the task's tau."""
+        calls = self.spy["iteration"].calls
+        self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
+        for c in calls:
+            self.assertTrue(torch.equal(c.a["prompts"], self.task.train_prompts), "self-play must use task.train_prompts")
+            self.assertIs(c.a["policy"], self.policy)
+            self.assertEqual((c.a["k"], c.a["eta"], c.a["tau"]), (2, 10.0, 0.5))
+        train = set(rows_of(self.task.train_prompts))
+        self.assertTrue(self.spy["play_sample"].calls)
+        for c in self.spy["play_sample"].calls:
+            self.assertLessEqual(set(rows_of(c.a["prompts"])), train)
+        # pi_1 is the SFT model, pi_2 the policy after iteration 1 (not the SFT model)
+        pi_1, pi_2 = (c.result[0] for c in calls)
+        self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
+        self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
+
+    def test_each_iteration_is_compared_with_the_one_before(self):
+        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round."""
+        pi_2 = self.spy["iteration"].calls[1].result[0]
+        vs_prev = [c for c in self.spy["head_to_head"].calls if c.a["baseline"] is pi_2]
+        self.assertEqual(len(vs_prev), 1)
+        self.assertIs(vs_prev[0].a["policy"], self.policy)
+        again = data.head_to_head(self.trained, pi_2, self.task, CPU, 16, 10_000 + WIRING_SEED)["win_rate"]
+        self.assertAlmostEqual(self.metrics["win_rate_vs_prev_per_iteration"][1], again, places=6)
+        self.assertEqual(self.metrics["win_rate_vs_prev_per_iteration"][0], self.metrics["win_rate_vs_sft_per_iteration"][0])
+
+    def test_training_sees_training_pairs_only(self):
+        self.assertEqual(self.spy["pair_batch"].by("main"), [])  # self-play: prompts only, no pairs
+        (fit,) = self.hard_spy["hard_fit"].calls
+        _, task, policy, _ = self.hard_spy["start_run"].calls[0].result
+        self.assertIs(fit.a["pairs"], task.pairs, "--variant hard must fit task.pairs")
+        self.assertIs(fit.a["policy"], policy)
+        self.assertIsNot(fit.a["ref"], policy)
+        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertEqual(len(self.hard_spy["pair_batch"].by("hard_fit")), 2)
+        for c in self.hard_spy["pair_batch"].by("hard_fit"):
+            self.assertIs(c.a["pairs"], task.pairs)
+
+    def test_hard_variant_every_step_is_its_batch(self):
+        """--variant hard, step by step: the reference log-probs are the SFT model's on that batch, y_w's
+        and y_l's in their places, the policy's are those of its current weights, eta from --eta."""
+        batches, losses = self.hard_spy["pair_batch"].by("hard_fit"), self.hard_spy["hard_loss"].calls
+        self.assertEqual((len(batches), len(losses)), (2, 2))
+        log = read_jsonl(os.path.join(self.hard_out, "log.jsonl"))
+        for step, (bc, lc) in enumerate(zip(batches, losses)):
+            with self.subTest(step=step):
+                b, a = bc.result, lc.a
+                current = with_weights(bc.before)
+                want = {"policy_chosen_logps": logps_of(current, b["chosen_ids"], b["chosen_mask"]),
+                        "policy_rejected_logps": logps_of(current, b["rejected_ids"], b["rejected_mask"]),
+                        "ref_chosen_logps": logps_of(self.sft, b["chosen_ids"], b["chosen_mask"]),
+                        "ref_rejected_logps": logps_of(self.sft, b["rejected_ids"], b["rejected_mask"])}
+                for name, value in want.items():
+                    torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
+                self.assertEqual(a["eta"], 10.0)
+                a_w = want["policy_chosen_logps"] - want["ref_chosen_logps"]
+                a_l = want["policy_rejected_logps"] - want["ref_rejected_logps"]
+                self.assertAlmostEqual(log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        """The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs, and the per-iteration win rates."""
+        policy, sft = heldout_logps(self.trained, self.task), heldout_logps(self.sft, self.task)
+        heldout_rewards_check(self, self.metrics, (policy[0] - sft[0]) / 10.0, (policy[1] - sft[1]) / 10.0, policy)
+        self.assertEqual(self.metrics["win_rate_vs_sft_per_iteration"][-1], self.metrics["win_rate_vs_sft"])
+
+    def sft_column(self):
+        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
+
+
+class TestWiringSelfPlay(unittest.TestCase):
+    """sppo.self_play_iteration: each sample's win rate belongs to that sample, among its own prompt's K."""
+
+    @classmethod
+    def setUpClass(cls):
+        task = small_task(seed=29)
+        cls.prompts = task.train_prompts[:6]
+        torch.manual_seed(1)
+        policy = model.GPT(model.GPTConfig())      # untrained: reviews of every quality, so the win rates vary
+        cls.spy = {"draws": Spy(sppo, "sample_responses"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
+        with contextlib.ExitStack() as stack:
+            for s in cls.spy.values():
+                stack.enter_context(s)
+            cls.pi_t, cls.stats = sppo.self_play_iteration(
+                policy, cls.prompts, iteration=1, k=3, eta=8.0, tau=0.3, steps=3, batch_size=8, lr=1e-2, device=CPU,
+                sampler=model.make_generator(CPU, 0), batch_order=torch.Generator().manual_seed(0), log_rows=[],
+                quiet=True)
+        (draw,) = cls.spy["draws"].calls
+        rows, responses = draw.result
+        cls.samples = rows_of(torch.cat([rows, responses], dim=1))       # prompt + response of each sample
+        cls.scores = data.score_responses(responses)
+        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME
+        # PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        prompt_of = [tuple(r) for r in rows.tolist()]
+        cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
+        cls.expected = torch.tensor([
+            sum(0.5 if j == i else sig((cls.scores[i] - cls.scores[j]).item() / 0.3) for j in cls.groups[prompt_of[i]]) / 3
+            for i in range(len(prompt_of))])
+        cls.prompt_of = prompt_of
+
+    def test_k_samples_for_every_prompt(self):
+        self.assertEqual(len(self.groups), 6)
+        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
+        self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
+
+    def test_win_rates_average_one_half_prompt_by_prompt(self):
+        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18]
+        win_prob = full[0].a["win_prob"]                 # loss_before: every sample's win rate, in sample order
+        for prompt, group in self.groups.items():
+            self.assertAlmostEqual(win_prob[group].mean().item(), 0.5, places=5,
+                                   msg="the K win rates of one prompt must average 1/2")
+        self.assertGreater(win_prob.std().item(), 0.05)         # and they are not all 1/2
+
+    def test_each_win_rate_is_attached_to_its_own_sample(self):
+        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]
+        torch.testing.assert_close(full, self.expected, rtol=0, atol=1e-5)
+        # and in every training batch: the row fitted, its target's win rate, its reference log-prob
+        steps = self.spy["loss"].calls[:3]
+        self.assertEqual(len(self.spy["batch"].calls), 3)
+        for batch_call, loss_call in zip(self.spy["batch"].calls, steps):
+            ids, mask = batch_call.result
+            for row, p, ref in zip(rows_of(ids), loss_call.a["win_prob"], loss_call.a["ref_logps"]):
+                i = self.samples.index(row)
+                self.assertAlmostEqual(p.item(), self.expected[i].item(), places=5)
+            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
+            self.assertEqual(loss_call.a["eta"], 8.0)
+
+
+class TestEndOfRunTable(unittest.TestCase):
+    def table(self, **kw):
+        result = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486,
+                  "prompts": torch.zeros(0, data.PROMPT_LEN, dtype=torch.long),
+                  "samples": torch.zeros(0, 3, dtype=torch.long), "sft_samples": torch.zeros(0, 3, dtype=torch.long)}
+        metrics = {"win_rate_vs_sft": 0.93, "score": 0.7, "length": 6.5, "kl_to_sft": 4.25, "reward_accuracy": 0.8,
+                   "ranking_agreement": 0.85, "seconds_per_step": 0.05, "peak_memory_mb": 48.0}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            data.print_sft_vs_policy("DPO", result, metrics, **kw)
+        return {line.split("  ")[0]: line.split()[-2:] for line in out.getvalue().splitlines() if "  " in line}, out.getvalue()
+
+    def test_sft_column_is_measured_not_assumed(self):
+        rows, _ = self.table(sft_metrics={"reward_accuracy": 0.0, "ranking_agreement": 0.0})
+        self.assertEqual(rows["win rate vs SFT"], ["0.486", "0.930"])        # the SFT model against itself
+        self.assertEqual(rows["score (judge)"], ["-0.250", "+0.700"])
+        self.assertEqual(rows["length (words)"], ["9.50", "6.50"])
+        self.assertEqual(rows["KL to SFT (nats)"], ["0.00", "4.25"])
+        self.assertEqual(rows["reward accuracy"], ["0.000", "0.800"])
+        self.assertEqual(rows["ranking agreement"], ["0.000", "0.850"])
+        self.assertEqual(rows["seconds per step"], ["-", "0.0500"])           # a cost the SFT model never paid
+
+    def test_note_under_the_table(self):
+        note = data.tied_reward_note("beta log pi_theta/pi_ref")
+        _, text = self.table(sft_metrics={"reward_accuracy": 0.0, "ranking_agreement": 0.0}, note=note)
+        self.assertIn(note, text)
+        self.assertIn("0 for every response", " ".join(note.split()))
+        self.assertTrue(all(len(line) <= 100 for line in note.splitlines()))
+        _, text = self.table()
+        self.assertNotIn("SFT column", text)
+
+    def test_ties_order_nothing(self):
+        """A reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about
+        no pair and agrees with the likelihood on none, whichever way the likelihood orders them."""
+        zero = torch.zeros(4)
+        m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
+        self.assertEqual(m["reward_accuracy"], 0.0)
+        self.assertEqual(m["ranking_agreement"], 1 / 4)       # only the third pair, where the likelihood ties too
 
 
 if __name__ == "__main__":
