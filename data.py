@@ -631,6 +631,10 @@ def main(argv=None):
                 fail(f"{key!r} in {os.path.join(d, 'log.jsonl')} holds no numbers")
             values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
             print("\n".join(chart(values, f"{key} per step ({d})")))
+            numbers = [v for v in values if v is not None]
+            tail = numbers[-max(1, len(numbers) // 10):]    # the last tenth: a batch mean is noisy, their mean less so
+            print(f"{key}: first {numbers[0]:.4g}, last {numbers[-1]:.4g}, "
+                  f"mean of the last {len(tail)} {'value' if len(tail) == 1 else 'values'} {sum(tail) / len(tail):.4g}")
     elif args.command == "logps":
         d = one_dir()
         policy, run_args = load_run(d)

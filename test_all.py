@@ -1482,5 +1482,345 @@ class TestReadmeCitations(unittest.TestCase):
             cite = f"`{module.__name__}.py` lines {start}-{start + len(lines) - 1}"
             self.assertIn(cite, readme, f"README should cite {name} as {cite}")
 
+# ====================================================================================================
+# Moved out of the write-it-yourself classes, which test one function alone: what is built on it
+# ====================================================================================================
+
+class TestSPPOHardLoss(unittest.TestCase):
+    def test_hard_variant_equals_the_two_squares(self):
+        g = torch.Generator().manual_seed(0)
+        pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
+        for eta in (0.1, 2.0, 20.0):
+            with self.subTest(eta=eta):
+                a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
+                want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
+                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want))
+                # TRL's sppo_hard with beta = 1/eta: (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, the same sum
+                beta = 1 / eta
+                trl = [(w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2 for w, l in zip(a_w, a_l)]
+                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(trl))
+
+
+class TestPairLogps(unittest.TestCase):
+    """What is built on sequence_logps: data.join's response mask, model.pair_logps, data.pair_batch."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = sharp_model(4)
+        task = small_task(seed=5)
+        cls.ids, cls.mask = task.sft_ids[:5], task.sft_mask[:5]
+
+    def test_join_masks_the_response_and_its_eos_only(self):
+        prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
+        r1 = data.encode("great acting") + [data.EOS_ID]                      # 2 words + EOS = 3 tokens
+        r2 = data.encode("the plot was dull and boring") + [data.EOS_ID]      # 6 words + EOS = 7 tokens
+        responses = torch.tensor([r1 + [data.PAD_ID] * 5, r2 + [data.PAD_ID] * 1])
+        ids, mask = data.join(prompt, responses)
+        self.assertEqual(mask[:, :data.PROMPT_LEN].sum().item(), 0)          # the prompt never counts
+        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 5)
+        with torch.no_grad():
+            _, lengths = model.sequence_logps(self.m, ids, mask)
+        self.assertEqual(lengths.tolist(), [3.0, 7.0])                      # |y| includes EOS
+        self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])  # words only
+
+    def test_pair_logps_equals_two_separate_calls(self):
+        chosen_ids, chosen_mask = model.trim(self.ids[:3], self.mask[:3])
+        rejected_ids, rejected_mask = F.pad(self.ids[2:5], (0, 3)), F.pad(self.mask[2:5], (0, 3))
+        self.assertNotEqual(chosen_ids.shape[1], rejected_ids.shape[1])     # the padding path is exercised
+        with torch.no_grad():
+            pc, pr, lc, lr = model.pair_logps(self.m, chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+            sc, slc = model.sequence_logps(self.m, chosen_ids, chosen_mask)
+            sr, slr = model.sequence_logps(self.m, rejected_ids, rejected_mask)
+        torch.testing.assert_close(pc, sc, rtol=0, atol=1e-4)
+        torch.testing.assert_close(pr, sr, rtol=0, atol=1e-4)
+        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr))
+
+    def test_pair_batch_trims_only_padding(self):
+        task = small_task(seed=6)
+        idx = torch.arange(6)
+        batch = data.pair_batch(task.pairs, idx, CPU)
+        full = task.pairs
+        self.assertLessEqual(batch["chosen_ids"].shape[1], full["chosen_ids"].shape[1])
+        for side in ("chosen", "rejected"):
+            width = batch[f"{side}_ids"].shape[1]
+            self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
+            self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
+        with torch.no_grad():
+            a = model.pair_logps(self.m, **batch)
+            b = model.pair_logps(self.m, full["chosen_ids"][idx], full["chosen_mask"][idx],
+                                 full["rejected_ids"][idx], full["rejected_mask"][idx])
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+# ====================================================================================================
+# dpo.py --precompute-ref, the logps chart, and the run commands of data.py (sample, curves, logps, frontier)
+# ====================================================================================================
+
+_TINY_DPO = {}
+
+
+def tiny_dpo_runs():
+    """Two 4-step dpo.py runs made in this process once per test session, sharing a 5-step SFT cache: plain
+    and --precompute-ref. Returns {"dir", "sft_dir", "plain", "pre"}; plain/pre hold the run folder, its
+    stdout, and how often pi_ref ran a forward pass inside the training loop (dpo.pair_logps on a model
+    with no trainable weights) or over the whole training set (data.pair_logps_all on 4000 pairs)."""
+    if not _TINY_DPO:
+        tmp = tempfile.TemporaryDirectory()
+        unittest.addModuleCleanup(tmp.cleanup)
+        d = tmp.name
+        sft_dir = os.path.join(d, "sft")
+        with contextlib.redirect_stderr(io.StringIO()):
+            model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, sft_dir, 0, 5, quiet=True)
+        frozen = lambda m: not any(p.requires_grad for p in m.parameters())
+        _TINY_DPO.update(dir=d, sft_dir=sft_dir)
+        for name, extra in (("plain", []), ("pre", ["--precompute-ref"])):
+            counts = {"ref_in_loop": 0, "ref_whole_set": 0}
+            pair_logps, pair_logps_all = dpo.pair_logps, data.pair_logps_all
+
+            def counting_pair_logps(m, *args, **kwargs):
+                counts["ref_in_loop"] += frozen(m)
+                return pair_logps(m, *args, **kwargs)
+
+            def counting_pair_logps_all(m, pairs, *args, **kwargs):
+                counts["ref_whole_set"] += frozen(m) and pairs["chosen_ids"].shape[0] == data.TaskConfig.n_pairs
+                return pair_logps_all(m, pairs, *args, **kwargs)
+
+            out = os.path.join(d, name)
+            argv = ["dpo.py", *TINY_RUN, "--steps", "4", "--seed", "0", "--sft-dir", sft_dir, "--out", out, *extra]
+            stdout = io.StringIO()
+            with mock.patch.object(sys, "argv", argv), mock.patch.object(dpo, "pair_logps", counting_pair_logps), \
+                    mock.patch.object(data, "pair_logps_all", counting_pair_logps_all), \
+                    contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+                dpo.main()
+            _TINY_DPO[name] = {"out": out, "stdout": stdout.getvalue(), **counts}
+    return _TINY_DPO
+
+
+class TestPrecomputeRef(unittest.TestCase):
+    def test_same_numbers_with_and_without(self):
+        runs = tiny_dpo_runs()
+        a = read_jsonl(os.path.join(runs["plain"]["out"], "log.jsonl"))
+        b = read_jsonl(os.path.join(runs["pre"]["out"], "log.jsonl"))
+        self.assertEqual(len(a), 4)
+        self.assertEqual([sorted(r) for r in a], [sorted(r) for r in b])
+        for ra, rb in zip(a, b):      # every step's loss, rewards and log-probs, up to float rounding
+            for key in ra:
+                self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
+        self.assertNotEqual(a[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved away from it
+        ma = read_json(os.path.join(runs["plain"]["out"], "metrics.json"))
+        mb = read_json(os.path.join(runs["pre"]["out"], "metrics.json"))
+        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"]), (False, True))
+        self.assertIsNone(ma["ref_precompute_seconds"])
+        self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
+        skip = TIMING_KEYS | {"precompute_ref", "ref_precompute_seconds"}
+        self.assertEqual(ma.keys(), mb.keys())
+        for key in ma.keys() - skip:
+            if isinstance(ma[key], float):
+                self.assertAlmostEqual(ma[key], mb[key], delta=1e-4 * max(1.0, abs(ma[key])), msg=key)
+            else:
+                self.assertEqual(ma[key], mb[key], key)
+
+    def test_no_reference_forward_pass_in_the_loop(self):
+        runs = tiny_dpo_runs()
+        self.assertEqual((runs["plain"]["ref_in_loop"], runs["plain"]["ref_whole_set"]), (4, 0))   # one per step
+        self.assertEqual((runs["pre"]["ref_in_loop"], runs["pre"]["ref_whole_set"]), (0, 1))      # once, up front
+
+    def test_refused_with_reference_free(self):
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(SystemExit) as cm:
+                err = run_main(dpo, TINY_RUN + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
+                                                "--sft-dir", os.path.join(d, "sft")])
+            self.assertEqual(cm.exception.code, 2)
+            self.assertEqual(os.listdir(d), [])            # refused before any folder was made
+
+
+class TestLogpsChart(unittest.TestCase):
+    def test_two_curves_on_one_scale(self):
+        lines = data.chart_lines([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
+                                  ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
+        grid = [line.split("│", 1)[1] for line in lines[1:11]]
+        rows = {ch: [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(4)] for ch in "wl"}
+        self.assertEqual(grid[0][0], "*")                  # both start at 0, the top: they meet
+        self.assertEqual(rows["l"], [0, 3, 6, 9])          # -9 at the bottom row, one row per nat
+        self.assertEqual(rows["w"], [0, 1, 2, 3])          # the same scale for both curves
+        self.assertIn("min -9, max 0", lines[0])
+        self.assertIn("w = falls slowly, l = falls fast", lines[-1])
+        self.assertEqual(data.chart_lines([("w", "none", [])], "empty"), ["empty: (no data)"])
+
+    def test_dpo_summary_draws_logps_per_step(self):
+        stdout = tiny_dpo_runs()["plain"]["stdout"]
+        self.assertIn("logps/chosen and logps/rejected per step", stdout)
+        self.assertIn("w = log pi(y_w|x), l = log pi(y_l|x)", stdout)
+
+
+def readme_block(containing):
+    """The README's ```python block that contains `containing`."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = f.read().split("```python\n")[1:]
+    found = [b.split("```", 1)[0] for b in blocks if containing in b]
+    assert len(found) == 1, f"README: {len(found)} python blocks contain {containing!r}"
+    return found[0]
+
+
+def cli(argv):
+    """data.main(argv) in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            data.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+class TestRunCommands(unittest.TestCase):
+    """python data.py sample / curves / logps / frontier, and the README's snippets that do the same."""
+
+    def assert_one_line_error(self, code, err, *fragments):
+        self.assertEqual(code, 2, err)
+        self.assertNotIn("Traceback", err)
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertTrue(lines[0].startswith("error: "), err)
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0])
+
+    def test_sample_prints_scored_reviews_like_the_readme_snippet(self):
+        run_dir = tiny_dpo_runs()["plain"]["out"]
+        code, out, err = cli(["sample", run_dir, "--prompt", "new horror film", "-n", "5"])
+        self.assertEqual(code, 0, err)
+        lines = out.strip().splitlines()
+        self.assertEqual(len(lines), 5)
+        for line in lines:                                   # "[+0.25] review text": the judge's score of the text
+            score, text = line[1:6], line[8:]
+            self.assertEqual(line[6:8], "] ")
+            self.assertEqual(score, f"{data.score('', text):+.2f}")
+        self.assertEqual(cli(["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
+        self.assertNotEqual(cli(["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
+        snippet = readme_block("model.load_checkpoint(")
+        self.assertIn('"out/simpo/model.pt"', snippet)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
+        self.assertEqual(printed.getvalue(), out)            # the README's five lines do what the command does
+        self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
+
+    def test_sample_errors(self):
+        run_dir = tiny_dpo_runs()["plain"]["out"]
+        code, _, err = cli(["sample", run_dir, "--prompt", "new horrror film"])
+        self.assert_one_line_error(code, err, "'horrror' is not a genre", "horror comedy")
+        self.assert_one_line_error(*cli(["sample", run_dir, "--prompt", "new horror"])[::2], "three words")
+        with tempfile.TemporaryDirectory() as d:
+            self.assert_one_line_error(*cli(["sample", d])[::2], "no model.pt in")
+            for name, content in (("corrupt", b"not a checkpoint"), ("truncated", None), ("foreign", "foreign")):
+                path = os.path.join(d, "model.pt")
+                if content is None:
+                    with open(os.path.join(run_dir, "model.pt"), "rb") as f:
+                        content = f.read()[:1000]
+                if content == "foreign":
+                    torch.save({"weights": torch.zeros(2)}, path)
+                else:
+                    with open(path, "wb") as f:
+                        f.write(content)
+                with self.subTest(checkpoint=name):
+                    self.assert_one_line_error(*cli(["sample", d])[::2], path)
+
+    def test_curves_redraws_any_key(self):
+        run_dir = tiny_dpo_runs()["plain"]["out"]
+        rows = read_jsonl(os.path.join(run_dir, "log.jsonl"))
+        code, out, err = cli(["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
+        self.assertEqual(code, 0, err)
+        values = [r["logps/chosen"] for r in rows]
+        self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  "
+                                              f"(min {min(values):.3g}, max {max(values):.3g}, 4 columns)")
+        self.assertIn(f"loss per step ({run_dir})", out)
+        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
+        code, _, err = cli(["curves", run_dir, "--key", "logp/chosen"])
+        self.assert_one_line_error(code, err, "no key 'logp/chosen'", "logps/chosen, logps/rejected, loss")
+        with tempfile.TemporaryDirectory() as d:
+            self.assert_one_line_error(*cli(["curves", d])[::2], "no log.jsonl")
+            open(os.path.join(d, "log.jsonl"), "w").close()
+            self.assert_one_line_error(*cli(["curves", d])[::2], "holds no steps")
+            with open(os.path.join(d, "log.jsonl"), "w") as f:
+                f.write('{"loss": 1.0}\n{"loss": \n')
+            self.assert_one_line_error(*cli(["curves", d])[::2], "unreadable")
+
+    def test_readme_matplotlib_recipe_plots_the_log(self):
+        """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
+        run_dir = tiny_dpo_runs()["plain"]["out"]
+        rows = read_jsonl(os.path.join(run_dir, "log.jsonl"))
+        recipe = readme_block("matplotlib.pyplot")
+        self.assertIn('"out/dpo/log.jsonl"', recipe)
+        plt = mock.MagicMock()
+        fake = mock.MagicMock(pyplot=plt)
+        with mock.patch.dict(sys.modules, {"matplotlib": fake, "matplotlib.pyplot": plt}):
+            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
+        drawn = {c.kwargs.get("label"): c.args for c in plt.plot.call_args_list}
+        self.assertEqual(set(drawn), {"logps/chosen", "logps/rejected"})
+        for key, (steps, values) in drawn.items():
+            self.assertEqual((list(steps), list(values)), ([r["step"] for r in rows], [r[key] for r in rows]))
+        plt.savefig.assert_called_once()
+
+    def test_logps_measures_where_the_mass_went(self):
+        runs = tiny_dpo_runs()
+        measured = []
+        displacement = data.displacement
+
+        def recording(*args, **kwargs):
+            measured.append((args, kwargs, displacement(*args, **kwargs)))
+            return measured[-1][2]
+
+        with mock.patch.object(data, "displacement", recording):
+            code, out, err = cli(["logps", runs["plain"]["out"]])
+        self.assertEqual(code, 0, err)
+        (args, kwargs, rows), = measured
+        policy, sft, task = args
+        self.assertTrue(state_equal(policy.state_dict(),
+                                    torch.load(os.path.join(runs["plain"]["out"], "model.pt"), weights_only=True)["model"]))
+        self.assertEqual(len(task.pairs["chosen_ids"]), data.TaskConfig.n_pairs)       # the run's own training pairs
+        table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
+        self.assertEqual([name for name, _, _ in rows], list(table))
+        self.assertEqual(len(table), 5, out)
+        for name, before, after in rows:
+            self.assertEqual(table[name], [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"])
+        self.assertNotEqual(rows[0][2], rows[0][1])             # the policy moved
+        # each row is a plain mean of summed log-probs: the first one checked by hand, on a small task
+        small = small_task(seed=3)
+        small_rows = data.displacement(policy, sft, small, n_samples=16, seed=0)
+        self.assertEqual(small_rows[0][0], "chosen y_w, training pairs")
+        self.assertAlmostEqual(small_rows[0][1], data.pair_logps_all(sft, small.pairs, CPU)[0].mean().item(), places=4)
+        self.assertAlmostEqual(small_rows[1][2], data.pair_logps_all(policy, small.pairs, CPU)[1].mean().item(), places=4)
+        for name, before, after in data.displacement(sft, sft, small, n_samples=16, seed=0):   # against itself: no change
+            self.assertAlmostEqual(before, after, places=4, msg=name)
+
+    def test_frontier_refuses_wrong_shapes_one_line_per_folder(self):
+        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.0, "score": 0.5, "sft_score": 0.0}
+        cases = {"a_list": "[]", "a_number": "3", "kl_null": json.dumps({**good, "kl_to_sft": None}),
+                 "kl_nan": json.dumps({**good, "kl_to_sft": float("nan")}), "kl_text": json.dumps({**good, "kl_to_sft": "3"}),
+                 "no_score": json.dumps({k: v for k, v in good.items() if k != "score"}), "not_json": "{",
+                 "good": json.dumps(good)}
+        expect = {"a_list": "holds a JSON list", "a_number": "holds a JSON int", "kl_null": "kl_to_sft is null",
+                  "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "no 'score'",
+                  "not_json": "unreadable"}
+        with tempfile.TemporaryDirectory() as d:
+            for name, text in cases.items():
+                os.makedirs(os.path.join(d, name))
+                with open(os.path.join(d, name, "metrics.json"), "w") as f:
+                    f.write(text)
+            for name, fragment in expect.items():
+                with self.subTest(case=name):
+                    self.assert_one_line_error(*cli(["frontier", os.path.join(d, name)])[::2], name, fragment)
+            code, out, err = cli(["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
+            self.assertEqual(code, 2)
+            self.assertEqual(out, "")                                   # no chart from a partial set
+            self.assertEqual(len(err.strip().splitlines()), len(expect))
+            self.assertNotIn("Traceback", err)
+            code, out, _ = cli(["frontier", os.path.join(d, "good")])
+            self.assertEqual(code, 0)
+            self.assertIn("A = good (dpo, beta 0.1): KL(policy || SFT) 1.00, score 0.500", out)
+
+
 if __name__ == "__main__":
     unittest.main()
