@@ -469,47 +469,232 @@ def scatter(points, x_title, y_title, width=56, height=14):
     return lines
 
 
-def main(argv=None):
-    """python data.py                  show the task: the worked example and a few training pairs
-       python data.py frontier DIR...  score against KL(policy || SFT) for finished runs (metrics.json in
-                                       each DIR), as a text chart: the DPO paper's figure 2 in miniature"""
-    import argparse
+def chart_lines(series, title, width=60, height=10):
+    """Several curves in ONE frame, on one shared scale: series is a list of (character, name, values),
+    values per step, averaged into `width` columns as chart() does; each curve is drawn with its own
+    character, and '*' where two meet. dpo.py draws log pi(y_w|x) and log pi(y_l|x) this way: both can
+    fall, and which one falls faster is the point (README, "Reading your logs"). Returns the lines."""
+    curves = []
+    for char, name, values in series:
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if len(values) > width:
+            edges = np.linspace(0, len(values), width + 1).astype(int)
+            values = [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+        curves.append((char, values))
+    every = [v for _, values in curves for v in values]
+    if not every:
+        return [f"{title}: (no data)"]
+    lo, hi = min(every), max(every)
+    n_cols = max(len(values) for _, values in curves)
+    grid = [[" "] * n_cols for _ in range(height)]
+    for char, values in curves:
+        for col, v in enumerate(values):
+            row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds the maximum
+            grid[row][col] = char if grid[row][col] in (" ", char) else "*"
+    lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {n_cols} columns)"]
+    for r, cells in enumerate(grid):
+        label = f"{hi:9.3g} │" if r == 0 else (f"{lo:9.3g} │" if r == height - 1 else "          │")
+        lines.append(label + "".join(cells))
+    lines.append("          └" + "─" * n_cols)
+    lines.append("           " + ", ".join(f"{char} = {name}" for char, name, _ in series) + ", * = both")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python data.py [show | frontier | sample | curves | logps]
+# ----------------------------------------------------------------------------------------------------
+
+def read_metrics(run_dir):
+    """(metrics dict, None) for a run folder whose metrics.json has what the frontier plots, else
+    (None, one line saying what is wrong). Valid JSON of the wrong shape is an error too, not a crash."""
     import json
-    import os
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        return None, f"{run_dir}: no metrics.json (is it a run folder? runs write one at the end)"
+    except (OSError, ValueError) as e:
+        return None, f"{path}: unreadable ({type(e).__name__}: {str(e)[:100]})"
+    if not isinstance(m, dict):
+        return None, f"{path}: holds a JSON {type(m).__name__}, not the object a run writes"
+    for key in ("kl_to_sft", "score", "sft_score"):
+        if key not in m:
+            return None, f"{path}: no {key!r} (keys: {', '.join(sorted(m)) or 'none'})"
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None, f"{path}: {key} is {json.dumps(v)}, not a finite number (a run that diverged?)"
+    return m, None
+
+
+def load_run(run_dir):
+    """The trained policy of a run folder (its model.pt, on the CPU) and the run's arguments, or one
+    clear line and exit 2: no model.pt, an unreadable one, or a file this project did not write."""
+    from model import load_checkpoint
+    path = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(path):
+        fail(f"no model.pt in {run_dir!r}: train one first, e.g. python simpo.py --out {run_dir}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        fail(f"{path} is unreadable (truncated or corrupt?): run the script again to rewrite it")
+    if not (isinstance(ckpt, dict) and {"model", "config", "args"} <= set(ckpt)):
+        fail(f"{path} is not a model.pt written by dpo.py, simpo.py or sppo.py")
+    return load_checkpoint(path, "cpu")
+
+
+def prompt_ids(text):
+    """'new horror film' -> [BOS, new, horror, film, SEP], or one clear line naming the bad word."""
+    words = text.split()
+    if len(words) != 3:
+        fail(f"--prompt takes three words, a decade, a genre and a noun (e.g. 'new horror film'); got {text!r}")
+    for word, allowed, what in zip(words, (DECADES, GENRES, NOUNS), ("decade", "genre", "noun")):
+        if word not in allowed:
+            fail(f"--prompt: {word!r} is not a {what} of this task; the {what}s are: {' '.join(allowed)}")
+    return [BOS_ID] + encode(text) + [SEP_ID]
+
+
+def read_log(run_dir):
+    """The rows of a run's log.jsonl, or one clear line and exit 2."""
+    import json
+    path = os.path.join(run_dir, "log.jsonl")
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        fail(f"no log.jsonl in {run_dir!r}: train one first, e.g. python dpo.py --out {run_dir}")
+    except (OSError, ValueError) as e:
+        fail(f"{path} is unreadable ({type(e).__name__}: {str(e)[:100]})")
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        fail(f"{path} holds no steps (a run with --steps 0?)" if not rows else f"{path}: not one JSON object per line")
+    return rows
+
+
+def displacement(policy, sft, task, n_samples=512, seed=0):
+    """Where a trained policy put its probability mass, against the SFT model it started from: the mean
+    log pi(y|x) (summed over the response) of five sets of reviews under both models. Returns
+    [(name, sft_mean, policy_mean)]. The first two rows are what log.jsonl's logps/chosen and
+    logps/rejected follow, over the whole training set; the others say where the mass went instead."""
+    from model import sequence_logps_all
+    cpu = torch.device("cpu")
+    pol_pairs, sft_pairs = pair_logps_all(policy, task.pairs, cpu), pair_logps_all(sft, task.pairs, cpu)
+    r = head_to_head(policy, sft, task, cpu, n_samples, seed=10_000 + seed)   # the evaluation's own samples
+    # Reviews of five positive words (the judge's favourite kind), kept only if no pair holds them.
+    g = torch.Generator().manual_seed(seed)
+    words = torch.as_tensor(POS_IDS)[torch.randint(0, len(POS_IDS), (n_samples, 5), generator=g)]
+    best = torch.full((n_samples, MAX_RESPONSE), PAD_ID)
+    best[:, :5], best[:, 5] = words, EOS_ID
+    in_pairs = {tuple(y.tolist()) for side in ("chosen", "rejected")
+                for y in task.pairs[f"{side}_ids"][:, PROMPT_LEN:]}
+    best = best[[tuple(y.tolist()) not in in_pairs for y in best]]
+    rows = [("chosen y_w, training pairs", sft_pairs[0], pol_pairs[0]),
+            ("rejected y_l, training pairs", sft_pairs[1], pol_pairs[1])]
+    for name, prompts, responses in (("the policy's own samples", r["prompts"], r["samples"]),
+                                     ("the SFT model's samples", r["prompts"], r["baseline_samples"]),
+                                     ("5 positive words, in no pair", r["prompts"][:len(best)], best)):
+        ids, mask = join(prompts, responses)
+        rows.append((name, sequence_logps_all(sft, ids, mask)[0], sequence_logps_all(policy, ids, mask)[0]))
+    return [(name, a.mean().item(), b.mean().item()) for name, a, b in rows]
+
+
+def main(argv=None):
+    """python data.py                           show the task: the worked example and a few training pairs
+       python data.py frontier DIR...           score against KL(policy || SFT) for finished runs
+                                                (metrics.json in each DIR): the DPO paper's figure 2 in miniature
+       python data.py sample DIR --prompt "new horror film" -n 5
+                                                reviews from a trained model (DIR/model.pt), judge's score beside each
+       python data.py curves DIR --key KEY...   redraw any key of DIR/log.jsonl per step (default: loss)
+       python data.py logps DIR                 where the mass went: mean log pi(y|x) of chosen, rejected
+                                                and sampled reviews under the SFT model and DIR's policy"""
+    import argparse
     import sys
+    from model import nonneg_int, positive_float, positive_int, sample
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier"])
-    parser.add_argument("dirs", nargs="*", help="run folders holding metrics.json (frontier)")
+    parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier", "sample", "curves", "logps"])
+    parser.add_argument("dirs", nargs="*", help="run folders (what dpo.py, simpo.py or sppo.py wrote with --out)")
+    parser.add_argument("--prompt", default="new horror film", help="sample: decade genre noun (default: %(default)s)")
+    parser.add_argument("-n", type=positive_int, default=5, help="sample: how many reviews (default: %(default)s)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sample: (default: %(default)s)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="sample: the sampler's seed (default: %(default)s)")
+    parser.add_argument("--key", action="append", help="curves: a log.jsonl key, repeatable (default: loss)")
     args = parser.parse_args(argv)
+
+    def one_dir():
+        if len(args.dirs) != 1:
+            fail(f"{args.command} takes one run folder, got {len(args.dirs)}")
+        return args.dirs[0]
+
     if args.command == "frontier":
-        points = []
+        if not args.dirs:
+            fail("frontier needs at least one run folder")
+        points, problems, first = [], [], None
         for d in args.dirs:
-            try:
-                with open(os.path.join(d, "metrics.json")) as f:
-                    m = json.load(f)
-                points.append((f"{chr(ord('A') + len(points))}:{os.path.basename(os.path.normpath(d))} "
-                               f"({m['method']}{', beta ' + str(m['beta']) if 'beta' in m else ''})",
-                               float(m["kl_to_sft"]), float(m["score"])))
-            except (OSError, ValueError, KeyError) as e:
-                print(f"error: {d}: no usable metrics.json ({e})", file=sys.stderr)
-                sys.exit(2)
-        if not points:
-            print("error: frontier needs at least one run folder", file=sys.stderr)
+            m, problem = read_metrics(d)
+            if problem:
+                problems.append(problem)
+                continue
+            first = first or m
+            beta = f", beta {m['beta']}" if m.get("beta") is not None else ""
+            points.append((f"{chr(ord('A') + len(points))}:{os.path.basename(os.path.normpath(d))} "
+                           f"({m.get('method', 'run')}{beta})", float(m["kl_to_sft"]), float(m["score"])))
+        for problem in problems:                 # one line per bad folder, then no chart: a partial one misleads
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
             sys.exit(2)
-        points.insert(0, ("S:the SFT model", 0.0, float(m["sft_score"])))   # where every run starts
+        points.insert(0, ("S:the SFT model", 0.0, float(first["sft_score"])))   # where every run starts
         print("\n".join(scatter(points, "KL(policy || SFT)", "score")))
-        return
-    a, b = "the acting was great and the music superb", "a dull plot but lovely cast"
-    print(f"prompt: classic comedy film\n  a: {a}  score {score('', a):+.3f}\n  b: {b}  score {score('', b):+.3f}")
-    print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = {oracle('', a, b):.3f}")
-    task = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4))
-    print("\ntraining pairs (chosen / rejected, judge's score):")
-    for i in range(4):
-        p = task.pairs
-        print(f"  {decode(p['chosen_ids'][i][:PROMPT_LEN])}\n"
-              f"    y_w [{p['chosen_score'][i]:+.2f}] {decode(p['chosen_ids'][i][PROMPT_LEN:])}\n"
-              f"    y_l [{p['rejected_score'][i]:+.2f}] {decode(p['rejected_ids'][i][PROMPT_LEN:])}")
-    print(f"\nvocabulary: {len(VOCAB)} tokens; {len(DECADES) * len(GENRES) * len(NOUNS)} prompts")
+    elif args.command == "sample":
+        d = one_dir()
+        ids = prompt_ids(args.prompt)
+        if args.n > 10_000:
+            fail(f"-n {args.n}: at most 10000 reviews at once")
+        if args.seed >= 2**63:
+            fail(f"--seed must be below 2**63, got {args.seed}")
+        policy, _ = load_run(d)
+        reviews = sample(policy, torch.tensor([ids] * args.n), MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE,
+                         temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+        for review in reviews:
+            print(f"[{score('', decode(review)):+.2f}] {decode(review)}")
+    elif args.command == "curves":
+        d = one_dir()
+        rows = read_log(d)
+        keys = sorted({k for r in rows for k in r})
+        for key in args.key or ["loss"]:
+            if key not in keys:
+                fail(f"{os.path.join(d, 'log.jsonl')} has no key {key!r}; its keys: {', '.join(keys)}")
+            values = [r.get(key) for r in rows]
+            if not any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                fail(f"{key!r} in {os.path.join(d, 'log.jsonl')} holds no numbers")
+            values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
+            print("\n".join(chart(values, f"{key} per step ({d})")))
+            numbers = [v for v in values if v is not None]
+            tail = numbers[-max(1, len(numbers) // 10):]    # the last tenth: a batch mean is noisy, their mean less so
+            print(f"{key}: first {numbers[0]:.4g}, last {numbers[-1]:.4g}, "
+                  f"mean of the last {len(tail)} {'value' if len(tail) == 1 else 'values'} {sum(tail) / len(tail):.4g}")
+    elif args.command == "logps":
+        d = one_dir()
+        policy, run_args = load_run(d)
+        run_args = argparse.Namespace(**run_args)
+        task = Task(task_config(run_args), seed=run_args.seed)
+        sft, _ = sft_model(task, torch.device("cpu"), run_args.sft_dir, run_args.seed, run_args.sft_steps)
+        print(f"mean log pi(y|x), nats summed over the response: the SFT model, then {d}'s policy")
+        print_table(["reviews", "SFT", "policy", "change"],
+                    [[name, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+                     for name, a, b in displacement(policy, sft, task, seed=run_args.seed)])
+    else:
+        if args.dirs:
+            fail("show takes no run folder (commands: show, frontier, sample, curves, logps)")
+        a, b = "the acting was great and the music superb", "a dull plot but lovely cast"
+        print(f"prompt: classic comedy film\n  a: {a}  score {score('', a):+.3f}\n  b: {b}  score {score('', b):+.3f}")
+        print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = {oracle('', a, b):.3f}")
+        task = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4))
+        print("\ntraining pairs (chosen / rejected, judge's score):")
+        for i in range(4):
+            p = task.pairs
+            print(f"  {decode(p['chosen_ids'][i][:PROMPT_LEN])}\n"
+                  f"    y_w [{p['chosen_score'][i]:+.2f}] {decode(p['chosen_ids'][i][PROMPT_LEN:])}\n"
+                  f"    y_l [{p['rejected_score'][i]:+.2f}] {decode(p['rejected_ids'][i][PROMPT_LEN:])}")
+        print(f"\nvocabulary: {len(VOCAB)} tokens; {len(DECADES) * len(GENRES) * len(NOUNS)} prompts")
 
 
 if __name__ == "__main__":

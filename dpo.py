@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, check_loss, check_weights, frozen_copy, pair_logps,
+from model import (MemoryMeter, add_run_args, check_loss, check_weights, fail, frozen_copy, pair_logps,
                    positive_float, run, save_run)
 
 # ----------------------------------------------------------------------------------------------------
@@ -38,6 +38,10 @@ g.add_argument("--beta", type=positive_float, default=0.1,
 g.add_argument("--reference-free", action="store_true",
                help="exercise: drop pi_ref from the loss (log pi_ref = 0), so the reward is beta log pi_theta(y|x), "
                     "summed; pi_ref is still kept to evaluate against the SFT model")
+g.add_argument("--precompute-ref", action="store_true",
+               help="compute log pi_ref(y|x) of every training pair once, before the first step, instead of "
+                    "a reference forward pass in every step (TRL's precompute_ref_log_probs); pi_ref is frozen, "
+                    "so the numbers are the same up to float rounding")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -87,6 +91,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def main():
     args = parser.parse_args()
+    if args.precompute_ref and args.reference_free:
+        fail("--precompute-ref with --reference-free: there is no reference to precompute")
     start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
@@ -105,6 +111,12 @@ def main():
     n_pairs = task.pairs["chosen_ids"].shape[0]
     log_rows = []
     t0 = time.time()
+    if args.precompute_ref:
+        # pi_ref never changes, so log pi_ref(y|x) of each pair is a constant: compute all of them in one
+        # pass (no gradients, large batches) and look them up by index in the loop. Its time counts as training.
+        ref_chosen_all, ref_rejected_all, _, _ = data.pair_logps_all(ref, task.pairs, device)   # [n_pairs] each
+        ref_chosen_all, ref_rejected_all = ref_chosen_all.to(device), ref_rejected_all.to(device)
+    precompute_seconds = time.time() - t0 if args.precompute_ref else None
     bar = tqdm(range(args.steps), desc="DPO", disable=None, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, n_pairs, (args.batch_size,), generator=batch_order)
@@ -112,6 +124,8 @@ def main():
         policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
         if args.reference_free:   # exercise: log pi_ref(y|x) := 0
             ref_chosen_logps, ref_rejected_logps = torch.zeros_like(policy_chosen_logps), torch.zeros_like(policy_rejected_logps)
+        elif args.precompute_ref:   # looked up: no reference forward pass in the step
+            ref_chosen_logps, ref_rejected_logps = ref_chosen_all[idx.to(device)], ref_rejected_all[idx.to(device)]
         else:
             with torch.no_grad():   # the reference forward: DPO's extra cost per step
                 ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, **batch)
@@ -152,7 +166,8 @@ def main():
                "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
                "peak_memory_mb": memory.peak_mb(),
                **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
-               "beta": args.beta, "reference_free": args.reference_free, "lr": args.lr, "batch_size": args.batch_size,
+               "beta": args.beta, "reference_free": args.reference_free, "precompute_ref": args.precompute_ref,
+               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size,
                "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
                "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
     save_run(args.out, policy, args, metrics, log_rows)
@@ -160,6 +175,10 @@ def main():
     print()
     data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
                                  ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
+    # Both log-likelihoods usually FALL: the loss only asks the chosen one to fall less (README, "Reading your logs")
+    print("\n".join(data.chart_lines([("w", "log pi(y_w|x)", [r["logps/chosen"] for r in log_rows]),
+                                      ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
+                                     "logps/chosen and logps/rejected per step (batch means, nats)")))
     print()
     data.print_sft_vs_policy("DPO", result, metrics, sft_ranking,
                              None if args.reference_free else data.tied_reward_note("beta log pi_theta/pi_ref"))
