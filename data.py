@@ -491,11 +491,12 @@ def chart_lines(series, title, width=60, height=10):
         for col, v in enumerate(values):
             row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds the maximum
             grid[row][col] = char if grid[row][col] in (" ", char) else "*"
+    _, bar, corner, rule = chart_glyphs()
     lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {n_cols} columns)"]
     for r, cells in enumerate(grid):
-        label = f"{hi:9.3g} │" if r == 0 else (f"{lo:9.3g} │" if r == height - 1 else "          │")
+        label = f"{hi:9.3g} {bar}" if r == 0 else (f"{lo:9.3g} {bar}" if r == height - 1 else f"          {bar}")
         lines.append(label + "".join(cells))
-    lines.append("          └" + "─" * n_cols)
+    lines.append(f"          {corner}" + rule * n_cols)
     lines.append("           " + ", ".join(f"{char} = {name}" for char, name, _ in series) + ", * = both")
     return lines
 
