@@ -2394,7 +2394,7 @@ class ScriptWiring:
         return {}
 
     def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
-        (call,) = self.spy["evaluate"].calls[-1:]
+        call = self.spy["evaluate"].calls[-1]                   # (SPPO evaluates after every iteration)
         self.assertIs(call.a["policy"], self.policy, "evaluate(policy, sft, ...): the trained policy first")
         self.assertTrue(state_equal(call.a["policy"].state_dict(), self.trained.state_dict()))
         sft = call.a["sft"]
@@ -2433,6 +2433,8 @@ class ScriptWiring:
         self.assertAlmostEqual(call.a["metrics"]["win_rate_vs_sft"], self.metrics["win_rate_vs_sft"])
         self.assertAlmostEqual(call.a["result"]["sft_win_rate_vs_sft"], self.metrics["sft_win_rate_vs_sft"])
         self.assertEqual(call.a["sft_metrics"], self.sft_column())
+        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
+        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
 
 
 def heldout_logps(m, task):
