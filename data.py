@@ -26,6 +26,7 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
                  SFT data never uses. The judge ignores style; the likelihood does not.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -158,10 +159,8 @@ def cyclic_preference_prob(school_a, school_b, cycle_prob=0.9):
     n = len(SCHOOLS)
     a_beats_b = ((school_a >= 0) & (school_b >= 0) & (school_b == (school_a + 1) % n)) | ((school_a >= 0) & (school_b < 0))
     b_beats_a = ((school_a >= 0) & (school_b >= 0) & (school_a == (school_b + 1) % n)) | ((school_b >= 0) & (school_a < 0))
-    p = torch.full(torch.broadcast_shapes(school_a.shape, school_b.shape), 0.5, dtype=torch.float64)
-    p[a_beats_b.expand_as(p)] = cycle_prob
-    p[b_beats_a.expand_as(p)] = 1.0 - cycle_prob
-    return p
+    half = torch.tensor(0.5, dtype=torch.float64)
+    return torch.where(a_beats_b, cycle_prob, torch.where(b_beats_a, 1.0 - cycle_prob, half))
 
 
 def exploitability(policy_probs, prefs):
@@ -561,16 +560,28 @@ class ExactTask:
         self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config)
         self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
                        if self.config.judge == "bt" else None)                # no reward under the cyclic judge
+        self._table = None
 
     def table(self, probs=None):
         """A model.TablePolicy over the responses, starting at `probs` (default: the SFT table)."""
-        probs = self.sft_probs if probs is None else torch.as_tensor(probs, dtype=torch.float64)
-        return TablePolicy(self.responses, PROMPT_LEN, len(VOCAB), logits=probs.log().float())
+        if self._table is None:    # the prefix tree is built once; every table after is a copy with other logits
+            self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))
+        table = copy.deepcopy(self._table)
+        with torch.no_grad():
+            table.logits.copy_((self.sft_probs if probs is None else torch.as_tensor(probs, dtype=torch.float64)).log())
+        return table
 
     def sequences(self, index=None):
         """input_ids and response mask of the responses at `index` (default: all), for model.sequence_logps."""
         responses = self.responses if index is None else self.responses[index]
         return join(self.prompts.expand(responses.shape[0], -1), responses)
+
+    def index_of(self, responses):
+        """The position in the list of each response [M, L'] (token ids, EOS then padding), -1 if not listed."""
+        width = max(responses.shape[1], self.responses.shape[1])
+        pad = lambda r: torch.nn.functional.pad(r, (0, width - r.shape[1]))
+        same = (pad(responses.cpu())[:, None, :] == pad(self.responses)[None, :, :]).all(-1)   # [M, C]
+        return torch.where(same.any(-1), same.long().argmax(-1), torch.full((responses.shape[0],), -1))
 
     def pair_batch(self, chosen, rejected):
         """The pairs (x, y_w = response chosen[i], y_l = response rejected[i]) as model.pair_logps takes them."""
@@ -641,11 +652,6 @@ class ExactTask:
 
     def mean_words(self, probs):
         return (probs * self.words.double()).sum().item()
-
-
-def table_probs(table):
-    """A table policy's distribution, in float64 (for KL and exploitability)."""
-    return torch.softmax(table.logits.detach().double(), dim=0)
 
 
 def print_exact_groups(ex, named_probs, by="school"):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, atomic_write_text, frozen_copy, minimise, pair_logps, positive_float,
-                   prepare_out_dir, save_run, sequence_logps)
+                   prepare_out_dir, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -200,29 +200,27 @@ IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
 DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
 
 
-def fit_exact(ex, pairs, beta, steps, tolerance_grad=1e-7):
+def fit_exact(ex, pairs, beta, steps):
     """Minimise the expected dpo_loss over `pairs` (chosen, rejected, weights: ExactTask.population_pairs or
     .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C].
-    log pi(y|x) of all 27 reviews comes from ONE model.sequence_logps call on the table, and a pair's two
-    log-probs are two entries of it: the numbers pair_logps gives on the pairs (a test checks), 50 times cheaper."""
+    log pi(y|x) of the 27 reviews is policy.log_probs(), what model.sequence_logps returns on the table (in
+    float64), and a pair's two log-probs are two entries of it."""
     policy, ref = ex.table(), frozen_copy(ex.table())
     chosen, rejected, weights = pairs
-    ids, mask = ex.sequences()
-    with torch.no_grad():
-        ref_logps, _ = sequence_logps(ref, ids, mask)                 # [C] log pi_ref(y|x)
+    ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x)
 
     def expected_loss():
-        policy_logps, _ = sequence_logps(policy, ids, mask)           # [C] log pi_theta(y|x)
+        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
         losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected], ref_logps[chosen], ref_logps[rejected], beta)
-        return (weights * losses).sum()   # E_D[ -log sigma(...) ], the pairs weighted as drawn; float64, so no term is lost
+        return (weights * losses).sum()   # E_D[ -log sigma(...) ], D = the pairs, weighted as the data draws them
 
-    minimise(policy.parameters(), expected_loss, steps, tolerance_grad)
-    return data.table_probs(policy)
+    minimise(policy.parameters(), expected_loss, steps)
+    return policy.probs()
 
 
 def run_exact():
-    parser.set_defaults(**EXACT_DEFAULTS)   # a table is not a GPT: other defaults, same flags; parse again
-    args = parser.parse_args()
+    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
+    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
     start_time = time.time()
     cfg = data.task_config(args)
     prepare_out_dir(args.out)
@@ -247,15 +245,11 @@ def run_exact():
         columns["pi* [DPO-opt]"] = optimum
         metrics.update(kl_to_optimum=data.kl(trained, optimum), kl_to_optimum_finite_data=data.kl(finite, optimum),
                        best_mass_optimum=optimum[best].sum().item())
-        # [IPO-4.2]: the beta sweep, with this tau's noisy labels, and with deterministic ones: tau -> 0, and the
-        # pairs of two equally good reviews left out (their label is a coin flip at any tau: noise)
+        # [IPO-4.2]: the beta sweep, with this tau's noisy labels, and with deterministic ones (tau -> 0)
         sharp = data.ExactTask(dataclasses.replace(cfg, tau=DETERMINISTIC_TAU))
-        chosen, rejected, weights = sharp.population_pairs()
-        decisive = sharp.scores[chosen] != sharp.scores[rejected]
-        sharp_pairs = (chosen[decisive], rejected[decisive], weights[decisive] / weights[decisive].sum())
         sweep = [(b, fit_exact(ex, ex.population_pairs(), b, args.steps)[best].sum().item(),
                   ex.dpo_optimum(b)[best].sum().item(),
-                  fit_exact(sharp, sharp_pairs, b, args.steps, tolerance_grad=1e-12)[best].sum().item()) for b in IPO_BETAS]
+                  fit_exact(sharp, sharp.population_pairs(), b, args.steps)[best].sum().item()) for b in IPO_BETAS]
         metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
                        best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
                        best_mass_deterministic=[r[3] for r in sweep])

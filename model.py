@@ -521,9 +521,12 @@ class _Mallinfo2(ctypes.Structure):
 #     pi(y_i | x, y_<i) = (mass of the responses that start with y_<i y_i) / (mass of those that start with y_<i)
 # so the table's forward(idx) can return next-token logits, log(mass of each continuation), and then
 # sequence_logps, pair_logps and sample work on it UNCHANGED: the sum over response tokens telescopes to
-#     log pi(y|x) = theta_y - logsumexp(theta),
-# and the methods' losses train it through exactly the code path that trains the GPT. The table ignores the
-# prompt (one distribution for every x); the toy judge ignores it too, so the optima do as well.
+#     log pi(y|x) = theta_y - logsumexp(theta).
+# The scripts' --exact modes sample from it with model.sample, and the tests check that sequence_logps and
+# pair_logps on it give exactly that. To train it they read the same numbers from log_probs(), in one line and
+# in float64 (sequence_logps works in float32, which blurs a loss's last digits: the checks want the minimiser
+# to 1e-8, and a few hundred thousand evaluations to be cheap). The table ignores the prompt (one
+# distribution for every x); the toy judge ignores it too, so the optima do as well. CPU only (float64).
 
 NEVER = -1e30   # the logit of a next token that no listed response continues with (finite: no NaN gradients)
 
@@ -549,7 +552,8 @@ class TablePolicy(nn.Module):
         C, L = responses.shape
         assert len({tuple(r) for r in responses.tolist()}) == C, "the listed responses must all differ"
         self.prompt_len, self.vocab_size = prompt_len, vocab_size
-        self.logits = nn.Parameter(torch.zeros(C) if logits is None else torch.as_tensor(logits, dtype=torch.float32).clone())
+        self.logits = nn.Parameter(torch.zeros(C, dtype=torch.float64) if logits is None
+                                   else torch.as_tensor(logits, dtype=torch.float64).clone())
         self.register_buffer("responses", responses)
         # The prefix tree. node[c, j] numbers the distinct prefixes responses[c, :j], j = 0..L (node 0: the
         # empty prefix); through[n, c] says that response c starts with prefix n; child[n, v] is the prefix n
@@ -569,9 +573,14 @@ class TablePolicy(nn.Module):
         self.register_buffer("through", through)
         self.register_buffer("child", child)
 
+    def log_probs(self):
+        """log pi(y|x) of each listed response, [C], in float64: theta_y - logsumexp(theta), the number that
+        sequence_logps computes through forward (in float32) by summing log pi(y_i | x, y_<i) over y's tokens."""
+        return torch.log_softmax(self.logits, dim=0)
+
     def probs(self):
-        """pi(y) for each listed response, [C] (what sequence_logps gives, exponentiated, in one line)."""
-        return torch.softmax(self.logits, dim=0)
+        """pi(y|x) of each listed response, [C], float64, detached (for KLs, win rates, exploitability)."""
+        return torch.softmax(self.logits.detach(), dim=0)
 
     def forward(self, idx, caches=None):
         """idx [B, T] token ids -> logits [B, T, vocab]. caches: sampling's dict, which keeps the sequence so far."""
@@ -587,28 +596,29 @@ class TablePolicy(nn.Module):
         prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, torch.full_like(self.logits, NEVER)), dim=-1)
         node_logits = torch.where(self.child >= 0, prefix_mass[self.child.clamp(min=0)],
                                   torch.full_like(prefix_mass[self.child.clamp(min=0)], NEVER))   # [nodes, vocab]
-        # which prefix of the tree each position has read: position t predicts response token j = t + 1 - prompt_len
-        out = torch.zeros(B, seq.shape[1], self.vocab_size, device=idx.device, dtype=node_logits.dtype)
-        start = self.prompt_len - 1                                         # the position that predicts token 1
-        n_pos = min(seq.shape[1] - start, L)                                # prefixes of length 0..n_pos-1 to look up
-        if n_pos > 0:
-            resp = seq[:, self.prompt_len:self.prompt_len + n_pos - 1]      # [B, n_pos-1] response tokens read
-            same = resp[:, :, None] == self.responses[:, :n_pos - 1].T[None]                     # [B, n_pos-1, C]
+        # the returned positions are the last T of seq; position start + j has read the first j response tokens
+        S, start = seq.shape[1], self.prompt_len - 1
+        out = torch.zeros(B, T, self.vocab_size, device=idx.device, dtype=node_logits.dtype)
+        j0, j1 = max(S - T - start, 0), min(S - start, L)                  # prefix lengths j0..j1-1 to look up
+        if j1 > j0:
+            resp = seq[:, self.prompt_len:self.prompt_len + j1 - 1]        # [B, j1-1] the response tokens read
+            same = resp[:, :, None] == self.responses[:, :j1 - 1].T[None]  # [B, j1-1, C]
             match = torch.cat([torch.ones(B, 1, C, dtype=torch.bool, device=idx.device),
-                               same.long().cumprod(dim=1).bool()], dim=1)   # [B, n_pos, C]: response c has this prefix
-            first = match.long().argmax(-1)                                 # [B, n_pos] one response that has it
-            rows = node_logits[self.node[first, torch.arange(n_pos, device=idx.device)]]   # [B, n_pos, vocab]
-            out[:, start:start + n_pos] = torch.where(match.any(-1)[..., None], rows, torch.zeros_like(rows))
-        return out[:, -T:]
+                               same.long().cumprod(dim=1).bool()], dim=1)[:, j0:j1]   # [B, n, C]: c has this prefix
+            first = match.long().argmax(-1)                                # [B, n] one response that has it
+            rows = node_logits[self.node[first, torch.arange(j0, j1, device=idx.device)]]   # [B, n, vocab]
+            offset = start - (S - T)
+            out[:, offset + j0:offset + j1] = torch.where(match.any(-1)[..., None], rows, torch.zeros_like(rows))
+        return out
 
 
-def minimise(parameters, loss_fn, max_iter=300, tolerance_grad=1e-7):
+def minimise(parameters, loss_fn, max_iter=300, tolerance_grad=1e-10):
     """Minimise a deterministic loss (an expectation computed in full, no minibatches) by L-BFGS with a line
-    search, until no gradient entry exceeds tolerance_grad or after max_iter iterations: a table has a few
-    dozen numbers and the exact checks need its minimiser to about six digits, which Adam's fixed steps only
-    approach. tolerance_grad=0 follows a loss with no minimum as far as the arithmetic goes. Returns the loss."""
+    search, until no gradient entry exceeds tolerance_grad, the loss changes by less than 1e-15, or after
+    max_iter iterations: a table has a few dozen numbers (float64) and the exact checks need its minimiser to
+    about eight digits, which Adam's fixed steps only approach. Returns the final loss."""
     opt = torch.optim.LBFGS(parameters, lr=1.0, max_iter=max_iter, history_size=50, tolerance_grad=tolerance_grad,
-                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 from model import (MemoryMeter, add_run_args, atomic_write_text, minimise, nonneg_float, pair_logps, positive_float,
-                   prepare_out_dir, save_run, sequence_logps)
+                   prepare_out_dir, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -203,26 +203,25 @@ DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the S
 def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
     """Minimise the expected simpo_loss over `pairs` (ExactTask.population_pairs: chosen, rejected, weights)
     for a table policy that starts at the distribution `start` [C]. Returns its distribution [C].
-    log pi(y|x) and |y| of all 27 reviews come from one model.sequence_logps call on the table; a pair's
-    are two entries of each (see dpo.py's fit_exact)."""
+    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
+    float64) and |y| their number of tokens, EOS included, as sequence_logps counts it."""
     policy = ex.table(start)
     chosen, rejected, weights = pairs
-    ids, mask = ex.sequences()
+    lengths = ex.words.double() + 1 if length_norm else torch.ones(ex.n, dtype=torch.float64)   # [C] |y|
 
     def expected_loss():
-        policy_logps, lengths = sequence_logps(policy, ids, mask)     # [C] log pi_theta(y|x), [C] |y|
-        lengths = lengths if length_norm else torch.ones_like(lengths)
+        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
         losses, _, _ = simpo_loss(policy_logps[chosen], policy_logps[rejected], lengths[chosen], lengths[rejected],
                                   beta, gamma)
-        return (weights * losses).sum()   # E_D[ -log sigma(...) ], the pairs weighted as drawn (float64)
+        return (weights * losses).sum()   # E_D[ -log sigma(...) ], the pairs weighted as the data draws them
 
     minimise(policy.parameters(), expected_loss, steps)
-    return data.table_probs(policy)
+    return policy.probs()
 
 
 def run_exact():
-    parser.set_defaults(**EXACT_DEFAULTS)   # a table is not a GPT: other defaults, same flags; parse again
-    args = parser.parse_args()
+    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
+    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
     start_time = time.time()
     cfg = data.task_config(args)
     prepare_out_dir(args.out)
