@@ -42,9 +42,9 @@ g.add_argument("--reference-free", action="store_true",
                help="exercise: drop pi_ref from the loss (log pi_ref = 0), so the reward is beta log pi_theta(y|x), "
                     "summed; pi_ref is still kept to evaluate against the SFT model")
 g.add_argument("--exact", action="store_true",
-               help="check [DPO-opt] exactly: a table policy over 27 listed reviews instead of the GPT, trained "
-                    "by the same dpo_loss to its minimum (defaults become --beta 1 --steps 300, L-BFGS "
-                    "iterations; the GPT's flags are ignored); writes metrics.json only")
+               help="check [DPO-opt] exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
+                    "the same dpo_loss to its minimum; defaults become --beta 1 --steps 300 (L-BFGS iterations) "
+                    "--out out/dpo_exact, the GPT's flags are ignored, and only metrics.json is written")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -195,7 +195,8 @@ def main():
 # Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
 # worth in the game, its exploitability [Nash].
 
-EXACT_DEFAULTS = {"beta": 1.0, "steps": 300}   # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
+EXACT_DEFAULTS = {"beta": 1.0, "steps": 300,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
+                  "out": "out/dpo_exact"}
 IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
 DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
 

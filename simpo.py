@@ -44,9 +44,9 @@ g.add_argument("--no-length-norm", action="store_true",
                help="ablation: reward beta * log pi_theta(y|x), summed, not averaged; with --length-bias > 0 "
                     "the policy learns that long is good")
 g.add_argument("--exact", action="store_true",
-               help="what SimPO converges to, exactly: a table policy over 27 listed reviews instead of the GPT, "
-                    "trained by the same simpo_loss to its minimum from two starts (--steps: L-BFGS iterations, "
-                    "default 300 here; the GPT's flags are ignored); writes metrics.json only")
+               help="where SimPO ends, exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
+                    "the same simpo_loss to its minimum from two starts; defaults become --steps 300 (L-BFGS "
+                    "iterations) --out out/simpo_exact, the GPT's flags are ignored, and only metrics.json is written")
 add_run_args(parser, "simpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -196,7 +196,7 @@ def main():
 #      The run checks the gamma = 0 closed form (kl_to_closed_form_gamma0) and reports the mean length
 #      (in words) of each end.
 
-EXACT_DEFAULTS = {"steps": 300}   # L-BFGS iterations per fit; beta and gamma keep their defaults
+EXACT_DEFAULTS = {"steps": 300, "out": "out/simpo_exact"}   # steps: L-BFGS iterations per fit; beta, gamma as they are
 DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the SimPO end is compared with
 
 
@@ -258,7 +258,7 @@ def run_exact():
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", os.path.join(args.out, "metrics.json"))
 
     print()
-    data.print_exact_groups(ex, columns, by="length")
+    data.print_exact_groups(ex, columns, by="length" if ex.reward is not None else "school")   # cyclic: schools matter
     print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: one end, whatever the start")
     words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}"
     words += f", without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else \

@@ -61,10 +61,10 @@ g.add_argument("--k", type=positive_int, default=4,
                     "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
                     "(default: %(default)s)")
 g.add_argument("--exact", action="store_true",
-               help="check [SPPO-2] and [SPPO-Thm4.1] exactly: a table policy over 27 listed reviews instead of "
-                    "the GPT; each iteration fits sppo_loss to its minimum with the exact log Z, with eta/2 and with "
-                    "K samples per prompt (defaults become --eta 1 --iterations 40 --steps 50, L-BFGS iterations; "
-                    "the GPT's flags are ignored); with --judge cyclic, the game's exploitability; writes metrics.json only")
+               help="check [SPPO-2] and [SPPO-Thm4.1] exactly: a table policy over 27 listed reviews instead of the "
+                    "GPT; each iteration fits sppo_loss with the exact log Z, with eta/2 and with K samples per "
+                    "prompt; defaults become --eta 1 --iterations 40 --steps 50 (L-BFGS iterations per fit) "
+                    "--out out/sppo_exact, the GPT's flags are ignored, and only metrics.json is written")
 STEPS = {"selfplay": 40, "hard": 200}   # --steps when not given: per iteration (selfplay), in all (hard)
 add_run_args(parser, "sppo", steps=None, batch_size=64, lr=1e-3,
              steps_help=f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
@@ -417,7 +417,7 @@ def main():
 # eta ~ 1/sqrt(T), as in Theorem 4.1. steps: L-BFGS iterations per fit; 50 is plenty (a fit converges in 20 to 40)
 # except where pi_t is nearly a point mass: its regression weights pi_t(y) then span 1e-17 to 1, L-BFGS crawls,
 # and more iterations change the fit by less than 1e-6 in KL.
-EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50}
+EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50, "out": "out/sppo_exact"}
 EXACT_SAMPLE_PROMPTS = 288        # prompts for the K-sample fit: as many as the GPT task's training prompts
 
 
