@@ -24,6 +24,10 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
     pair_style   the pairs are written in another style: each pair response swaps a random fraction
                  (up to pair_style) of its neutral words for archaic ones ("verily", "forsooth") that the
                  SFT data never uses. The judge ignores style; the likelihood does not.
+
+Two more things for checking what the objectives converge to (python dpo.py --exact and the like):
+    --judge cyclic  three "schools" of reviews that beat each other in a circle (no reward can say that)
+    ExactTask       27 listed reviews, an SFT table and the judge on every pair: every expectation a sum
 """
 
 import copy
@@ -157,8 +161,9 @@ def cyclic_preference_prob(school_a, school_b, cycle_prob=0.9):
     1 - cycle_prob the other way round, 1/2 within a school. P(a > b) + P(b > a) = 1 exactly."""
     school_a, school_b = torch.as_tensor(school_a), torch.as_tensor(school_b)
     n = len(SCHOOLS)
-    a_beats_b = ((school_a >= 0) & (school_b >= 0) & (school_b == (school_a + 1) % n)) | ((school_a >= 0) & (school_b < 0))
-    b_beats_a = ((school_a >= 0) & (school_b >= 0) & (school_a == (school_b + 1) % n)) | ((school_b >= 0) & (school_a < 0))
+    has_a, has_b = school_a >= 0, school_b >= 0
+    a_beats_b = (has_a & has_b & (school_b == (school_a + 1) % n)) | (has_a & ~has_b)
+    b_beats_a = (has_a & has_b & (school_a == (school_b + 1) % n)) | (has_b & ~has_a)
     half = torch.tensor(0.5, dtype=torch.float64)
     return torch.where(a_beats_b, cycle_prob, torch.where(b_beats_a, 1.0 - cycle_prob, half))
 
@@ -534,7 +539,8 @@ SFT_SCHOOL, SFT_SCORE, SFT_LENGTH = (0.6, 0.3, 0.1), (0.25, 0.5, 0.25), (0.5, 0.
 def kl(p, q):
     """KL(p || q) = sum_y p(y) log(p(y)/q(y)) in nats, float64; terms with p(y) = 0 count 0."""
     p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
-    return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), torch.zeros_like(p)).sum().item()
+    terms = p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())
+    return torch.where(p > 0, terms, torch.zeros_like(p)).sum().item()
 
 
 class ExactTask:
@@ -549,7 +555,8 @@ class ExactTask:
                     self.texts.append(template.format(*nouns.split()))
                     sft.append(SFT_SCHOOL[school] * SFT_SCORE[level] * SFT_LENGTH[length])
         width = max(len(t.split()) for t in self.texts) + 1
-        self.responses = torch.tensor([encode(t) + [EOS_ID] + [PAD_ID] * (width - 1 - len(t.split())) for t in self.texts])
+        self.responses = torch.tensor([encode(t) + [EOS_ID] + [PAD_ID] * (width - 1 - len(t.split()))
+                                       for t in self.texts])                   # [C, 7]: EOS, then padding
         self.n = len(self.texts)                                              # C = 27
         self.sft_probs = torch.tensor(sft, dtype=torch.float64) / sum(sft)    # [C]
         self.scores = score_responses(self.responses).double()                # [C] the judge's score

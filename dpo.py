@@ -212,7 +212,8 @@ def fit_exact(ex, pairs, beta, steps):
 
     def expected_loss():
         policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
-        losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected], ref_logps[chosen], ref_logps[rejected], beta)
+        losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected],
+                                ref_logps[chosen], ref_logps[rejected], beta)
         return (weights * losses).sum()   # E_D[ -log sigma(...) ], D = the pairs, weighted as the data draws them
 
     minimise(policy.parameters(), expected_loss, steps)
@@ -237,7 +238,8 @@ def run_exact():
                "seed": args.seed, "n_pairs": cfg.n_pairs,
                "exploitability": ex.exploitability(trained), "exploitability_finite_data": ex.exploitability(finite),
                "exploitability_sft": ex.exploitability(ex.sft_probs),
-               "school_shares": ex.school_shares(trained).tolist(), "school_shares_sft": ex.school_shares(ex.sft_probs).tolist(),
+               "school_shares": ex.school_shares(trained).tolist(),
+               "school_shares_sft": ex.school_shares(ex.sft_probs).tolist(),
                "best_mass": trained[best].sum().item(), "best_mass_sft": ex.sft_probs[best].sum().item(),
                "mean_words": ex.mean_words(trained), "mean_words_sft": ex.mean_words(ex.sft_probs)}
     columns = {"pi_ref (SFT)": ex.sft_probs, "DPO, all pairs": trained, f"DPO, {cfg.n_pairs} pairs": finite}
@@ -272,7 +274,8 @@ def run_exact():
     print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

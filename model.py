@@ -593,7 +593,8 @@ class TablePolicy(nn.Module):
         C, L = self.responses.shape
         # log of the table mass of each prefix (logsumexp over the responses that start with it), and the next-token
         # logits of a prefix: the log mass of each continuation. log_softmax of them is log(mass(n v) / mass(n)).
-        prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, torch.full_like(self.logits, NEVER)), dim=-1)
+        never = torch.full_like(self.logits, NEVER)
+        prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, never), dim=-1)                 # [nodes]
         node_logits = torch.where(self.child >= 0, prefix_mass[self.child.clamp(min=0)],
                                   torch.full_like(prefix_mass[self.child.clamp(min=0)], NEVER))   # [nodes, vocab]
         # the returned positions are the last T of seq; position start + j has read the first j response tokens

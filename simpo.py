@@ -259,7 +259,8 @@ def run_exact():
 
     print()
     data.print_exact_groups(ex, columns, by="length" if ex.reward is not None else "school")   # cyclic: schools matter
-    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: one end, whatever the start")
+    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: "
+          "one end, whatever the start")
     words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}"
     words += f", without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else \
         f", with length norm {metrics['mean_words_length_norm_on']:.2f}"
@@ -271,7 +272,8 @@ def run_exact():
     print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

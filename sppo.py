@@ -411,7 +411,7 @@ def main():
 # judge the iterates move toward the best reviews; on the cyclic judge (--judge cyclic) the Nash equilibrium
 # is every policy with school shares 1/3 each [Nash], the LAST iterate of multiplicative weights circles
 # round it (and slowly spirals out), and the AVERAGE of the iterates, (1/t) sum_s pi_s, closes in on it: the
-# paper's Theorem 4.1 bounds the average, not the last iterate, at O(1/sqrt(T)) with eta ~ 1/sqrt(T).
+# paper's Theorem 4.1 [SPPO-Thm4.1] bounds the average, not the last iterate: O(1/sqrt(T)) with eta ~ 1/sqrt(T).
 # Exploitability, max_y P(y > pi) - 1/2 (data.exploitability), is 0 exactly at an equilibrium.
 
 # eta ~ 1/sqrt(T), as in Theorem 4.1. steps: L-BFGS iterations per fit; 50 is plenty (a fit converges in 20 to 40)
@@ -486,7 +486,8 @@ def run_exact():
     metrics = {"method": "sppo", "exact": True, "judge": cfg.judge, "eta": args.eta, "iterations": args.iterations,
                "k": args.k, "tau": cfg.tau, "seed": args.seed,
                "mw_kl_exact_logz": max(r["mw_kl_exact_logz"] for r in rows),
-               "exploitability_sft": ex.exploitability(iterates[0]), "best_mass_sft": iterates[0][ex.best()].sum().item(),
+               "exploitability_sft": ex.exploitability(iterates[0]),
+               "best_mass_sft": iterates[0][ex.best()].sum().item(),
                "school_shares_sft": ex.school_shares(iterates[0]).tolist(),
                **{f"{key}_per_iteration" if key == "mw_kl_exact_logz" else key: [r[key] for r in rows]
                   for key in ("mw_kl_exact_logz", "mw_kl_half", "mw_kl_k", "exploitability_last",
@@ -498,7 +499,8 @@ def run_exact():
     print()
     for key, title in (("exploitability_last", "exploitability of the last iterate pi_{t+1}"),
                        ("exploitability_average", "exploitability of the average of pi_1..pi_{t+1}")):
-        for line in data.chart([metrics["exploitability_sft"]] + metrics[key], f"{title} (first column: SFT)", height=6):
+        series = [metrics["exploitability_sft"]] + metrics[key]
+        for line in data.chart(series, f"{title} (first column: SFT)", height=6):
             print(line)
     print("\nPer iteration: KL(fit || the exact MW step [SPPO-2]) of the three fits, then the chain (fit 1).")
     shown = [r for r in rows if r["iteration"] <= 5 or r["iteration"] % 5 == 0 or r["iteration"] == len(rows)]
@@ -508,10 +510,13 @@ def run_exact():
         [[r["iteration"], f"{r['mw_kl_exact_logz']:.1e}", f"{r['mw_kl_half']:.1e}", f"{r['mw_kl_k']:.1e}",
           f"{r['best_mass']:.3f}", " / ".join(f"{x:.2f}" for x in r["school_shares"]),
           f"{r['exploitability_last']:.3f}", f"{r['exploitability_average']:.3f}"] for r in shown])
-    print(f"\nmax over iterations of KL(fit with exact log Z || MW step) = {metrics['mw_kl_exact_logz']:.1e} (goal <= 1e-4)")
-    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, last iterate {metrics['exploitability_last'][-1]:.3f}, "
+    print(f"\nmax over iterations of KL(fit with exact log Z || MW step) = {metrics['mw_kl_exact_logz']:.1e} "
+          "(goal <= 1e-4)")
+    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, "
+          f"last iterate {metrics['exploitability_last'][-1]:.3f}, "
           f"average of the iterates {metrics['exploitability_average'][-1]:.3f}")
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

@@ -1317,7 +1317,8 @@ class TestTablePolicy(unittest.TestCase):
         logps, _ = model.sequence_logps(self.table, ids, mask)
         self.assertLess(logps[0].item(), -1e29)
         self.assertLess(logps[1].item(), -1e29)
-        self.assertAlmostEqual(logps[2].item(), self.table.log_probs()[self.ex.texts.index("great plot")].item(), places=4)
+        listed = self.table.log_probs()[self.ex.texts.index("great plot")]
+        self.assertAlmostEqual(logps[2].item(), listed.item(), places=4)
 
     def test_model_sample_draws_from_the_table(self):
         n = 6000
@@ -1335,7 +1336,8 @@ class TestTablePolicy(unittest.TestCase):
     def test_minimise_finds_a_known_minimum(self):
         x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
         target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-        loss = model.minimise([x], lambda: ((x - target) ** 2 * torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)).sum())
+        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)     # an ill-conditioned quadratic
+        loss = model.minimise([x], lambda: ((x - target) ** 2 * scale).sum())
         self.assertLess(loss, 1e-15)
         torch.testing.assert_close(x.detach(), target)
 
@@ -1405,8 +1407,9 @@ class TestCyclicJudge(unittest.TestCase):
     def test_gpt_runs_refuse_the_cyclic_judge_for_now(self):
         with tempfile.TemporaryDirectory() as d:
             err = io.StringIO()
-            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
-                    mock.patch.object(sys, "argv", ["dpo.py", "--judge", "cyclic", "--out", os.path.join(d, "o"), "--device", "cpu"]):
+            argv = ["dpo.py", "--judge", "cyclic", "--out", os.path.join(d, "o"), "--device", "cpu"]
+            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err), \
+                    contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", argv):
                 dpo.main()
             self.assertEqual(cm.exception.code, 2)
             self.assertIn("--judge cyclic", err.getvalue())
@@ -1453,7 +1456,8 @@ class TestExactTask(unittest.TestCase):
             self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
             a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
             # pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
+            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
         with self.assertRaises(ValueError):
             data.ExactTask(data.TaskConfig(judge="cyclic")).dpo_optimum(1.0)
 
