@@ -24,9 +24,14 @@ Two knobs build the conditions of the SimPO write-up's claims (off by default):
     pair_style   the pairs are written in another style: each pair response swaps a random fraction
                  (up to pair_style) of its neutral words for archaic ones ("verily", "forsooth") that the
                  SFT data never uses. The judge ignores style; the likelihood does not.
+
+Two more things for checking what the objectives converge to (python dpo.py --exact and the like):
+    --judge cyclic  three "schools" of reviews that beat each other in a circle (no reward can say that)
+    ExactTask       27 listed reviews, an SFT table and the judge on every pair: every expectation a sum
 """
 
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -36,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import (fail, make_generator, model_config, pair_logps, pick_device, prepare_out_dir, progress, sample,
-                   sequence_logps_all, sft_model, swapped_weights, trim)
+from model import (TablePolicy, fail, make_generator, model_config, pair_logps, pick_device, prepare_out_dir,
+                   progress, sample, sequence_logps, sequence_logps_all, sft_model, swapped_weights, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
@@ -121,6 +126,74 @@ def oracle(prompt, response_a, response_b, tau=0.2):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A second judge: preferences that go round in a circle (--judge cyclic)
+# ----------------------------------------------------------------------------------------------------
+#
+# Bradley-Terry gives every review one number (its score) and prefers the larger, so its preferences are
+# transitive: they order the reviews in a line. Real raters need not be. The cyclic judge has three
+# "schools" of critics, told apart by the nouns a review talks about, and each school's reviews beat the next
+# school's, round the circle, like rock-paper-scissors:
+#     story beats acting, acting beats craft, craft beats story, each with probability cycle_prob (0.9).
+# No reward can represent this: a reward would need r(story) > r(acting) > r(craft) > r(story). Within a
+# school the judge calls a tie (1/2), so the game is exactly rock-paper-scissors on the school shares, and
+# its Nash equilibrium [Nash] is known in closed form: every policy whose reviews fall in the three schools
+# one third each (a review in no school loses to one in any school with probability cycle_prob, so no
+# equilibrium writes one). The words are the task's own NEUTRAL nouns: no score changes.
+
+SCHOOLS = ("story", "acting", "craft")                  # school i beats school (i + 1) % 3
+SCHOOL_WORDS = ("plot story ending", "acting cast characters", "music scenes script")
+NO_SCHOOL = -1
+_SCHOOL_OF_TOKEN = torch.full((len(VOCAB),), NO_SCHOOL, dtype=torch.long)
+for _i, _words in enumerate(SCHOOL_WORDS):
+    _SCHOOL_OF_TOKEN[torch.as_tensor(_ids(_words.split()))] = _i
+
+
+def school_of(responses):
+    """The school of each response [..., L] (token ids): the one whose nouns it uses most; NO_SCHOOL (-1)
+    if it uses none, or two schools' nouns equally often. Returns [...] (long)."""
+    responses = torch.as_tensor(responses).cpu()
+    school = _SCHOOL_OF_TOKEN[responses]                                        # [..., L]
+    counts = torch.stack([(school == i).sum(-1) for i in range(len(SCHOOLS))], dim=-1)   # [..., 3]
+    top = counts.max(-1)
+    clear = (top.values > 0) & ((counts == top.values[..., None]).sum(-1) == 1)
+    return torch.where(clear, top.indices, torch.full_like(top.indices, NO_SCHOOL))
+
+
+def cyclic_preference_prob(school_a, school_b, cycle_prob=0.9):
+    """The cyclic oracle P(a > b | x) from the schools of a and b (tensors that broadcast):
+    cycle_prob when a's school beats b's (i beats (i + 1) % 3, or a has a school and b none),
+    1 - cycle_prob the other way round, 1/2 within a school. P(a > b) + P(b > a) = 1 exactly."""
+    school_a, school_b = torch.as_tensor(school_a), torch.as_tensor(school_b)
+    n = len(SCHOOLS)
+    has_a, has_b = school_a >= 0, school_b >= 0
+    a_beats_b = (has_a & has_b & (school_b == (school_a + 1) % n)) | (has_a & ~has_b)
+    b_beats_a = (has_a & has_b & (school_a == (school_b + 1) % n)) | (has_b & ~has_a)
+    half = torch.tensor(0.5, dtype=torch.float64)
+    return torch.where(a_beats_b, cycle_prob, torch.where(b_beats_a, 1.0 - cycle_prob, half))
+
+
+def exploitability(policy_probs, prefs):
+    """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y')                                [Nash]
+    policy_probs [C] a distribution over C responses (or schools); prefs [C, C] with prefs[y, y'] = P(y > y').
+    In a symmetric constant-sum game (P(y > y') + P(y' > y) = 1), pi wins against itself exactly half the
+    time, so the best reply to pi wins at least half the time: exploitability >= 0, and it is 0 exactly when
+    no response beats pi more often than not, which is the definition of a Nash equilibrium [SPPO-1]."""
+    policy_probs = torch.as_tensor(policy_probs, dtype=torch.float64)
+    return (torch.as_tensor(prefs, dtype=torch.float64) @ policy_probs).max().item() - 0.5
+
+
+def judge_prob(responses_a, responses_b, config):
+    """P(a > b | x) under the task's judge, in float64, for response token tensors [..., L] that broadcast.
+    config.judge 'bt': the Bradley-Terry oracle sigmoid((s_a - s_b)/tau + length_bias (|a| - |b|)), the
+    probability the pairs' labels are drawn with (Task._make_pairs); 'cyclic': cyclic_preference_prob."""
+    if config.judge == "cyclic":
+        return cyclic_preference_prob(school_of(responses_a), school_of(responses_b), config.cycle_prob)
+    logit = (score_responses(responses_a).double() - score_responses(responses_b).double()) / config.tau
+    logit = logit + config.length_bias * (response_lengths(responses_a) - response_lengths(responses_b)).double()
+    return torch.sigmoid(logit)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The task: prompts, SFT demonstrations, preference pairs
 # ----------------------------------------------------------------------------------------------------
 
@@ -135,6 +208,8 @@ class TaskConfig:
     length_bias: float = 0.0       # > 0: raters prefer the longer review beyond what the score warrants
     pair_style: float = 0.0        # > 0: pair reviews use a foreign style (see the module docstring)
     demo_style_rate: float = 0.0   # how often SFT reviews use a style word
+    judge: str = "bt"              # "bt": Bradley-Terry on the score; "cyclic": the schools' circle (--judge)
+    cycle_prob: float = 0.9        # cyclic judge: how often a school's review beats the next school's
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
@@ -224,6 +299,9 @@ def add_task_args(parser):
                    help="> 0: raters prefer longer reviews by this many logits per extra word (claim c)")
     g.add_argument("--pair-style", type=float, default=TaskConfig.pair_style,
                    help="0..1: pairs written in a foreign style the judge ignores (claim a); 0 = off")
+    g.add_argument("--judge", choices=["bt", "cyclic"], default=TaskConfig.judge,
+                   help="bt: Bradley-Terry on the score (transitive); cyclic: three schools of critics that beat "
+                        "each other in a circle, which no reward can represent (with --exact) (default: %(default)s)")
     return parser
 
 
@@ -234,7 +312,9 @@ def task_config(args):
         fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
     if not math.isfinite(args.length_bias):
         fail(f"--length-bias must be a finite number, got {args.length_bias}")
-    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style)
+    if args.judge == "cyclic" and not getattr(args, "exact", False):
+        fail("--judge cyclic needs --exact for now: the GPT task labels its pairs with the Bradley-Terry judge")
+    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge)
 
 
 def start_run(args):
@@ -499,6 +579,167 @@ def chart_lines(series, title, width=60, height=10):
     lines.append(f"          {corner}" + rule * n_cols)
     lines.append("           " + ", ".join(f"{char} = {name}" for char, name, _ in series) + ", * = both")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact mode (--exact): every response listed, a table for the policy, every expectation a finite sum
+# ----------------------------------------------------------------------------------------------------
+#
+# The responses: 27 reviews, one per (school, sentiment, length), with N1 N2 N3 a school's three nouns:
+#     score +0.5   "great N1"    "great N1 lovely N2"    "great N1 lovely N2 fun N3"
+#     score  0     "the N1"      "the N1 and N2"         "the N1 and N2 and N3"
+#     score -0.5   "dull N1"     "dull N1 weak N2"       "dull N1 weak N2 bad N3"
+# Each review has one school (the cyclic judge can act), the same score at 2, 4 and 6 words (so length and
+# quality can be told apart: SimPO's claim), and its score is the task's own judge's (mean word value).
+# The SFT table, pi_ref for DPO, pi_1 for SPPO and SimPO's start, is a fixed non-uniform stand-in for the SFT
+# model: a product of three preferences, for the story school (0.6 / 0.3 / 0.1), for neutral reviews
+# (0.25 / 0.5 / 0.25 for scores +0.5 / 0 / -0.5) and for short ones (0.5 / 0.3 / 0.2 for 2 / 4 / 6 words).
+# The pairs are drawn as the GPT task draws them: two reviews from the SFT policy, labelled by sampling
+# the judge. With the Bradley-Terry judge every review's reward is known, r(y) = s(y)/tau + length_bias |y|
+# (|y| in words), so DPO's optimum pi* = pi_ref exp(r/beta)/Z [DPO-opt] is a vector we can write down.
+
+EXACT_PROMPT = "classic comedy film"    # the table ignores the prompt, and so does the judge: one is enough
+EXACT_TEMPLATES = ((0.5, ("great {0}", "great {0} lovely {1}", "great {0} lovely {1} fun {2}")),
+                   (0.0, ("the {0}", "the {0} and {1}", "the {0} and {1} and {2}")),
+                   (-0.5, ("dull {0}", "dull {0} weak {1}", "dull {0} weak {1} bad {2}")))
+SFT_SCHOOL, SFT_SCORE, SFT_LENGTH = (0.6, 0.3, 0.1), (0.25, 0.5, 0.25), (0.5, 0.3, 0.2)
+
+
+def kl(p, q):
+    """KL(p || q) = sum_y p(y) log(p(y)/q(y)) in nats, float64; terms with p(y) = 0 count 0."""
+    p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
+    terms = p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())
+    return torch.where(p > 0, terms, torch.zeros_like(p)).sum().item()
+
+
+class ExactTask:
+    """The listed responses, the SFT table, the judge's full preference matrix and the pairs, all exact."""
+
+    def __init__(self, config=None):
+        self.config = config or TaskConfig()
+        self.texts, sft = [], []
+        for school, nouns in enumerate(SCHOOL_WORDS):
+            for level, (_, templates) in enumerate(EXACT_TEMPLATES):
+                for length, template in enumerate(templates):
+                    self.texts.append(template.format(*nouns.split()))
+                    sft.append(SFT_SCHOOL[school] * SFT_SCORE[level] * SFT_LENGTH[length])
+        width = max(len(t.split()) for t in self.texts) + 1
+        self.responses = torch.tensor([encode(t) + [EOS_ID] + [PAD_ID] * (width - 1 - len(t.split()))
+                                       for t in self.texts])                   # [C, 7]: EOS, then padding
+        self.n = len(self.texts)                                              # C = 27
+        self.sft_probs = torch.tensor(sft, dtype=torch.float64) / sum(sft)    # [C]
+        self.scores = score_responses(self.responses).double()                # [C] the judge's score
+        self.words = response_lengths(self.responses)                         # [C] |y| in words
+        self.schools = school_of(self.responses)                              # [C]
+        self.prompts = torch.tensor([[BOS_ID] + encode(EXACT_PROMPT) + [SEP_ID]])
+        # prefs[a, b] = P(y_a > y_b | x), the judge on every pair: [C, C], 1/2 on the diagonal
+        self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config)
+        self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
+                       if self.config.judge == "bt" else None)                # no reward under the cyclic judge
+        self._table = None
+
+    def table(self, probs=None):
+        """A model.TablePolicy over the responses, starting at `probs` (default: the SFT table)."""
+        if self._table is None:    # the prefix tree is built once; every table after is a copy with other logits
+            self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))
+        table = copy.deepcopy(self._table)
+        with torch.no_grad():
+            table.logits.copy_((self.sft_probs if probs is None else torch.as_tensor(probs, dtype=torch.float64)).log())
+        return table
+
+    def sequences(self, index=None):
+        """input_ids and response mask of the responses at `index` (default: all), for model.sequence_logps."""
+        responses = self.responses if index is None else self.responses[index]
+        return join(self.prompts.expand(responses.shape[0], -1), responses)
+
+    def index_of(self, responses):
+        """The position in the list of each response [M, L'] (token ids, EOS then padding), -1 if not listed."""
+        width = max(responses.shape[1], self.responses.shape[1])
+        pad = lambda r: torch.nn.functional.pad(r, (0, width - r.shape[1]))
+        same = (pad(responses.cpu())[:, None, :] == pad(self.responses)[None, :, :]).all(-1)   # [M, C]
+        return torch.where(same.any(-1), same.long().argmax(-1), torch.full((responses.shape[0],), -1))
+
+    def pair_batch(self, chosen, rejected):
+        """The pairs (x, y_w = response chosen[i], y_l = response rejected[i]) as model.pair_logps takes them."""
+        (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = self.sequences(chosen), self.sequences(rejected)
+        return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+                "rejected_ids": rejected_ids, "rejected_mask": rejected_mask}
+
+    def population_pairs(self, probs=None):
+        """Every ordered pair (y_w, y_l), w != l, with its probability in the data: two reviews drawn from
+        `probs` (default: the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l), normalised
+        (pairs of one review twice are left out: their loss is the same for every policy).
+        Returns chosen [M], rejected [M] (response indices) and weights [M] (float64, summing to 1)."""
+        probs = self.sft_probs if probs is None else probs
+        w = 2 * probs[:, None] * probs[None, :] * self.prefs
+        w.fill_diagonal_(0.0)
+        chosen, rejected = w.nonzero(as_tuple=True)
+        return chosen, rejected, w[chosen, rejected] / w.sum()
+
+    def sampled_pairs(self, n, seed=0, probs=None):
+        """n pairs drawn as population_pairs describes, each label drawn from the judge (finite data):
+        the same triples, weighted by how often they were drawn (counts / n)."""
+        probs = self.sft_probs if probs is None else probs
+        rng = np.random.default_rng(seed)
+        a, b = (rng.choice(self.n, size=n, p=probs.numpy()) for _ in range(2))
+        a_wins = rng.random(n) < self.prefs[a, b].numpy()
+        counts = torch.zeros(self.n, self.n, dtype=torch.float64)
+        counts.index_put_((torch.from_numpy(np.where(a_wins, a, b)), torch.from_numpy(np.where(a_wins, b, a))),
+                          torch.ones(n, dtype=torch.float64), accumulate=True)
+        chosen, rejected = counts.nonzero(as_tuple=True)
+        return chosen, rejected, counts[chosen, rejected] / n
+
+    def dpo_optimum(self, beta, ref_probs=None):
+        """[DPO-opt] pi*(y) = pi_ref(y) exp(r(y)/beta) / Z, the KL-regularised optimum (Bradley-Terry judge)."""
+        if self.reward is None:
+            raise ValueError("the cyclic judge has no reward, so no pi*")
+        ref_probs = self.sft_probs if ref_probs is None else ref_probs
+        return torch.softmax(ref_probs.log() + self.reward / beta, dim=0)
+
+    def simpo_optimum_gamma0(self, beta):
+        """SimPO's minimiser when gamma = 0 (Bradley-Terry judge): the labels' Bradley-Terry likelihood is
+        maximised by any reward r(y) = (beta/|y|) log pi(y) equal to the true r(y) + c, and a table can take
+        every such reward, so pi(y) = exp(|y| (r(y) + c) / beta), with the one c that makes it sum to 1
+        (found by bisection: the sum grows with c). |y| counts tokens, EOS included, as sequence_logps does."""
+        if self.reward is None:
+            raise ValueError("the cyclic judge has no reward")
+        tokens = self.words.double() + 1
+        total = lambda c: torch.exp(tokens * (self.reward + c) / beta).sum().item()
+        lo, hi = -self.reward.max().item() - 50.0 * beta, -self.reward.max().item()   # total(lo) < 1 <= total(hi)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(mid) < 1 else (lo, mid)
+        return torch.exp(tokens * (self.reward + hi) / beta) / total(hi)
+
+    def win_rates(self, probs):
+        """P(y > pi) = sum_y' P(y > y') pi(y') for every listed y: [C] float64."""
+        return self.prefs @ torch.as_tensor(probs, dtype=torch.float64)
+
+    def exploitability(self, probs):
+        return exploitability(probs, self.prefs)
+
+    def best(self):
+        """[C] bool: the responses with the highest score (what the Bradley-Terry judge prefers to all others)."""
+        return self.scores == self.scores.max()
+
+    def school_shares(self, probs):
+        """[3] the mass the policy puts on each school."""
+        return torch.stack([probs[self.schools == i].sum() for i in range(len(SCHOOLS))])
+
+    def mean_words(self, probs):
+        return (probs * self.words.double()).sum().item()
+
+
+def print_exact_groups(ex, named_probs, by="school"):
+    """A small table: the mass each policy (name -> probs [C]) puts on each group of responses, grouped
+    by school and score (by='school') or by length and score (by='length')."""
+    rows = []
+    for g in range(3):
+        for level, (score, _) in enumerate(EXACT_TEMPLATES):
+            member = ((ex.schools == g) if by == "school" else (ex.words == 2 * (g + 1))) & (ex.scores == score)
+            label = f"{SCHOOLS[g] if by == 'school' else str(2 * (g + 1)) + ' words'}, score {score:+.1f}"
+            rows.append([label] + [f"{p[member].sum().item():.4f}" for p in named_probs.values()])
+    print_table([f"responses (by {by})", *named_probs], rows)
 
 
 # ----------------------------------------------------------------------------------------------------

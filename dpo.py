@@ -16,6 +16,9 @@ Adam without warm-up; the loss itself is the paper's equation 7 exactly.
 """
 
 import argparse
+import dataclasses
+import json
+import os
 import time
 
 import torch
@@ -23,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, check_loss, check_weights, fail, frozen_copy, pair_logps,
-                   positive_float, run, save_run)
+from model import (MemoryMeter, add_run_args, check_loss, check_weights, fail, frozen_copy,
+                   minimise, pair_logps, positive_float, prepare_out_dir, run, save_files, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -42,6 +45,10 @@ g.add_argument("--precompute-ref", action="store_true",
                help="compute log pi_ref(y|x) of every training pair once, before the first step, instead of "
                     "a reference forward pass in every step (TRL's precompute_ref_log_probs); pi_ref is frozen, "
                     "so the numbers are the same up to float rounding")
+g.add_argument("--exact", action="store_true",
+               help="check [DPO-opt] exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
+                    "the same dpo_loss to its minimum; defaults become --beta 1 --steps 300 (L-BFGS iterations) "
+                    "--out out/dpo_exact, the GPT's flags are ignored, and only metrics.json is written")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -93,6 +100,8 @@ def main():
     args = parser.parse_args()
     if args.precompute_ref and args.reference_free:
         fail("--precompute-ref with --reference-free: there is no reference to precompute")
+    if args.exact:
+        return run_exact()
     start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
@@ -185,6 +194,114 @@ def main():
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
           f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
           f"wrote {args.out}/metrics.json, log.jsonl, model.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact mode (--exact): the same dpo_loss on a table policy, checked against [DPO-opt]
+# ----------------------------------------------------------------------------------------------------
+#
+# The derivation above ends in a promise: with enough data, the minimiser of L_DPO is the optimum of the
+# KL-regularised RLHF problem of step 1,                                                          [DPO-opt]
+#     pi*(y|x) = pi_ref(y|x) exp( r(x, y) / beta ) / Z(x)
+# (DPO paper, section 4 and Theorem 1), where r is the reward of the Bradley-Terry model the labels come
+# from: data.py's judge draws P(a > b) = sigma((s_a - s_b)/tau), so r = s/tau up to a constant, which Z absorbs.
+# A GPT cannot be checked against that: it cannot represent every distribution, and its responses cannot be
+# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review and answers
+# pair_logps like a language model, so the loop below is the training loop's code with the GPT swapped out:
+# pair_logps, then dpo_loss, unchanged. What changes is the data and the optimiser:
+#   - the POPULATION loss: every ordered pair (y_w, y_l) weighted by its probability in the data (two reviews
+#     from pi_ref, the judge picks), E_D[...] as a finite sum; then the same with n_pairs sampled pairs;
+#   - L-BFGS on that deterministic loss (model.minimise) instead of Adam on minibatches: we want the
+#     minimiser to six digits, not a good policy in 200 steps.
+# The IPO paper's point (arXiv 2310.12036, section 4.2) [IPO-4.2]: pi* depends on tau and beta only through
+# their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
+# its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
+# P exactly 0 or 1 the loss has no minimum at all: it keeps falling as the mass moves, and training follows
+# it until float32 can no longer see it fall. The beta sweep shows both sides.
+# Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
+# worth in the game, its exploitability [Nash].
+
+EXACT_DEFAULTS = {"beta": 1.0, "steps": 300,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
+                  "out": "out/dpo_exact"}
+IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
+DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
+
+
+def fit_exact(ex, pairs, beta, steps):
+    """Minimise the expected dpo_loss over `pairs` (chosen, rejected, weights: ExactTask.population_pairs or
+    .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C].
+    log pi(y|x) of the 27 reviews is policy.log_probs(), what model.sequence_logps returns on the table (in
+    float64), and a pair's two log-probs are two entries of it."""
+    policy, ref = ex.table(), frozen_copy(ex.table())
+    chosen, rejected, weights = pairs
+    ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x)
+
+    def expected_loss():
+        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
+        losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected],
+                                ref_logps[chosen], ref_logps[rejected], beta)
+        return (weights * losses).sum()   # E_D[ -log sigma(...) ], D = the pairs, weighted as the data draws them
+
+    minimise(policy.parameters(), expected_loss, steps)
+    return policy.probs()
+
+
+def run_exact():
+    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
+    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
+    start_time = time.time()
+    cfg = data.task_config(args)
+    prepare_out_dir(args.out)
+    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
+    ex = data.ExactTask(cfg)
+    best = ex.best()
+    print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}")
+
+    # the population loss (all pairs, weighted as drawn) and n_pairs sampled pairs, both drawn from pi_ref
+    trained = fit_exact(ex, ex.population_pairs(), args.beta, args.steps)
+    finite = fit_exact(ex, ex.sampled_pairs(cfg.n_pairs, args.seed), args.beta, args.steps)
+    metrics = {"method": "dpo", "exact": True, "judge": cfg.judge, "beta": args.beta, "tau": cfg.tau,
+               "seed": args.seed, "n_pairs": cfg.n_pairs,
+               "exploitability": ex.exploitability(trained), "exploitability_finite_data": ex.exploitability(finite),
+               "exploitability_sft": ex.exploitability(ex.sft_probs),
+               "school_shares": ex.school_shares(trained).tolist(),
+               "school_shares_sft": ex.school_shares(ex.sft_probs).tolist(),
+               "best_mass": trained[best].sum().item(), "best_mass_sft": ex.sft_probs[best].sum().item(),
+               "mean_words": ex.mean_words(trained), "mean_words_sft": ex.mean_words(ex.sft_probs)}
+    columns = {"pi_ref (SFT)": ex.sft_probs, "DPO, all pairs": trained, f"DPO, {cfg.n_pairs} pairs": finite}
+    if ex.reward is not None:
+        optimum = ex.dpo_optimum(args.beta)
+        columns["pi* [DPO-opt]"] = optimum
+        metrics.update(kl_to_optimum=data.kl(trained, optimum), kl_to_optimum_finite_data=data.kl(finite, optimum),
+                       best_mass_optimum=optimum[best].sum().item())
+        # [IPO-4.2]: the beta sweep, with this tau's noisy labels, and with deterministic ones (tau -> 0)
+        sharp = data.ExactTask(dataclasses.replace(cfg, tau=DETERMINISTIC_TAU))
+        sweep = [(b, fit_exact(ex, ex.population_pairs(), b, args.steps)[best].sum().item(),
+                  ex.dpo_optimum(b)[best].sum().item(),
+                  fit_exact(sharp, sharp.population_pairs(), b, args.steps)[best].sum().item()) for b in IPO_BETAS]
+        metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
+                       best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
+                       best_mass_deterministic=[r[3] for r in sweep])
+    metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), policy_probs=trained.tolist(),
+                   wall_seconds=time.time() - start_time)
+    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+
+    print()
+    data.print_exact_groups(ex, columns)
+    print()
+    if ex.reward is not None:
+        print(f"KL(trained || pi*) = {metrics['kl_to_optimum']:.2e} nats on the population loss (goal <= 1e-3); "
+              f"{metrics['kl_to_optimum_finite_data']:.2e} from {cfg.n_pairs} sampled pairs")
+        print(f"\n[IPO-4.2] mass on the best reviews (score {ex.scores.max():+.1f}) at the minimum, by beta:")
+        data.print_table(["beta", f"tau {cfg.tau}: trained", "pi* (closed form)",
+                          f"deterministic labels (tau {DETERMINISTIC_TAU}): trained"],
+                         [[b, f"{n:.4f}", f"{o:.4f}", f"{d:.4f}"] for b, n, o, d in sweep])
+        print()
+    print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
+          f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
+          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

@@ -993,3 +993,128 @@ class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                  "fordblks", "keepcost")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. A table policy: any distribution over a finite list of responses, as a language model (--exact)
+# ----------------------------------------------------------------------------------------------------
+#
+# Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights
+# step") is about the best POLICY, not the best network. To check a claim exactly, the policy must be able
+# to represent every distribution over the responses, and the responses must be few enough to list. A table
+# of one logit per response does both: pi(y) = exp(theta_y) / sum_y' exp(theta_y').
+#
+# Why a table that looks like a language model, and not a plain vector with its own log-prob function:
+# the chain rule writes ANY distribution over a finite set of token sequences as next-token distributions,
+#     pi(y_i | x, y_<i) = (mass of the responses that start with y_<i y_i) / (mass of those that start with y_<i)
+# so the table's forward(idx) can return next-token logits, log(mass of each continuation), and then
+# sequence_logps, pair_logps and sample work on it UNCHANGED: the sum over response tokens telescopes to
+#     log pi(y|x) = theta_y - logsumexp(theta).
+# The scripts' --exact modes sample from it with model.sample, and the tests check that sequence_logps and
+# pair_logps on it give exactly that. To train it they read the same numbers from log_probs(), in one line and
+# in float64 (sequence_logps works in float32, which blurs a loss's last digits: the checks want the minimiser
+# to 1e-8, and a few hundred thousand evaluations to be cheap). The table ignores the prompt (one
+# distribution for every x); the toy judge ignores it too, so the optima do as well. CPU only (float64).
+
+NEVER = -1e30   # the logit of a next token that no listed response continues with (finite: no NaN gradients)
+
+
+class TablePolicy(nn.Module):
+    """pi(y|x) = softmax(theta)[y] over a fixed list of responses, served as a language model.
+
+    responses   [C, L] token ids, each response ending in its EOS and then padding (0), all different
+    prompt_len  number of prompt tokens before the first response token (the response starts there)
+    vocab_size  width of the logits
+    logits      [C] the starting theta (default: zeros, the uniform policy)
+    forward(idx) returns next-token logits [B, T, vocab] like GPT.forward: at every position after the prompt,
+    log of the table mass of each continuation of the prefix read so far. Logits at prompt positions are 0
+    (they are never scored: the response mask is 0 there), and a prefix that is not the start of any listed
+    response gets 0 too: the token that left the list already cost NEVER.
+    """
+
+    blocks = (None,)   # model.sample makes one cache dict per block: the table keeps the prefix read so far in it
+
+    def __init__(self, responses, prompt_len, vocab_size, logits=None):
+        super().__init__()
+        responses = torch.as_tensor(responses, dtype=torch.long).cpu()
+        C, L = responses.shape
+        assert len({tuple(r) for r in responses.tolist()}) == C, "the listed responses must all differ"
+        self.prompt_len, self.vocab_size = prompt_len, vocab_size
+        self.logits = nn.Parameter(torch.zeros(C, dtype=torch.float64) if logits is None
+                                   else torch.as_tensor(logits, dtype=torch.float64).clone())
+        self.register_buffer("responses", responses)
+        # The prefix tree. node[c, j] numbers the distinct prefixes responses[c, :j], j = 0..L (node 0: the
+        # empty prefix); through[n, c] says that response c starts with prefix n; child[n, v] is the prefix n
+        # followed by token v, or -1 if no listed response continues prefix n with v.
+        prefixes = {}
+        node = torch.zeros(C, L + 1, dtype=torch.long)
+        for c in range(C):
+            for j in range(L + 1):
+                node[c, j] = prefixes.setdefault(tuple(responses[c, :j].tolist()), len(prefixes))
+        through = torch.zeros(len(prefixes), C, dtype=torch.bool)
+        child = torch.full((len(prefixes), vocab_size), -1, dtype=torch.long)
+        for c in range(C):
+            through[node[c], c] = True
+            for j in range(L):
+                child[node[c, j], responses[c, j]] = node[c, j + 1]
+        self.register_buffer("node", node[:, :L])
+        self.register_buffer("through", through)
+        self.register_buffer("child", child)
+
+    def log_probs(self):
+        """log pi(y|x) of each listed response, [C], in float64: theta_y - logsumexp(theta), the number that
+        sequence_logps computes through forward (in float32) by summing log pi(y_i | x, y_<i) over y's tokens."""
+        return torch.log_softmax(self.logits, dim=0)
+
+    def probs(self):
+        """pi(y|x) of each listed response, [C], float64, detached (for KLs, win rates, exploitability)."""
+        return torch.softmax(self.logits.detach(), dim=0)
+
+    def forward(self, idx, caches=None):
+        """idx [B, T] token ids -> logits [B, T, vocab]. caches: sampling's dict, which keeps the sequence so far."""
+        B, T = idx.shape
+        if caches is not None:                     # sampling feeds one new token at a time: rebuild the prefix
+            seq = idx if "idx" not in caches[0] else torch.cat([caches[0]["idx"], idx], dim=1)
+            caches[0]["idx"] = seq
+        else:
+            seq = idx
+        C, L = self.responses.shape
+        # log of the table mass of each prefix (logsumexp over the responses that start with it), and the next-token
+        # logits of a prefix: the log mass of each continuation. log_softmax of them is log(mass(n v) / mass(n)).
+        never = torch.full_like(self.logits, NEVER)
+        prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, never), dim=-1)                 # [nodes]
+        node_logits = torch.where(self.child >= 0, prefix_mass[self.child.clamp(min=0)],
+                                  torch.full_like(prefix_mass[self.child.clamp(min=0)], NEVER))   # [nodes, vocab]
+        # the returned positions are the last T of seq; position start + j has read the first j response tokens
+        S, start = seq.shape[1], self.prompt_len - 1
+        out = torch.zeros(B, T, self.vocab_size, device=idx.device, dtype=node_logits.dtype)
+        j0, j1 = max(S - T - start, 0), min(S - start, L)                  # prefix lengths j0..j1-1 to look up
+        if j1 > j0:
+            resp = seq[:, self.prompt_len:self.prompt_len + j1 - 1]        # [B, j1-1] the response tokens read
+            same = resp[:, :, None] == self.responses[:, :j1 - 1].T[None]  # [B, j1-1, C]
+            match = torch.cat([torch.ones(B, 1, C, dtype=torch.bool, device=idx.device),
+                               same.long().cumprod(dim=1).bool()], dim=1)[:, j0:j1]   # [B, n, C]: c has this prefix
+            first = match.long().argmax(-1)                                # [B, n] one response that has it
+            rows = node_logits[self.node[first, torch.arange(j0, j1, device=idx.device)]]   # [B, n, vocab]
+            offset = start - (S - T)
+            out[:, offset + j0:offset + j1] = torch.where(match.any(-1)[..., None], rows, torch.zeros_like(rows))
+        return out
+
+
+def minimise(parameters, loss_fn, max_iter=300, tolerance_grad=1e-10):
+    """Minimise a deterministic loss (an expectation computed in full, no minibatches) by L-BFGS with a line
+    search, until no gradient entry exceeds tolerance_grad, the loss changes by less than 1e-15, or after
+    max_iter iterations: a table has a few dozen numbers (float64) and the exact checks need its minimiser to
+    about eight digits, which Adam's fixed steps only approach. Returns the final loss."""
+    opt = torch.optim.LBFGS(parameters, lr=1.0, max_iter=max_iter, history_size=50, tolerance_grad=tolerance_grad,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return loss_fn().item()

@@ -16,6 +16,8 @@ beta and gamma re-tuned for 0.1 M parameters (see --beta); the loss itself is th
 """
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, check_loss, check_weights, nonneg_float, pair_logps,
-                   positive_float, run, save_run)
+from model import (MemoryMeter, add_run_args, check_loss, check_weights, minimise,
+                   nonneg_float, pair_logps, positive_float, prepare_out_dir, run, save_files, save_run)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -42,6 +44,10 @@ g.add_argument("--gamma", type=nonneg_float, default=1.0,
 g.add_argument("--no-length-norm", action="store_true",
                help="ablation: reward beta * log pi_theta(y|x), summed, not averaged; with --length-bias > 0 "
                     "the policy learns that long is good")
+g.add_argument("--exact", action="store_true",
+               help="where SimPO ends, exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
+                    "the same simpo_loss to its minimum from two starts; defaults become --steps 300 (L-BFGS "
+                    "iterations) --out out/simpo_exact, the GPT's flags are ignored, and only metrics.json is written")
 add_run_args(parser, "simpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -93,6 +99,8 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejec
 
 def main():
     args = parser.parse_args()
+    if args.exact:
+        return run_exact()
     start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
@@ -169,6 +177,107 @@ def main():
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
           f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
           f"wrote {args.out}/metrics.json, log.jsonl, model.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact mode (--exact): the same simpo_loss on a table policy, and where it ends
+# ----------------------------------------------------------------------------------------------------
+#
+# DPO's loss comes with a promise, the closed-form optimum pi* (dpo.py, [DPO-opt]); SimPO's does not: with no
+# pi_ref and a margin gamma, nothing says where its minimum is. What can be shown exactly, on the 27-review
+# table of data.ExactTask trained by this file's simpo_loss on the population of pairs (all pairs, weighted
+# as the data draws them, minimised by L-BFGS: see dpo.py's exact mode):
+#   1. its end does not depend on where it starts: from the SFT table and from the uniform table, the two
+#      ends agree (start_gap = KL between them). What anchors the end is the data alone.
+#   2. how far that end is from DPO's pi* on the same data (kl_to_dpo_optimum, at dpo.py --exact's beta 1).
+#   3. what the length normalisation does when responses differ in length. With gamma = 0 the end is in
+#      closed form, and it says it all: the labels' Bradley-Terry likelihood is maximised by rewards equal
+#      to the true ones up to a constant, r_SimPO(y) = (beta/|y|) log pi(y) = r(y) + c, so
+#          pi(y) = exp( |y| (r(y) + c) / beta )        (c < -max r: it makes pi sum to 1)
+#      Two reviews of EQUAL reward get the same log-prob PER TOKEN, so the longer gets less mass: a review
+#      twice as long gets the square of the probability. Without the 1/|y| (--no-length-norm's reward,
+#      beta log pi(y)) the same argument gives pi(y) proportional to exp(r(y)/beta): length plays no part.
+#      The run checks the gamma = 0 closed form (kl_to_closed_form_gamma0) and reports the mean length
+#      (in words) of each end.
+
+EXACT_DEFAULTS = {"steps": 300, "out": "out/simpo_exact"}   # steps: L-BFGS iterations per fit; beta, gamma as they are
+DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the SimPO end is compared with
+
+
+def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
+    """Minimise the expected simpo_loss over `pairs` (ExactTask.population_pairs: chosen, rejected, weights)
+    for a table policy that starts at the distribution `start` [C]. Returns its distribution [C].
+    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
+    float64) and |y| their number of tokens, EOS included, as sequence_logps counts it."""
+    policy = ex.table(start)
+    chosen, rejected, weights = pairs
+    lengths = ex.words.double() + 1 if length_norm else torch.ones(ex.n, dtype=torch.float64)   # [C] |y|
+
+    def expected_loss():
+        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
+        losses, _, _ = simpo_loss(policy_logps[chosen], policy_logps[rejected], lengths[chosen], lengths[rejected],
+                                  beta, gamma)
+        return (weights * losses).sum()   # E_D[ -log sigma(...) ], the pairs weighted as the data draws them
+
+    minimise(policy.parameters(), expected_loss, steps)
+    return policy.probs()
+
+
+def run_exact():
+    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
+    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
+    start_time = time.time()
+    cfg = data.task_config(args)
+    prepare_out_dir(args.out)
+    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
+    ex = data.ExactTask(cfg)
+    pairs = ex.population_pairs()           # drawn from the SFT table, as the GPT task draws its pairs
+    uniform = torch.full((ex.n,), 1.0 / ex.n, dtype=torch.float64)
+    norm = not args.no_length_norm
+    print(f"exact SimPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, gamma {args.gamma}, "
+          f"length normalisation {'on' if norm else 'off'}")
+
+    from_sft = fit_exact(ex, pairs, args.beta, args.gamma, ex.sft_probs, args.steps, norm)
+    from_uniform = fit_exact(ex, pairs, args.beta, args.gamma, uniform, args.steps, norm)
+    other = fit_exact(ex, pairs, args.beta, args.gamma, ex.sft_probs, args.steps, not norm)   # the other reward
+    best = ex.best()
+    metrics = {"method": "simpo", "exact": True, "judge": cfg.judge, "beta": args.beta, "gamma": args.gamma,
+               "length_norm": norm, "tau": cfg.tau,
+               "start_gap": data.kl(from_sft, from_uniform),
+               "exploitability": ex.exploitability(from_sft), "exploitability_sft": ex.exploitability(ex.sft_probs),
+               "school_shares": ex.school_shares(from_sft).tolist(),
+               "best_mass": from_sft[best].sum().item(), "best_mass_sft": ex.sft_probs[best].sum().item(),
+               "mean_words": ex.mean_words(from_sft), "mean_words_sft": ex.mean_words(ex.sft_probs),
+               f"mean_words_length_norm_{'off' if norm else 'on'}": ex.mean_words(other)}
+    columns = {"SFT": ex.sft_probs, "SimPO from SFT": from_sft, "SimPO from uniform": from_uniform,
+               f"SimPO, length norm {'off' if norm else 'on'}": other}
+    if ex.reward is not None:
+        optimum = ex.dpo_optimum(DPO_EXACT_BETA)
+        columns[f"DPO pi* (beta {DPO_EXACT_BETA:g})"] = optimum
+        gamma0 = fit_exact(ex, pairs, args.beta, 0.0, ex.sft_probs, args.steps, length_norm=True)
+        metrics.update(kl_to_dpo_optimum=data.kl(from_sft, optimum), mean_words_dpo_optimum=ex.mean_words(optimum),
+                       kl_to_closed_form_gamma0=data.kl(gamma0, ex.simpo_optimum_gamma0(args.beta)))
+    metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), policy_probs=from_sft.tolist(),
+                   wall_seconds=time.time() - start_time)
+    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+
+    print()
+    data.print_exact_groups(ex, columns, by="length" if ex.reward is not None else "school")   # cyclic: schools matter
+    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: "
+          "one end, whatever the start")
+    words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}"
+    words += f", without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else \
+        f", with length norm {metrics['mean_words_length_norm_on']:.2f}"
+    if ex.reward is not None:
+        print(f"KL(SimPO end || DPO's pi*, beta {DPO_EXACT_BETA:g}) = {metrics['kl_to_dpo_optimum']:.3f} nats; "
+              f"gamma = 0 (length-normalised): KL(end || closed form) = {metrics['kl_to_closed_form_gamma0']:.2e}")
+        words += f", DPO's pi* {metrics['mean_words_dpo_optimum']:.2f}"
+    print(words)
+    print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
+          f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
+          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

@@ -25,15 +25,17 @@ Departures from the paper:
 """
 
 import argparse
+import json
+import os
 import time
 
 import torch
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, bounded_int, check_loss, check_weights, frozen_copy, make_generator,
-                   pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps,
-                   sequence_logps_all, trim)
+from model import (MemoryMeter, add_run_args, bounded_int, check_loss, check_weights,
+                   frozen_copy, make_generator, minimise, pair_logps, positive_float, positive_int,
+                   prepare_out_dir, run, sample, save_files, save_run, sequence_logps, sequence_logps_all, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -58,6 +60,11 @@ g.add_argument("--k", type=bounded_int(1, 64), default=4,
                help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives "
                     "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
                     "(default: %(default)s)")
+g.add_argument("--exact", action="store_true",
+               help="check [SPPO-2] and [SPPO-Thm4.1] exactly: a table policy over 27 listed reviews instead of the "
+                    "GPT; each iteration fits sppo_loss with the exact log Z, with eta/2 and with K samples per "
+                    "prompt; defaults become --eta 1 --iterations 40 --steps 50 (L-BFGS iterations per fit) "
+                    "--out out/sppo_exact, the GPT's flags are ignored, and only metrics.json is written")
 STEPS = {"selfplay": 40, "hard": 200}   # --steps when not given: per iteration (selfplay), in all (hard)
 add_run_args(parser, "sppo", steps=None, batch_size=64, lr=1e-3,
              steps_help=f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
@@ -288,6 +295,8 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
 
 def main():
     args = parser.parse_args()
+    if args.exact:
+        return run_exact()
     if args.variant == "selfplay" and args.k < 2:
         parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     if args.steps is None:
@@ -389,6 +398,135 @@ def main():
     data.print_sft_vs_policy("SPPO", result, metrics, sft_ranking, data.tied_reward_note("(1/eta) log pi_theta/pi_1"))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
           f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact mode (--exact): the same sppo_loss on a table policy, checked against [SPPO-2] and [SPPO-Thm4.1]
+# ----------------------------------------------------------------------------------------------------
+#
+# Step 4 of the derivation says: over a policy class that can represent [SPPO-2], the minimiser of the
+# regression [SPPO-4] IS the multiplicative-weights step                                         [MW-exact]
+#     pi_{t+1}(y) = pi_t(y) exp( eta P(y > pi_t) ) / Z_t,     Z_t = sum_y pi_t(y) exp( eta P(y > pi_t) )
+# because the loss is 0 there. On the 27-review table of data.ExactTask everything in it is a finite sum:
+# P(y > pi_t) = sum_y' P(y > y') pi_t(y') from the judge's full matrix, log Z_t, and the expectation over
+# y ~ pi_t. Each iteration fits three tables from the same frozen pi_t, with this file's sppo_loss, unchanged:
+#   1. [SPPO-4], exact log Z. sppo_loss's target is eta (win_prob - 1/2); handing it the shifted win rate
+#      P(y > pi_t) + 1/2 - log Z_t / eta makes that target eta P(y > pi_t) - log Z_t, [SPPO-3]'s right-hand side.
+#      Expected over y ~ pi_t: the fit should be the MW step (mw_kl_exact_logz = KL(fit || MW step)).
+#   2. [SPPO-6], log Z replaced by eta/2: win_prob = P(y > pi_t) itself. The targets then do not describe a
+#      normalised distribution, so the fit is some other one: mw_kl_half measures how far from the MW step.
+#   3. [SPPO-5] + [SPPO-6], what sppo.py does with the GPT: K responses per prompt sampled from pi_t by
+#      model.sample (the table answers like a GPT), win rates against those K, the mean loss over the samples.
+# The chain continues from fit 1 (the MW step), and reports what the theory is about: on the Bradley-Terry
+# judge the iterates move toward the best reviews; on the cyclic judge (--judge cyclic) the Nash equilibrium
+# is every policy with school shares 1/3 each [Nash], the LAST iterate of multiplicative weights circles
+# round it (and slowly spirals out), and the AVERAGE of the iterates, (1/t) sum_s pi_s, closes in on it: the
+# paper's Theorem 4.1 [SPPO-Thm4.1] bounds the average, not the last iterate: O(1/sqrt(T)) with eta ~ 1/sqrt(T).
+# Exploitability, max_y P(y > pi) - 1/2 (data.exploitability), is 0 exactly at an equilibrium.
+
+# eta ~ 1/sqrt(T), as in Theorem 4.1. steps: L-BFGS iterations per fit; 50 is plenty (a fit converges in 20 to 40)
+# except where pi_t is nearly a point mass: its regression weights pi_t(y) then span 1e-17 to 1, L-BFGS crawls,
+# and more iterations change the fit by less than 1e-6 in KL.
+EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50, "out": "out/sppo_exact"}
+EXACT_SAMPLE_PROMPTS = 288        # prompts for the K-sample fit: as many as the GPT task's training prompts
+
+
+def fit_exact(ex, pi_t, index, win_prob, weights, eta, steps):
+    """Minimise sum_i weights[i] * sppo_loss(log pi(y_i), log pi_t(y_i), win_prob[i], eta) over a table policy
+    that starts at the frozen pi_t (a TablePolicy); y_i is listed response index[i]. Returns its distribution.
+    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
+    float64); sample i's is its entry index[i]."""
+    policy = ex.table(pi_t.probs())
+    ref_logps = pi_t.log_probs()                                     # [C] log pi_t(y|x)
+
+    def expected_loss():
+        policy_logps = policy.log_probs()                            # [C] log pi_theta(y|x)
+        return (weights * sppo_loss(policy_logps[index], ref_logps[index], win_prob, eta)).sum()
+
+    minimise(policy.parameters(), expected_loss, steps)
+    return policy.probs()
+
+
+def run_exact():
+    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
+    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
+    if args.k < 2:
+        parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
+    start_time = time.time()
+    cfg = data.task_config(args)
+    prepare_out_dir(args.out)
+    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
+    ex = data.ExactTask(cfg)
+    everyone = torch.arange(ex.n)
+    sampler = make_generator(torch.device("cpu"), args.seed)
+    prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS, -1)
+    print(f"exact SPPO: a table over {ex.n} reviews, judge {cfg.judge}, eta {args.eta}, {args.iterations} iterations, "
+          f"K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts")
+
+    pi_t = frozen_copy(ex.table())                                   # pi_1 = the SFT table
+    iterates = [pi_t.probs()]
+    rows = []
+    for t in range(1, args.iterations + 1):
+        probs_t = iterates[-1]
+        win = ex.win_rates(probs_t)                                  # [C] P(y > pi_t), exact
+        log_z = torch.logsumexp(probs_t.log() + args.eta * win, dim=0)             # log Z_t, exact
+        mw_step = torch.softmax(probs_t.log() + args.eta * win, dim=0)             # [SPPO-2], exact
+        # 1. [SPPO-4] with the exact log Z, expected over y ~ pi_t
+        fit_exact_logz = fit_exact(ex, pi_t, everyone, win + 0.5 - log_z / args.eta, probs_t, args.eta, args.steps)
+        # 2. [SPPO-6]: log Z -> eta/2
+        fit_half = fit_exact(ex, pi_t, everyone, win, probs_t, args.eta, args.steps)
+        # 3. [SPPO-5] + [SPPO-6]: K samples per prompt from pi_t, win rates against those K (the self-tie included)
+        responses = sample(pi_t, prompts.repeat_interleave(args.k, dim=0), data.MAX_RESPONSE, data.EOS_ID,
+                           data.BANNED_IN_RESPONSE, generator=sampler, batch_size=prompts.shape[0] * args.k)
+        index = ex.index_of(responses).view(-1, args.k)             # [N, K] which listed review each sample is
+        win_k = ex.prefs[index[:, :, None], index[:, None, :]].mean(-1)            # [N, K] P_hat(y_i > pi_t)
+        fit_k = fit_exact(ex, pi_t, index.view(-1), win_k.view(-1),
+                          torch.full((index.numel(),), 1.0 / index.numel(), dtype=torch.float64), args.eta, args.steps)
+        iterates.append(fit_exact_logz)
+        pi_t = frozen_copy(ex.table(fit_exact_logz))                 # pi_{t+1}
+        average = torch.stack(iterates).mean(0)                      # (1/(t+1)) sum_{s <= t+1} pi_s
+        rows.append({"iteration": t, "mw_kl_exact_logz": data.kl(fit_exact_logz, mw_step),
+                     "mw_kl_half": data.kl(fit_half, mw_step), "mw_kl_k": data.kl(fit_k, mw_step),
+                     "exploitability_last": ex.exploitability(fit_exact_logz),
+                     "exploitability_average": ex.exploitability(average),
+                     "best_mass": fit_exact_logz[ex.best()].sum().item(),
+                     "school_shares": ex.school_shares(fit_exact_logz).tolist(),
+                     "school_shares_average": ex.school_shares(average).tolist()})
+
+    metrics = {"method": "sppo", "exact": True, "judge": cfg.judge, "eta": args.eta, "iterations": args.iterations,
+               "k": args.k, "tau": cfg.tau, "seed": args.seed,
+               "mw_kl_exact_logz": max(r["mw_kl_exact_logz"] for r in rows),
+               "exploitability_sft": ex.exploitability(iterates[0]),
+               "best_mass_sft": iterates[0][ex.best()].sum().item(),
+               "school_shares_sft": ex.school_shares(iterates[0]).tolist(),
+               **{f"{key}_per_iteration" if key == "mw_kl_exact_logz" else key: [r[key] for r in rows]
+                  for key in ("mw_kl_exact_logz", "mw_kl_half", "mw_kl_k", "exploitability_last",
+                              "exploitability_average", "best_mass", "school_shares", "school_shares_average")},
+               "responses": ex.texts, "sft_probs": ex.sft_probs.tolist(), "policy_probs": iterates[-1].tolist(),
+               "average_probs": torch.stack(iterates).mean(0).tolist(), "wall_seconds": time.time() - start_time}
+    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+
+    print()
+    for key, title in (("exploitability_last", "exploitability of the last iterate pi_{t+1}"),
+                       ("exploitability_average", "exploitability of the average of pi_1..pi_{t+1}")):
+        series = [metrics["exploitability_sft"]] + metrics[key]
+        for line in data.chart(series, f"{title} (first column: SFT)", height=6):
+            print(line)
+    print("\nPer iteration: KL(fit || the exact MW step [SPPO-2]) of the three fits, then the chain (fit 1).")
+    shown = [r for r in rows if r["iteration"] <= 5 or r["iteration"] % 5 == 0 or r["iteration"] == len(rows)]
+    data.print_table(
+        ["t", "exact log Z", "log Z = eta/2", f"K = {args.k} samples", "best mass", "shares (story/acting/craft)",
+         "exploit. last", "exploit. average"],
+        [[r["iteration"], f"{r['mw_kl_exact_logz']:.1e}", f"{r['mw_kl_half']:.1e}", f"{r['mw_kl_k']:.1e}",
+          f"{r['best_mass']:.3f}", " / ".join(f"{x:.2f}" for x in r["school_shares"]),
+          f"{r['exploitability_last']:.3f}", f"{r['exploitability_average']:.3f}"] for r in shown])
+    print(f"\nmax over iterations of KL(fit with exact log Z || MW step) = {metrics['mw_kl_exact_logz']:.1e} "
+          "(goal <= 1e-4)")
+    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, "
+          f"last iterate {metrics['exploitability_last'][-1]:.3f}, "
+          f"average of the iterates {metrics['exploitability_average'][-1]:.3f}")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
+          "(a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import glob
 import inspect
 import io
+import itertools
 import json
 import math
 import signal
@@ -2289,7 +2290,7 @@ class TestWiringData(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             args = argparse.Namespace(device="cpu", tau=0.3, length_bias=0.2, pair_style=0.5, seed=3, sft_steps=2,
                                       out=os.path.join(d, "out"), sft_dir=os.path.join(d, "sft"),
-                                      n_layer=1, n_head=2, n_embd=16, lr=1e-3)
+                                      n_layer=1, n_head=2, n_embd=16, lr=1e-3, judge="bt")
             small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 device, task, policy, info = data.start_run(args)
@@ -3070,6 +3071,368 @@ class TestRunCommands(unittest.TestCase):
             code, out, _ = cli(["frontier", os.path.join(d, "good")])
             self.assertEqual(code, 0)
             self.assertIn("A = good (dpo, beta 0.1): KL(policy || SFT) 1.00, score 0.500", out)
+
+
+# ====================================================================================================
+# --exact and --judge cyclic: a table policy, the cyclic judge, and what each objective converges to
+# ====================================================================================================
+
+def run_exact(module, *argv):
+    """module.main() with --exact in this process, into a temporary folder: (metrics.json, files written).
+    run_exact sets torch to one thread; the setting is put back for the tests that follow."""
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            run_main(module, ["--exact", "--out", d, *argv])
+        finally:
+            torch.set_num_threads(threads)
+        return read_json(os.path.join(d, "metrics.json")), sorted(os.listdir(d))
+
+
+def responses_of(*texts):
+    """Token tensor [N, MAX_RESPONSE] of reviews given as text (EOS, then padding)."""
+    out = torch.zeros(len(texts), data.MAX_RESPONSE, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = data.encode(text) + [data.EOS_ID]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+class TestTablePolicy(unittest.TestCase):
+    """model.TablePolicy: a distribution over listed responses that the GPT's code path reads unchanged."""
+
+    def setUp(self):
+        self.ex = data.ExactTask()
+        g = torch.Generator().manual_seed(0)
+        self.table = self.ex.table(torch.softmax(2 * torch.randn(self.ex.n, generator=g, dtype=torch.float64), 0))
+
+    def test_sequence_logps_telescope_to_the_table(self):
+        ex, table = self.ex, self.table
+        ids, mask = ex.sequences()
+        logps, lengths = model.sequence_logps(table, ids, mask)
+        want = table.logits.detach() - torch.logsumexp(table.logits.detach(), 0)      # theta_y - logsumexp(theta)
+        torch.testing.assert_close(logps.double(), want, atol=2e-5, rtol=0)
+        torch.testing.assert_close(table.log_probs().detach(), want)
+        self.assertEqual(lengths.tolist(), (ex.words + 1).float().tolist())           # |y|: words and EOS
+        # extra padding columns change nothing
+        wide_ids, wide_mask = F.pad(ids, (0, 6)), F.pad(mask, (0, 6))
+        torch.testing.assert_close(model.sequence_logps(table, wide_ids, wide_mask)[0], logps)
+        # d/dtheta of sum_y log pi(y) = 1 - C pi: the gradient flows through forward like through log_softmax
+        logps.sum().backward()
+        torch.testing.assert_close(table.logits.grad, 1 - ex.n * table.probs(), atol=1e-4, rtol=0)
+
+    def test_pair_logps_are_two_entries_of_the_table(self):
+        chosen, rejected, _ = self.ex.population_pairs()
+        pc, pr, lc, lr = model.pair_logps(self.table, **self.ex.pair_batch(chosen, rejected))
+        logps = self.table.log_probs().detach()
+        torch.testing.assert_close(pc.double(), logps[chosen], atol=2e-5, rtol=0)
+        torch.testing.assert_close(pr.double(), logps[rejected], atol=2e-5, rtol=0)
+        self.assertEqual(lc.tolist(), (self.ex.words[chosen] + 1).float().tolist())
+
+    def test_a_response_off_the_list_has_no_mass(self):
+        off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
+        ids, mask = data.join(self.ex.prompts.expand(3, -1), off)
+        logps, _ = model.sequence_logps(self.table, ids, mask)
+        self.assertLess(logps[0].item(), -1e29)
+        self.assertLess(logps[1].item(), -1e29)
+        listed = self.table.log_probs()[self.ex.texts.index("great plot")]
+        self.assertAlmostEqual(logps[2].item(), listed.item(), places=4)
+
+    def test_model_sample_draws_from_the_table(self):
+        n = 6000
+        prompts = self.ex.prompts.expand(n, -1)
+        draw = lambda cache: model.sample(self.table, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
+                                          generator=model.make_generator(CPU, 3), use_cache=cache)
+        cached = draw(True)
+        self.assertTrue(torch.equal(cached, draw(False)))        # the cache dict holds the prefix: same draws
+        index = self.ex.index_of(cached)
+        self.assertTrue((index >= 0).all())                        # every sample is a listed review
+        freq = torch.bincount(index, minlength=self.ex.n).double() / n
+        p = self.table.probs()
+        self.assertTrue(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all(), (freq - p).abs().max())
+
+    def test_minimise_finds_a_known_minimum(self):
+        x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)     # an ill-conditioned quadratic
+        loss = model.minimise([x], lambda: ((x - target) ** 2 * scale).sum())
+        self.assertLess(loss, 1e-15)
+        torch.testing.assert_close(x.detach(), target)
+
+
+class TestCyclicJudge(unittest.TestCase):
+    """data.py's cyclic judge and exploitability [Nash]."""
+
+    def test_school_is_the_nouns_a_review_uses_most(self):
+        cases = [("great plot", 0), ("the acting and cast was dull", 1), ("music scenes and the plot", 2),
+                 ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
+                 ("characters characters plot", 1)]
+        schools = data.school_of(responses_of(*[c[0] for c in cases]))
+        self.assertEqual(schools.tolist(), [c[1] for c in cases])
+        for name, words in zip(data.SCHOOLS, data.SCHOOL_WORDS):   # school words are neutral: no score changes
+            self.assertTrue(all(w in data.NEUTRAL for w in words.split()), name)
+
+    def test_the_oracle_goes_round_in_a_circle(self):
+        p = 0.9
+        s = torch.tensor([0, 1, 2, data.NO_SCHOOL])
+        prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
+        torch.testing.assert_close(prefs + prefs.T, torch.ones(4, 4, dtype=torch.float64))   # constant-sum
+        torch.testing.assert_close(prefs.diagonal(), torch.full((4,), 0.5, dtype=torch.float64))
+        for i in range(3):
+            self.assertAlmostEqual(prefs[i, (i + 1) % 3].item(), p)              # story > acting > craft > story
+            self.assertAlmostEqual(prefs[i, 3].item(), p)                        # any school beats none
+        # no reward can represent it: Bradley-Terry log-odds around any cycle add up to 0, these to 3 logit(p)
+        log_odds = lambda m, a, b: math.log(m[a, b] / m[b, a])
+        cycle = sum(log_odds(prefs, a, b) for a, b in ((0, 1), (1, 2), (2, 0)))
+        self.assertAlmostEqual(cycle, 3 * math.log(p / (1 - p)), places=9)
+        scores = torch.tensor([0.3, -0.1, 0.7])
+        bt = data.preference_prob(scores[:, None], scores[None, :], 0.2)
+        self.assertAlmostEqual(sum(log_odds(bt, a, b) for a, b in ((0, 1), (1, 2), (2, 0))), 0.0, places=4)
+
+    def test_judge_prob_on_tokens(self):
+        a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
+        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)
+        # scores 2/5 and -1/2 against 0 and 1/4; lengths 5, 2 against 2, 4
+        want = [sig((0.4 - 0.0) / 0.5 + 0.1 * 3), sig((-0.5 - 0.25) / 0.5 + 0.1 * -2)]
+        torch.testing.assert_close(data.judge_prob(a, b, cfg), torch.tensor(want, dtype=torch.float64))
+        cyc = data.judge_prob(a, b, data.TaskConfig(judge="cyclic"))             # story vs acting, craft vs story
+        torch.testing.assert_close(cyc, torch.tensor([0.9, 0.9], dtype=torch.float64))
+
+    def test_exploitability_is_zero_exactly_at_the_equilibrium(self):
+        p = 0.9
+        s = torch.arange(3)
+        prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
+        self.assertAlmostEqual(data.exploitability(torch.full((3,), 1 / 3, dtype=torch.float64), prefs), 0.0, places=12)
+        # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
+        self.assertAlmostEqual(data.exploitability([0.6, 0.3, 0.1], prefs), 0.62 - 0.5, places=12)
+        self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
+            pi = torch.softmax(torch.randn(3, generator=g), 0)
+            self.assertGreater(data.exploitability(pi, prefs), 1e-4)
+        # on the listed reviews: any table with school shares 1/3 is an equilibrium, whatever it does inside
+        ex = data.ExactTask(data.TaskConfig(judge="cyclic"))
+        inside = torch.rand(ex.n, generator=g, dtype=torch.float64)
+        for i in range(3):
+            inside[ex.schools == i] /= 3 * inside[ex.schools == i].sum()
+        self.assertAlmostEqual(ex.exploitability(inside), 0.0, places=12)
+        self.assertAlmostEqual(ex.exploitability(ex.sft_probs), 0.12, places=12)
+        # under Bradley-Terry the best review is the equilibrium: a point mass on it cannot be exploited
+        bt = data.ExactTask()
+        self.assertAlmostEqual(bt.exploitability(torch.eye(bt.n, dtype=torch.float64)[0]), 0.0, places=12)
+        self.assertGreater(bt.exploitability(bt.sft_probs), 0.1)
+
+    def test_gpt_runs_refuse_the_cyclic_judge_for_now(self):
+        with tempfile.TemporaryDirectory() as d:
+            err = io.StringIO()
+            argv = ["dpo.py", "--judge", "cyclic", "--out", os.path.join(d, "o"), "--device", "cpu"]
+            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err), \
+                    contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", argv):
+                dpo.main()
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn("--judge cyclic", err.getvalue())
+
+
+class TestExactTask(unittest.TestCase):
+    def setUp(self):
+        self.ex = data.ExactTask()
+
+    def test_the_listed_reviews(self):
+        ex = self.ex
+        self.assertEqual(ex.n, 27)
+        self.assertEqual(len(set(ex.texts)), 27)
+        cells = {(s, sc, w) for s, sc, w in zip(ex.schools.tolist(), ex.scores.tolist(), ex.words.tolist())}
+        self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
+        torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
+        self.assertAlmostEqual(ex.sft_probs.sum().item(), 1.0, places=12)
+        torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
+        torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
+        self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
+
+    def test_population_and_sampled_pairs(self):
+        ex = self.ex
+        chosen, rejected, weights = ex.population_pairs()
+        self.assertAlmostEqual(weights.sum().item(), 1.0, places=12)
+        self.assertFalse((chosen == rejected).any())
+        # one entry by hand: "great plot" chosen over "the plot": 2 pi pi P / (1 - sum pi^2)
+        w, l = ex.texts.index("great plot"), ex.texts.index("the plot")
+        want = 2 * 0.075 * 0.15 * sig(0.5 / 0.2) / (1 - (ex.sft_probs ** 2).sum().item())
+        got = weights[(chosen == w) & (rejected == l)].item()
+        self.assertAlmostEqual(got, want, places=12)
+        # many sampled pairs approach the population weights (identical pairs aside)
+        c, r, sw = ex.sampled_pairs(200_000, seed=1)
+        self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
+        sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw)
+        population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
+        same = (ex.sft_probs ** 2).sum()
+        self.assertLess((sampled.fill_diagonal_(0) / (1 - same) - population).abs().max().item(), 3e-3)
+
+    def test_dpo_optimum_closed_form(self):
+        ex = self.ex
+        for beta in (0.5, 2.0):
+            pi_star = ex.dpo_optimum(beta)
+            self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
+            a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
+            # pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
+            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
+        with self.assertRaises(ValueError):
+            data.ExactTask(data.TaskConfig(judge="cyclic")).dpo_optimum(1.0)
+
+    def test_simpo_gamma0_closed_form(self):
+        ex = self.ex
+        beta = 2.0
+        pi = ex.simpo_optimum_gamma0(beta)
+        self.assertAlmostEqual(pi.sum().item(), 1.0, places=12)
+        # the SimPO reward (beta/|y|) log pi(y) is the true reward plus one constant
+        shift = beta * pi.log() / (ex.words.double() + 1) - ex.reward
+        self.assertLess((shift - shift[0]).abs().max().item(), 1e-9)
+
+
+class TestExactDPO(unittest.TestCase):
+    """python dpo.py --exact: [DPO-opt] and [IPO-4.2] on the table, and DPO on cyclic labels."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bt, cls.bt_files = run_exact(dpo)
+        cls.cyclic, _ = run_exact(dpo, "--judge", "cyclic")
+
+    def test_population_minimum_is_pi_star(self):
+        m = self.bt
+        self.assertEqual(self.bt_files, ["metrics.json"])                # a table: no model.pt
+        self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"]), ("dpo", True, "bt", 1.0))
+        self.assertLess(m["kl_to_optimum"], 1e-6)                        # goal: 1e-3
+        # pi* by hand: pi_ref exp(s / (tau beta)) / Z
+        ex = data.ExactTask()
+        pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))
+        pi_star = pi_star / pi_star.sum()
+        self.assertLess(data.kl(torch.tensor(m["policy_probs"]), pi_star), 1e-6)
+        self.assertAlmostEqual(m["best_mass"], m["best_mass_optimum"], places=6)
+        # finite data: farther than the population's minimum, not far
+        self.assertGreater(m["kl_to_optimum_finite_data"], 100 * m["kl_to_optimum"])
+        self.assertLess(m["kl_to_optimum_finite_data"], 0.1)
+
+    def test_beta_matters_only_with_noisy_labels(self):
+        m = self.bt
+        self.assertEqual(m["ipo_betas"], list(dpo.IPO_BETAS))
+        for beta, trained, optimum in zip(m["ipo_betas"], m["best_mass_noisy"], m["best_mass_noisy_optimum"]):
+            ref = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)     # the SFT table's mass by score level
+            weight = ref * torch.exp(torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64) / (0.2 * beta))
+            self.assertAlmostEqual(optimum, (weight[0] / weight.sum()).item(), places=9)
+            self.assertAlmostEqual(trained, optimum, places=5)
+        noisy = m["best_mass_noisy"]
+        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])))    # larger beta: closer to pi_ref
+        self.assertLess(noisy[-1], 0.5)
+        self.assertTrue(all(d > 0.999 for d in m["best_mass_deterministic"]), m["best_mass_deterministic"])
+
+    def test_cyclic_labels_are_fit_with_a_line(self):
+        m = self.cyclic
+        self.assertNotIn("kl_to_optimum", m)                             # no reward, no pi*
+        ex = data.ExactTask(data.TaskConfig(judge="cyclic"))
+        pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
+        self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
+        # DPO's implicit reward beta log pi/pi_ref: one number per school (the judge ties within one), three
+        # different numbers, so the schools stand in a line, which the cycle exploits
+        reward = m["beta"] * (pi / ex.sft_probs).log()
+        per_school = []
+        for i in range(3):
+            r = reward[ex.schools == i]
+            self.assertLess((r - r[0]).abs().max().item(), 1e-6)
+            per_school.append(r[0].item())
+        self.assertGreater(min(abs(a - b) for a, b in itertools.combinations(per_school, 2)), 0.1)
+        self.assertGreater(m["exploitability"], m["exploitability_sft"])
+        self.assertGreater(m["exploitability"], 0.2)
+
+
+class TestExactSimPO(unittest.TestCase):
+    """python simpo.py --exact: one end whatever the start, and what 1/|y| does to it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m, cls.files = run_exact(simpo)
+
+    def test_one_end_whatever_the_start(self):
+        m = self.m
+        self.assertEqual(self.files, ["metrics.json"])
+        self.assertEqual((m["method"], m["beta"], m["gamma"], m["length_norm"]), ("simpo", 2.0, 1.0, True))
+        self.assertLess(m["start_gap"], 1e-8)
+        self.assertLess(m["kl_to_closed_form_gamma0"], 1e-8)
+
+    def test_length_normalisation_favours_short_reviews(self):
+        m = self.m
+        ex = data.ExactTask()
+        pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
+        # reviews that differ only in length: mass falls with length (equal reward per token)
+        for school in range(3):
+            best = pi[(ex.schools == school) & ex.best()]                # 2, 4 and 6 words, in order
+            self.assertTrue(best[0] > best[1] > best[2], best)
+        # without 1/|y| the loss cannot tell the lengths apart: equal mass, mean length 4 words exactly
+        self.assertAlmostEqual(m["mean_words_length_norm_off"], 4.0, places=6)
+        self.assertLess(m["mean_words"], m["mean_words_sft"])
+
+    def test_no_reference_no_memory_of_the_sft_table(self):
+        m = self.m
+        ex = data.ExactTask()
+        # the judge ignores schools and SimPO has no pi_ref: the SFT table's 0.6 / 0.3 / 0.1 is forgotten
+        for share in m["school_shares"]:
+            self.assertAlmostEqual(share, 1 / 3, places=6)
+        # so the end is at least as far from DPO's pi* (which keeps pi_ref's shares) as the school shares are
+        marginal = data.kl(torch.tensor(m["school_shares"]), ex.school_shares(ex.dpo_optimum(simpo.DPO_EXACT_BETA)))
+        self.assertGreater(marginal, 0.2)
+        self.assertGreaterEqual(m["kl_to_dpo_optimum"], marginal - 1e-9)
+
+
+class TestExactSPPO(unittest.TestCase):
+    """python sppo.py --exact: [MW-exact], the eta/2 and K-sample fits, and [SPPO-Thm4.1] on the cyclic judge."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bt, cls.files = run_exact(sppo, "--iterations", "6")
+        cls.cyclic, _ = run_exact(sppo, "--judge", "cyclic", "--steps", "25")   # default eta, T, K; fits cut at 25
+
+    def mw_chain(self, ex, eta, iterations):
+        """Multiplicative weights [SPPO-2] by hand, from the SFT table: pi_1, ..., pi_{T+1}."""
+        chain = [ex.sft_probs]
+        for _ in range(iterations):
+            pi = chain[-1]
+            step = pi * torch.exp(eta * (ex.prefs @ pi))
+            chain.append(step / step.sum())
+        return chain
+
+    def test_exact_log_z_fit_is_the_mw_step(self):
+        for m, judge in ((self.bt, "bt"), (self.cyclic, "cyclic")):
+            with self.subTest(judge=judge):
+                self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
+                chain = self.mw_chain(data.ExactTask(data.TaskConfig(judge=judge)), m["eta"], m["iterations"])
+                self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
+                self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
+        self.assertEqual(self.files, ["metrics.json"])
+        self.assertEqual((self.cyclic["eta"], self.cyclic["iterations"], self.cyclic["k"]), (1.0, 40, 4))
+
+    def test_half_and_sampled_fits_are_other_updates(self):
+        for m in (self.bt, self.cyclic):
+            self.assertEqual(len(m["mw_kl_half"]), m["iterations"])
+            self.assertEqual(len(m["mw_kl_k"]), m["iterations"])
+            self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
+            self.assertTrue(all(k > 1e-6 for k in m["mw_kl_k"][:5]))
+
+    def test_bradley_terry_iterates_move_to_the_best(self):
+        best = self.bt["best_mass"]
+        self.assertTrue(all(b > a for a, b in zip([self.bt["best_mass_sft"]] + best, best)), best)
+        last = self.bt["exploitability_last"]
+        self.assertTrue(all(b < a for a, b in zip(last, last[1:])), last)
+
+    def test_cyclic_last_iterate_circles_and_the_average_converges(self):
+        m = self.cyclic
+        last, average = m["exploitability_last"], m["exploitability_average"]
+        self.assertEqual(len(last), 40)
+        self.assertLessEqual(average[-1], 0.05)                          # goal: 0.05
+        self.assertGreater(min(last[20:]), 0.1)                          # the last iterate never settles
+        self.assertGreater(last[-1], m["exploitability_sft"])            # it spirals outward
+        leaders = [max(range(3), key=lambda i: s[i]) for s in m["school_shares"]]
+        changes = sum(a != b for a, b in zip(leaders, leaders[1:]))
+        self.assertGreaterEqual(changes, 3)                              # the leading school goes round
+        self.assertGreater(min(last[20:]) - average[-1], 0.05)
 
 
 if __name__ == "__main__":
