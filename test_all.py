@@ -1474,17 +1474,73 @@ class TestSPPOScript(unittest.TestCase):
 # README.md: the line ranges it cites still hold the functions it names
 # ====================================================================================================
 
+# What README.md cites by line number, in the order it cites them: (file, what). `what` is a function
+# ("def NAME"), the comment block above one ("comment NAME"), or the lines from the first match of a
+# pattern to the first match of a second one at or after it ("lines START .. END"), searched inside a
+# function when one is named (NAME: START .. END). README_CITATIONS below turns each into "lines A-B".
+README_CITED = [
+    ("model.py", "def sequence_logps"),
+    ("dpo.py", "comment dpo_loss"),
+    ("dpo.py", "dpo_loss: chosen_rewards = beta .. rejected_rewards = beta"),
+    ("dpo.py", "dpo_loss: logits = beta .. logits = beta"),
+    ("dpo.py", "dpo_loss: losses = -F.logsigmoid .. losses = -F.logsigmoid"),
+    ("dpo.py", "def dpo_loss"),
+    ("dpo.py", "main: # the reference forward .. pair_logps(ref, **batch)"),
+    ("data.py", "def ranking_metrics"),
+    ("simpo.py", "simpo_loss: chosen_rewards = beta .. rejected_rewards = beta"),
+    ("simpo.py", "simpo_loss: logits = chosen_rewards .. logits = chosen_rewards"),
+    ("simpo.py", "simpo_loss: losses = -F.logsigmoid .. losses = -F.logsigmoid"),
+    ("simpo.py", "def simpo_loss"),
+    ("simpo.py", "comment simpo_loss"),
+    ("sppo.py", "comment sppo_loss"),
+    ("sppo.py", "main: for t in range(1, iterations + 1) .. tqdm.write(msg)"),
+    ("sppo.py", "def estimate_win_rates"),
+    ("sppo.py", "def sppo_loss"),
+    ("sppo.py", "def self_play_iteration"),
+    ("sppo.py", "def sppo_hard_loss"),
+]
+
+
+def readme_citation(file, what):
+    """The "`file` lines A-B" (or "line A") that README.md should print for one entry of README_CITED."""
+    import inspect
+    module = {"model.py": model, "data.py": data, "dpo.py": dpo, "simpo.py": simpo, "sppo.py": sppo}[file]
+    with open(os.path.join(REPO, file)) as f:
+        lines = f.read().split("\n")
+    kind, _, rest = what.partition(" ")
+    if kind in ("def", "comment"):
+        body, start = inspect.getsourcelines(getattr(module, rest))
+        a, b = start, start + len(body) - 1
+        if kind == "comment":                      # the contiguous '#' block that ends just above the def
+            b = start - 1
+            while not lines[b - 1].startswith("#"):
+                b -= 1
+            a = b
+            while a > 1 and lines[a - 2].startswith("#") and not lines[a - 2].startswith("# ---"):
+                a -= 1
+    else:
+        function, _, patterns = what.partition(": ")
+        first, _, last = patterns.partition(" .. ")
+        body, start = inspect.getsourcelines(getattr(module, function))
+        span = range(start, start + len(body))
+        a = next(n for n in span if first in lines[n - 1])
+        b = next(n for n in span if n >= a and last in lines[n - 1])
+    return f"`{file}` line {a}" if a == b else f"`{file}` lines {a}-{b}"
+
+
 class TestReadmeCitations(unittest.TestCase):
     def test_cited_line_ranges_match_the_code(self):
-        import inspect
+        """Every line number README.md quotes still points at what it says (README_CITED, in order)."""
+        import re
         with open(os.path.join(REPO, "README.md")) as f:
-            readme = f.read()
-        for module, name in [(dpo, "dpo_loss"), (simpo, "simpo_loss"), (sppo, "sppo_loss"),
-                             (sppo, "sppo_hard_loss"), (sppo, "estimate_win_rates"),
-                             (sppo, "self_play_iteration"), (model, "sequence_logps"), (data, "ranking_metrics")]:
-            lines, start = inspect.getsourcelines(getattr(module, name))
-            cite = f"`{module.__name__}.py` lines {start}-{start + len(lines) - 1}"
-            self.assertTrue(cite in readme, f"README should cite {name} as {cite}")
+            found = re.findall(r"`[a-z_]+\.py` lines? \d+(?:-\d+)?", f.read())
+        expected = [readme_citation(file, what) for file, what in README_CITED]
+        wrong = [f"{what} in {file}: README says {got}, the code is at {want}"
+                 for (file, what), got, want in zip(README_CITED, found, expected) if got != want]
+        self.assertEqual(len(found), len(expected), f"README cites {len(found)} line ranges, README_CITED lists "
+                                                     f"{len(expected)}: add the new ones to README_CITED, in order")
+        self.assertTrue(not wrong, "stale line numbers in README.md:\n" + "\n".join(wrong))
+
 
 # ====================================================================================================
 # Every machine, every fault (issue 8): devices, memory, faults, the run saved whole, the shared SFT cache
