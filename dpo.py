@@ -184,7 +184,8 @@ def main():
     print()
     data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
                                  ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
-    # Both log-likelihoods usually FALL: the loss only asks the chosen one to fall less (README, "Reading your logs")
+    # Both log-likelihoods can FALL: the loss only asks the chosen one to end above the rejected one, relative to
+    # pi_ref (README, "Reading your logs", question 1)
     print("\n".join(data.chart_lines([("w", "log pi(y_w|x)", [r["logps/chosen"] for r in log_rows]),
                                       ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
                                      "logps/chosen and logps/rejected per step (batch means, nats)")))
