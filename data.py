@@ -223,6 +223,7 @@ class TaskConfig:
     judge: str = "bt"              # "bt": Bradley-Terry on the score; "cyclic": the schools' circle (--judge)
     cycle_prob: float = 0.9        # cyclic judge: how often a school's review beats the next school's
     school_shares: tuple = (0.6, 0.3, 0.1)   # cyclic judge: the schools' shares in the SFT data and the pairs
+    pair_schools: str = "sft"      # cyclic judge: "sft", pairs in the SFT shares; "uniform", one third each
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
@@ -308,7 +309,8 @@ class Task:
         a = _random_responses(rng, n, c.sentiment_rate, style[0])
         b = _random_responses(rng, n, c.sentiment_rate, style[1])
         if c.judge == "cyclic":
-            a, b = _with_schools(rng, a, c.school_shares), _with_schools(rng, b, c.school_shares)
+            shares = c.school_shares if c.pair_schools == "sft" else (1, 1, 1)
+            a, b = _with_schools(rng, a, shares), _with_schools(rng, b, shares)
             a_prob = cyclic_preference_prob(school_of(a), school_of(b), c.cycle_prob)
         else:
             logit = (score_responses(a) - score_responses(b)) / c.tau
@@ -340,7 +342,11 @@ def add_task_args(parser):
                    help="0..1: pairs written in a foreign style the judge ignores (claim a); 0 = off")
     g.add_argument("--judge", choices=["bt", "cyclic"], default=TaskConfig.judge,
                    help="bt: Bradley-Terry on the score (transitive); cyclic: three schools of critics that beat "
-                        "each other in a circle, which no reward can represent (with --exact) (default: %(default)s)")
+                        "each other in a circle, which no reward can represent (default: %(default)s)")
+    g.add_argument("--pair-schools", choices=["sft", "uniform"], default=TaskConfig.pair_schools,
+                   help="--judge cyclic: the schools of the preference pairs' reviews, in the SFT data's unequal "
+                        "shares, or one third each, so every school meets every other equally often (exercise) "
+                        "(default: %(default)s)")
     return parser
 
 
@@ -351,7 +357,8 @@ def task_config(args):
         fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
     if not math.isfinite(args.length_bias):
         fail(f"--length-bias must be a finite number, got {args.length_bias}")
-    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge)
+    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge,
+                      pair_schools=args.pair_schools)
 
 
 def start_run(args):
@@ -653,6 +660,11 @@ class ExactTask:
         self.words = response_lengths(self.responses)                         # [C] |y| in words
         self.schools = school_of(self.responses)                              # [C]
         self.prompts = torch.tensor([[BOS_ID] + encode(EXACT_PROMPT) + [SEP_ID]])
+        # the distribution the pairs' reviews are drawn from: the SFT table, or (--pair-schools uniform) the SFT
+        # table with its school shares set to 1/3 each
+        self.pair_probs = self.sft_probs
+        if self.config.pair_schools == "uniform":
+            self.pair_probs = self.sft_probs / torch.tensor(SFT_SCHOOL, dtype=torch.float64)[self.schools] / len(SCHOOLS)
         # prefs[a, b] = P(y_a > y_b | x), the judge on every pair: [C, C], 1/2 on the diagonal
         self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config)
         self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
@@ -688,10 +700,10 @@ class ExactTask:
 
     def population_pairs(self, probs=None):
         """Every ordered pair (y_w, y_l), w != l, with its probability in the data: two reviews drawn from
-        `probs` (default: the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l), normalised
-        (pairs of one review twice are left out: their loss is the same for every policy).
+        `probs` (default: pair_probs, the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l),
+        normalised (pairs of one review twice are left out: their loss is the same for every policy).
         Returns chosen [M], rejected [M] (response indices) and weights [M] (float64, summing to 1)."""
-        probs = self.sft_probs if probs is None else probs
+        probs = self.pair_probs if probs is None else probs
         w = 2 * probs[:, None] * probs[None, :] * self.prefs
         w.fill_diagonal_(0.0)
         chosen, rejected = w.nonzero(as_tuple=True)
@@ -700,7 +712,7 @@ class ExactTask:
     def sampled_pairs(self, n, seed=0, probs=None):
         """n pairs drawn as population_pairs describes, each label drawn from the judge (finite data):
         the same triples, weighted by how often they were drawn (counts / n)."""
-        probs = self.sft_probs if probs is None else probs
+        probs = self.pair_probs if probs is None else probs
         rng = np.random.default_rng(seed)
         a, b = (rng.choice(self.n, size=n, p=probs.numpy()) for _ in range(2))
         a_wins = rng.random(n) < self.prefs[a, b].numpy()

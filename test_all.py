@@ -1516,6 +1516,14 @@ class TestExactDPO(unittest.TestCase):
         self.assertGreater(m["exploitability"], m["exploitability_sft"])
         self.assertGreater(m["exploitability"], 0.2)
 
+    def test_pairs_that_meet_every_school_equally_teach_nothing(self):
+        # every school meets every other equally often and each wins its comparisons 0.9 of the time: by
+        # symmetry the Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
+        torch.testing.assert_close(ex.school_shares(ex.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
+        pi = dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)
+        torch.testing.assert_close(ex.school_shares(pi), ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
+
 
 class TestExactSimPO(unittest.TestCase):
     """python simpo.py --exact: one end whatever the start, and what 1/|y| does to it."""
