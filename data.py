@@ -182,6 +182,22 @@ def exploitability(policy_probs, prefs):
     return (torch.as_tensor(prefs, dtype=torch.float64) @ policy_probs).max().item() - 0.5
 
 
+SCHOOL_CATEGORIES = (0, 1, 2, NO_SCHOOL)   # story, acting, craft, none: every review falls in exactly one
+
+
+def school_shares(responses):
+    """The share of each of SCHOOL_CATEGORIES among responses [N, L]: [4] float64 (story, acting, craft, none)."""
+    schools = school_of(responses)
+    return torch.tensor([(schools == c).double().mean().item() for c in SCHOOL_CATEGORIES], dtype=torch.float64)
+
+
+def school_exploitability(shares, cycle_prob=0.9):
+    """Exploitability [Nash] of a policy known by its school shares [4] (school_shares): a review's chance to
+    beat the policy depends only on its school, so the best reply is one of the four categories."""
+    cats = torch.tensor(SCHOOL_CATEGORIES)
+    return exploitability(shares, cyclic_preference_prob(cats[:, None], cats[None, :], cycle_prob))
+
+
 def judge_prob(responses_a, responses_b, config):
     """P(a > b | x) under the task's judge, in float64, for response token tensors [..., L] that broadcast.
     config.judge 'bt': the Bradley-Terry oracle sigmoid((s_a - s_b)/tau + length_bias (|a| - |b|)), the
@@ -210,6 +226,8 @@ class TaskConfig:
     demo_style_rate: float = 0.0   # how often SFT reviews use a style word
     judge: str = "bt"              # "bt": Bradley-Terry on the score; "cyclic": the schools' circle (--judge)
     cycle_prob: float = 0.9        # cyclic judge: how often a school's review beats the next school's
+    school_shares: tuple = (0.6, 0.3, 0.1)   # cyclic judge: the schools' shares in the SFT data and the pairs
+    pair_schools: str = "sft"      # cyclic judge: "sft", pairs in the SFT shares; "uniform", one third each
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
@@ -229,6 +247,22 @@ def _random_responses(rng, n, sentiment_rate, style_rate):
     pos = np.arange(MAX_RESPONSE)[None, :]
     out[:, :MAX_WORDS] = np.where(pos[:, :MAX_WORDS] < lengths[:, None], words, PAD_ID)
     out[np.arange(n), lengths] = EOS_ID
+    return torch.from_numpy(out)
+
+
+def _with_schools(rng, responses, shares):
+    """--judge cyclic: give each review [n, L] a school, drawn with probabilities `shares`: every school noun it
+    has becomes one of its own school's nouns, and one word at a random position becomes one too, so its
+    school (school_of) is the one drawn. The sentiment words and the length are kept (one word may be lost
+    to the noun), so the judge's score changes little; the cyclic judge ignores it anyway."""
+    out = responses.numpy().copy()
+    n, L = out.shape
+    schools = rng.choice(len(SCHOOLS), size=n, p=np.asarray(shares, dtype=float) / sum(shares))
+    nouns = np.stack([_ids(words.split()) for words in SCHOOL_WORDS])          # [3, 3]
+    own = nouns[schools[:, None], rng.integers(0, nouns.shape[1], (n, L))]     # [n, L] a noun of each review's school
+    out = np.where(np.isin(out, nouns), own, out)
+    lengths = ((out != PAD_ID) & (out != EOS_ID)).sum(1)
+    out[np.arange(n), rng.integers(0, lengths)] = own[:, 0]
     return torch.from_numpy(out)
 
 
@@ -259,23 +293,34 @@ class Task:
 
         # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve.
         p = prompts_for(self.train_prompts, c.n_demos)
-        self.sft_ids, self.sft_mask = join(p, _random_responses(rng, c.n_demos, c.sentiment_rate, c.demo_style_rate))
+        # Under --judge cyclic every review also gets a school, in the unequal shares c.school_shares.
+        schooled = (lambda r: _with_schools(rng, r, c.school_shares)) if c.judge == "cyclic" else (lambda r: r)
+        self.sft_ids, self.sft_mask = join(p, schooled(_random_responses(rng, c.n_demos, c.sentiment_rate,
+                                                                         c.demo_style_rate)))
         p = prompts_for(self.heldout_prompts, c.n_heldout)
-        self.sft_heldout_ids, self.sft_heldout_mask = join(p, _random_responses(rng, c.n_heldout, c.sentiment_rate, c.demo_style_rate))
+        self.sft_heldout_ids, self.sft_heldout_mask = join(p, schooled(_random_responses(rng, c.n_heldout, c.sentiment_rate,
+                                                                                         c.demo_style_rate)))
         self.pairs = self._make_pairs(rng, self.train_prompts, c.n_pairs)
         self.heldout_pairs = self._make_pairs(rng, self.heldout_prompts, c.n_heldout)
 
     def _make_pairs(self, rng, pool, n):
         """n preference pairs (x, y_w, y_l): two SFT-like reviews of one prompt, labelled by SAMPLING the
-        oracle (so about one label in five goes against the score, like noisy raters)."""
+        oracle (so about one label in five goes against the score, like noisy raters). Under --judge cyclic
+        the reviews have schools, in the SFT data's shares, and the cyclic oracle labels them."""
         c = self.config
         prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
         style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
         a = _random_responses(rng, n, c.sentiment_rate, style[0])
         b = _random_responses(rng, n, c.sentiment_rate, style[1])
-        logit = (score_responses(a) - score_responses(b)) / c.tau
-        logit = logit + c.length_bias * (response_lengths(a) - response_lengths(b)).float()
-        a_wins = torch.from_numpy(rng.random(n)) < torch.sigmoid(logit.double())
+        if c.judge == "cyclic":
+            shares = c.school_shares if c.pair_schools == "sft" else (1, 1, 1)
+            a, b = _with_schools(rng, a, shares), _with_schools(rng, b, shares)
+            a_prob = cyclic_preference_prob(school_of(a), school_of(b), c.cycle_prob)
+        else:
+            logit = (score_responses(a) - score_responses(b)) / c.tau
+            logit = logit + c.length_bias * (response_lengths(a) - response_lengths(b)).float()
+            a_prob = torch.sigmoid(logit.double())
+        a_wins = torch.from_numpy(rng.random(n)) < a_prob
         chosen = torch.where(a_wins[:, None], a, b)
         rejected = torch.where(a_wins[:, None], b, a)
         chosen_ids, chosen_mask = join(prompts, chosen)
@@ -301,7 +346,11 @@ def add_task_args(parser):
                    help="0..1: pairs written in a foreign style the judge ignores (claim a); 0 = off")
     g.add_argument("--judge", choices=["bt", "cyclic"], default=TaskConfig.judge,
                    help="bt: Bradley-Terry on the score (transitive); cyclic: three schools of critics that beat "
-                        "each other in a circle, which no reward can represent (with --exact) (default: %(default)s)")
+                        "each other in a circle, which no reward can represent (default: %(default)s)")
+    g.add_argument("--pair-schools", choices=["sft", "uniform"], default=TaskConfig.pair_schools,
+                   help="--judge cyclic: the schools of the preference pairs' reviews, in the SFT data's unequal "
+                        "shares, or one third each, so every school meets every other equally often (exercise) "
+                        "(default: %(default)s)")
     return parser
 
 
@@ -312,9 +361,8 @@ def task_config(args):
         fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
     if not math.isfinite(args.length_bias):
         fail(f"--length-bias must be a finite number, got {args.length_bias}")
-    if args.judge == "cyclic" and not getattr(args, "exact", False):
-        fail("--judge cyclic needs --exact for now: the GPT task labels its pairs with the Bradley-Terry judge")
-    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge)
+    return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge,
+                      pair_schools=args.pair_schools)
 
 
 def start_run(args):
@@ -385,14 +433,26 @@ def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.
         lp_base, _ = sequence_logps_all(base_model, ids, mask)   # the POLICY's samples, scored by the baseline
         yb_self = draw(base_model, seed) if baseline_vs_itself else None
     s_policy, s_base = score_responses(ys), score_responses(yb)
-    out = {"win_rate": preference_prob(s_policy, s_base, task.config.tau).mean().item(),
+    cyclic = task.config.judge == "cyclic"
+
+    def win_prob(a, b):   # P(a > b | x) under the run's judge, sample by sample
+        if cyclic:
+            return cyclic_preference_prob(school_of(a), school_of(b), task.config.cycle_prob)
+        return preference_prob(score_responses(a), score_responses(b), task.config.tau)
+
+    out = {"win_rate": win_prob(ys, yb).mean().item(),
            "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
            "length": response_lengths(ys).float().mean().item(),
            "baseline_length": response_lengths(yb).float().mean().item(),
            "kl": (lp_policy - lp_base).mean().item(),
            "samples": ys.cpu(), "baseline_samples": yb.cpu(), "prompts": prompts.cpu()}
     if baseline_vs_itself:
-        out["baseline_win_rate"] = preference_prob(score_responses(yb_self), s_base, task.config.tau).mean().item()
+        out["baseline_win_rate"] = win_prob(yb_self, yb).mean().item()
+    if cyclic:   # where the game is cyclic: the school shares of both sample sets, and their exploitability [Nash]
+        for prefix, samples in (("", ys), ("baseline_", yb)):
+            shares = school_shares(samples)
+            out[prefix + "school_shares"] = shares.tolist()
+            out[prefix + "exploitability"] = school_exploitability(shares, task.config.cycle_prob)
     return out
 
 
@@ -400,10 +460,27 @@ def evaluate(policy, sft, task, device, n_samples=512, seed=0):
     """The run contract's evaluation: the trained policy against the SFT model on held-out prompts, and the
     SFT model against itself the same way (sft_win_rate_vs_sft: 1/2 up to sampling noise)."""
     r = head_to_head(policy, sft, task, device, n_samples, seed=10_000 + seed, baseline_vs_itself=True)
-    return {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
-            "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
-            "sft_win_rate_vs_sft": r["baseline_win_rate"],
-            "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
+    out = {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
+           "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
+           "sft_win_rate_vs_sft": r["baseline_win_rate"],
+           "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
+    if "exploitability" in r:   # --judge cyclic
+        out.update(school_shares=r["school_shares"], exploitability=r["exploitability"],
+                   sft_school_shares=r["baseline_school_shares"], sft_exploitability=r["baseline_exploitability"])
+    return out
+
+
+@torch.no_grad()
+def sample_mixture(models, prompts, generator):
+    """One response per prompt row from the AVERAGE of `models` (SPPO's average of the iterates): each row picks
+    one model uniformly at random, then samples from it. Returns responses [N, MAX_RESPONSE] and the picks [N]."""
+    pick = torch.randint(len(models), (prompts.shape[0],), generator=generator, device=prompts.device)
+    responses = torch.zeros(prompts.shape[0], MAX_RESPONSE, dtype=torch.long, device=prompts.device)
+    for i, m in enumerate(models):
+        rows = (pick == i).nonzero().squeeze(1)
+        if len(rows):
+            responses[rows] = sample(m, prompts[rows], MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, generator=generator)
+    return responses.cpu(), pick.cpu()
 
 
 def pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
@@ -511,7 +588,14 @@ def print_sft_vs_policy(method, result, metrics, sft_metrics=None, note=None):
     the SFT model; `note`, if given, is printed under the table."""
     sft_row = {"win_rate_vs_sft": result["sft_win_rate_vs_sft"], "score": result["sft_score"],
                "length": result["sft_length"], "kl_to_sft": 0.0, **(sft_metrics or {})}
-    print_before_after(sft_row, metrics)
+    if "exploitability" in result:   # --judge cyclic: the game's numbers too
+        sft_row["exploitability"] = result["sft_exploitability"]
+        print_before_after(sft_row, metrics, SUMMARY_ROWS + [("exploitability", "exploitability", "{:.3f}")])
+        shares = lambda v: " / ".join(f"{x:.2f}" for x in v)
+        print(f"school shares (story / acting / craft / none): SFT {shares(result['sft_school_shares'])}, "
+              f"{method} {shares(result['school_shares'])}")
+    else:
+        print_before_after(sft_row, metrics)
     if note:
         print(note)
     print(f"\nHeld-out completions, SFT model and {method} policy (judge's score in brackets):")
@@ -523,6 +607,22 @@ def print_curves(log_rows, curves):
     for key, title in curves:
         for line in chart([r[key] for r in log_rows if key in r], title):
             print(line)
+
+
+def shares_chart(shares, title, height=11, letters="sac"):
+    """School shares per iteration [T][>= 3] as three lines of letters (s story, a acting, c craft; * where two
+    meet), one column per iteration, share 0 at the bottom and 1 at the top. Returns the lines."""
+    grid = [[" "] * len(shares) for _ in range(height)]
+    for col, row_shares in enumerate(shares):
+        for letter, share in zip(letters, row_shares):
+            row = height - 1 - round(float(share) * (height - 1))
+            grid[row][col] = letter if grid[row][col] == " " else "*"
+    lines = [f"{title}  ({', '.join(f'{l} {n}' for l, n in zip(letters, SCHOOLS))})"]
+    for r, cells in enumerate(grid):
+        lines.append((" 1.0 │" if r == 0 else " 0.0 │" if r == height - 1 else "     │") + " ".join(cells))
+    lines.append("     └" + "─" * (2 * len(shares) - 1))
+    lines.append("      " + " ".join(str(t % 10) for t in range(len(shares))) + "   iteration")
+    return lines
 
 
 def scatter(points, x_title, y_title, width=56, height=14):
@@ -632,6 +732,11 @@ class ExactTask:
         self.words = response_lengths(self.responses)                         # [C] |y| in words
         self.schools = school_of(self.responses)                              # [C]
         self.prompts = torch.tensor([[BOS_ID] + encode(EXACT_PROMPT) + [SEP_ID]])
+        # the distribution the pairs' reviews are drawn from: the SFT table, or (--pair-schools uniform) the SFT
+        # table with its school shares set to 1/3 each
+        self.pair_probs = self.sft_probs
+        if self.config.pair_schools == "uniform":
+            self.pair_probs = self.sft_probs / torch.tensor(SFT_SCHOOL, dtype=torch.float64)[self.schools] / len(SCHOOLS)
         # prefs[a, b] = P(y_a > y_b | x), the judge on every pair: [C, C], 1/2 on the diagonal
         self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config)
         self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
@@ -667,10 +772,10 @@ class ExactTask:
 
     def population_pairs(self, probs=None):
         """Every ordered pair (y_w, y_l), w != l, with its probability in the data: two reviews drawn from
-        `probs` (default: the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l), normalised
-        (pairs of one review twice are left out: their loss is the same for every policy).
+        `probs` (default: pair_probs, the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l),
+        normalised (pairs of one review twice are left out: their loss is the same for every policy).
         Returns chosen [M], rejected [M] (response indices) and weights [M] (float64, summing to 1)."""
-        probs = self.sft_probs if probs is None else probs
+        probs = self.pair_probs if probs is None else probs
         w = 2 * probs[:, None] * probs[None, :] * self.prefs
         w.fill_diagonal_(0.0)
         chosen, rejected = w.nonzero(as_tuple=True)
@@ -679,7 +784,7 @@ class ExactTask:
     def sampled_pairs(self, n, seed=0, probs=None):
         """n pairs drawn as population_pairs describes, each label drawn from the judge (finite data):
         the same triples, weighted by how often they were drawn (counts / n)."""
-        probs = self.sft_probs if probs is None else probs
+        probs = self.pair_probs if probs is None else probs
         rng = np.random.default_rng(seed)
         a, b = (rng.choice(self.n, size=n, p=probs.numpy()) for _ in range(2))
         a_wins = rng.random(n) < self.prefs[a, b].numpy()

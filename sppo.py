@@ -165,14 +165,18 @@ def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
             + sppo_loss(policy_rejected_logps, ref_rejected_logps, 0.0, eta))
 
 
-def estimate_win_rates(scores, tau):
+def estimate_win_rates(scores, tau, prefs=None):
     """[SPPO-5]: each sample's win rate against the K samples of its prompt, itself included (a tie, 1/2).
 
     scores  [N, K]  the judge's hidden score of K responses to each of N prompts
+    prefs   [N, K, K]  optional: the oracle's P(y_i > y_j|x) when it is not Bradley-Terry on the scores
+                    (--judge cyclic: data.cyclic_preference_prob of the samples' schools)
     returns [N, K]  P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), with P the oracle data.preference_prob
     Each row averages to exactly 1/2, since P(y_i > y_j) + P(y_j > y_i) = 1.
     """
-    prefs = data.preference_prob(scores[:, :, None], scores[:, None, :], tau)   # [N, K, K]: P(y_i > y_j | x)
+    if prefs is None:
+        prefs = data.preference_prob(scores[:, :, None], scores[:, None, :], tau)   # [N, K, K]: P(y_i > y_j | x)
+    prefs = prefs.clone()
     prefs.diagonal(dim1=1, dim2=2).fill_(0.5)   # a tie with itself (Bradley-Terry gives 1/2 anyway; any oracle must)
     return prefs.mean(-1)
 
@@ -196,7 +200,7 @@ def sample_responses(pi_t, prompts, k, sampler, device, desc="sampling", quiet=F
 
 
 def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch_size, lr, device, sampler,
-                        batch_order, log_rows, memory=None, quiet=False):
+                        batch_order, log_rows, memory=None, quiet=False, judge="bt", cycle_prob=0.9):
     """One iteration t of Algorithm 1: freeze pi_t (= the policy as it stands), sample K responses per
     prompt from it, estimate win rates [SPPO-5], and fit the policy, which becomes pi_{t+1}, by minimising
     [SPPO-6] over those samples for `steps` Adam steps (a fresh optimiser, as each official iteration is a
@@ -206,7 +210,11 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch
     rows, responses = sample_responses(pi_t, prompts, k, sampler, device,
                                        desc=f"iteration {iteration}: sampling", quiet=quiet)
     scores = data.score_responses(responses).view(-1, k)             # the judge, [N, K]
-    win_prob = estimate_win_rates(scores, tau).view(-1).to(device)   # [SPPO-5], [N*K]
+    prefs = None
+    if judge == "cyclic":                                            # the cyclic oracle: schools, not scores
+        schools = data.school_of(responses).view(-1, k)
+        prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :], cycle_prob).float()
+    win_prob = estimate_win_rates(scores, tau, prefs).view(-1).to(device)   # [SPPO-5], [N*K]
     ids, mask = data.join(rows, responses)
     ref_logps, _ = sequence_logps_all(pi_t, ids, mask)               # pi_t is frozen: its log-probs once
     sampling_seconds = time.time() - t0
@@ -293,6 +301,58 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
             "sampling_seconds": 0.0}
 
 
+# ----------------------------------------------------------------------------------------------------
+# The game under --judge cyclic: the last iterate and the average of the iterates
+# ----------------------------------------------------------------------------------------------------
+#
+# With preferences that go round in a circle (data.py, --judge cyclic) there is no best review, only an
+# equilibrium: school shares of 1/3 each [Nash]. Multiplicative weights [SPPO-2] does not settle there: each
+# iteration moves mass to the school that beats the current policy, so the LAST iterate goes round the circle.
+# The paper's Theorem 4.1 [SPPO-Thm4.1] is about the AVERAGE of the iterates, (1/T) sum_t pi_t: the policy that
+# picks one of pi_1..pi_T uniformly at random, then samples from it (data.sample_mixture). Each iteration
+# reports both: school shares among held-out samples and exploitability, max over schools of
+# P(school > policy) - 1/2, which is 0 exactly at the equilibrium. `python sppo.py --exact --judge cyclic`
+# shows the same on a table, where every number is exact.
+
+def game_stats(iterates, result, task, device, n_samples, seed):
+    """One iteration's numbers under the cyclic judge: the last iterate's (from the evaluation `result`) and
+    those of the average of `iterates` (pi_1..pi_{t+1}), from n_samples of the mixture on held-out prompts."""
+    prompts = task.eval_prompts(n_samples).to(device)
+    samples, _ = data.sample_mixture(iterates, prompts, make_generator(device, 20_000 + seed))
+    shares = data.school_shares(samples)
+    return {"school_shares": result["school_shares"], "exploitability": result["exploitability"],
+            "school_shares_average": shares.tolist(),
+            "exploitability_average": data.school_exploitability(shares, task.config.cycle_prob)}
+
+
+def game_metrics(table):
+    """The per-iteration lists of metrics.json under the cyclic judge (nothing otherwise)."""
+    if not table or "exploitability_average" not in table[0]:
+        return {}
+    return {"exploitability_last": [r["exploitability"] for r in table],
+            "exploitability_average": [r["exploitability_average"] for r in table],
+            "school_shares_per_iteration": [r["school_shares"] for r in table],
+            "school_shares_average_per_iteration": [r["school_shares_average"] for r in table]}
+
+
+def print_game(table, metrics):
+    """The school shares per iteration as a chart (last iterate and average), then the numbers."""
+    if "exploitability_average" not in metrics:
+        return
+    sft = metrics["sft_school_shares"]
+    print()
+    for key, title in (("school_shares", "school shares of the last iterate pi_{t+1}"),
+                       ("school_shares_average", "school shares of the average of pi_1..pi_{t+1}")):
+        for line in data.shares_chart([sft] + [r[key] for r in table], f"{title} (column 0: SFT)"):
+            print(line)
+    shares = lambda v: " / ".join(f"{x:.2f}" for x in v[:3])
+    data.print_table(["iteration", "last: story / acting / craft", "exploitability", "average: story / acting / craft",
+                      "exploitability"],
+                     [[0, shares(sft), f"{metrics['sft_exploitability']:.3f}", shares(sft), f"{metrics['sft_exploitability']:.3f}"]]
+                     + [[r["iteration"], shares(r["school_shares"]), f"{r['exploitability']:.3f}",
+                         shares(r["school_shares_average"]), f"{r['exploitability_average']:.3f}"] for r in table])
+
+
 def main():
     args = parser.parse_args()
     if args.exact:
@@ -318,6 +378,7 @@ def main():
     batch_order = torch.Generator().manual_seed(args.seed)     # CPU generator: same batches on any device
     iterations = args.iterations if args.variant == "selfplay" else 1
     log_rows, table, train_seconds, sampling_seconds = [], [], 0.0, 0.0
+    iterates = [sft]                                           # pi_1, pi_2, ...: their average is a policy too
     for t in range(1, iterations + 1):
         if t > 1:
             memory.resume()      # training again, after the previous iteration's evaluation
@@ -325,7 +386,8 @@ def main():
             pi_t, stats = self_play_iteration(
                 policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task.config.tau,
                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=device, sampler=sampler,
-                batch_order=batch_order, log_rows=log_rows, memory=memory)
+                batch_order=batch_order, log_rows=log_rows, memory=memory,
+                judge=task.config.judge, cycle_prob=task.config.cycle_prob)
         else:
             pi_t = sft
             stats = hard_fit(policy, sft, task.pairs, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
@@ -342,6 +404,9 @@ def main():
             policy, pi_t, task, device, args.eval_samples, seed=10_000 + args.seed)["win_rate"]
         stats.update(win_rate_vs_prev=vs_prev, win_rate_vs_sft=result["win_rate_vs_sft"],
                      score=result["score"], length=result["length"], kl_to_sft=result["kl_to_sft"])
+        if task.config.judge == "cyclic":   # the game: school shares and exploitability, last iterate and average
+            iterates.append(frozen_copy(policy))
+            stats.update(game_stats(iterates, result, task, device, args.eval_samples, args.seed))
         table.append(stats)
         msg = (f"iteration {t}: win rate vs pi_{t} {stats['win_rate_vs_prev']:.3f}, vs SFT "
                f"{stats['win_rate_vs_sft']:.3f}, score {stats['score']:+.3f}, KL to SFT {stats['kl_to_sft']:.2f}")
@@ -376,6 +441,7 @@ def main():
                "win_rate_vs_prev_per_iteration": [r["win_rate_vs_prev"] for r in table],
                "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
                "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
+    metrics.update(game_metrics(table))                        # --judge cyclic: per-iteration lists
     save_run(args.out, policy, args, metrics, log_rows)
 
     print()
@@ -394,6 +460,7 @@ def main():
           fmt(r, "sample_score", "{:+.3f}"), fmt(r, "loss_before", "{:.3f}"), fmt(r, "loss_after", "{:.3f}"),
           fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
           fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
+    print_game(table, metrics)                                 # --judge cyclic: the schools, iteration by iteration
     print()
     data.print_sft_vs_policy("SPPO", result, metrics, sft_ranking, data.tied_reward_note("(1/eta) log pi_theta/pi_1"))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "

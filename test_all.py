@@ -29,6 +29,7 @@ import tempfile
 import unittest
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -2344,9 +2345,9 @@ class TestWiringData(unittest.TestCase):
 
     def test_start_run_builds_the_task_and_sft_model_the_flags_ask_for(self):
         with tempfile.TemporaryDirectory() as d:
-            args = argparse.Namespace(device="cpu", tau=0.3, length_bias=0.2, pair_style=0.5, seed=3, sft_steps=2,
-                                      out=os.path.join(d, "out"), sft_dir=os.path.join(d, "sft"),
-                                      n_layer=1, n_head=2, n_embd=16, lr=1e-3, judge="bt")
+            args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style",
+                                          "0.5", "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"),
+                                          "--sft-dir", os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16"])
             small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 device, task, policy, info = data.start_run(args)
@@ -3278,16 +3279,6 @@ class TestCyclicJudge(unittest.TestCase):
         self.assertAlmostEqual(bt.exploitability(torch.eye(bt.n, dtype=torch.float64)[0]), 0.0, places=12)
         self.assertGreater(bt.exploitability(bt.sft_probs), 0.1)
 
-    def test_gpt_runs_refuse_the_cyclic_judge_for_now(self):
-        with tempfile.TemporaryDirectory() as d:
-            err = io.StringIO()
-            argv = ["dpo.py", "--judge", "cyclic", "--out", os.path.join(d, "o"), "--device", "cpu"]
-            with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err), \
-                    contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", argv):
-                dpo.main()
-            self.assertEqual(cm.exception.code, 2)
-            self.assertIn("--judge cyclic", err.getvalue())
-
 
 class TestExactTask(unittest.TestCase):
     def setUp(self):
@@ -3399,6 +3390,14 @@ class TestExactDPO(unittest.TestCase):
         self.assertGreater(m["exploitability"], m["exploitability_sft"])
         self.assertGreater(m["exploitability"], 0.2)
 
+    def test_pairs_that_meet_every_school_equally_teach_nothing(self):
+        # every school meets every other equally often and each wins its comparisons 0.9 of the time: by
+        # symmetry the Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
+        torch.testing.assert_close(ex.school_shares(ex.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
+        pi = dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)
+        torch.testing.assert_close(ex.school_shares(pi), ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
+
 
 class TestExactSimPO(unittest.TestCase):
     """python simpo.py --exact: one end whatever the start, and what 1/|y| does to it."""
@@ -3489,6 +3488,132 @@ class TestExactSPPO(unittest.TestCase):
         changes = sum(a != b for a, b in zip(leaders, leaders[1:]))
         self.assertGreaterEqual(changes, 3)                              # the leading school goes round
         self.assertGreater(min(last[20:]) - average[-1], 0.05)
+
+
+# ====================================================================================================
+# --judge cyclic on the GPT task: schooled demonstrations and pairs, the game's evaluation, the average
+# ====================================================================================================
+
+class TestCyclicTask(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=64), seed=0)
+
+    def test_every_demonstration_has_a_school_in_unequal_shares(self):
+        responses = self.task.sft_ids[:, data.PROMPT_LEN:]
+        schools = data.school_of(responses)
+        self.assertTrue((schools >= 0).all())
+        shares = data.school_shares(responses)
+        for got, want in zip(shares.tolist(), (0.6, 0.3, 0.1, 0.0)):
+            self.assertAlmostEqual(got, want, delta=0.03)
+        # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
+        rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+        plain = data._random_responses(rng_a, 200, 0.5, 0.0)
+        schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
+        self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
+        changed = (plain != schooled).sum(1)
+        nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
+        self.assertTrue((changed <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+
+    def test_pairs_are_labelled_by_the_cyclic_oracle(self):
+        pairs = self.task.pairs
+        chosen, rejected = (data.school_of(pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
+        story_acting = ((chosen == 0) & (rejected == 1)).sum().item()
+        acting_story = ((chosen == 1) & (rejected == 0)).sum().item()
+        n = story_acting + acting_story
+        self.assertGreater(n, 500)
+        self.assertAlmostEqual(story_acting / n, 0.9, delta=4 * math.sqrt(0.09 / n))   # story beats acting 0.9
+        craft_story = ((chosen == 2) & (rejected == 0)).sum().item()
+        story_craft = ((chosen == 0) & (rejected == 2)).sum().item()
+        self.assertGreater(craft_story, story_craft)                 # craft beats story
+
+    def test_school_exploitability_from_shares(self):
+        self.assertAlmostEqual(data.school_exploitability(torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)),
+                               0.0, places=12)
+        # craft against (0.6, 0.3, 0.1, none 0): 0.9 * 0.6 + 0.1 * 0.3 + 0.5 * 0.1 = 0.62
+        self.assertAlmostEqual(data.school_exploitability(torch.tensor([0.6, 0.3, 0.1, 0.0])), 0.12, places=6)
+        # a review with no school loses to all: writing some makes any school's reply stronger
+        self.assertGreater(data.school_exploitability(torch.tensor([0.3, 0.3, 0.3, 0.1])), 0.0)
+        shares = data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting"))
+        torch.testing.assert_close(shares, torch.tensor([0.2, 0.2, 0.2, 0.4], dtype=torch.float64))
+
+    def test_evaluation_reports_the_game(self):
+        torch.manual_seed(0)
+        a, b = sharp_model(1), sharp_model(2)
+        r = data.head_to_head(a, b, self.task, CPU, 32, seed=3)
+        want = data.cyclic_preference_prob(data.school_of(r["samples"]), data.school_of(r["baseline_samples"])).mean()
+        self.assertAlmostEqual(r["win_rate"], want.item(), places=6)
+        self.assertEqual(r["school_shares"], data.school_shares(r["samples"]).tolist())
+        self.assertAlmostEqual(r["exploitability"], data.school_exploitability(torch.tensor(r["school_shares"])), places=9)
+        bt = data.head_to_head(a, b, small_task(), CPU, 8, seed=3)
+        self.assertNotIn("exploitability", bt)                       # the default judge's output is unchanged
+
+    def test_win_rates_from_a_preference_matrix(self):
+        schools = torch.tensor([[0, 1, 2, 0]])
+        prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :]).float()
+        p = sppo.estimate_win_rates(torch.zeros(1, 4), 0.2, prefs)
+        want = [(0.5 + 0.9 + 0.1 + 0.5) / 4, (0.1 + 0.5 + 0.9 + 0.1) / 4, (0.9 + 0.1 + 0.5 + 0.9) / 4, (0.5 + 0.9 + 0.1 + 0.5) / 4]
+        torch.testing.assert_close(p, torch.tensor([want]))
+        self.assertAlmostEqual(p.mean().item(), 0.5, places=6)
+
+
+class TestAverageOfIterates(unittest.TestCase):
+    def test_the_mixture_samples_each_iterate_equally_often(self):
+        # model i always writes review i, so each sample says which iterate drew it
+        reviews = ["great plot", "the cast", "dull music"]
+        models = []
+        for text in reviews:
+            ids = data.encode(text) + [data.EOS_ID]
+            table = model.TablePolicy(torch.tensor([ids]), data.PROMPT_LEN, len(data.VOCAB))   # one review: certain
+            models.append(table)
+        n = 3000
+        prompts = data.Task(data.TaskConfig(n_demos=8, n_pairs=4, n_heldout=4)).eval_prompts(n)
+        samples, pick = data.sample_mixture(models, prompts, model.make_generator(CPU, 0))
+        for i, text in enumerate(reviews):
+            rows = pick == i
+            self.assertAlmostEqual(rows.double().mean().item(), 1 / 3, delta=4 * math.sqrt(2 / 9 / n))
+            self.assertTrue(all(data.decode(s) == text for s in samples[rows]))
+
+    def test_shares_chart_puts_letters_at_their_shares(self):
+        lines = data.shares_chart([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], "t", height=3)
+        grid = [line.split("│", 1)[1] for line in lines[1:4]]
+        self.assertEqual(grid[0][0], "s")                            # share 1 at the top
+        self.assertEqual(grid[2][0], "*")                            # acting and craft meet at 0
+        self.assertEqual(grid[1][2], "*")                            # story and acting meet at 0.5
+        self.assertEqual(grid[2][2], "c")
+
+
+class TestCyclicScripts(unittest.TestCase):
+    """Tiny runs under --judge cyclic: every method reports the game; SPPO per iteration, last and average."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        d = cls.tmp.name
+        tiny = ["--judge", "cyclic", "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--sft-steps", "5",
+                "--eval-samples", "16", "--batch-size", "8"]
+        run_main(dpo, tiny + ["--steps", "2", "--out", os.path.join(d, "dpo")])
+        run_main(sppo, tiny + ["--steps", "2", "--k", "2", "--iterations", "2", "--out", os.path.join(d, "sppo")])
+        cls.dpo = read_json(os.path.join(d, "dpo", "metrics.json"))
+        cls.sppo = read_json(os.path.join(d, "sppo", "metrics.json"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_metrics_carry_the_game(self):
+        for m in (self.dpo, self.sppo):
+            self.assertEqual(len(m["school_shares"]), 4)
+            self.assertAlmostEqual(sum(m["school_shares"]), 1.0, places=9)
+            self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])),
+                                   places=9)
+            self.assertIn("sft_exploitability", m)
+        m = self.sppo
+        self.assertEqual(len(m["exploitability_last"]), 2)
+        self.assertEqual(len(m["exploitability_average"]), 2)
+        self.assertEqual(m["exploitability_last"][-1], m["exploitability"])
+        self.assertEqual(len(m["school_shares_average_per_iteration"]), 2)
+        self.assertNotIn("exploitability_last", read_json(os.path.join(self.tmp.name, "dpo", "metrics.json")))
 
 
 if __name__ == "__main__":
