@@ -945,18 +945,22 @@ def displacement(policy, sft, task, n_samples=512, seed=0):
 
 
 def main(argv=None):
-    """python data.py                           show the task: the worked example and a few training pairs
-       python data.py frontier DIR...           score against KL(policy || SFT) for finished runs
-                                                (metrics.json in each DIR): the DPO paper's figure 2 in miniature
-       python data.py sample DIR --prompt "new horror film" -n 5
-                                                reviews from a trained model (DIR/model.pt), judge's score beside each
-       python data.py curves DIR --key KEY...   redraw any key of DIR/log.jsonl per step (default: loss)
-       python data.py logps DIR                 where the mass went: mean log pi(y|x) of chosen, rejected
-                                                and sampled reviews under the SFT model and DIR's policy"""
+    """The task, and what finished runs left behind (README, "Using what you trained"):
+
+    python data.py                           show the task: the worked example and a few training pairs
+    python data.py frontier DIR...           score against KL(policy || SFT) for finished runs
+                                             (metrics.json in each DIR): the DPO paper's figure 2 in miniature
+    python data.py sample DIR --prompt "new horror film" -n 5
+                                             reviews from a trained model (DIR/model.pt), judge's score beside each
+    python data.py curves DIR --key KEY...   redraw any key of DIR/log.jsonl per step (default: loss)
+    python data.py logps DIR                 where the mass went: mean log pi(y|x) of chosen, rejected
+                                             and sampled reviews under the SFT model and DIR's policy"""
     import argparse
+    import inspect
     import sys
     from model import nonneg_int, positive_float, positive_int, sample
-    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=inspect.cleandoc(main.__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier", "sample", "curves", "logps"])
     parser.add_argument("dirs", nargs="*", help="run folders (what dpo.py, simpo.py or sppo.py wrote with --out)")
     parser.add_argument("--prompt", default="new horror film", help="sample: decade genre noun (default: %(default)s)")
