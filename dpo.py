@@ -207,18 +207,18 @@ def main():
 # (DPO paper, section 4 and Theorem 1), where r is the reward of the Bradley-Terry model the labels come
 # from: data.py's judge draws P(a > b) = sigma((s_a - s_b)/tau), so r = s/tau up to a constant, which Z absorbs.
 # A GPT cannot be checked against that: it cannot represent every distribution, and its responses cannot be
-# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review and answers
-# pair_logps like a language model, so the loop below is the training loop's code with the GPT swapped out:
-# pair_logps, then dpo_loss, unchanged. What changes is the data and the optimiser:
+# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review (and answers
+# sequence_logps and pair_logps like a language model: the tests check it), and dpo_loss trains it unchanged,
+# on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
 #   - the POPULATION loss: every ordered pair (y_w, y_l) weighted by its probability in the data (two reviews
 #     from pi_ref, the judge picks), E_D[...] as a finite sum; then the same with n_pairs sampled pairs;
-#   - L-BFGS on that deterministic loss (model.minimise) instead of Adam on minibatches: we want the
-#     minimiser to six digits, not a good policy in 200 steps.
+#   - L-BFGS on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches: we want
+#     the minimiser to eight digits, not a good policy in 200 steps.
 # The IPO paper's point (arXiv 2310.12036, section 4.2) [IPO-4.2]: pi* depends on tau and beta only through
 # their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
 # its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
 # P exactly 0 or 1 the loss has no minimum at all: it keeps falling as the mass moves, and training follows
-# it until float32 can no longer see it fall. The beta sweep shows both sides.
+# it until float64 can no longer see it fall. The beta sweep shows both sides.
 # Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
 # worth in the game, its exploitability [Nash].
 

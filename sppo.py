@@ -12,6 +12,9 @@ The method in five lines:
 Run:       python sppo.py                     (CPU, 2 cores: about 15 s once out/sft holds the SFT cache)
            python sppo.py --iterations 5 --eta 10  (smaller steps, more of them)
            python sppo.py --variant hard      (TRL's loss_type="sppo_hard" on data.py's offline pairs)
+           python sppo.py --judge cyclic --eta 10 --iterations 10   (preferences in a circle: the average of
+                                              the iterates against the last one, README)
+           python sppo.py --exact             (the table version: [MW-exact] and Theorem 4.1, exactly)
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts, rising from one iteration to the next
            (seed 0: 0.70, 0.87, 0.95); --variant hard about 0.75 (one fit to noisy offline labels).
 Departures from the paper:
