@@ -8,7 +8,7 @@ The method in five lines:
   4. Fit it to the preferences by Bradley-Terry maximum likelihood: L = -log sigma(r(x, y_w) - r(x, y_l))  [DPO-1]
   5. No reward model and no sampling during training: one supervised loss on offline pairs.
 
-Run:       python dpo.py                      (CPU, 2 cores: about 15 s once out/sft holds the SFT cache)
+Run:       python dpo.py                      (CPU, 2 cores: about 11 s once out/sft holds the SFT cache)
            python dpo.py --beta 0.5 --device cuda
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts (README, "Results").
 Departures from the paper: a toy judge instead of a sentiment classifier (data.py), a 0.1 M-parameter GPT,

@@ -8,7 +8,7 @@ The method in five lines:
   4. Ask the chosen reward to win by a margin gamma: L = -log sigma(r(x, y_w) - r(x, y_l) - gamma)  [SimPO-4]
   5. One forward pass per step instead of DPO's two, and the reward orders responses as decoding does.
 
-Run:       python simpo.py                    (CPU, 2 cores: about 12 s once out/sft holds the SFT cache)
+Run:       python simpo.py                    (CPU, 2 cores: about 9 s once out/sft holds the SFT cache)
            python simpo.py --no-length-norm --length-bias 0.3   (watch the length grow)
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts (README, "Results").
 Departures from the paper: a toy judge instead of human-preference data (data.py), a 0.1 M-parameter GPT,

@@ -9,7 +9,7 @@ The method in five lines:
   4. Fit pi_{t+1} by regression, per sample: (log pi_theta(y|x)/pi_t(y|x) - eta (P_hat(y > pi_t|x) - 1/2))^2  [SPPO-6]
   5. Needs prompts and an oracle, no preference pairs; --variant hard is the offline, pairwise shortcut    [SPPO-9]
 
-Run:       python sppo.py                     (CPU, 2 cores: about 15 s once out/sft holds the SFT cache)
+Run:       python sppo.py                     (CPU, 2 cores: about 8 s once out/sft holds the SFT cache)
            python sppo.py --iterations 5 --eta 10  (smaller steps, more of them)
            python sppo.py --variant hard      (TRL's loss_type="sppo_hard" on data.py's offline pairs)
            python sppo.py --judge cyclic --eta 10 --iterations 10   (preferences in a circle: the average of
