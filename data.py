@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from model import (TablePolicy, fail, make_generator, model_config, pair_logps, pick_device, prepare_out_dir,
-                   progress, sample, sequence_logps, sequence_logps_all, sft_model, swapped_weights, trim)
+                   progress, sample, sequence_logps_all, sft_model, swapped_weights, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer

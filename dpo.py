@@ -18,7 +18,6 @@ Adam without warm-up; the loss itself is the paper's equation 7 exactly.
 import argparse
 import dataclasses
 import json
-import os
 import time
 
 import torch

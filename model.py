@@ -534,7 +534,7 @@ def check_loss(loss, step, total=None, phase="training"):
 def check_weights(model):
     """After training: a last optimiser step can still have made a weight non-finite."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise Diverged(f"a weight is not finite after the last training step: the run diverged")
+        raise Diverged("a weight is not finite after the last training step: the run diverged")
 
 
 def run(main):
@@ -775,10 +775,6 @@ def atomic_torch_save(obj, path):
     _atomic(path, lambda tmp: _write_durably(tmp, content))
 
 
-def atomic_write_text(text, path):
-    _atomic(path, lambda tmp: _write_durably(tmp, text.encode()))
-
-
 def _remove_stale_temporaries(folder):
     """Temporary files (NAME.tmp-PID, .NAME.tmp-PID) of processes that no longer run: a killed process
     cannot clean up after itself, so the next one to use the folder does."""
@@ -900,8 +896,8 @@ class MemoryMeter:
     """Peak memory of training, in MB, comparable between methods on the same device.
 
     Every method starts the meter at the same point: the SFT model is on the device and nothing of the
-    method exists yet (no reference copy, no optimiser). Training ends with pause(), before
-    any evaluation (pause(); SPPO resumes after each iteration's evaluation), so evaluation never counts.
+    method exists yet (no reference copy, no optimiser). Training ends with pause(), before any
+    evaluation (SPPO calls resume() after each iteration's evaluation), so evaluation never counts.
     CUDA: torch.cuda.max_memory_allocated since start(). CPU (glibc): the peak of live heap bytes
     (mallinfo2) above the level at start(), sampled after each forward and each backward, where a step
     holds the most. Elsewhere (macOS): the process's peak resident set (ru_maxrss: bytes on macOS,

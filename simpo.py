@@ -17,7 +17,6 @@ beta and gamma re-tuned for 0.1 M parameters (see --beta); the loss itself is th
 
 import argparse
 import json
-import os
 import time
 
 import torch

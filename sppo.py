@@ -29,7 +29,6 @@ Departures from the paper:
 
 import argparse
 import json
-import os
 import time
 
 import torch

@@ -2191,6 +2191,15 @@ def logps_of(m, ids, mask):
         return model.sequence_logps(m, ids, mask)[0]
 
 
+def pair_logps_of(policy, ref, batch):
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w
+    and y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    return {"policy_chosen_logps": logps_of(policy, batch["chosen_ids"], batch["chosen_mask"]),
+            "policy_rejected_logps": logps_of(policy, batch["rejected_ids"], batch["rejected_mask"]),
+            "ref_chosen_logps": logps_of(ref, batch["chosen_ids"], batch["chosen_mask"]),
+            "ref_rejected_logps": logps_of(ref, batch["rejected_ids"], batch["rejected_mask"])}
+
+
 def with_weights(state):
     """A GPT holding a copy of `state` (a state_dict), in eval mode."""
     m = model.GPT(model.GPTConfig())
@@ -2525,10 +2534,7 @@ class TestWiringDPO(ScriptWiring, unittest.TestCase):
             with self.subTest(step=step):
                 b, a = batch_call.result, loss_call.a
                 current = with_weights(batch_call.before)
-                want = {"policy_chosen_logps": logps_of(current, b["chosen_ids"], b["chosen_mask"]),
-                        "policy_rejected_logps": logps_of(current, b["rejected_ids"], b["rejected_mask"]),
-                        "ref_chosen_logps": logps_of(self.sft, b["chosen_ids"], b["chosen_mask"]),
-                        "ref_rejected_logps": logps_of(self.sft, b["rejected_ids"], b["rejected_mask"])}
+                want = pair_logps_of(current, self.sft, b)
                 for name, value in want.items():
                     torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
                 self.assertTrue(a["policy_chosen_logps"].requires_grad)
@@ -2670,10 +2676,7 @@ class TestWiringSPPO(ScriptWiring, unittest.TestCase):
             with self.subTest(step=step):
                 b, a = bc.result, lc.a
                 current = with_weights(bc.before)
-                want = {"policy_chosen_logps": logps_of(current, b["chosen_ids"], b["chosen_mask"]),
-                        "policy_rejected_logps": logps_of(current, b["rejected_ids"], b["rejected_mask"]),
-                        "ref_chosen_logps": logps_of(self.sft, b["chosen_ids"], b["chosen_mask"]),
-                        "ref_rejected_logps": logps_of(self.sft, b["rejected_ids"], b["rejected_mask"])}
+                want = pair_logps_of(current, self.sft, b)
                 for name, value in want.items():
                     torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
                 self.assertEqual(a["eta"], 10.0)
@@ -2937,8 +2940,8 @@ class TestPrecomputeRef(unittest.TestCase):
     def test_refused_with_reference_free(self):
         with tempfile.TemporaryDirectory() as d:
             with self.assertRaises(SystemExit) as cm:
-                err = run_main(dpo, TINY_RUN + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
-                                                "--sft-dir", os.path.join(d, "sft")])
+                run_main(dpo, TINY_RUN + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
+                                          "--sft-dir", os.path.join(d, "sft")])
             self.assertEqual(cm.exception.code, 2)
             self.assertEqual(os.listdir(d), [])            # refused before any folder was made
 
