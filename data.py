@@ -1,5 +1,5 @@
 """
-data.py: the toy preference task, its judge, the batches, and the evaluation every method shares.
+data.py: the toy preference task, its judge, and how a run is evaluated.
 
 A miniature of the DPO paper's controlled-sentiment experiment (arXiv 2305.18290, section 6.1): there a
 GPT-2 continues the prefix of a movie review and a sentiment classifier is the ground-truth reward. Here
@@ -15,34 +15,34 @@ One worked example (these numbers are what the functions below return):
     score(b)        = (1 - 1) / 6 = 0.0           padding a review with words never raises it
     P(a > b | x)    = sigmoid((0.25 - 0.0) / tau) = sigmoid(1.25) = 0.777   (tau = 0.2)
 
-The preference oracle is Bradley-Terry on the hidden score: P(y > y' | x) = sigmoid((s(y) - s(y')) / tau).
-It labels the offline pairs (by sampling, so some labels are "wrong", as with human raters), and it is the
-P that SPPO's self-play queries. The score ignores the prompt: the prompt sets the topic only.
+The preference oracle is Bradley-Terry (a preference is a logistic function of a reward difference) on the
+hidden score: P(y > y' | x) = sigmoid((s(y) - s(y')) / tau). It labels the offline pairs (by sampling, so
+some labels are "wrong", as with human raters), and it is the P that SPPO's self-play asks. The prompt sets
+the topic only: the judge ignores it, and so do the demonstrations (any prompt gets the same kind of review).
 
 Two knobs build the conditions of the SimPO write-up's claims (off by default):
-    length_bias  the raters favour the longer review: P(a chosen) = sigmoid((s_a - s_b)/tau + length_bias * (|a| - |b|))
+    length_bias  the raters favour the longer review: P(a chosen) = sigmoid((s_a - s_b)/tau + length_bias (|a| - |b|))
     pair_style   the pairs are written in another style: each pair response swaps a random fraction
                  (up to pair_style) of its neutral words for archaic ones ("verily", "forsooth") that the
                  SFT data never uses. The judge ignores style; the likelihood does not.
-
-Two more things for checking what the objectives converge to (python dpo.py --exact and the like):
-    --judge cyclic  three "schools" of reviews that beat each other in a circle (no reward can say that)
-    ExactTask       27 listed reviews, an SFT table and the judge on every pair: every expectation a sum
+And two for checking what the objectives converge to: --judge cyclic, three "schools" of reviews that beat
+each other in a circle, and ExactTask, 27 listed reviews on which every expectation is a finite sum.
 """
 
-import contextlib
+import argparse
 import copy
+import json
 import math
 import os
 import sys
-import textwrap
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from model import (TablePolicy, fail, make_generator, model_config, pair_logps, pick_device, prepare_out_dir,
-                   progress, sample, sequence_logps_all, sft_model, swapped_weights, trim)
+from model import (TablePolicy, fail, make_generator, model_config, number, pair_logps, pick_device, positive_float,
+                   prepare_out_dir, progress, sample, save_files, sequence_logps_all, sft_model, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
@@ -91,7 +91,7 @@ def decode(ids):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The judge: score and preference oracle
+# The judge: the hidden score, and the preferences every method meets
 # ----------------------------------------------------------------------------------------------------
 
 def score_responses(responses):
@@ -125,34 +125,28 @@ def oracle(prompt, response_a, response_b, tau=0.2):
     return preference_prob(score(prompt, response_a), score(prompt, response_b), tau).item()
 
 
-# ----------------------------------------------------------------------------------------------------
-# A second judge: preferences that go round in a circle (--judge cyclic)
-# ----------------------------------------------------------------------------------------------------
-#
-# Bradley-Terry gives every review one number (its score) and prefers the larger, so its preferences are
-# transitive: they order the reviews in a line. Real raters need not be. The cyclic judge has three
-# "schools" of critics, told apart by the nouns a review talks about, and each school's reviews beat the next
-# school's, round the circle, like rock-paper-scissors:
-#     story beats acting, acting beats craft, craft beats story, each with probability cycle_prob (0.9).
-# No reward can represent this: a reward would need r(story) > r(acting) > r(craft) > r(story). Within a
-# school the judge calls a tie (1/2), so the game is exactly rock-paper-scissors on the school shares, and
-# its Nash equilibrium [Nash] is known in closed form: every policy whose reviews fall in the three schools
-# one third each (a review in no school loses to one in any school with probability cycle_prob, so no
-# equilibrium writes one). The words are the task's own NEUTRAL nouns: no score changes.
+# A second judge, --judge cyclic: preferences that go round in a circle. Bradley-Terry gives every review one
+# number and prefers the larger, so its preferences order the reviews in a line. Real raters need not. Here
+# three "schools" of critics, told apart by the nouns a review talks about, beat each other round a circle,
+# like rock-paper-scissors: story beats acting, acting beats craft, craft beats story, each with probability
+# cycle_prob (0.9), and a review in no school loses to one in any school as often. No reward can say this
+# (it would need r(story) > r(acting) > r(craft) > r(story)). Within a school the judge calls a tie, so the
+# game is rock-paper-scissors on the school shares, and its Nash equilibrium (a policy that no other beats
+# more than half the time) is known: one third each. The nouns are the task's own NEUTRAL ones: no score changes.
 
 SCHOOLS = ("story", "acting", "craft")                  # school i beats school (i + 1) % 3
 SCHOOL_WORDS = ("plot story ending", "acting cast characters", "music scenes script")
 NO_SCHOOL = -1
+SCHOOL_CATEGORIES = (0, 1, 2, NO_SCHOOL)   # story, acting, craft, none: every review falls in exactly one
 _SCHOOL_OF_TOKEN = torch.full((len(VOCAB),), NO_SCHOOL, dtype=torch.long)
 for _i, _words in enumerate(SCHOOL_WORDS):
     _SCHOOL_OF_TOKEN[torch.as_tensor(_ids(_words.split()))] = _i
 
 
 def school_of(responses):
-    """The school of each response [..., L] (token ids): the one whose nouns it uses most; NO_SCHOOL (-1)
-    if it uses none, or two schools' nouns equally often. Returns [...] (long)."""
-    responses = torch.as_tensor(responses).cpu()
-    school = _SCHOOL_OF_TOKEN[responses]                                        # [..., L]
+    """The school of each response [..., L]: the one whose nouns it uses most; NO_SCHOOL (-1) if it uses
+    none, or two schools' nouns equally often. Returns [...] (long)."""
+    school = _SCHOOL_OF_TOKEN[torch.as_tensor(responses).cpu()]                 # [..., L]
     counts = torch.stack([(school == i).sum(-1) for i in range(len(SCHOOLS))], dim=-1)   # [..., 3]
     top = counts.max(-1)
     clear = (top.values > 0) & ((counts == top.values[..., None]).sum(-1) == 1)
@@ -160,29 +154,36 @@ def school_of(responses):
 
 
 def cyclic_preference_prob(school_a, school_b, cycle_prob=0.9):
-    """The cyclic oracle P(a > b | x) from the schools of a and b (tensors that broadcast):
+    """The cyclic oracle P(a > b | x) from the schools of a and b (tensors that broadcast), float64:
     cycle_prob when a's school beats b's (i beats (i + 1) % 3, or a has a school and b none),
     1 - cycle_prob the other way round, 1/2 within a school. P(a > b) + P(b > a) = 1 exactly."""
     school_a, school_b = torch.as_tensor(school_a), torch.as_tensor(school_b)
-    n = len(SCHOOLS)
     has_a, has_b = school_a >= 0, school_b >= 0
-    a_beats_b = (has_a & has_b & (school_b == (school_a + 1) % n)) | (has_a & ~has_b)
-    b_beats_a = (has_a & has_b & (school_a == (school_b + 1) % n)) | (has_b & ~has_a)
+    a_beats_b = (has_a & has_b & (school_b == (school_a + 1) % 3)) | (has_a & ~has_b)
+    b_beats_a = (has_a & has_b & (school_a == (school_b + 1) % 3)) | (has_b & ~has_a)
     half = torch.tensor(0.5, dtype=torch.float64)
     return torch.where(a_beats_b, cycle_prob, torch.where(b_beats_a, 1.0 - cycle_prob, half))
 
 
+def judge_prob(responses_a, responses_b, config, length_bias=0.0, dtype=torch.float32):
+    """P(a > b | x) under the task's judge, for response token tensors [..., L] that broadcast: every
+    preference of every method (the pairs' labels, the evaluation, self-play, the exact mode) is this one.
+    'bt': sigmoid((s_a - s_b)/tau + length_bias (|a| - |b|)) (the raters' length bias is for the pairs
+    alone: the evaluation judges quality); 'cyclic': cyclic_preference_prob of the two schools. In `dtype`:
+    float32 on the GPT's samples, float64 for the exact mode's minimisers."""
+    if config.judge == "cyclic":
+        return cyclic_preference_prob(school_of(responses_a), school_of(responses_b), config.cycle_prob).to(dtype)
+    logit = (score_responses(responses_a).to(dtype) - score_responses(responses_b).to(dtype)) / config.tau
+    return torch.sigmoid(logit + length_bias * (response_lengths(responses_a) - response_lengths(responses_b)).to(dtype))
+
+
 def exploitability(policy_probs, prefs):
     """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y')                                [Nash]
-    policy_probs [C] a distribution over C responses (or schools); prefs [C, C] with prefs[y, y'] = P(y > y').
-    In a symmetric constant-sum game (P(y > y') + P(y' > y) = 1), pi wins against itself exactly half the
-    time, so the best reply to pi wins at least half the time: exploitability >= 0, and it is 0 exactly when
-    no response beats pi more often than not, which is the definition of a Nash equilibrium [SPPO-1]."""
+    policy_probs [C], a distribution over C responses (or schools); prefs [C, C], prefs[y, y'] = P(y > y').
+    In a game where P(y > y') + P(y' > y) = 1, pi ties with itself, so the best reply to pi wins at least
+    half the time: exploitability >= 0, and it is 0 exactly at a Nash equilibrium [SPPO-1]."""
     policy_probs = torch.as_tensor(policy_probs, dtype=torch.float64)
     return (torch.as_tensor(prefs, dtype=torch.float64) @ policy_probs).max().item() - 0.5
-
-
-SCHOOL_CATEGORIES = (0, 1, 2, NO_SCHOOL)   # story, acting, craft, none: every review falls in exactly one
 
 
 def school_shares(responses):
@@ -192,21 +193,10 @@ def school_shares(responses):
 
 
 def school_exploitability(shares, cycle_prob=0.9):
-    """Exploitability [Nash] of a policy known by its school shares [4] (school_shares): a review's chance to
-    beat the policy depends only on its school, so the best reply is one of the four categories."""
+    """Exploitability of a policy known by its school shares [4]: a review's chance to beat the policy
+    depends on its school alone, so the best reply is one of the four categories."""
     cats = torch.tensor(SCHOOL_CATEGORIES)
     return exploitability(shares, cyclic_preference_prob(cats[:, None], cats[None, :], cycle_prob))
-
-
-def judge_prob(responses_a, responses_b, config):
-    """P(a > b | x) under the task's judge, in float64, for response token tensors [..., L] that broadcast.
-    config.judge 'bt': the Bradley-Terry oracle sigmoid((s_a - s_b)/tau + length_bias (|a| - |b|)), the
-    probability the pairs' labels are drawn with (Task._make_pairs); 'cyclic': cyclic_preference_prob."""
-    if config.judge == "cyclic":
-        return cyclic_preference_prob(school_of(responses_a), school_of(responses_b), config.cycle_prob)
-    logit = (score_responses(responses_a).double() - score_responses(responses_b).double()) / config.tau
-    logit = logit + config.length_bias * (response_lengths(responses_a) - response_lengths(responses_b)).double()
-    return torch.sigmoid(logit)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +244,7 @@ def _with_schools(rng, responses, shares):
     """--judge cyclic: give each review [n, L] a school, drawn with probabilities `shares`: every school noun it
     has becomes one of its own school's nouns, and one word at a random position becomes one too, so its
     school (school_of) is the one drawn. The sentiment words and the length are kept (one word may be lost
-    to the noun), so the judge's score changes little; the cyclic judge ignores it anyway."""
+    to the noun)."""
     out = responses.numpy().copy()
     n, L = out.shape
     schools = rng.choice(len(SCHOOLS), size=n, p=np.asarray(shares, dtype=float) / sum(shares))
@@ -279,108 +269,88 @@ class Task:
     """All data of one run, built once from (config, seed), as tensors on the CPU."""
 
     def __init__(self, config=None, seed=0):
-        self.config = config or TaskConfig()
-        c = self.config
+        self.config = c = config or TaskConfig()
         rng = np.random.default_rng(seed)
         grid = np.array([[BOS_ID, STOI[d], STOI[g], STOI[n], SEP_ID] for d in DECADES for g in GENRES for n in NOUNS])
         order = rng.permutation(len(grid))
         n_held = int(round(len(grid) * c.heldout_fraction))
         self.heldout_prompts = torch.from_numpy(grid[np.sort(order[:n_held])])   # never seen in training
         self.train_prompts = torch.from_numpy(grid[np.sort(order[n_held:])])
-
-        def prompts_for(pool, n):
-            return pool[torch.from_numpy(rng.integers(0, len(pool), n))]
-
-        # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve.
-        p = prompts_for(self.train_prompts, c.n_demos)
-        # Under --judge cyclic every review also gets a school, in the unequal shares c.school_shares.
-        schooled = (lambda r: _with_schools(rng, r, c.school_shares)) if c.judge == "cyclic" else (lambda r: r)
-        self.sft_ids, self.sft_mask = join(p, schooled(_random_responses(rng, c.n_demos, c.sentiment_rate,
-                                                                         c.demo_style_rate)))
-        p = prompts_for(self.heldout_prompts, c.n_heldout)
-        self.sft_heldout_ids, self.sft_heldout_mask = join(p, schooled(_random_responses(rng, c.n_heldout, c.sentiment_rate,
-                                                                                         c.demo_style_rate)))
+        # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve;
+        # under --judge cyclic each review also gets a school, in the unequal shares c.school_shares.
+        prompts_for = lambda pool, n: pool[torch.from_numpy(rng.integers(0, len(pool), n))]
+        demos = lambda n: self._schooled(rng, _random_responses(rng, n, c.sentiment_rate, c.demo_style_rate))
+        # (arguments are evaluated left to right: the prompts are drawn first, then the reviews)
+        self.sft_ids, self.sft_mask = join(prompts_for(self.train_prompts, c.n_demos), demos(c.n_demos))
+        self.sft_heldout_ids, self.sft_heldout_mask = join(prompts_for(self.heldout_prompts, c.n_heldout),
+                                                           demos(c.n_heldout))
         self.pairs = self._make_pairs(rng, self.train_prompts, c.n_pairs)
         self.heldout_pairs = self._make_pairs(rng, self.heldout_prompts, c.n_heldout)
 
+    def _schooled(self, rng, reviews, shares=None):
+        """Under --judge cyclic each review gets a school (_with_schools), in the SFT data's unequal shares
+        unless other `shares` are given; under the Bradley-Terry judge the reviews stay as they are."""
+        return _with_schools(rng, reviews, shares or self.config.school_shares) if self.config.judge == "cyclic" else reviews
+
     def _make_pairs(self, rng, pool, n):
         """n preference pairs (x, y_w, y_l): two SFT-like reviews of one prompt, labelled by SAMPLING the
-        oracle (so about one label in five goes against the score, like noisy raters). Under --judge cyclic
-        the reviews have schools, in the SFT data's shares, and the cyclic oracle labels them."""
+        judge (so about one label in five goes against the score, like noisy raters)."""
         c = self.config
         prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
         style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
-        a = _random_responses(rng, n, c.sentiment_rate, style[0])
-        b = _random_responses(rng, n, c.sentiment_rate, style[1])
-        if c.judge == "cyclic":
-            shares = c.school_shares if c.pair_schools == "sft" else (1, 1, 1)
-            a, b = _with_schools(rng, a, shares), _with_schools(rng, b, shares)
-            a_prob = cyclic_preference_prob(school_of(a), school_of(b), c.cycle_prob)
-        else:
-            logit = (score_responses(a) - score_responses(b)) / c.tau
-            logit = logit + c.length_bias * (response_lengths(a) - response_lengths(b)).float()
-            a_prob = torch.sigmoid(logit.double())
-        a_wins = torch.from_numpy(rng.random(n)) < a_prob
-        chosen = torch.where(a_wins[:, None], a, b)
-        rejected = torch.where(a_wins[:, None], b, a)
-        chosen_ids, chosen_mask = join(prompts, chosen)
-        rejected_ids, rejected_mask = join(prompts, rejected)
+        raw = [_random_responses(rng, n, c.sentiment_rate, rate) for rate in style]
+        a, b = (self._schooled(rng, r, None if c.pair_schools == "sft" else (1, 1, 1)) for r in raw)
+        a_wins = torch.from_numpy(rng.random(n)) < judge_prob(a, b, c, c.length_bias, torch.float64)
+        chosen, rejected = torch.where(a_wins[:, None], a, b), torch.where(a_wins[:, None], b, a)
+        (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = join(prompts, chosen), join(prompts, rejected)
         return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
                 "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
                 "chosen_score": score_responses(chosen), "rejected_score": score_responses(rejected)}
 
     def eval_prompts(self, n):
         """n held-out prompts, cycling through all of them in a fixed order."""
-        reps = math.ceil(n / len(self.heldout_prompts))
-        return self.heldout_prompts.repeat(reps, 1)[:n]
+        return self.heldout_prompts.repeat(math.ceil(n / len(self.heldout_prompts)), 1)[:n]
 
 
 def add_task_args(parser):
-    """The task's knobs as flags (shared by the three scripts); task_config(args) reads them back."""
+    """The task's knobs as flags, shared by the three scripts; task_config(args) reads them back."""
     g = parser.add_argument_group("task (data.py)")
-    g.add_argument("--tau", type=float, default=TaskConfig.tau,
-                   help="oracle temperature in P(a > b) = sigmoid((s_a - s_b)/tau); smaller = less label noise")
-    g.add_argument("--length-bias", type=float, default=TaskConfig.length_bias,
-                   help="> 0: raters prefer longer reviews by this many logits per extra word (claim c)")
-    g.add_argument("--pair-style", type=float, default=TaskConfig.pair_style,
-                   help="0..1: pairs written in a foreign style the judge ignores (claim a); 0 = off")
-    g.add_argument("--judge", choices=["bt", "cyclic"], default=TaskConfig.judge,
-                   help="bt: Bradley-Terry on the score (transitive); cyclic: three schools of critics that beat "
-                        "each other in a circle, which no reward can represent (default: %(default)s)")
-    g.add_argument("--pair-schools", choices=["sft", "uniform"], default=TaskConfig.pair_schools,
-                   help="--judge cyclic: the schools of the preference pairs' reviews, in the SFT data's unequal "
-                        "shares, or one third each, so every school meets every other equally often (exercise) "
+    g.add_argument("--tau", type=positive_float, default=TaskConfig.tau,
+                   help="oracle temperature in P(a > b) = sigmoid((s_a - s_b)/tau); smaller: less label noise "
                         "(default: %(default)s)")
-    return parser
+    g.add_argument("--length-bias", type=number(float, lambda v: True, "a finite number"), default=TaskConfig.length_bias,
+                   help="raters prefer longer reviews by this many logits per extra word (default: %(default)s)")
+    g.add_argument("--pair-style", type=number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1"), default=0.0,
+                   help="0..1: pairs written in a foreign style the judge ignores (default: %(default)s)")
+    g.add_argument("--judge", choices=["bt", "cyclic"], default=TaskConfig.judge,
+                   help="bt: Bradley-Terry on the score; cyclic: three schools of critics that beat each other "
+                        "in a circle, which no reward can represent (default: %(default)s)")
+    g.add_argument("--pair-schools", choices=["sft", "uniform"], default=TaskConfig.pair_schools,
+                   help="cyclic judge: the pairs' schools in the SFT data's shares, or one third each "
+                        "(default: %(default)s)")
 
 
 def task_config(args):
-    if not (args.tau > 0 and math.isfinite(args.tau)):   # tau = inf would pin every win rate at 1/2
-        fail(f"--tau must be a finite number > 0, got {args.tau}")
-    if not 0 <= args.pair_style <= 1:
-        fail(f"--pair-style must be in [0, 1], got {args.pair_style}")
-    if not math.isfinite(args.length_bias):
-        fail(f"--length-bias must be a finite number, got {args.length_bias}")
     return TaskConfig(tau=args.tau, length_bias=args.length_bias, pair_style=args.pair_style, judge=args.judge,
                       pair_schools=args.pair_schools)
 
 
 def start_run(args):
-    """What every method script does first, in this order: pick the device, check the task flags, prove
-    the output folders writable (before any work), seed, build the task, and load or train the SFT model.
+    """What every method script does first, in this order: the device, the flags no parser can check, the
+    output folder (proved writable before any work), the task, and the SFT model, loaded or trained.
     Returns (device, task, policy, sft_info); `policy` is the SFT model, ready to be trained further."""
     device = pick_device(args.device)
-    task_cfg = task_config(args)
     cfg = model_config(args)
-    progress.reset(args.out, getattr(args, "lr", None))
+    progress.lr = args.lr
     prepare_out_dir(args.out)
-    if os.path.exists(args.sft_dir) and not os.path.isdir(args.sft_dir):   # read-only is fine: it is read
+    if os.path.exists(args.sft_dir) and not os.path.isdir(args.sft_dir):   # a read-only one is fine: it is read
         fail(f"--sft-dir {args.sft_dir!r} is a file, not a folder")
     torch.manual_seed(args.seed)
-    task = Task(task_cfg, seed=args.seed)
+    task = Task(task_config(args), seed=args.seed)
     policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps, cfg)
     print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)")
+          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)",
+          file=sys.stderr)
     return device, task, policy, sft_info
 
 
@@ -406,81 +376,55 @@ def pair_logps_all(model, pairs, device, batch_size=512):
 # ----------------------------------------------------------------------------------------------------
 # Evaluation: sample on held-out prompts and let the judge compare
 # ----------------------------------------------------------------------------------------------------
+#
+# Every run samples one review per held-out prompt from the trained policy (seed 10,000 + --seed) and one
+# from the SFT model (seed 10,001 + --seed), at temperature 1, and reports:
+#     win_rate_vs_sft   mean P(policy's review > SFT's review | x) under the task's judge
+#     score, length     the judge's score and the words of the policy's reviews (sft_score, sft_length: the SFT's)
+#     kl_to_sft         KL(policy || SFT) = E_{y~policy}[log pi(y|x) - log pi_sft(y|x)], a Monte-Carlo mean over
+#                       the policy's reviews (summed over response tokens): the x-axis of the DPO paper's figure 2
+# and the SFT model measured the same way against itself (sft_win_rate_vs_sft: 1/2 up to the sampling noise it
+# shows). The seeds are the evaluation's, not the method's, so every method meets the same SFT reviews.
 
-def head_to_head(policy, baseline, task, device, n_samples, seed, temperature=1.0, baseline_vs_itself=False):
-    """Sample one review per held-out prompt from each model (temperature 1 by default) and compare.
-
-    win_rate  mean oracle P(policy sample > baseline sample | x) over the prompts
-    kl        Monte-Carlo KL(policy || baseline) = E_{y~policy}[log policy(y|x) - log baseline(y|x)]
-              (summed over response tokens), the x-axis of the DPO paper's reward-vs-KL figure
-    The baseline's draws use their own seed, so every method meets the same SFT samples.
-    `baseline` is a model, or a state_dict that `policy`'s own module loads in turn (model.swapped_weights):
-    simpo.py's way of evaluating against the SFT model without ever building a second network.
-    baseline_vs_itself: also draw the baseline with the policy's seed and report its win rate against its
-    own draws (`baseline_win_rate`): what `win_rate` would measure if the policy were the baseline, 1/2 up to
-    the sampling noise of the evaluation, which this shows.
-    """
-    progress.phase = "evaluation"
+def heldout_reviews(model, task, device, n_samples, seed):
+    """One review per held-out prompt (n_samples of them, cycling), at temperature 1: (prompts, reviews)."""
     prompts = task.eval_prompts(n_samples).to(device)
-    draw = lambda model, s: sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature,
-                                   generator=make_generator(device, s))
-    ys = draw(policy, seed)
-    ids, mask = join(prompts, ys)
-    lp_policy, _ = sequence_logps_all(policy, ids, mask)      # in batches, no gradients: --eval-samples may be large
-    swap = swapped_weights(policy, baseline) if isinstance(baseline, dict) else contextlib.nullcontext(baseline)
-    with swap as base_model:
-        yb = draw(base_model, seed + 1)
-        lp_base, _ = sequence_logps_all(base_model, ids, mask)   # the POLICY's samples, scored by the baseline
-        yb_self = draw(base_model, seed) if baseline_vs_itself else None
-    s_policy, s_base = score_responses(ys), score_responses(yb)
-    cyclic = task.config.judge == "cyclic"
-
-    def win_prob(a, b):   # P(a > b | x) under the run's judge, sample by sample
-        if cyclic:
-            return cyclic_preference_prob(school_of(a), school_of(b), task.config.cycle_prob)
-        return preference_prob(score_responses(a), score_responses(b), task.config.tau)
-
-    out = {"win_rate": win_prob(ys, yb).mean().item(),
-           "score": s_policy.mean().item(), "baseline_score": s_base.mean().item(),
-           "length": response_lengths(ys).float().mean().item(),
-           "baseline_length": response_lengths(yb).float().mean().item(),
-           "kl": (lp_policy - lp_base).mean().item(),
-           "samples": ys.cpu(), "baseline_samples": yb.cpu(), "prompts": prompts.cpu()}
-    if baseline_vs_itself:
-        out["baseline_win_rate"] = win_prob(yb_self, yb).mean().item()
-    if cyclic:   # where the game is cyclic: the school shares of both sample sets, and their exploitability [Nash]
-        for prefix, samples in (("", ys), ("baseline_", yb)):
-            shares = school_shares(samples)
-            out[prefix + "school_shares"] = shares.tolist()
-            out[prefix + "exploitability"] = school_exploitability(shares, task.config.cycle_prob)
-    return out
+    return prompts, sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE,
+                           generator=make_generator(device, 10_000 + seed))
 
 
-def evaluate(policy, sft, task, device, n_samples=512, seed=0):
-    """The run contract's evaluation: the trained policy against the SFT model on held-out prompts, and the
-    SFT model against itself the same way (sft_win_rate_vs_sft: 1/2 up to sampling noise)."""
-    r = head_to_head(policy, sft, task, device, n_samples, seed=10_000 + seed, baseline_vs_itself=True)
-    out = {"win_rate_vs_sft": r["win_rate"], "score": r["score"], "sft_score": r["baseline_score"],
-           "length": r["length"], "sft_length": r["baseline_length"], "kl_to_sft": r["kl"],
-           "sft_win_rate_vs_sft": r["baseline_win_rate"],
-           "samples": r["samples"], "sft_samples": r["baseline_samples"], "prompts": r["prompts"]}
-    if "exploitability" in r:   # --judge cyclic
-        out.update(school_shares=r["school_shares"], exploitability=r["exploitability"],
-                   sft_school_shares=r["baseline_school_shares"], sft_exploitability=r["baseline_exploitability"])
-    return out
+def win_rate(responses, baseline_responses, config):
+    return judge_prob(responses, baseline_responses, config).mean().item()
 
 
-@torch.no_grad()
-def sample_mixture(models, prompts, generator):
-    """One response per prompt row from the AVERAGE of `models` (SPPO's average of the iterates): each row picks
-    one model uniformly at random, then samples from it. Returns responses [N, MAX_RESPONSE] and the picks [N]."""
-    pick = torch.randint(len(models), (prompts.shape[0],), generator=generator, device=prompts.device)
-    responses = torch.zeros(prompts.shape[0], MAX_RESPONSE, dtype=torch.long, device=prompts.device)
-    for i, m in enumerate(models):
-        rows = (pick == i).nonzero().squeeze(1)
-        if len(rows):
-            responses[rows] = sample(m, prompts[rows], MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, generator=generator)
-    return responses.cpu(), pick.cpu()
+def evaluate_sft(sft, task, device, n_samples, seed):
+    """The SFT side of the evaluation: its reviews, and its win rate against itself (two sets of reviews)."""
+    progress.phase = "evaluation"
+    prompts, own = heldout_reviews(sft, task, device, n_samples, seed)
+    _, reviews = heldout_reviews(sft, task, device, n_samples, seed + 1)
+    return {"sft_win_rate_vs_sft": win_rate(own, reviews, task.config), "sft_samples": reviews.cpu(),
+            "sft_score": score_responses(reviews).mean().item(), "sft_length": response_lengths(reviews).float().mean().item(),
+            **{f"sft_{k}": v for k, v in game(reviews, task.config).items()}}
+
+
+def evaluate(policy, sft, sft_side, task, device, n_samples, seed):
+    """The evaluation every run reports, against the SFT model's side (evaluate_sft). `sft` is the SFT model,
+    or anything that maps input ids to its logits (simpo.py's: its own network with the SFT weights)."""
+    progress.phase = "evaluation"
+    prompts, samples = heldout_reviews(policy, task, device, n_samples, seed)
+    ids, mask = join(prompts, samples)
+    kl = sequence_logps_all(policy, ids, mask)[0] - sequence_logps_all(sft, ids, mask)[0]
+    return {**sft_side, "win_rate_vs_sft": win_rate(samples, sft_side["sft_samples"], task.config),
+            "score": score_responses(samples).mean().item(), "length": response_lengths(samples).float().mean().item(),
+            "kl_to_sft": kl.mean().item(), "samples": samples.cpu(), "prompts": prompts.cpu(), **game(samples, task.config)}
+
+
+def game(samples, config):
+    """Under the cyclic judge, where the game is: the school shares of the samples and their exploitability."""
+    if config.judge != "cyclic":
+        return {}
+    shares = school_shares(samples)
+    return {"school_shares": shares.tolist(), "exploitability": school_exploitability(shares, config.cycle_prob)}
 
 
 def pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
@@ -507,7 +451,7 @@ def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_log
 
 
 # ----------------------------------------------------------------------------------------------------
-# Summary: tables, completions and curves in the terminal (Unicode blocks, no plotting dependency)
+# Summary: tables, completions and charts in the terminal (no plotting dependency)
 # ----------------------------------------------------------------------------------------------------
 
 def print_table(header, rows):
@@ -519,110 +463,85 @@ def print_table(header, rows):
         print(line(r))
 
 
-def print_completions(prompts, before, after, n=4, before_name="SFT", after_name="trained"):
-    """The same held-out prompts, a sample before and after training, with the judge's score."""
-    s_before, s_after = score_responses(before), score_responses(after)
-    for i in range(min(n, len(prompts))):
-        print(f"  prompt: {decode(prompts[i])}")
-        print(f"    {before_name:>8} [{s_before[i]:+.2f}] {decode(before[i])}")
-        print(f"    {after_name:>8} [{s_after[i]:+.2f}] {decode(after[i])}")
-
-
-def chart(values, title, width=60, height=8):
-    """A curve as Unicode block characters: `width` columns (each the mean of its span of values),
-    `height` rows of eight levels each. Returns the lines, to be printed."""
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not values:
-        return [f"{title}: (no data)"]
-    if len(values) > width:                          # average consecutive values into `width` columns
-        edges = np.linspace(0, len(values), width + 1).astype(int)
-        values = [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:])]
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    levels = [round((v - lo) / span * (height * 8 - 1)) + 1 for v in values]   # 1..height*8
-    blocks, bar, corner, rule = chart_glyphs()
-    lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {len(values)} columns)"]
-    for row in range(height - 1, -1, -1):
-        cells = "".join(blocks[min(8, max(0, lv - row * 8))] for lv in levels)
-        label = f"{hi:9.3g} {bar}" if row == height - 1 else (f"{lo:9.3g} {bar}" if row == 0 else f"          {bar}")
-        lines.append(label + cells)
-    lines.append(f"          {corner}" + rule * len(values))
-    return lines
-
-
-def chart_glyphs(stream=None):
-    """The characters of the charts: Unicode blocks, or ASCII where the terminal cannot show them
-    (a non-UTF-8 locale, PYTHONIOENCODING=ascii). Returns (9 levels from empty to full, axis, corner, rule)."""
-    fancy = (" ▁▂▃▄▅▆▇█", "│", "└", "─")
-    try:
-        "".join(fancy).encode((stream or sys.stdout).encoding or "ascii")
-        return fancy
-    except (UnicodeEncodeError, LookupError):
-        return (" .,:;=+*#", "|", "+", "-")
-
-
 SUMMARY_ROWS = [("win rate vs SFT", "win_rate_vs_sft", "{:.3f}"), ("score (judge)", "score", "{:+.3f}"),
                 ("length (words)", "length", "{:.2f}"), ("KL to SFT (nats)", "kl_to_sft", "{:.2f}"),
                 ("reward accuracy", "reward_accuracy", "{:.3f}"), ("ranking agreement", "ranking_agreement", "{:.3f}"),
+                ("exploitability", "exploitability", "{:.3f}"),
                 ("seconds per step", "seconds_per_step", "{:.4f}"), ("peak memory (MB)", "peak_memory_mb", "{:.2f}")]
 
 
-def print_before_after(before, after, rows=SUMMARY_ROWS, names=("SFT", "trained")):
-    """The end-of-run table: one row per metric, SFT on the left, the trained policy on the right.
-    A metric missing on one side (a cost the SFT model never paid) prints as '-'."""
+def print_summary(method, metrics, sft_ranking, note=None):
+    """The end-of-run table (the SFT model on the left, as the evaluation measured it, and the trained policy;
+    a row neither side has is left out, one the SFT model never paid prints as '-'), then held-out reviews."""
+    sft = {"win_rate_vs_sft": metrics["sft_win_rate_vs_sft"], "score": metrics["sft_score"],
+           "length": metrics["sft_length"], "kl_to_sft": 0.0, "exploitability": metrics.get("sft_exploitability"),
+           **sft_ranking}
     cell = lambda d, key, fmt: fmt.format(d[key]) if d.get(key) is not None else "-"
-    print_table(["", *names], [[label, cell(before, key, fmt), cell(after, key, fmt)] for label, key, fmt in rows])
-
-
-def tied_reward_note(reward):
-    """The line under the end-of-run table of a method whose reward is a log-ratio to the SFT model."""
-    return textwrap.fill(f"SFT column: the SFT model is the reference, so its reward {reward} is 0 for every "
-                         f"response and orders no held-out pair: its reward accuracy and ranking agreement are 0 "
-                         f"by definition (a tie is not an ordering), not a judgement of the SFT model.", width=100)
-
-
-def print_sft_vs_policy(method, result, metrics, sft_metrics=None, note=None):
-    """The end-of-run table, then a few held-out completions before and after. The SFT column comes from the
-    evaluation `result` (its win rate: the SFT model against itself, measured the same way as the policy;
-    its KL to itself: 0), plus the `sft_metrics` (reward accuracy, ranking agreement) the method measured on
-    the SFT model; `note`, if given, is printed under the table."""
-    sft_row = {"win_rate_vs_sft": result["sft_win_rate_vs_sft"], "score": result["sft_score"],
-               "length": result["sft_length"], "kl_to_sft": 0.0, **(sft_metrics or {})}
-    if "exploitability" in result:   # --judge cyclic: the game's numbers too
-        sft_row["exploitability"] = result["sft_exploitability"]
-        print_before_after(sft_row, metrics, SUMMARY_ROWS + [("exploitability", "exploitability", "{:.3f}")])
+    print_table(["", "SFT", method], [[label, cell(sft, key, fmt), cell(metrics, key, fmt)]
+                                       for label, key, fmt in SUMMARY_ROWS if key in metrics])
+    if "school_shares" in metrics:
         shares = lambda v: " / ".join(f"{x:.2f}" for x in v)
-        print(f"school shares (story / acting / craft / none): SFT {shares(result['sft_school_shares'])}, "
-              f"{method} {shares(result['school_shares'])}")
-    else:
-        print_before_after(sft_row, metrics)
+        print(f"school shares (story / acting / craft / none): SFT {shares(metrics['sft_school_shares'])}, "
+              f"{method} {shares(metrics['school_shares'])}")
     if note:
-        print(note)
-    print(f"\nHeld-out completions, SFT model and {method} policy (judge's score in brackets):")
-    print_completions(result["prompts"], result["sft_samples"], result["samples"], after_name=method)
+        print(f"SFT column: the SFT model is the reference, so its reward {note} is 0 for every response and\n"
+              f"orders no held-out pair: its reward accuracy and ranking agreement are 0 by definition (a tie is\n"
+              f"not an ordering), not a judgement of the SFT model.")
+    print(f"\nHeld-out reviews, SFT model and {method} policy (judge's score in brackets; every run samples with\n"
+          f"the evaluation's own seeds, so every method shows the same SFT reviews):")
+    s_sft, s_policy = score_responses(metrics["sft_samples"]), score_responses(metrics["samples"])
+    for i in range(4):
+        print(f"  prompt: {decode(metrics['prompts'][i])}\n    {'SFT':>8} [{s_sft[i]:+.2f}] "
+              f"{decode(metrics['sft_samples'][i])}\n    {method:>8} [{s_policy[i]:+.2f}] {decode(metrics['samples'][i])}")
 
 
-def print_curves(log_rows, curves):
-    """One chart per (key in log.jsonl, title): what the run did, before the numbers."""
-    for key, title in curves:
-        for line in chart([r[key] for r in log_rows if key in r], title):
-            print(line)
+def timings(metrics):
+    """Where a run's seconds went, for its last line (the whole run: from before torch is imported)."""
+    return (f"{metrics['wall_seconds']:.1f} s (start-up {metrics['startup_seconds']:.1f}, training "
+            f"{metrics['train_seconds']:.1f}, evaluation {metrics['eval_seconds']:.1f})")
 
 
-def shares_chart(shares, title, height=11, letters="sac"):
-    """School shares per iteration [T][>= 3] as three lines of letters (s story, a acting, c craft; * where two
-    meet), one column per iteration, share 0 at the bottom and 1 at the top. Returns the lines."""
-    grid = [[" "] * len(shares) for _ in range(height)]
-    for col, row_shares in enumerate(shares):
-        for letter, share in zip(letters, row_shares):
-            row = height - 1 - round(float(share) * (height - 1))
-            grid[row][col] = letter if grid[row][col] == " " else "*"
-    lines = [f"{title}  ({', '.join(f'{l} {n}' for l, n in zip(letters, SCHOOLS))})"]
-    for r, cells in enumerate(grid):
-        lines.append((" 1.0 │" if r == 0 else " 0.0 │" if r == height - 1 else "     │") + " ".join(cells))
-    lines.append("     └" + "─" * (2 * len(shares) - 1))
-    lines.append("      " + " ".join(str(t % 10) for t in range(len(shares))) + "   iteration")
-    return lines
+def chart(series, title, width=60, height=8, lo=None, hi=None):
+    """Curves in the terminal: `series` is a list of values per step, or a list of (character, name, values)
+    to draw several on one scale ('*' where two meet). Values are averaged into at most `width` columns.
+    The title gives the data's own range; the axis gives the plotted one (column means, or lo and hi).
+    Returns the lines."""
+    if not series or not isinstance(series[0], tuple):
+        series = [(glyphs()[0], None, series)]
+    data, curves = [], []
+    for char, name, values in series:
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        edges = np.linspace(0, len(values), min(width, len(values)) + 1).astype(int)
+        curves.append((char, [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:])]))
+        data += values
+    if not data:
+        return [f"{title}: (no data)"]
+    lo = min(v for _, columns in curves for v in columns) if lo is None else lo
+    hi = max(v for _, columns in curves for v in columns) if hi is None else hi
+    grid = [[" "] * max(len(columns) for _, columns in curves) for _ in range(height)]
+    for char, columns in curves:
+        for col, v in enumerate(columns):
+            row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds hi
+            grid[row][col] = char if grid[row][col] in (" ", char) else "*"
+    names = "".join(f"; {char} {name}" for char, name, _ in series if name)
+    return [f"{title}  ({len(data)} values, min {min(data):.3g}, max {max(data):.3g}{names})", *frame(grid, hi, lo)]
+
+
+def frame(grid, top, bottom):
+    """The rows of a character grid beside a y-axis labelled `top` and `bottom`, and an x-axis below."""
+    _, bar, corner, rule = glyphs()
+    labels = [f"{top:9.3g}"] + [" " * 9] * (len(grid) - 2) + [f"{bottom:9.3g}"]
+    return [f"{label} {bar}" + "".join(cells) for label, cells in zip(labels, grid)] + [" " * 10 + corner + rule * len(grid[0])]
+
+
+def glyphs():
+    """The characters of the charts: Unicode, or ASCII where the terminal cannot show it (a non-UTF-8
+    locale, PYTHONIOENCODING=ascii). Returns (block, axis, corner, rule)."""
+    try:
+        "█│└─".encode(sys.stdout.encoding or "ascii")
+        return "█", "│", "└", "─"
+    except (UnicodeEncodeError, LookupError):
+        return "#", "|", "+", "-"
 
 
 def scatter(points, x_title, y_title, width=56, height=14):
@@ -634,51 +553,10 @@ def scatter(points, x_title, y_title, width=56, height=14):
     y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
     grid = [[" "] * width for _ in range(height)]
     for label, x, y in points:
-        col = round((x - x0) / ((x1 - x0) or 1.0) * (width - 1))
-        row = round((y1 - y) / ((y1 - y0) or 1.0) * (height - 1))
-        grid[row][col] = label[0]
-    _, bar, corner, rule = chart_glyphs()
-    lines = [f"{y_title} against {x_title}"]
-    for r, cells in enumerate(grid):
-        tick = f"{y1:7.2f} {bar}" if r == 0 else (f"{y0:7.2f} {bar}" if r == height - 1 else f"        {bar}")
-        lines.append(tick + "".join(cells))
-    lines.append(f"        {corner}" + rule * width)
-    lines.append(f"         {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}")
-    lines += [f"  {label[0]} = {label[2:] if label[1:2] == ':' else label}: {x_title} {x:.2f}, {y_title} {y:.3f}"
-              for label, x, y in points]
-    return lines
-
-
-def chart_lines(series, title, width=60, height=10):
-    """Several curves in ONE frame, on one shared scale: series is a list of (character, name, values),
-    values per step, averaged into `width` columns as chart() does; each curve is drawn with its own
-    character, and '*' where two meet. dpo.py draws log pi(y_w|x) and log pi(y_l|x) this way: both can
-    fall, and which one falls faster is the point (README, "Reading your logs"). Returns the lines."""
-    curves = []
-    for char, name, values in series:
-        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-        if len(values) > width:
-            edges = np.linspace(0, len(values), width + 1).astype(int)
-            values = [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:])]
-        curves.append((char, values))
-    every = [v for _, values in curves for v in values]
-    if not every:
-        return [f"{title}: (no data)"]
-    lo, hi = min(every), max(every)
-    n_cols = max(len(values) for _, values in curves)
-    grid = [[" "] * n_cols for _ in range(height)]
-    for char, values in curves:
-        for col, v in enumerate(values):
-            row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds the maximum
-            grid[row][col] = char if grid[row][col] in (" ", char) else "*"
-    _, bar, corner, rule = chart_glyphs()
-    lines = [f"{title}  (min {lo:.3g}, max {hi:.3g}, {n_cols} columns)"]
-    for r, cells in enumerate(grid):
-        label = f"{hi:9.3g} {bar}" if r == 0 else (f"{lo:9.3g} {bar}" if r == height - 1 else f"          {bar}")
-        lines.append(label + "".join(cells))
-    lines.append(f"          {corner}" + rule * n_cols)
-    lines.append("           " + ", ".join(f"{char} = {name}" for char, name, _ in series) + ", * = both")
-    return lines
+        grid[round((y1 - y) / (y1 - y0) * (height - 1))][round((x - x0) / ((x1 - x0) or 1.0) * (width - 1))] = label[0]
+    return ([f"{y_title} against {x_title}", *frame(grid, y1, y0), f"           {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}"]
+            + [f"  {label[0]} = {label[2:] if label[1:2] == ':' else label}: {x_title} {x:.2f}, {y_title} {y:.3f}"
+               for label, x, y in points])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -737,25 +615,19 @@ class ExactTask:
         self.pair_probs = self.sft_probs
         if self.config.pair_schools == "uniform":
             self.pair_probs = self.sft_probs / torch.tensor(SFT_SCHOOL, dtype=torch.float64)[self.schools] / len(SCHOOLS)
-        # prefs[a, b] = P(y_a > y_b | x), the judge on every pair: [C, C], 1/2 on the diagonal
-        self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config)
+        # prefs[a, b] = P(y_a > y_b | x), the judge on every pair (the raters': with their length bias): [C, C]
+        self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config,
+                                self.config.length_bias, torch.float64)
         self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
                        if self.config.judge == "bt" else None)                # no reward under the cyclic judge
-        self._table = None
+        self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))     # the prefix tree, built once
 
     def table(self, probs=None):
         """A model.TablePolicy over the responses, starting at `probs` (default: the SFT table)."""
-        if self._table is None:    # the prefix tree is built once; every table after is a copy with other logits
-            self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))
         table = copy.deepcopy(self._table)
         with torch.no_grad():
             table.logits.copy_((self.sft_probs if probs is None else torch.as_tensor(probs, dtype=torch.float64)).log())
         return table
-
-    def sequences(self, index=None):
-        """input_ids and response mask of the responses at `index` (default: all), for model.sequence_logps."""
-        responses = self.responses if index is None else self.responses[index]
-        return join(self.prompts.expand(responses.shape[0], -1), responses)
 
     def index_of(self, responses):
         """The position in the list of each response [M, L'] (token ids, EOS then padding), -1 if not listed."""
@@ -764,29 +636,21 @@ class ExactTask:
         same = (pad(responses.cpu())[:, None, :] == pad(self.responses)[None, :, :]).all(-1)   # [M, C]
         return torch.where(same.any(-1), same.long().argmax(-1), torch.full((responses.shape[0],), -1))
 
-    def pair_batch(self, chosen, rejected):
-        """The pairs (x, y_w = response chosen[i], y_l = response rejected[i]) as model.pair_logps takes them."""
-        (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = self.sequences(chosen), self.sequences(rejected)
-        return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
-                "rejected_ids": rejected_ids, "rejected_mask": rejected_mask}
-
-    def population_pairs(self, probs=None):
+    def population_pairs(self):
         """Every ordered pair (y_w, y_l), w != l, with its probability in the data: two reviews drawn from
-        `probs` (default: pair_probs, the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l),
-        normalised (pairs of one review twice are left out: their loss is the same for every policy).
-        Returns chosen [M], rejected [M] (response indices) and weights [M] (float64, summing to 1)."""
-        probs = self.pair_probs if probs is None else probs
-        w = 2 * probs[:, None] * probs[None, :] * self.prefs
+        pair_probs (the SFT table), y_w the one the judge picked: 2 pi(w) pi(l) P(w > l), normalised (pairs of
+        one review twice are left out: their loss is the same for every policy). Returns chosen [M],
+        rejected [M] (response indices) and weights [M] (float64, summing to 1)."""
+        w = 2 * self.pair_probs[:, None] * self.pair_probs[None, :] * self.prefs
         w.fill_diagonal_(0.0)
         chosen, rejected = w.nonzero(as_tuple=True)
         return chosen, rejected, w[chosen, rejected] / w.sum()
 
-    def sampled_pairs(self, n, seed=0, probs=None):
+    def sampled_pairs(self, n, seed=0):
         """n pairs drawn as population_pairs describes, each label drawn from the judge (finite data):
         the same triples, weighted by how often they were drawn (counts / n)."""
-        probs = self.pair_probs if probs is None else probs
         rng = np.random.default_rng(seed)
-        a, b = (rng.choice(self.n, size=n, p=probs.numpy()) for _ in range(2))
+        a, b = (rng.choice(self.n, size=n, p=self.pair_probs.numpy()) for _ in range(2))
         a_wins = rng.random(n) < self.prefs[a, b].numpy()
         counts = torch.zeros(self.n, self.n, dtype=torch.float64)
         counts.index_put_((torch.from_numpy(np.where(a_wins, a, b)), torch.from_numpy(np.where(a_wins, b, a))),
@@ -794,20 +658,15 @@ class ExactTask:
         chosen, rejected = counts.nonzero(as_tuple=True)
         return chosen, rejected, counts[chosen, rejected] / n
 
-    def dpo_optimum(self, beta, ref_probs=None):
+    def dpo_optimum(self, beta):
         """[DPO-opt] pi*(y) = pi_ref(y) exp(r(y)/beta) / Z, the KL-regularised optimum (Bradley-Terry judge)."""
-        if self.reward is None:
-            raise ValueError("the cyclic judge has no reward, so no pi*")
-        ref_probs = self.sft_probs if ref_probs is None else ref_probs
-        return torch.softmax(ref_probs.log() + self.reward / beta, dim=0)
+        return torch.softmax(self.sft_probs.log() + self.reward / beta, dim=0)
 
     def simpo_optimum_gamma0(self, beta):
         """SimPO's minimiser when gamma = 0 (Bradley-Terry judge): the labels' Bradley-Terry likelihood is
         maximised by any reward r(y) = (beta/|y|) log pi(y) equal to the true r(y) + c, and a table can take
         every such reward, so pi(y) = exp(|y| (r(y) + c) / beta), with the one c that makes it sum to 1
         (found by bisection: the sum grows with c). |y| counts tokens, EOS included, as sequence_logps does."""
-        if self.reward is None:
-            raise ValueError("the cyclic judge has no reward")
         tokens = self.words.double() + 1
         total = lambda c: torch.exp(tokens * (self.reward + c) / beta).sum().item()
         lo, hi = -self.reward.max().item() - 50.0 * beta, -self.reward.max().item()   # total(lo) < 1 <= total(hi)
@@ -824,7 +683,7 @@ class ExactTask:
         return exploitability(probs, self.prefs)
 
     def best(self):
-        """[C] bool: the responses with the highest score (what the Bradley-Terry judge prefers to all others)."""
+        """[C] bool: the reviews of the highest score, the judge's best (--length-bias sways the raters, not it)."""
         return self.scores == self.scores.max()
 
     def school_shares(self, probs):
@@ -835,14 +694,29 @@ class ExactTask:
         return (probs * self.words.double()).sum().item()
 
 
+def start_exact(parser, defaults):
+    """What every script's --exact does first: the flags (those not given take `defaults`: a table is not a
+    GPT), the output folder, and the task. Returns (args, ExactTask, start time)."""
+    args = parser.parse_args(namespace=argparse.Namespace(**defaults))
+    prepare_out_dir(args.out)
+    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
+    return args, ExactTask(task_config(args)), time.time()
+
+
+def save_exact(args, ex, metrics, start_time):
+    """metrics.json of an exact run (no GPT: no model.pt, no log.jsonl), with the table's responses."""
+    metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), wall_seconds=time.time() - start_time)
+    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
+
+
 def print_exact_groups(ex, named_probs, by="school"):
     """A small table: the mass each policy (name -> probs [C]) puts on each group of responses, grouped
     by school and score (by='school') or by length and score (by='length')."""
     rows = []
     for g in range(3):
-        for level, (score, _) in enumerate(EXACT_TEMPLATES):
-            member = ((ex.schools == g) if by == "school" else (ex.words == 2 * (g + 1))) & (ex.scores == score)
-            label = f"{SCHOOLS[g] if by == 'school' else str(2 * (g + 1)) + ' words'}, score {score:+.1f}"
+        for score_value, _ in EXACT_TEMPLATES:
+            member = ((ex.schools == g) if by == "school" else (ex.words == 2 * (g + 1))) & (ex.scores == score_value)
+            label = f"{SCHOOLS[g] if by == 'school' else str(2 * (g + 1)) + ' words'}, score {score_value:+.1f}"
             rows.append([label] + [f"{p[member].sum().item():.4f}" for p in named_probs.values()])
     print_table([f"responses (by {by})", *named_probs], rows)
 
@@ -851,95 +725,52 @@ def print_exact_groups(ex, named_probs, by="school"):
 # Command line: python data.py [show | frontier | sample | curves | logps]
 # ----------------------------------------------------------------------------------------------------
 
-def read_metrics(run_dir):
-    """(metrics dict, None) for a run folder whose metrics.json has what the frontier plots, else
-    (None, one line saying what is wrong). Valid JSON of the wrong shape is an error too, not a crash."""
-    import json
-    path = os.path.join(run_dir, "metrics.json")
+def read_json(path, lines=False):
+    """The JSON of a run's file (one object per line if `lines`), or one clear line and exit 2."""
     try:
         with open(path) as f:
-            m = json.load(f)
+            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
     except FileNotFoundError:
-        return None, f"{run_dir}: no metrics.json (is it a run folder? runs write one at the end)"
-    except (OSError, ValueError) as e:
-        return None, f"{path}: unreadable ({type(e).__name__}: {str(e)[:100]})"
-    if not isinstance(m, dict):
-        return None, f"{path}: holds a JSON {type(m).__name__}, not the object a run writes"
-    for key in ("kl_to_sft", "score", "sft_score"):
-        if key not in m:
-            return None, f"{path}: no {key!r} (keys: {', '.join(sorted(m)) or 'none'})"
-        v = m[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return None, f"{path}: {key} is {json.dumps(v)}, not a finite number (a run that diverged?)"
-    return m, None
-
-
-def load_run(run_dir):
-    """The trained policy of a run folder (its model.pt, on the CPU) and the run's arguments, or one
-    clear line and exit 2: no model.pt, an unreadable one, or a file this project did not write."""
-    from model import load_checkpoint
-    path = os.path.join(run_dir, "model.pt")
-    if not os.path.isfile(path):
-        fail(f"no model.pt in {run_dir!r}: train one first, e.g. python simpo.py --out {run_dir}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        fail(f"{path} is unreadable (truncated or corrupt?): run the script again to rewrite it")
-    if not (isinstance(ckpt, dict) and {"model", "config", "args"} <= set(ckpt)):
-        fail(f"{path} is not a model.pt written by dpo.py, simpo.py or sppo.py")
-    return load_checkpoint(path, "cpu")
-
-
-def prompt_ids(text):
-    """'new horror film' -> [BOS, new, horror, film, SEP], or one clear line naming the bad word."""
-    words = text.split()
-    if len(words) != 3:
-        fail(f"--prompt takes three words, a decade, a genre and a noun (e.g. 'new horror film'); got {text!r}")
-    for word, allowed, what in zip(words, (DECADES, GENRES, NOUNS), ("decade", "genre", "noun")):
-        if word not in allowed:
-            fail(f"--prompt: {word!r} is not a {what} of this task; the {what}s are: {' '.join(allowed)}")
-    return [BOS_ID] + encode(text) + [SEP_ID]
-
-
-def read_log(run_dir):
-    """The rows of a run's log.jsonl, or one clear line and exit 2."""
-    import json
-    path = os.path.join(run_dir, "log.jsonl")
-    try:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        fail(f"no log.jsonl in {run_dir!r}: train one first, e.g. python dpo.py --out {run_dir}")
+        fail(f"no {os.path.basename(path)} in {os.path.dirname(path) or '.'!r}: is it a run folder? "
+             f"(train one first, e.g. python dpo.py --out {os.path.dirname(path)})")
     except (OSError, ValueError) as e:
         fail(f"{path} is unreadable ({type(e).__name__}: {str(e)[:100]})")
-    if not rows or not all(isinstance(r, dict) for r in rows):
-        fail(f"{path} holds no steps (a run with --steps 0?)" if not rows else f"{path}: not one JSON object per line")
-    return rows
 
 
-def displacement(policy, sft, task, n_samples=512, seed=0):
-    """Where a trained policy put its probability mass, against the SFT model it started from: the mean
-    log pi(y|x) (summed over the response) of five sets of reviews under both models. Returns
-    [(name, sft_mean, policy_mean)]. The first two rows are what log.jsonl's logps/chosen and
-    logps/rejected follow, over the whole training set; the others say where the mass went instead."""
-    from model import sequence_logps_all
+def frontier_point(run_dir):
+    """(label, KL to SFT, score, SFT score) of a finished run, or one line saying what is wrong with it."""
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{run_dir}: no readable metrics.json ({type(e).__name__}): is it a finished run's folder?"
+    for key in ("kl_to_sft", "score", "sft_score"):
+        v = m.get(key) if isinstance(m, dict) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"{run_dir}/metrics.json: {key} is {json.dumps(v)}, not a finite number (an --exact run, or one that diverged?)"
+    beta = f", beta {m['beta']}" if m.get("beta") is not None else ""
+    return f"{os.path.basename(os.path.normpath(run_dir))} ({m.get('method', 'run')}{beta})", m["kl_to_sft"], m["score"], m["sft_score"]
+
+
+def displacement(policy, sft, task, seed=0, n_samples=512):
+    """Where a trained policy put its probability mass: the mean log pi(y|x) (summed over the response) of
+    five sets of reviews under the SFT model and the policy. [(name, sft_mean, policy_mean)]. The first two
+    are what log.jsonl's logps/chosen and logps/rejected follow, over the whole training set."""
     cpu = torch.device("cpu")
-    pol_pairs, sft_pairs = pair_logps_all(policy, task.pairs, cpu), pair_logps_all(sft, task.pairs, cpu)
-    r = head_to_head(policy, sft, task, cpu, n_samples, seed=10_000 + seed)   # the evaluation's own samples
-    # Reviews of five positive words (the judge's favourite kind), kept only if no pair holds them.
+    sft_pairs, policy_pairs = pair_logps_all(sft, task.pairs, cpu), pair_logps_all(policy, task.pairs, cpu)
+    rows = [("chosen y_w, training pairs", sft_pairs[0], policy_pairs[0]),
+            ("rejected y_l, training pairs", sft_pairs[1], policy_pairs[1])]
+    prompts, own = heldout_reviews(policy, task, cpu, n_samples, seed)                  # the evaluation's reviews
+    sft_reviews = heldout_reviews(sft, task, cpu, n_samples, seed + 1)[1]
+    # reviews of five positive words (the judge's favourite kind), kept only if no pair holds them
     g = torch.Generator().manual_seed(seed)
-    words = torch.as_tensor(POS_IDS)[torch.randint(0, len(POS_IDS), (n_samples, 5), generator=g)]
     best = torch.full((n_samples, MAX_RESPONSE), PAD_ID)
-    best[:, :5], best[:, 5] = words, EOS_ID
-    in_pairs = {tuple(y.tolist()) for side in ("chosen", "rejected")
-                for y in task.pairs[f"{side}_ids"][:, PROMPT_LEN:]}
+    best[:, :5], best[:, 5] = torch.as_tensor(POS_IDS)[torch.randint(0, len(POS_IDS), (n_samples, 5), generator=g)], EOS_ID
+    in_pairs = {tuple(y.tolist()) for side in ("chosen", "rejected") for y in task.pairs[f"{side}_ids"][:, PROMPT_LEN:]}
     best = best[[tuple(y.tolist()) not in in_pairs for y in best]]
-    rows = [("chosen y_w, training pairs", sft_pairs[0], pol_pairs[0]),
-            ("rejected y_l, training pairs", sft_pairs[1], pol_pairs[1])]
-    for name, prompts, responses in (("the policy's own samples", r["prompts"], r["samples"]),
-                                     ("the SFT model's samples", r["prompts"], r["baseline_samples"]),
-                                     ("5 positive words, in no pair", r["prompts"][:len(best)], best)):
-        ids, mask = join(prompts, responses)
+    for name, p, responses in (("the policy's own samples", prompts, own), ("the SFT model's samples", prompts, sft_reviews),
+                               ("5 positive words, in no pair", prompts[:len(best)], best)):
+        ids, mask = join(p, responses)
         rows.append((name, sequence_logps_all(sft, ids, mask)[0], sequence_logps_all(policy, ids, mask)[0]))
     return [(name, a.mean().item(), b.mean().item()) for name, a, b in rows]
 
@@ -955,96 +786,75 @@ def main(argv=None):
     python data.py curves DIR --key KEY...   redraw any key of DIR/log.jsonl per step (default: loss)
     python data.py logps DIR                 where the mass went: mean log pi(y|x) of chosen, rejected
                                              and sampled reviews under the SFT model and DIR's policy"""
-    import argparse
     import inspect
-    import sys
-    from model import nonneg_int, positive_float, positive_int, sample
+    from model import bounded_int, load_checkpoint
     parser = argparse.ArgumentParser(description=inspect.cleandoc(main.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier", "sample", "curves", "logps"])
     parser.add_argument("dirs", nargs="*", help="run folders (what dpo.py, simpo.py or sppo.py wrote with --out)")
     parser.add_argument("--prompt", default="new horror film", help="sample: decade genre noun (default: %(default)s)")
-    parser.add_argument("-n", type=positive_int, default=5, help="sample: how many reviews (default: %(default)s)")
+    parser.add_argument("-n", type=bounded_int(1, 10_000), default=5, help="sample: how many reviews (default: %(default)s)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sample: (default: %(default)s)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="sample: the sampler's seed (default: %(default)s)")
+    parser.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="sample: (default: %(default)s)")
     parser.add_argument("--key", action="append", help="curves: a log.jsonl key, repeatable (default: loss)")
     args = parser.parse_args(argv)
-
-    def one_dir():
-        if len(args.dirs) != 1:
-            fail(f"{args.command} takes one run folder, got {len(args.dirs)}")
-        return args.dirs[0]
-
+    wanted = {"show": "no run folder", "frontier": "one or more run folders"}.get(args.command, "one run folder")
+    if len(args.dirs) != {"no run folder": 0, "one run folder": 1}.get(wanted, max(len(args.dirs), 1)):
+        fail(f"{args.command} takes {wanted}, got {len(args.dirs)}")
+    run_dir = args.dirs[0] if args.dirs else None
     if args.command == "frontier":
-        if not args.dirs:
-            fail("frontier needs at least one run folder")
-        points, problems, first = [], [], None
-        for d in args.dirs:
-            m, problem = read_metrics(d)
-            if problem:
-                problems.append(problem)
-                continue
-            first = first or m
-            beta = f", beta {m['beta']}" if m.get("beta") is not None else ""
-            points.append((f"{chr(ord('A') + len(points))}:{os.path.basename(os.path.normpath(d))} "
-                           f"({m.get('method', 'run')}{beta})", float(m["kl_to_sft"]), float(m["score"])))
-        for problem in problems:                 # one line per bad folder, then no chart: a partial one misleads
+        points = [frontier_point(d) for d in args.dirs]
+        for problem in (p for p in points if isinstance(p, str)):   # one line per bad folder, then no chart
             print(f"error: {problem}", file=sys.stderr)
-        if problems:
+        if any(isinstance(p, str) for p in points):
             sys.exit(2)
-        points.insert(0, ("S:the SFT model", 0.0, float(first["sft_score"])))   # where every run starts
-        print("\n".join(scatter(points, "KL(policy || SFT)", "score")))
+        labelled = [("S:the SFT model", 0.0, points[0][3])] + [(f"{chr(65 + i)}:{label}", x, y) for i, (label, x, y, _)
+                                                              in enumerate(points)]   # S: where every run starts
+        print("\n".join(scatter(labelled, "KL(policy || SFT)", "score")))
     elif args.command == "sample":
-        d = one_dir()
-        ids = prompt_ids(args.prompt)
-        if args.n > 10_000:
-            fail(f"-n {args.n}: at most 10000 reviews at once")
-        if args.seed >= 2**63:
-            fail(f"--seed must be below 2**63, got {args.seed}")
-        policy, _ = load_run(d)
-        reviews = sample(policy, torch.tensor([ids] * args.n), MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE,
-                         temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+        words = args.prompt.split()
+        if len(words) != 3 or any(w not in allowed for w, allowed in zip(words, (DECADES, GENRES, NOUNS))):
+            fail(f"--prompt takes a decade, a genre and a noun, e.g. 'new horror film' (decades: {' '.join(DECADES)}; "
+                 f"genres: {' '.join(GENRES)}; nouns: {' '.join(NOUNS)}); got {args.prompt!r}")
+        policy, _ = load_checkpoint(os.path.join(run_dir, "model.pt"))
+        batches = math.ceil(args.n / 64) * 64   # in batches of 64 from one generator: the first reviews do not depend on -n
+        prompts = torch.tensor([[BOS_ID] + encode(args.prompt) + [SEP_ID]] * batches)
+        reviews = sample(policy, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature=args.temperature,
+                         generator=torch.Generator().manual_seed(args.seed), batch_size=64)[:args.n]
         for review in reviews:
-            print(f"[{score('', decode(review)):+.2f}] {decode(review)}")
+            print(f"[{score_responses(review[None])[0]:+.2f}] {decode(review)}")
+        print("(the judge and the demonstrations ignore the prompt: every prompt gets reviews of the same kind)")
     elif args.command == "curves":
-        d = one_dir()
-        rows = read_log(d)
-        keys = sorted({k for r in rows for k in r})
+        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
+        keys = sorted({k for r in rows if isinstance(r, dict) for k in r})
         for key in args.key or ["loss"]:
-            if key not in keys:
-                fail(f"{os.path.join(d, 'log.jsonl')} has no key {key!r}; its keys: {', '.join(keys)}")
-            values = [r.get(key) for r in rows]
-            if not any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                fail(f"{key!r} in {os.path.join(d, 'log.jsonl')} holds no numbers")
-            values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
-            print("\n".join(chart(values, f"{key} per step ({d})")))
-            numbers = [v for v in values if v is not None]
-            tail = numbers[-max(1, len(numbers) // 10):]    # the last tenth: a batch mean is noisy, their mean less so
-            print(f"{key}: first {numbers[0]:.4g}, last {numbers[-1]:.4g}, "
-                  f"mean of the last {len(tail)} {'value' if len(tail) == 1 else 'values'} {sum(tail) / len(tail):.4g}")
+            values = [r.get(key) if isinstance(r, dict) else None for r in rows]
+            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if not numbers:
+                fail(f"{run_dir}/log.jsonl has no numbers under {key!r} (a run with --steps 0?); its keys: {', '.join(keys)}")
+            print("\n".join(chart(numbers, f"{key} per step ({run_dir})")))
+            tail = numbers[-max(1, len(numbers) // 10):]   # the last tenth: a batch mean is noisy, their mean less so
+            print(f"{key}: first {numbers[0]:.4g}, last {numbers[-1]:.4g}, mean of the last {len(tail)} "
+                  f"{'value' if len(tail) == 1 else 'values'} {sum(tail) / len(tail):.4g}")
     elif args.command == "logps":
-        d = one_dir()
-        policy, run_args = load_run(d)
+        policy, run_args = load_checkpoint(os.path.join(run_dir, "model.pt"))
         run_args = argparse.Namespace(**run_args)
         task = Task(task_config(run_args), seed=run_args.seed)
-        sft, _ = sft_model(task, torch.device("cpu"), run_args.sft_dir, run_args.seed, run_args.sft_steps)
-        print(f"mean log pi(y|x), nats summed over the response: the SFT model, then {d}'s policy")
-        print_table(["reviews", "SFT", "policy", "change"],
-                    [[name, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
-                     for name, a, b in displacement(policy, sft, task, seed=run_args.seed)])
+        sft, _ = sft_model(task, torch.device("cpu"), run_args.sft_dir, run_args.seed, run_args.sft_steps,
+                           model_config(run_args))
+        print(f"mean log pi(y|x), nats summed over the response: the SFT model, then {run_dir}'s policy")
+        print_table(["reviews", "SFT", "policy", "change"], [[name, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+                                                             for name, a, b in displacement(policy, sft, task, run_args.seed)])
     else:
-        if args.dirs:
-            fail("show takes no run folder (commands: show, frontier, sample, curves, logps)")
         a, b = "the acting was great and the music superb", "a dull plot but lovely cast"
         print(f"prompt: classic comedy film\n  a: {a}  score {score('', a):+.3f}\n  b: {b}  score {score('', b):+.3f}")
         print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = {oracle('', a, b):.3f}")
-        task = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4))
+        pairs = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4)).pairs
         print("\ntraining pairs (chosen / rejected, judge's score):")
         for i in range(4):
-            p = task.pairs
-            print(f"  {decode(p['chosen_ids'][i][:PROMPT_LEN])}\n"
-                  f"    y_w [{p['chosen_score'][i]:+.2f}] {decode(p['chosen_ids'][i][PROMPT_LEN:])}\n"
-                  f"    y_l [{p['rejected_score'][i]:+.2f}] {decode(p['rejected_ids'][i][PROMPT_LEN:])}")
+            print(f"  {decode(pairs['chosen_ids'][i][:PROMPT_LEN])}\n"
+                  f"    y_w [{pairs['chosen_score'][i]:+.2f}] {decode(pairs['chosen_ids'][i][PROMPT_LEN:])}\n"
+                  f"    y_l [{pairs['rejected_score'][i]:+.2f}] {decode(pairs['rejected_ids'][i][PROMPT_LEN:])}")
         print(f"\nvocabulary: {len(VOCAB)} tokens; {len(DECADES) * len(GENRES) * len(NOUNS)} prompts")
 
 

@@ -8,7 +8,7 @@ The method in five lines:
   4. Fit it to the preferences by Bradley-Terry maximum likelihood: L = -log sigma(r(x, y_w) - r(x, y_l))  [DPO-1]
   5. No reward model and no sampling during training: one supervised loss on offline pairs.
 
-Run:       python dpo.py                      (CPU, 2 cores: about 11 s once out/sft holds the SFT cache)
+Run:       python dpo.py                      (CPU, 2 cores: seconds once out/sft holds the SFT model; README)
            python dpo.py --beta 0.5 --device cuda
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts (README, "Results").
 Departures from the paper: a toy judge instead of a sentiment classifier (data.py), a 0.1 M-parameter GPT,
@@ -17,16 +17,17 @@ Adam without warm-up; the loss itself is the paper's equation 7 exactly.
 
 import argparse
 import dataclasses
-import json
 import time
+
+START = time.time()   # the run's clock starts before torch is imported: start-up includes it
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, check_loss, check_weights, fail, frozen_copy,
-                   minimise, pair_logps, positive_float, prepare_out_dir, run, save_files, save_run)
+from model import Adam, PeakMemory, add_run_args, check_loss, check_weights, frozen_copy, minimise, pair_logps, \
+    positive_float, run, save_run
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -98,19 +99,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 def main():
     args = parser.parse_args()
     if args.precompute_ref and args.reference_free:
-        fail("--precompute-ref with --reference-free: there is no reference to precompute")
+        parser.error("--precompute-ref with --reference-free: there is no reference to precompute")
     if args.exact:
         return run_exact()
-    start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
     # Data and models
     # ------------------------------------------------------------------------------------------------
-    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
-    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
+    device, task, policy, sft_info = data.start_run(args)   # device, output folder, task, SFT model
+    memory = PeakMemory(policy)            # from here on: what training adds to the SFT model
     ref = frozen_copy(policy)              # pi_ref: the SFT model, frozen (eval mode, no gradients)
     policy.train()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    optimizer = Adam(policy.parameters(), lr=args.lr)
 
     # ------------------------------------------------------------------------------------------------
     # Training loop
@@ -125,8 +125,7 @@ def main():
         ref_chosen_all, ref_rejected_all, _, _ = data.pair_logps_all(ref, task.pairs, device)   # [n_pairs] each
         ref_chosen_all, ref_rejected_all = ref_chosen_all.to(device), ref_rejected_all.to(device)
     precompute_seconds = time.time() - t0 if args.precompute_ref else None
-    bar = tqdm(range(args.steps), desc="DPO", disable=None, dynamic_ncols=True)
-    for step in bar:
+    for step in tqdm(range(args.steps), desc="DPO", disable=None):
         idx = torch.randint(0, n_pairs, (args.batch_size,), generator=batch_order)
         batch = data.pair_batch(task.pairs, idx, device)
         policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
@@ -141,59 +140,50 @@ def main():
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta)
         loss = losses.mean()
         check_loss(loss, step, args.steps)   # a NaN stops the run here, with one line (model.check_loss)
-        memory.sample()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        memory.sample()
         optimizer.step()
-
-        row = data.pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-        log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
+        log_rows.append(data.pair_log_row(step, loss, chosen_rewards, rejected_rewards,
+                                          policy_chosen_logps, policy_rejected_logps))
     train_seconds = time.time() - t0
-    memory.pause()           # training only: the evaluation's sampling never counts
     check_weights(policy)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation and summary
     # ------------------------------------------------------------------------------------------------
     policy.eval()
-    result = data.evaluate(policy, ref, task, device, args.eval_samples, args.seed)
+    t1 = time.time()
+    sft_side = data.evaluate_sft(ref, task, device, args.eval_samples, args.seed)   # ref is the SFT model
+    result = data.evaluate(policy, ref, sft_side, task, device, args.eval_samples, args.seed)
     heldout_policy = data.pair_logps_all(policy, task.heldout_pairs, device)
-    heldout_sft = data.pair_logps_all(ref, task.heldout_pairs, device)   # ref is the SFT model
+    heldout_sft = data.pair_logps_all(ref, task.heldout_pairs, device)
     heldout_ref = tuple(torch.zeros_like(t) for t in heldout_sft) if args.reference_free else heldout_sft
     _, chosen_rewards, rejected_rewards = dpo_loss(heldout_policy[0], heldout_policy[1],
                                                    heldout_ref[0], heldout_ref[1], args.beta)
-    ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
-    # The same for the SFT model, where training started: pi_theta = pi_ref, so its reward is 0 everywhere
-    _, sft_chosen_rewards, sft_rejected_rewards = dpo_loss(heldout_sft[0], heldout_sft[1],
-                                                           heldout_ref[0], heldout_ref[1], args.beta)
-    sft_ranking = data.ranking_metrics(sft_chosen_rewards, sft_rejected_rewards, *heldout_sft)
-
+    # the same for the SFT model, where training started (pi_theta = pi_ref: its reward is 0 everywhere)
+    _, sft_chosen, sft_rejected = dpo_loss(heldout_sft[0], heldout_sft[1], heldout_ref[0], heldout_ref[1], args.beta)
     metrics = {"method": "dpo", "seed": args.seed, "device": device.type, "steps": args.steps,
-               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
-               "peak_memory_mb": memory.peak_mb(),
-               **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
+               **result, **data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy),
                "beta": args.beta, "reference_free": args.reference_free, "precompute_ref": args.precompute_ref,
-               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size,
-               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
-               "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
-    save_run(args.out, policy, args, metrics, log_rows)
+               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size, "sft_ce_before": sft_info["ce_before"],
+               "sft_ce_after": sft_info["ce_after"], "final_loss": log_rows[-1]["loss"] if log_rows else None,
+               "startup_seconds": t0 - START, "train_seconds": train_seconds, "eval_seconds": time.time() - t1,
+               "seconds_per_step": train_seconds / max(args.steps, 1), "peak_memory_mb": memory.mb(),
+               "wall_seconds": time.time() - START}
+    save_run(args.out, policy, args, {k: v for k, v in metrics.items() if not torch.is_tensor(v)}, log_rows)
 
+    print(*data.chart([r["loss"] for r in log_rows], "DPO loss [DPO-1] per step"), sep="\n")
+    print(*data.chart([r["rewards/margins"] for r in log_rows], "reward margin r(y_w) - r(y_l) per step"), sep="\n")
+    # Both log-likelihoods can FALL: the loss only asks the chosen one to end above the rejected one, relative
+    # to pi_ref (README, "Reading your logs")
+    print(*data.chart([("w", "log pi(y_w|x)", [r["logps/chosen"] for r in log_rows]),
+                       ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
+                      "logps/chosen and logps/rejected per step (batch means, nats)"), sep="\n")
     print()
-    data.print_curves(log_rows, [("loss", "DPO loss [DPO-1] per step"),
-                                 ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
-    # Both log-likelihoods can FALL: the loss only asks the chosen one to end above the rejected one, relative to
-    # pi_ref (README, "Reading your logs", question 1)
-    print("\n".join(data.chart_lines([("w", "log pi(y_w|x)", [r["logps/chosen"] for r in log_rows]),
-                                      ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
-                                     "logps/chosen and logps/rejected per step (batch means, nats)")))
-    print()
-    data.print_sft_vs_policy("DPO", result, metrics, sft_ranking,
-                             None if args.reference_free else data.tied_reward_note("beta log pi_theta/pi_ref"))
+    data.print_summary("DPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft),
+                       None if args.reference_free else "beta log pi_theta/pi_ref")
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
-          f"wrote {args.out}/metrics.json, log.jsonl, model.pt")
+          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,21 +232,13 @@ def fit_exact(ex, pairs, beta, steps):
                                 ref_logps[chosen], ref_logps[rejected], beta)
         return (weights * losses).sum()   # E_D[ -log sigma(...) ], D = the pairs, weighted as the data draws them
 
-    minimise(policy.parameters(), expected_loss, steps)
+    minimise(policy.logits, expected_loss, steps)
     return policy.probs()
 
 
 def run_exact():
-    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
-    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
-    start_time = time.time()
-    cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
-    ex = data.ExactTask(cfg)
-    best = ex.best()
-    print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}")
-
+    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    best, cfg = ex.best(), ex.config
     # the population loss (all pairs, weighted as drawn) and n_pairs sampled pairs, both drawn from pi_ref
     trained = fit_exact(ex, ex.population_pairs(), args.beta, args.steps)
     finite = fit_exact(ex, ex.sampled_pairs(cfg.n_pairs, args.seed), args.beta, args.steps)
@@ -267,11 +249,11 @@ def run_exact():
                "school_shares": ex.school_shares(trained).tolist(),
                "school_shares_sft": ex.school_shares(ex.sft_probs).tolist(),
                "best_mass": trained[best].sum().item(), "best_mass_sft": ex.sft_probs[best].sum().item(),
-               "mean_words": ex.mean_words(trained), "mean_words_sft": ex.mean_words(ex.sft_probs)}
+               "mean_words": ex.mean_words(trained), "mean_words_sft": ex.mean_words(ex.sft_probs),
+               "policy_probs": trained.tolist()}
     columns = {"pi_ref (SFT)": ex.sft_probs, "DPO, all pairs": trained, f"DPO, {cfg.n_pairs} pairs": finite}
-    if ex.reward is not None:
-        optimum = ex.dpo_optimum(args.beta)
-        columns["pi* [DPO-opt]"] = optimum
+    if ex.reward is not None:   # the Bradley-Terry judge: pi* exists
+        optimum = columns["pi* [DPO-opt]"] = ex.dpo_optimum(args.beta)
         metrics.update(kl_to_optimum=data.kl(trained, optimum), kl_to_optimum_finite_data=data.kl(finite, optimum),
                        best_mass_optimum=optimum[best].sum().item())
         # [IPO-4.2]: the beta sweep, with this tau's noisy labels, and with deterministic ones (tau -> 0)
@@ -282,26 +264,21 @@ def run_exact():
         metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
                        best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
                        best_mass_deterministic=[r[3] for r in sweep])
-    metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), policy_probs=trained.tolist(),
-                   wall_seconds=time.time() - start_time)
-    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+    data.save_exact(args, ex, metrics, start_time)
 
-    print()
+    print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}\n")
     data.print_exact_groups(ex, columns)
-    print()
     if ex.reward is not None:
-        print(f"KL(trained || pi*) = {metrics['kl_to_optimum']:.2e} nats on the population loss (goal <= 1e-3); "
+        print(f"\nKL(trained || pi*) = {metrics['kl_to_optimum']:.2e} nats on the population loss (goal <= 1e-3); "
               f"{metrics['kl_to_optimum_finite_data']:.2e} from {cfg.n_pairs} sampled pairs")
         print(f"\n[IPO-4.2] mass on the best reviews (score {ex.scores.max():+.1f}) at the minimum, by beta:")
         data.print_table(["beta", f"tau {cfg.tau}: trained", "pi* (closed form)",
                           f"deterministic labels (tau {DETERMINISTIC_TAU}): trained"],
                          [[b, f"{n:.4f}", f"{o:.4f}", f"{d:.4f}"] for b, n, o, d in sweep])
-        print()
-    print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
+    print(f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
-          "(a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

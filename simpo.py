@@ -8,7 +8,7 @@ The method in five lines:
   4. Ask the chosen reward to win by a margin gamma: L = -log sigma(r(x, y_w) - r(x, y_l) - gamma)  [SimPO-4]
   5. One forward pass per step instead of DPO's two, and the reward orders responses as decoding does.
 
-Run:       python simpo.py                    (CPU, 2 cores: about 9 s once out/sft holds the SFT cache)
+Run:       python simpo.py                    (CPU, 2 cores: seconds once out/sft holds the SFT model; README)
            python simpo.py --no-length-norm --length-bias 0.3   (watch the length grow)
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts (README, "Results").
 Departures from the paper: a toy judge instead of human-preference data (data.py), a 0.1 M-parameter GPT,
@@ -16,16 +16,17 @@ beta and gamma re-tuned for 0.1 M parameters (see --beta); the loss itself is th
 """
 
 import argparse
-import json
 import time
+
+START = time.time()   # the run's clock starts before torch is imported: start-up includes it
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, check_loss, check_weights, minimise,
-                   nonneg_float, pair_logps, positive_float, prepare_out_dir, run, save_files, save_run)
+from model import Adam, PeakMemory, add_run_args, check_loss, check_weights, minimise, nonneg_float, pair_logps, \
+    positive_float, run, save_run
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -100,23 +101,24 @@ def main():
     args = parser.parse_args()
     if args.exact:
         return run_exact()
-    start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
     # Data and model (one model: the policy, initialised from SFT)
     # ------------------------------------------------------------------------------------------------
-    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
-    # Evaluation compares with the SFT model, so keep its WEIGHTS (a plain state_dict, never a network):
-    # after training they are loaded into this same module in turn (model.swapped_weights).
-    sft_weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    device, task, policy, sft_info = data.start_run(args)   # device, output folder, task, SFT model
     lengths_or_ones = (lambda n: torch.ones_like(n)) if args.no_length_norm else (lambda n: n)
-    sft_heldout = data.pair_logps_all(policy, task.heldout_pairs, device)   # the SFT model's own SimPO reward
-    _, c, r = simpo_loss(sft_heldout[0], sft_heldout[1], lengths_or_ones(sft_heldout[2]),
-                         lengths_or_ones(sft_heldout[3]), args.beta, args.gamma)
-    sft_ranking = data.ranking_metrics(c, r, *sft_heldout)
-    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
+    # There is no reference model, so the evaluation's SFT side is measured now, while the policy still IS
+    # the SFT model, and the SFT weights are kept (a state_dict, not a network) for the KL at the end.
+    t1 = time.time()
+    sft_side = data.evaluate_sft(policy, task, device, args.eval_samples, args.seed)
+    heldout_sft = data.pair_logps_all(policy, task.heldout_pairs, device)     # the SFT model's own SimPO reward
+    _, sft_chosen, sft_rejected = simpo_loss(heldout_sft[0], heldout_sft[1], lengths_or_ones(heldout_sft[2]),
+                                             lengths_or_ones(heldout_sft[3]), args.beta, args.gamma)
+    sft_weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    sft_eval_seconds = time.time() - t1
+    memory = PeakMemory(policy)            # from here on: what training adds to the SFT model
     policy.train()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    optimizer = Adam(policy.parameters(), lr=args.lr)
 
     # ------------------------------------------------------------------------------------------------
     # Training loop
@@ -125,8 +127,7 @@ def main():
     n_pairs = task.pairs["chosen_ids"].shape[0]
     log_rows = []
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc="SimPO", disable=None, dynamic_ncols=True)
-    for step in bar:
+    for step in tqdm(range(args.steps), desc="SimPO", disable=None):
         idx = torch.randint(0, n_pairs, (args.batch_size,), generator=batch_order)
         batch = data.pair_batch(task.pairs, idx, device)
         policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths = pair_logps(policy, **batch)
@@ -135,47 +136,43 @@ def main():
             lengths_or_ones(rejected_lengths), args.beta, args.gamma)
         loss = losses.mean()
         check_loss(loss, step, args.steps)   # a NaN stops the run here, with one line (model.check_loss)
-        memory.sample()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        memory.sample()
         optimizer.step()
-
-        row = data.pair_log_row(step, loss, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-        log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
+        log_rows.append(data.pair_log_row(step, loss, chosen_rewards, rejected_rewards,
+                                          policy_chosen_logps, policy_rejected_logps))
     train_seconds = time.time() - t0
-    memory.pause()           # training only: the evaluation's sampling never counts
     check_weights(policy)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation and summary
     # ------------------------------------------------------------------------------------------------
     policy.eval()
-    result = data.evaluate(policy, sft_weights, task, device, args.eval_samples, args.seed)
+    t1 = time.time()
+    # the policy's network computing with the SFT weights (tie_weights=False: the state_dict holds the tied
+    # embedding twice, as wte.weight and lm_head.weight, two equal copies)
+    sft = lambda ids: torch.func.functional_call(policy, sft_weights, (ids,), tie_weights=False)
+    result = data.evaluate(policy, sft, sft_side, task, device, args.eval_samples, args.seed)
     heldout = data.pair_logps_all(policy, task.heldout_pairs, device)
     _, chosen_rewards, rejected_rewards = simpo_loss(heldout[0], heldout[1], lengths_or_ones(heldout[2]),
                                                      lengths_or_ones(heldout[3]), args.beta, args.gamma)
-    ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout)
-
     metrics = {"method": "simpo", "seed": args.seed, "device": device.type, "steps": args.steps,
-               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(args.steps, 1),
-               "peak_memory_mb": memory.peak_mb(),
-               **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
+               **result, **data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout),
                "beta": args.beta, "gamma": args.gamma, "length_norm": not args.no_length_norm,
-               "lr": args.lr, "batch_size": args.batch_size,
-               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
-               "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
-    save_run(args.out, policy, args, metrics, log_rows)
+               "lr": args.lr, "batch_size": args.batch_size, "sft_ce_before": sft_info["ce_before"],
+               "sft_ce_after": sft_info["ce_after"], "final_loss": log_rows[-1]["loss"] if log_rows else None,
+               "startup_seconds": t0 - START - sft_eval_seconds, "train_seconds": train_seconds,
+               "eval_seconds": time.time() - t1 + sft_eval_seconds,
+               "seconds_per_step": train_seconds / max(args.steps, 1), "peak_memory_mb": memory.mb(),
+               "wall_seconds": time.time() - START}
+    save_run(args.out, policy, args, {k: v for k, v in metrics.items() if not torch.is_tensor(v)}, log_rows)
 
+    print(*data.chart([r["loss"] for r in log_rows], "SimPO loss [SimPO-4] per step"), sep="\n")
+    print(*data.chart([r["rewards/margins"] for r in log_rows], "reward margin r(y_w) - r(y_l) per step"), sep="\n")
     print()
-    data.print_curves(log_rows, [("loss", "SimPO loss [SimPO-4] per step"),
-                                 ("rewards/margins", "reward margin r(y_w) - r(y_l) per step")])
-    print()
-    data.print_sft_vs_policy("SimPO", result, metrics, sft_ranking)
+    data.print_summary("SimPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft))
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s | "
-          f"wrote {args.out}/metrics.json, log.jsonl, model.pt")
+          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,55 +215,43 @@ def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
                                   beta, gamma)
         return (weights * losses).sum()   # E_D[ -log sigma(...) ], the pairs weighted as the data draws them
 
-    minimise(policy.parameters(), expected_loss, steps)
+    minimise(policy.logits, expected_loss, steps)
     return policy.probs()
 
 
 def run_exact():
-    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
-    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
-    start_time = time.time()
-    cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
-    ex = data.ExactTask(cfg)
+    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
     pairs = ex.population_pairs()           # drawn from the SFT table, as the GPT task draws its pairs
     uniform = torch.full((ex.n,), 1.0 / ex.n, dtype=torch.float64)
     norm = not args.no_length_norm
-    print(f"exact SimPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, gamma {args.gamma}, "
-          f"length normalisation {'on' if norm else 'off'}")
-
     from_sft = fit_exact(ex, pairs, args.beta, args.gamma, ex.sft_probs, args.steps, norm)
     from_uniform = fit_exact(ex, pairs, args.beta, args.gamma, uniform, args.steps, norm)
     other = fit_exact(ex, pairs, args.beta, args.gamma, ex.sft_probs, args.steps, not norm)   # the other reward
     best = ex.best()
-    metrics = {"method": "simpo", "exact": True, "judge": cfg.judge, "beta": args.beta, "gamma": args.gamma,
-               "length_norm": norm, "tau": cfg.tau,
-               "start_gap": data.kl(from_sft, from_uniform),
+    metrics = {"method": "simpo", "exact": True, "judge": ex.config.judge, "beta": args.beta, "gamma": args.gamma,
+               "length_norm": norm, "tau": ex.config.tau, "start_gap": data.kl(from_sft, from_uniform),
                "exploitability": ex.exploitability(from_sft), "exploitability_sft": ex.exploitability(ex.sft_probs),
                "school_shares": ex.school_shares(from_sft).tolist(),
                "best_mass": from_sft[best].sum().item(), "best_mass_sft": ex.sft_probs[best].sum().item(),
                "mean_words": ex.mean_words(from_sft), "mean_words_sft": ex.mean_words(ex.sft_probs),
-               f"mean_words_length_norm_{'off' if norm else 'on'}": ex.mean_words(other)}
+               f"mean_words_length_norm_{'off' if norm else 'on'}": ex.mean_words(other),
+               "policy_probs": from_sft.tolist()}
     columns = {"SFT": ex.sft_probs, "SimPO from SFT": from_sft, "SimPO from uniform": from_uniform,
                f"SimPO, length norm {'off' if norm else 'on'}": other}
-    if ex.reward is not None:
-        optimum = ex.dpo_optimum(DPO_EXACT_BETA)
-        columns[f"DPO pi* (beta {DPO_EXACT_BETA:g})"] = optimum
+    if ex.reward is not None:   # the Bradley-Terry judge: DPO's pi* and the gamma = 0 closed form exist
+        optimum = columns[f"DPO pi* (beta {DPO_EXACT_BETA:g})"] = ex.dpo_optimum(DPO_EXACT_BETA)
         gamma0 = fit_exact(ex, pairs, args.beta, 0.0, ex.sft_probs, args.steps, length_norm=True)
         metrics.update(kl_to_dpo_optimum=data.kl(from_sft, optimum), mean_words_dpo_optimum=ex.mean_words(optimum),
                        kl_to_closed_form_gamma0=data.kl(gamma0, ex.simpo_optimum_gamma0(args.beta)))
-    metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), policy_probs=from_sft.tolist(),
-                   wall_seconds=time.time() - start_time)
-    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+    data.save_exact(args, ex, metrics, start_time)
 
-    print()
+    print(f"exact SimPO: a table over {ex.n} reviews, judge {ex.config.judge}, beta {args.beta}, gamma {args.gamma}, "
+          f"length normalisation {'on' if norm else 'off'}\n")
     data.print_exact_groups(ex, columns, by="length" if ex.reward is not None else "school")   # cyclic: schools matter
-    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: "
-          "one end, whatever the start")
-    words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}"
-    words += f", without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else \
-        f", with length norm {metrics['mean_words_length_norm_on']:.2f}"
+    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: one end, whatever the start")
+    words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}, " + \
+        (f"without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else
+         f"with length norm {metrics['mean_words_length_norm_on']:.2f}")
     if ex.reward is not None:
         print(f"KL(SimPO end || DPO's pi*, beta {DPO_EXACT_BETA:g}) = {metrics['kl_to_dpo_optimum']:.3f} nats; "
               f"gamma = 0 (length-normalised): KL(end || closed form) = {metrics['kl_to_closed_form_gamma0']:.2e}")
@@ -275,8 +260,7 @@ def run_exact():
     print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
-          "(a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ The method in five lines:
   4. Fit pi_{t+1} by regression, per sample: (log pi_theta(y|x)/pi_t(y|x) - eta (P_hat(y > pi_t|x) - 1/2))^2  [SPPO-6]
   5. Needs prompts and an oracle, no preference pairs; --variant hard is the offline, pairwise shortcut    [SPPO-9]
 
-Run:       python sppo.py                     (CPU, 2 cores: about 8 s once out/sft holds the SFT cache)
+Run:       python sppo.py                     (CPU, 2 cores: seconds once out/sft holds the SFT model; README)
            python sppo.py --iterations 5 --eta 10  (smaller steps, more of them)
            python sppo.py --variant hard      (TRL's loss_type="sppo_hard" on data.py's offline pairs)
            python sppo.py --judge cyclic --eta 10 --iterations 10   (preferences in a circle: the average of
@@ -28,16 +28,18 @@ Departures from the paper:
 """
 
 import argparse
-import json
+import sys
 import time
+
+START = time.time()   # the run's clock starts before torch is imported: start-up includes it
 
 import torch
 from tqdm import tqdm
 
 import data
-from model import (MemoryMeter, add_run_args, bounded_int, check_loss, check_weights,
-                   frozen_copy, make_generator, minimise, pair_logps, positive_float, positive_int,
-                   prepare_out_dir, run, sample, save_files, save_run, sequence_logps, sequence_logps_all, trim)
+from model import Adam, PeakMemory, add_run_args, bounded_int, check_loss, check_weights, frozen_copy, \
+    make_generator, minimise, pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps, \
+    sequence_logps_all, trim
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -167,17 +169,13 @@ def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
             + sppo_loss(policy_rejected_logps, ref_rejected_logps, 0.0, eta))
 
 
-def estimate_win_rates(scores, tau, prefs=None):
+def estimate_win_rates(prefs):
     """[SPPO-5]: each sample's win rate against the K samples of its prompt, itself included (a tie, 1/2).
 
-    scores  [N, K]  the judge's hidden score of K responses to each of N prompts
-    prefs   [N, K, K]  optional: the oracle's P(y_i > y_j|x) when it is not Bradley-Terry on the scores
-                    (--judge cyclic: data.cyclic_preference_prob of the samples' schools)
-    returns [N, K]  P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), with P the oracle data.preference_prob
+    prefs   [N, K, K]  P(y_i > y_j | x) of the K responses to each of N prompts (data.judge_prob of every pair)
+    returns [N, K]     P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x)
     Each row averages to exactly 1/2, since P(y_i > y_j) + P(y_j > y_i) = 1.
     """
-    if prefs is None:
-        prefs = data.preference_prob(scores[:, :, None], scores[:, None, :], tau)   # [N, K, K]: P(y_i > y_j | x)
     prefs = prefs.clone()
     prefs.diagonal(dim1=1, dim2=2).fill_(0.5)   # a tie with itself (Bradley-Terry gives 1/2 anyway; any oracle must)
     return prefs.mean(-1)
@@ -190,93 +188,70 @@ def estimate_win_rates(scores, tau, prefs=None):
 SAMPLE_CHUNK = 512   # prompt rows per sampling call: one step of the progress bar
 
 
-def sample_responses(pi_t, prompts, k, sampler, device, desc="sampling", quiet=False):
-    """K responses per prompt from pi_t, as rows [N*K]: prompt i's samples are rows i*K .. i*K+K-1."""
-    rows = prompts.repeat_interleave(k, dim=0).to(device)
-    parts = []
-    for s in tqdm(range(0, rows.shape[0], SAMPLE_CHUNK), desc=desc, disable=True if quiet else None,
-                  leave=False, dynamic_ncols=True):
-        parts.append(sample(pi_t, rows[s:s + SAMPLE_CHUNK], data.MAX_RESPONSE, data.EOS_ID,
-                            data.BANNED_IN_RESPONSE, temperature=1.0, generator=sampler))
-    return rows, torch.cat(parts)
-
-
-def self_play_iteration(policy, prompts, *, iteration, k, eta, tau, steps, batch_size, lr, device, sampler,
-                        batch_order, log_rows, memory=None, quiet=False, judge="bt", cycle_prob=0.9):
+def self_play_iteration(policy, prompts, *, iteration, k, eta, config, steps, batch_size, lr, device, sampler,
+                        batch_order, log_rows):
     """One iteration t of Algorithm 1: freeze pi_t (= the policy as it stands), sample K responses per
     prompt from it, estimate win rates [SPPO-5], and fit the policy, which becomes pi_{t+1}, by minimising
     [SPPO-6] over those samples for `steps` Adam steps (a fresh optimiser, as each official iteration is a
     new training run). Appends one row per step to log_rows. Returns (pi_t, stats)."""
     t0 = time.time()
     pi_t = frozen_copy(policy)                                       # pi_t: frozen, no gradients
-    rows, responses = sample_responses(pi_t, prompts, k, sampler, device,
-                                       desc=f"iteration {iteration}: sampling", quiet=quiet)
-    scores = data.score_responses(responses).view(-1, k)             # the judge, [N, K]
-    prefs = None
-    if judge == "cyclic":                                            # the cyclic oracle: schools, not scores
-        schools = data.school_of(responses).view(-1, k)
-        prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :], cycle_prob).float()
-    win_prob = estimate_win_rates(scores, tau, prefs).view(-1).to(device)   # [SPPO-5], [N*K]
-    ids, mask = data.join(rows, responses)
+    rows = prompts.repeat_interleave(k, dim=0).to(device)            # prompt i's samples: rows i*K .. i*K+K-1
+    responses = torch.cat([sample(pi_t, rows[s:s + SAMPLE_CHUNK], data.MAX_RESPONSE, data.EOS_ID,
+                                  data.BANNED_IN_RESPONSE, generator=sampler)
+                           for s in tqdm(range(0, rows.shape[0], SAMPLE_CHUNK), desc=f"iteration {iteration}: "
+                                         "sampling", disable=None, leave=False)]).cpu()
+    by_prompt = responses.view(-1, k, responses.shape[1])            # [N, K, L]
+    prefs = data.judge_prob(by_prompt[:, :, None], by_prompt[:, None], config)   # [N, K, K]: P(y_i > y_j | x)
+    win_prob = estimate_win_rates(prefs).view(-1).to(device)        # [SPPO-5], [N*K]
+    ids, mask = data.join(rows, responses.to(device))
     ref_logps, _ = sequence_logps_all(pi_t, ids, mask)               # pi_t is frozen: its log-probs once
     sampling_seconds = time.time() - t0
 
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    optimizer = Adam(policy.parameters(), lr=lr)
     policy.train()
-    bar = tqdm(range(steps), desc=f"iteration {iteration}: fitting", disable=True if quiet else None,
-               leave=False, dynamic_ncols=True)
-    for _ in bar:
+    for _ in tqdm(range(steps), desc=f"iteration {iteration}: fitting", disable=None, leave=False):
         idx = torch.randint(0, ids.shape[0], (batch_size,), generator=batch_order).to(device)
-        b_ids, b_mask = trim(ids[idx], mask[idx])
-        policy_logps, _ = sequence_logps(policy, b_ids, b_mask)
+        policy_logps, _ = sequence_logps(policy, *trim(ids[idx], mask[idx]))
         losses = sppo_loss(policy_logps, ref_logps[idx], win_prob[idx], eta)   # [SPPO-6]
         loss = losses.mean()
         check_loss(loss, len(log_rows), phase=f"training, iteration {iteration}")   # a NaN stops the run here
-        if memory is not None:
-            memory.sample()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        if memory is not None:
-            memory.sample()
         optimizer.step()
 
         logratios = (policy_logps.detach() - ref_logps[idx])
         above = win_prob[idx] > 0.5                       # samples that beat pi_t more often than not
-        row = {"step": len(log_rows), "iteration": iteration, "loss": loss.item(),
-               "logps/policy": policy_logps.mean().item(), "logps/ref": ref_logps[idx].mean().item(),
-               "logratios/mean": logratios.mean().item(),
-               # TRL's reward beta * log-ratio with beta = 1/eta: the fitted eta^-1 log-ratio, whose target is P - 1/2
-               "rewards/above_half": (logratios[above] / eta).mean().item() if above.any() else 0.0,
-               "rewards/below_half": (logratios[~above] / eta).mean().item() if (~above).any() else 0.0,
-               # the share of samples whose log-ratio already has the sign of its target eta (P - 1/2)
-               "rewards/accuracies": ((logratios > 0) == above).float().mean().item()}
-        log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        log_rows.append({
+            "step": len(log_rows), "iteration": iteration, "loss": loss.item(),
+            "logps/policy": policy_logps.mean().item(), "logps/ref": ref_logps[idx].mean().item(),
+            "logratios/mean": logratios.mean().item(),
+            # TRL's reward beta * log-ratio with beta = 1/eta: the fitted eta^-1 log-ratio, whose target is P - 1/2
+            "rewards/above_half": (logratios[above] / eta).mean().item() if above.any() else 0.0,
+            "rewards/below_half": (logratios[~above] / eta).mean().item() if (~above).any() else 0.0,
+            # the share of samples whose log-ratio already has the sign of its target eta (P - 1/2)
+            "rewards/accuracies": ((logratios > 0) == above).float().mean().item()})
     policy.eval()
-    train_seconds = time.time() - t0
     fitted, _ = sequence_logps_all(policy, ids, mask)
-    stats = {"iteration": iteration, "samples": ids.shape[0], "steps": steps,
-             "win_prob_mean": win_prob.mean().item(),          # 1/2 by construction (step 5 of the derivation)
-             "win_prob_std": win_prob.std().item(),            # how much the targets vary: the signal
-             "sample_score": scores.mean().item(),
-             "sample_length": data.response_lengths(responses).float().mean().item(),
-             "loss_before": sppo_loss(ref_logps, ref_logps, win_prob, eta).mean().item(),   # pi_theta = pi_t
-             "loss_after": sppo_loss(fitted, ref_logps, win_prob, eta).mean().item(),
-             "train_seconds": train_seconds, "sampling_seconds": sampling_seconds}
-    return pi_t, stats
+    return pi_t, {"iteration": iteration, "samples": ids.shape[0], "steps": steps,
+                  "win_prob_mean": win_prob.mean().item(),          # 1/2 by construction (step 5 of the derivation)
+                  "win_prob_std": win_prob.std().item(),            # how much the targets vary: the signal
+                  "sample_score": data.score_responses(responses).mean().item(),
+                  "sample_length": data.response_lengths(responses).float().mean().item(),
+                  "loss_before": sppo_loss(ref_logps, ref_logps, win_prob, eta).mean().item(),   # pi_theta = pi_t
+                  "loss_after": sppo_loss(fitted, ref_logps, win_prob, eta).mean().item(),
+                  "train_seconds": time.time() - t0, "sampling_seconds": sampling_seconds}
 
 
-def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_order, log_rows, memory=None,
-             quiet=False):
+def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_order, log_rows):
     """--variant hard: [SPPO-9] on offline pairs, pi_ref = the SFT model (TRL's loss_type="sppo_hard")."""
     t0 = time.time()
     ref_chosen, ref_rejected, _, _ = data.pair_logps_all(ref, pairs, device)   # pi_ref frozen: once
     ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    optimizer = Adam(policy.parameters(), lr=lr)
     policy.train()
     n_pairs = pairs["chosen_ids"].shape[0]
-    bar = tqdm(range(steps), desc="SPPO (hard)", disable=True if quiet else None, dynamic_ncols=True)
-    for _ in bar:
+    for _ in tqdm(range(steps), desc="SPPO (hard)", disable=None):
         idx = torch.randint(0, n_pairs, (batch_size,), generator=batch_order)
         batch = data.pair_batch(pairs, idx, device)
         idx = idx.to(device)
@@ -284,20 +259,14 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
         losses = sppo_hard_loss(policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], eta)
         loss = losses.mean()
         check_loss(loss, len(log_rows), steps)   # a NaN stops the run here, with one line (model.check_loss)
-        if memory is not None:
-            memory.sample()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        if memory is not None:
-            memory.sample()
         optimizer.step()
 
         chosen_rewards = (policy_chosen.detach() - ref_chosen[idx]) / eta       # TRL: beta * log-ratio, beta = 1/eta
         rejected_rewards = (policy_rejected.detach() - ref_rejected[idx]) / eta  # targets: +1/2 and -1/2
-        row = {**data.pair_log_row(len(log_rows), loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
-               "iteration": 1}
-        log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}")
+        log_rows.append({**data.pair_log_row(len(log_rows), loss, chosen_rewards, rejected_rewards, policy_chosen,
+                                             policy_rejected), "iteration": 1})
     policy.eval()
     return {"iteration": 1, "samples": n_pairs, "steps": steps, "train_seconds": time.time() - t0,
             "sampling_seconds": 0.0}
@@ -311,46 +280,47 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
 # equilibrium: school shares of 1/3 each [Nash]. Multiplicative weights [SPPO-2] does not settle there: each
 # iteration moves mass to the school that beats the current policy, so the LAST iterate goes round the circle.
 # The paper's Theorem 4.1 [SPPO-Thm4.1] is about the AVERAGE of the iterates, (1/T) sum_t pi_t: the policy that
-# picks one of pi_1..pi_T uniformly at random, then samples from it (data.sample_mixture). Each iteration
-# reports both: school shares among held-out samples and exploitability, max over schools of
-# P(school > policy) - 1/2, which is 0 exactly at the equilibrium. `python sppo.py --exact --judge cyclic`
-# shows the same on a table, where every number is exact.
+# picks one of pi_1..pi_T uniformly at random, then samples from it (sample_mixture). Each iteration reports
+# both: school shares among held-out samples and exploitability, max over schools of P(school > policy) - 1/2,
+# which is 0 exactly at the equilibrium. `python sppo.py --exact --judge cyclic` shows the same on a table.
+
+@torch.no_grad()
+def sample_mixture(models, prompts, generator):
+    """One response per prompt row from the AVERAGE of `models`: each row picks one model uniformly at random,
+    then samples from it. Returns responses [N, MAX_RESPONSE] and the picks [N], on the CPU."""
+    pick = torch.randint(len(models), (prompts.shape[0],), generator=generator, device=prompts.device)
+    responses = torch.zeros(prompts.shape[0], data.MAX_RESPONSE, dtype=torch.long, device=prompts.device)
+    for i, m in enumerate(models):
+        rows = (pick == i).nonzero().squeeze(1)
+        if len(rows):
+            responses[rows] = sample(m, prompts[rows], data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
+                                     generator=generator)
+    return responses.cpu(), pick.cpu()
+
 
 def game_stats(iterates, result, task, device, n_samples, seed):
-    """One iteration's numbers under the cyclic judge: the last iterate's (from the evaluation `result`) and
+    """One iteration's game: the last iterate's shares and exploitability (from the evaluation `result`) and
     those of the average of `iterates` (pi_1..pi_{t+1}), from n_samples of the mixture on held-out prompts."""
-    prompts = task.eval_prompts(n_samples).to(device)
-    samples, _ = data.sample_mixture(iterates, prompts, make_generator(device, 20_000 + seed))
+    samples, _ = sample_mixture(iterates, task.eval_prompts(n_samples).to(device), make_generator(device, 20_000 + seed))
     shares = data.school_shares(samples)
     return {"school_shares": result["school_shares"], "exploitability": result["exploitability"],
             "school_shares_average": shares.tolist(),
             "exploitability_average": data.school_exploitability(shares, task.config.cycle_prob)}
 
 
-def game_metrics(table):
-    """The per-iteration lists of metrics.json under the cyclic judge (nothing otherwise)."""
-    if not table or "exploitability_average" not in table[0]:
-        return {}
-    return {"exploitability_last": [r["exploitability"] for r in table],
-            "exploitability_average": [r["exploitability_average"] for r in table],
-            "school_shares_per_iteration": [r["school_shares"] for r in table],
-            "school_shares_average_per_iteration": [r["school_shares_average"] for r in table]}
-
-
 def print_game(table, metrics):
-    """The school shares per iteration as a chart (last iterate and average), then the numbers."""
-    if "exploitability_average" not in metrics:
-        return
+    """The school shares per iteration as charts (the last iterate, the average), then the numbers."""
     sft = metrics["sft_school_shares"]
-    print()
     for key, title in (("school_shares", "school shares of the last iterate pi_{t+1}"),
                        ("school_shares_average", "school shares of the average of pi_1..pi_{t+1}")):
-        for line in data.shares_chart([sft] + [r[key] for r in table], f"{title} (column 0: SFT)"):
-            print(line)
+        series = [(letter, school, [shares[i] for shares in [sft] + [r[key] for r in table]])
+                  for i, (letter, school) in enumerate(zip("sac", data.SCHOOLS))]
+        print(*data.chart(series, f"\n{title}, by iteration (column 0: SFT)", height=11, lo=0.0, hi=1.0), sep="\n")
     shares = lambda v: " / ".join(f"{x:.2f}" for x in v[:3])
     data.print_table(["iteration", "last: story / acting / craft", "exploitability", "average: story / acting / craft",
                       "exploitability"],
-                     [[0, shares(sft), f"{metrics['sft_exploitability']:.3f}", shares(sft), f"{metrics['sft_exploitability']:.3f}"]]
+                     [[0, shares(sft), f"{metrics['sft_exploitability']:.3f}", shares(sft),
+                       f"{metrics['sft_exploitability']:.3f}"]]
                      + [[r["iteration"], shares(r["school_shares"]), f"{r['exploitability']:.3f}",
                          shares(r["school_shares_average"]), f"{r['exploitability_average']:.3f}"] for r in table])
 
@@ -363,13 +333,12 @@ def main():
         parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     if args.steps is None:
         args.steps = STEPS[args.variant]
-    start_time = time.time()
 
     # ------------------------------------------------------------------------------------------------
     # Data and models
     # ------------------------------------------------------------------------------------------------
-    device, task, policy, sft_info = data.start_run(args)   # device, output folders, task, SFT model
-    memory = MemoryMeter(device).start(warm_up=policy)   # what training adds to the SFT model (see MemoryMeter)
+    device, task, policy, sft_info = data.start_run(args)   # device, output folder, task, SFT model
+    memory = PeakMemory(policy)            # from here on: what training adds to the SFT model
     sft = frozen_copy(policy)              # pi_1 (self-play) or pi_ref (hard), and the evaluation's baseline
     policy.eval()
 
@@ -379,94 +348,92 @@ def main():
     sampler = make_generator(device, args.seed)                # self-play sampling: its own RNG
     batch_order = torch.Generator().manual_seed(args.seed)     # CPU generator: same batches on any device
     iterations = args.iterations if args.variant == "selfplay" else 1
-    log_rows, table, train_seconds, sampling_seconds = [], [], 0.0, 0.0
-    iterates = [sft]                                           # pi_1, pi_2, ...: their average is a policy too
+    log_rows, table, iterates, sft_side, eval_seconds = [], [], [sft], None, 0.0   # iterates: pi_1, pi_2, ...
+    t0 = time.time()
     for t in range(1, iterations + 1):
-        if t > 1:
-            memory.resume()      # training again, after the previous iteration's evaluation
         if args.variant == "selfplay":
             pi_t, stats = self_play_iteration(
-                policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, tau=task.config.tau,
+                policy, task.train_prompts, iteration=t, k=args.k, eta=args.eta, config=task.config,
                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=device, sampler=sampler,
-                batch_order=batch_order, log_rows=log_rows, memory=memory,
-                judge=task.config.judge, cycle_prob=task.config.cycle_prob)
+                batch_order=batch_order, log_rows=log_rows)
         else:
-            pi_t = sft
-            stats = hard_fit(policy, sft, task.pairs, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, device=device, batch_order=batch_order, log_rows=log_rows, memory=memory)
-        train_seconds += stats["train_seconds"]
-        sampling_seconds += stats["sampling_seconds"]
-        memory.pause()           # training only: the evaluation below never counts
+            pi_t, stats = sft, hard_fit(policy, sft, task.pairs, eta=args.eta, steps=args.steps,
+                                        batch_size=args.batch_size, lr=args.lr, device=device,
+                                        batch_order=batch_order, log_rows=log_rows)
         check_weights(policy)
-        # Held-out evaluation of pi_{t+1}: against SFT, and against pi_t (did this iteration improve?). Both
-        # use the evaluation's seed, so pi_{t+1}'s samples are the same in the two comparisons, and in the
-        # first iteration, where pi_t is pi_1 = SFT, the two are one comparison.
-        result = data.evaluate(policy, sft, task, device, args.eval_samples, args.seed)
-        vs_prev = result["win_rate_vs_sft"] if t == 1 else data.head_to_head(
-            policy, pi_t, task, device, args.eval_samples, seed=10_000 + args.seed)["win_rate"]
-        stats.update(win_rate_vs_prev=vs_prev, win_rate_vs_sft=result["win_rate_vs_sft"],
-                     score=result["score"], length=result["length"], kl_to_sft=result["kl_to_sft"])
-        if task.config.judge == "cyclic":   # the game: school shares and exploitability, last iterate and average
+        # Held-out evaluation of pi_{t+1}: against SFT, and against pi_t (did this iteration improve?): pi_{t+1}'s
+        # reviews are the same in both, and so are the SFT's in every iteration; at t = 1, pi_t is the SFT model.
+        t1 = time.time()
+        sft_side = sft_side or data.evaluate_sft(sft, task, device, args.eval_samples, args.seed)
+        result = data.evaluate(policy, sft, sft_side, task, device, args.eval_samples, args.seed)
+        previous = data.heldout_reviews(pi_t, task, device, args.eval_samples, args.seed + 1)[1] if t > 1 else None
+        stats.update(win_rate_vs_sft=result["win_rate_vs_sft"], score=result["score"], length=result["length"],
+                     kl_to_sft=result["kl_to_sft"], win_rate_vs_prev=result["win_rate_vs_sft"] if t == 1 else
+                     data.win_rate(result["samples"], previous, task.config))
+        if "exploitability" in result:   # --judge cyclic: the game, the last iterate and the average
             iterates.append(frozen_copy(policy))
             stats.update(game_stats(iterates, result, task, device, args.eval_samples, args.seed))
+        eval_seconds += time.time() - t1
         table.append(stats)
-        msg = (f"iteration {t}: win rate vs pi_{t} {stats['win_rate_vs_prev']:.3f}, vs SFT "
-               f"{stats['win_rate_vs_sft']:.3f}, score {stats['score']:+.3f}, KL to SFT {stats['kl_to_sft']:.2f}")
-        if "loss_before" in stats:
-            msg += f", [SPPO-6] loss {stats['loss_before']:.2f} -> {stats['loss_after']:.2f}"
-        tqdm.write(msg)
+        tqdm.write(f"iteration {t}: win rate vs pi_{t} {stats['win_rate_vs_prev']:.3f}, vs SFT "
+                   f"{stats['win_rate_vs_sft']:.3f}, score {stats['score']:+.3f}, KL to SFT {stats['kl_to_sft']:.2f}"
+                   + (f", [SPPO-6] loss {stats['loss_before']:.2f} -> {stats['loss_after']:.2f}"
+                      if "loss_before" in stats else ""), file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation and summary (`result` is the last iteration's evaluation against SFT)
     # ------------------------------------------------------------------------------------------------
     # The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs: after T iterations of [SPPO-2],
     # log pi_{T+1}/pi_1 = eta sum_t P(y > pi_t|x) - sum_t log Z_t, a cumulative win rate.
+    t1 = time.time()
     heldout_policy = data.pair_logps_all(policy, task.heldout_pairs, device)
     heldout_sft = data.pair_logps_all(sft, task.heldout_pairs, device)
-    chosen_rewards = (heldout_policy[0] - heldout_sft[0]) / args.eta
-    rejected_rewards = (heldout_policy[1] - heldout_sft[1]) / args.eta
-    ranking = data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy)
+    ranking = data.ranking_metrics((heldout_policy[0] - heldout_sft[0]) / args.eta,
+                                   (heldout_policy[1] - heldout_sft[1]) / args.eta, *heldout_policy)
     # The same for the SFT model, where training started: (1/eta) log pi_1/pi_1 is 0 for every response
-    sft_ranking = data.ranking_metrics((heldout_sft[0] - heldout_sft[0]) / args.eta,
-                                       (heldout_sft[1] - heldout_sft[1]) / args.eta, *heldout_sft)
-    total_steps = len(log_rows)
-
-    metrics = {"method": "sppo", "seed": args.seed, "device": device.type, "steps": total_steps,
-               # train_seconds: everything training needs, self-play sampling and the oracle included
-               "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(total_steps, 1),
-               "sampling_seconds": sampling_seconds, "peak_memory_mb": memory.peak_mb(),
-               **{k: v for k, v in result.items() if not torch.is_tensor(v)}, **ranking,
-               "eta": args.eta, "k": args.k if args.variant == "selfplay" else None, "iterations": iterations,
-               "variant": args.variant, "steps_per_iteration": args.steps, "lr": args.lr,
+    sft_ranking = data.ranking_metrics(torch.zeros_like(heldout_sft[0]), torch.zeros_like(heldout_sft[1]),
+                                       *heldout_sft)
+    train_seconds = sum(r["train_seconds"] for r in table)   # self-play's sampling and the judge included
+    metrics = {"method": "sppo", "seed": args.seed, "device": device.type, "steps": len(log_rows),
+               **result, **ranking, "eta": args.eta, "k": args.k if args.variant == "selfplay" else None,
+               "iterations": iterations, "variant": args.variant, "steps_per_iteration": args.steps, "lr": args.lr,
                "batch_size": args.batch_size,
                "win_rate_vs_sft_per_iteration": [r["win_rate_vs_sft"] for r in table],
                "win_rate_vs_prev_per_iteration": [r["win_rate_vs_prev"] for r in table],
                "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
-               "final_loss": log_rows[-1]["loss"] if log_rows else None, "wall_seconds": time.time() - start_time}
-    metrics.update(game_metrics(table))                        # --judge cyclic: per-iteration lists
-    save_run(args.out, policy, args, metrics, log_rows)
+               "final_loss": log_rows[-1]["loss"] if log_rows else None,
+               "startup_seconds": t0 - START, "train_seconds": train_seconds,
+               "sampling_seconds": sum(r["sampling_seconds"] for r in table),
+               "eval_seconds": eval_seconds + time.time() - t1,
+               "seconds_per_step": train_seconds / max(len(log_rows), 1), "peak_memory_mb": memory.mb()}
+    if "exploitability" in result:   # --judge cyclic: the game's numbers, per iteration
+        metrics.update(exploitability_last=[r["exploitability"] for r in table],
+                       exploitability_average=[r["exploitability_average"] for r in table],
+                       school_shares_per_iteration=[r["school_shares"] for r in table],
+                       school_shares_average_per_iteration=[r["school_shares_average"] for r in table])
+    metrics["wall_seconds"] = time.time() - START
+    save_run(args.out, policy, args, {k: v for k, v in metrics.items() if not torch.is_tensor(v)}, log_rows)
 
-    print()
-    data.print_curves(log_rows, [("loss", f"SPPO loss [{'SPPO-6' if args.variant == 'selfplay' else 'SPPO-9'}] "
-                                          f"per step ({iterations} iteration{'s' * (iterations > 1)})")])
-    for line in data.chart([0.5] + [r["win_rate_vs_sft"] for r in table],
-                           "win rate vs SFT after each iteration (first column: SFT itself, 0.5)"):
-        print(line)
+    loss = f"SPPO loss [{'SPPO-6' if args.variant == 'selfplay' else 'SPPO-9'}] per step ({iterations} iteration(s))"
+    print(*data.chart([r["loss"] for r in log_rows], loss), sep="\n")
+    print(*data.chart([0.5] + [r["win_rate_vs_sft"] for r in table],
+                      "win rate vs SFT after each iteration (first column: SFT itself, 0.5)"), sep="\n")
     print("\nPer iteration. Samples: pi_t's own, on training prompts; their win rates P_hat average 1/2 by "
           "construction\n(derivation, step 5), their spread is the signal. Win rates: pi_{t+1} on held-out prompts.")
-    fmt = lambda r, key, spec: spec.format(r[key]) if r.get(key) is not None else "-"
+    cell = lambda r, key, spec: spec.format(r[key]) if r.get(key) is not None else "-"
     data.print_table(
         ["iteration", "P_hat mean", "P_hat std", "sample score", "loss before", "loss after",
          "win vs pi_t", "win vs SFT", "score", "length", "KL to SFT"],
-        [[r["iteration"], fmt(r, "win_prob_mean", "{:.3f}"), fmt(r, "win_prob_std", "{:.3f}"),
-          fmt(r, "sample_score", "{:+.3f}"), fmt(r, "loss_before", "{:.3f}"), fmt(r, "loss_after", "{:.3f}"),
-          fmt(r, "win_rate_vs_prev", "{:.3f}"), fmt(r, "win_rate_vs_sft", "{:.3f}"), fmt(r, "score", "{:+.3f}"),
-          fmt(r, "length", "{:.2f}"), fmt(r, "kl_to_sft", "{:.2f}")] for r in table])
-    print_game(table, metrics)                                 # --judge cyclic: the schools, iteration by iteration
+        [[r["iteration"], cell(r, "win_prob_mean", "{:.3f}"), cell(r, "win_prob_std", "{:.3f}"),
+          cell(r, "sample_score", "{:+.3f}"), cell(r, "loss_before", "{:.3f}"), cell(r, "loss_after", "{:.3f}"),
+          cell(r, "win_rate_vs_prev", "{:.3f}"), cell(r, "win_rate_vs_sft", "{:.3f}"), cell(r, "score", "{:+.3f}"),
+          cell(r, "length", "{:.2f}"), cell(r, "kl_to_sft", "{:.2f}")] for r in table])
+    if "exploitability" in result:
+        print_game(table, metrics)
     print()
-    data.print_sft_vs_policy("SPPO", result, metrics, sft_ranking, data.tied_reward_note("(1/eta) log pi_theta/pi_1"))
+    data.print_summary("SPPO", metrics, sft_ranking, "(1/eta) log pi_theta/pi_1")
     print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
-          f"{total_steps} steps | {metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json, log.jsonl, model.pt")
+          f"{len(log_rows)} steps | {data.timings(metrics)} | wrote {args.out}/")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -512,29 +479,19 @@ def fit_exact(ex, pi_t, index, win_prob, weights, eta, steps):
         policy_logps = policy.log_probs()                            # [C] log pi_theta(y|x)
         return (weights * sppo_loss(policy_logps[index], ref_logps[index], win_prob, eta)).sum()
 
-    minimise(policy.parameters(), expected_loss, steps)
+    minimise(policy.logits, expected_loss, steps)
     return policy.probs()
 
 
 def run_exact():
-    # a table is not a GPT: the flags not given take EXACT_DEFAULTS (argparse fills in only what is missing)
-    args = parser.parse_args(namespace=argparse.Namespace(**EXACT_DEFAULTS))
+    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
     if args.k < 2:
         parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
-    start_time = time.time()
-    cfg = data.task_config(args)
-    prepare_out_dir(args.out)
-    torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
-    ex = data.ExactTask(cfg)
     everyone = torch.arange(ex.n)
     sampler = make_generator(torch.device("cpu"), args.seed)
-    prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS, -1)
-    print(f"exact SPPO: a table over {ex.n} reviews, judge {cfg.judge}, eta {args.eta}, {args.iterations} iterations, "
-          f"K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts")
-
+    prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS * args.k, -1)   # K rows for each prompt
     pi_t = frozen_copy(ex.table())                                   # pi_1 = the SFT table
-    iterates = [pi_t.probs()]
-    rows = []
+    iterates, rows = [pi_t.probs()], []
     for t in range(1, args.iterations + 1):
         probs_t = iterates[-1]
         win = ex.win_rates(probs_t)                                  # [C] P(y > pi_t), exact
@@ -545,57 +502,56 @@ def run_exact():
         # 2. [SPPO-6]: log Z -> eta/2
         fit_half = fit_exact(ex, pi_t, everyone, win, probs_t, args.eta, args.steps)
         # 3. [SPPO-5] + [SPPO-6]: K samples per prompt from pi_t, win rates against those K (the self-tie included)
-        responses = sample(pi_t, prompts.repeat_interleave(args.k, dim=0), data.MAX_RESPONSE, data.EOS_ID,
-                           data.BANNED_IN_RESPONSE, generator=sampler, batch_size=prompts.shape[0] * args.k)
+        responses = sample(pi_t, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE, generator=sampler,
+                           batch_size=prompts.shape[0], use_cache=False)
         index = ex.index_of(responses).view(-1, args.k)             # [N, K] which listed review each sample is
-        win_k = ex.prefs[index[:, :, None], index[:, None, :]].mean(-1)            # [N, K] P_hat(y_i > pi_t)
+        win_k = estimate_win_rates(ex.prefs[index[:, :, None], index[:, None, :]])  # [N, K] P_hat(y_i > pi_t)
         fit_k = fit_exact(ex, pi_t, index.view(-1), win_k.view(-1),
                           torch.full((index.numel(),), 1.0 / index.numel(), dtype=torch.float64), args.eta, args.steps)
         iterates.append(fit_exact_logz)
         pi_t = frozen_copy(ex.table(fit_exact_logz))                 # pi_{t+1}
         average = torch.stack(iterates).mean(0)                      # (1/(t+1)) sum_{s <= t+1} pi_s
         rows.append({"iteration": t, "mw_kl_exact_logz": data.kl(fit_exact_logz, mw_step),
+                     "mw_kl_no_step": data.kl(probs_t, mw_step),   # what a fit that never moved would score
                      "mw_kl_half": data.kl(fit_half, mw_step), "mw_kl_k": data.kl(fit_k, mw_step),
                      "exploitability_last": ex.exploitability(fit_exact_logz),
                      "exploitability_average": ex.exploitability(average),
                      "best_mass": fit_exact_logz[ex.best()].sum().item(),
                      "school_shares": ex.school_shares(fit_exact_logz).tolist(),
                      "school_shares_average": ex.school_shares(average).tolist()})
-
-    metrics = {"method": "sppo", "exact": True, "judge": cfg.judge, "eta": args.eta, "iterations": args.iterations,
-               "k": args.k, "tau": cfg.tau, "seed": args.seed,
+    keys = ("mw_kl_exact_logz", "mw_kl_no_step", "mw_kl_half", "mw_kl_k", "exploitability_last",
+            "exploitability_average", "best_mass", "school_shares", "school_shares_average")
+    metrics = {"method": "sppo", "exact": True, "judge": ex.config.judge, "eta": args.eta, "k": args.k,
+               "iterations": args.iterations, "tau": ex.config.tau, "seed": args.seed,
                "mw_kl_exact_logz": max(r["mw_kl_exact_logz"] for r in rows),
-               "exploitability_sft": ex.exploitability(iterates[0]),
-               "best_mass_sft": iterates[0][ex.best()].sum().item(),
+               # the fit against not moving at all, at its worst iteration: at most 1e-3 is a fit that closes the step
+               "mw_kl_ratio": max(r["mw_kl_exact_logz"] / max(r["mw_kl_no_step"], 1e-300) for r in rows),
+               "exploitability_sft": ex.exploitability(iterates[0]), "best_mass_sft": iterates[0][ex.best()].sum().item(),
                "school_shares_sft": ex.school_shares(iterates[0]).tolist(),
-               **{f"{key}_per_iteration" if key == "mw_kl_exact_logz" else key: [r[key] for r in rows]
-                  for key in ("mw_kl_exact_logz", "mw_kl_half", "mw_kl_k", "exploitability_last",
-                              "exploitability_average", "best_mass", "school_shares", "school_shares_average")},
-               "responses": ex.texts, "sft_probs": ex.sft_probs.tolist(), "policy_probs": iterates[-1].tolist(),
-               "average_probs": torch.stack(iterates).mean(0).tolist(), "wall_seconds": time.time() - start_time}
-    save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})   # the folder's run, whole
+               **{f"{key}_per_iteration" if key.startswith("mw_kl_exact") else key: [r[key] for r in rows] for key in keys},
+               "policy_probs": iterates[-1].tolist(), "average_probs": torch.stack(iterates).mean(0).tolist()}
+    data.save_exact(args, ex, metrics, start_time)
 
-    print()
+    print(f"exact SPPO: a table over {ex.n} reviews, judge {ex.config.judge}, eta {args.eta}, {args.iterations} "
+          f"iterations, K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts\n")
     for key, title in (("exploitability_last", "exploitability of the last iterate pi_{t+1}"),
                        ("exploitability_average", "exploitability of the average of pi_1..pi_{t+1}")):
-        series = [metrics["exploitability_sft"]] + metrics[key]
-        for line in data.chart(series, f"{title} (first column: SFT)", height=6):
-            print(line)
-    print("\nPer iteration: KL(fit || the exact MW step [SPPO-2]) of the three fits, then the chain (fit 1).")
+        print(*data.chart([metrics["exploitability_sft"]] + metrics[key], f"{title} (first value: SFT)", height=6),
+              sep="\n")
+    print("\nPer iteration: KL(pi_t || the exact MW step [SPPO-2]), what not moving scores, and KL(fit || MW step) of\n"
+          "the three fits; then the chain (it goes on from fit 1).")
     shown = [r for r in rows if r["iteration"] <= 5 or r["iteration"] % 5 == 0 or r["iteration"] == len(rows)]
     data.print_table(
-        ["t", "exact log Z", "log Z = eta/2", f"K = {args.k} samples", "best mass", "shares (story/acting/craft)",
-         "exploit. last", "exploit. average"],
-        [[r["iteration"], f"{r['mw_kl_exact_logz']:.1e}", f"{r['mw_kl_half']:.1e}", f"{r['mw_kl_k']:.1e}",
-          f"{r['best_mass']:.3f}", " / ".join(f"{x:.2f}" for x in r["school_shares"]),
+        ["t", "no step", "exact log Z", "log Z = eta/2", f"K = {args.k} samples", "best mass",
+         "shares (story/acting/craft)", "exploit. last", "exploit. average"],
+        [[r["iteration"], f"{r['mw_kl_no_step']:.1e}", f"{r['mw_kl_exact_logz']:.1e}", f"{r['mw_kl_half']:.1e}",
+          f"{r['mw_kl_k']:.1e}", f"{r['best_mass']:.3f}", " / ".join(f"{x:.2f}" for x in r["school_shares"]),
           f"{r['exploitability_last']:.3f}", f"{r['exploitability_average']:.3f}"] for r in shown])
-    print(f"\nmax over iterations of KL(fit with exact log Z || MW step) = {metrics['mw_kl_exact_logz']:.1e} "
-          "(goal <= 1e-4)")
-    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, "
-          f"last iterate {metrics['exploitability_last'][-1]:.3f}, "
+    print(f"\nfit with the exact log Z: KL to the MW step at most {metrics['mw_kl_exact_logz']:.1e}, and at most "
+          f"{metrics['mw_kl_ratio']:.1e} of what not moving scores (goal <= 1e-3)")
+    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, last iterate {metrics['exploitability_last'][-1]:.3f}, "
           f"average of the iterates {metrics['exploitability_average'][-1]:.3f}")
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json "
-          "(a table, no GPT: no model.pt, no log.jsonl)")
+    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
 
 
 if __name__ == "__main__":
