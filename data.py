@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import (TablePolicy, fail, make_generator, model_config, number, pair_logps, pick_device, positive_float,
-                   prepare_out_dir, progress, sample, save_files, sequence_logps_all, sft_model, trim)
+from model import (TablePolicy, fail, model_config, number, pair_logps, pick_device, positive_float, prepare_out_dir,
+                   progress, run, sample, save_files, sequence_logps_all, sft_model, trim)
 
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
@@ -348,9 +348,8 @@ def start_run(args):
     torch.manual_seed(args.seed)
     task = Task(task_config(args), seed=args.seed)
     policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps, cfg)
-    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)",
-          file=sys.stderr)
+    print(f"SFT model (cache {sft_info['path']}): {'loaded' if sft_info['cached'] else 'trained'}; held-out "
+          f"cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token", file=sys.stderr)
     return device, task, policy, sft_info
 
 
@@ -390,7 +389,7 @@ def heldout_reviews(model, task, device, n_samples, seed):
     """One review per held-out prompt (n_samples of them, cycling), at temperature 1: (prompts, reviews)."""
     prompts = task.eval_prompts(n_samples).to(device)
     return prompts, sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE,
-                           generator=make_generator(device, 10_000 + seed))
+                           generator=torch.Generator(device).manual_seed(10_000 + seed))
 
 
 def win_rate(responses, baseline_responses, config):
@@ -522,7 +521,8 @@ def chart(series, title, width=60, height=8, lo=None, hi=None):
     for char, columns in curves:
         for col, v in enumerate(columns):
             row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds hi
-            grid[row][col] = char if grid[row][col] in (" ", char) else "*"
+            for r in range(row, height if len(curves) == 1 else row + 1):   # one curve: filled down to the axis
+                grid[r][col] = char if grid[r][col] in (" ", char) else "*"
     names = "".join(f"; {char} {name}" for char, name, _ in series if name)
     return [f"{title}  ({len(data)} values, min {min(data):.3g}, max {max(data):.3g}{names})", *frame(grid, hi, lo)]
 
@@ -859,4 +859,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)   # model.run: a closed pipe or Ctrl-C ends in one line, not a traceback

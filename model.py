@@ -3,7 +3,7 @@ model.py: the language model the three methods train.
 
     1. the network       a small decoder-only GPT in the nanoGPT mould (0.1 M parameters)
     2. log-probs         sequence_logps: log pi(y|x) summed over RESPONSE tokens only; pair_logps
-    3. sampling          batched, temperature / top-k, stops at EOS, its own RNG, a key/value cache
+    3. sampling          batched, with a temperature, stops at EOS, its own RNG, a key/value cache
     4. the SFT start     Adam, and cross-entropy on the demonstrations: pi_ref for DPO, pi_1 for SPPO
     5. a table policy    any distribution over a short list of responses, as a language model (--exact)
 
@@ -113,10 +113,6 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------------------------------
 # 2. Sequence log-probabilities: log pi(y|x) = sum_{i=1..|y|} log pi(y_i | x, y_<i)
 # ----------------------------------------------------------------------------------------------------
@@ -172,8 +168,8 @@ def trim(ids, mask):
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, top_k=None,
-           generator=None, batch_size=1024, use_cache=True):
+def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, generator=None, batch_size=1024,
+           use_cache=True):
     """Sample one response per prompt row.
 
     prompts [N, P] (all prompts of the toy task have the same length, so no left padding is needed)
@@ -196,9 +192,6 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
             logits = model(idx if (step == 0 or not use_cache) else tokens[-1][:, None], caches)[:, -1, :]
             logits = logits.float() / temperature
             logits[:, list(banned_ids)] = float("-inf")
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits[logits < kth] = float("-inf")
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
             if step == max_new_tokens - 1:
                 nxt = torch.full_like(nxt, eos_id)          # close any response still open
@@ -213,12 +206,6 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
         out.append(F.pad(resp, (0, max_new_tokens - resp.shape[1])))
     model.train(was_training)
     return torch.cat(out)
-
-
-def make_generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,40 +302,18 @@ def frozen_copy(model):
 # The exact modes train from log_probs(), the same numbers in float64 (sequence_logps works in float32,
 # which would blur a minimiser's last digits). The table ignores the prompt, as the judge does. CPU only.
 
-NEVER = -1e30   # the logit of a next token that no listed response continues with (finite: no NaN gradients)
-
-
 class TablePolicy(nn.Module):
     """pi(y|x) = softmax(theta)[y] over a fixed list of responses [C, L] (token ids, each ending in EOS and
     then padding, all different), served as a language model whose responses start after prompt_len tokens.
-    forward(idx) returns next-token logits [B, T, vocab]: after the prompt, the log of the table mass of each
-    continuation of the prefix read so far; 0 at prompt positions (never scored) and after a prefix that no
-    listed response starts with (the token that left the list already cost NEVER). No key/value cache:
-    sample it with use_cache=False."""
+    No key/value cache: sample it with use_cache=False."""
 
     def __init__(self, responses, prompt_len, vocab_size, logits=None):
         super().__init__()
-        responses = torch.as_tensor(responses, dtype=torch.long).cpu()
-        C, L = responses.shape
-        assert len({tuple(r) for r in responses.tolist()}) == C, "the listed responses must all differ"
+        self.responses = torch.as_tensor(responses, dtype=torch.long).cpu()
+        assert len({tuple(r) for r in self.responses.tolist()}) == len(self.responses), "the responses must differ"
         self.prompt_len, self.vocab_size = prompt_len, vocab_size
-        self.logits = nn.Parameter(torch.zeros(C, dtype=torch.float64) if logits is None
+        self.logits = nn.Parameter(torch.zeros(len(self.responses), dtype=torch.float64) if logits is None
                                    else torch.as_tensor(logits, dtype=torch.float64).clone())
-        self.register_buffer("responses", responses)
-        # The prefix tree. node[c, j] numbers the distinct prefixes responses[c, :j] (node 0: the empty one);
-        # through[n, c]: response c starts with prefix n; child[n, v]: prefix n then token v, or -1 if no
-        # listed response continues prefix n with v.
-        prefixes = {}
-        node = torch.tensor([[prefixes.setdefault(tuple(r[:j]), len(prefixes)) for j in range(L + 1)]
-                             for r in responses.tolist()])
-        through = torch.zeros(len(prefixes), C, dtype=torch.bool)
-        child = torch.full((len(prefixes), vocab_size), -1, dtype=torch.long)
-        for c in range(C):
-            through[node[c], c] = True
-            child[node[c, :L], responses[c]] = node[c, 1:]
-        self.register_buffer("node", node[:, :L])
-        self.register_buffer("through", through)
-        self.register_buffer("child", child)
 
     def log_probs(self):
         """log pi(y|x) of each listed response, [C], float64: theta_y - logsumexp(theta)."""
@@ -359,19 +324,17 @@ class TablePolicy(nn.Module):
         return torch.softmax(self.logits.detach(), dim=0)
 
     def forward(self, idx, caches=None):
+        """idx [B, T] -> logits [B, T, vocab]: after the prompt, log of the mass of each continuation of the
+        response tokens read so far (log 1e-300 for none); 0 at the prompt's positions, which are never scored."""
         assert caches is None, "a table has no key/value cache: sample it with use_cache=False"
         B, T = idx.shape
-        C, L = self.responses.shape
-        # the log mass of each prefix (a logsumexp over the responses that start with it), and each prefix's
-        # next-token logits: the log mass of each continuation (log_softmax of them: log mass(n v) / mass(n))
-        prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, NEVER), dim=-1)       # [nodes]
-        node_logits = torch.where(self.child >= 0, prefix_mass[self.child.clamp(min=0)], NEVER)   # [nodes, vocab]
-        n = min(T - self.prompt_len + 1, L)          # position prompt_len - 1 + j has read j response tokens
-        same = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
-        match = torch.cat([torch.ones(B, 1, C, dtype=torch.bool), same.long().cumprod(dim=1).bool()], dim=1)  # [B, n, C]
-        rows = node_logits[self.node[match.long().argmax(-1), torch.arange(n)]]     # [B, n, vocab]: a matching c's
-        out = torch.zeros(B, T, self.vocab_size, dtype=node_logits.dtype)
-        out[:, self.prompt_len - 1:self.prompt_len - 1 + n] = torch.where(match.any(-1)[..., None], rows, 0.0)
+        n = min(T - self.prompt_len + 1, self.responses.shape[1])   # position prompt_len - 1 + j read j tokens
+        read = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
+        starts = torch.cat([torch.ones(B, 1, len(self.responses)), read.double().cumprod(dim=1)], dim=1)  # [B, n, C]
+        next_token = F.one_hot(self.responses[:, :n], self.vocab_size).double()                     # [C, n, vocab]
+        mass = torch.einsum("bjc,cjv->bjv", starts * torch.softmax(self.logits, dim=0), next_token)  # [B, n, vocab]
+        out = torch.zeros(B, T, self.vocab_size, dtype=torch.float64)
+        out[:, self.prompt_len - 1:self.prompt_len - 1 + n] = mass.clamp_min(1e-300).log()
         return out
 
 
@@ -405,9 +368,9 @@ def minimise(theta, loss_fn, max_iter=100):
 # Appendix: the run contract (not needed to follow the methods)
 # ====================================================================================================
 #
-# What every script shares that is not the method: flags, device, how a fault ends (one line on stderr and
-# an exit code: 1 a fault of the run, 2 bad input, 130 Ctrl-C), the output folder (replaced whole or not at
-# all), checkpoints, the SFT cache a classroom shares, and peak memory.
+# What every script shares that is not the method: flags, device, faults (one line on stderr and an exit
+# code: 1 a fault of the run, 2 bad input, 130 Ctrl-C), the run's folder (replaced whole or not at all),
+# checkpoints, the SFT cache a classroom shares, and peak memory.
 
 import argparse
 import contextlib
@@ -425,7 +388,7 @@ import warnings
 
 
 def number(kind, test, what):
-    """An argparse type: a finite `kind` that passes `test`, or a one-line refusal naming `what` it wants."""
+    """An argparse type: a finite `kind` that passes `test`, or a one-line refusal that says `what` it wants."""
     def parse(text):
         try:
             value = kind(text)
@@ -448,7 +411,7 @@ positive_int = number(int, lambda v: v > 0, "a whole number > 0")
 
 def add_run_args(parser, method, steps, batch_size, lr, steps_help="optimiser steps (0 evaluates the SFT model)"):
     """The flags every script shares. Sizes are bounded (a toy of 4000 pairs needs no more); seeds are
-    32-bit, so that every seed derived from one (the evaluation adds 20,000) fits torch's generators."""
+    32-bit, so that the seeds derived from one (the evaluation adds 20,000) fit torch's generators."""
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
@@ -512,8 +475,7 @@ class Diverged(Exception):
 
 
 def check_loss(loss, step, total=None, phase="training"):
-    """Every step: note where the run is (for Ctrl-C's line), and stop at a non-finite loss before the
-    optimiser spreads it into the weights."""
+    """Every step: note where the run is (for Ctrl-C's line); stop at a non-finite loss before it reaches the weights."""
     progress.phase, progress.step, progress.total = phase, step, total
     if not math.isfinite(value := float(loss.detach())):
         raise Diverged(f"the loss is {value} at step {step}{f' of {total}' if total else ''} ({phase}): the run diverged")
@@ -525,22 +487,21 @@ def check_weights(model):
 
 
 def run(main):
-    """A script's main(), where every fault ends in one line on stderr and an exit code. Everything a
-    script prints to stdout comes after its files are saved, so a reader that leaves early
-    (python simpo.py | head -3) costs the rest of the output, never the run."""
+    """A script's main(), where every fault ends in one line on stderr and an exit code. A script prints to
+    stdout only after its files are saved, so a reader that leaves early (python simpo.py | head -3) costs
+    the rest of the output, never the run."""
     gc.freeze()   # torch's import-time objects are never garbage: collections and the exit skip them (~1 s)
-    if hasattr(sys.stdout, "reconfigure") and (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
-        sys.stdout.reconfigure(errors="replace")   # a character the terminal cannot show becomes '?'
     untouched = lambda: f"previous results in {progress.out or 'the output folder'} untouched"
-    where = (lambda: f"at step {progress.step}{f' of {progress.total}' if progress.total else ''} ({progress.phase})"
-             if progress.step is not None and "training" in progress.phase else f"during {progress.phase}")
+    where = lambda: (f"at step {progress.step}{f' of {progress.total}' if progress.total else ''} ({progress.phase})"
+                     if progress.step is not None and "training" in progress.phase else f"during {progress.phase}")
     try:
         main()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python flushes stdout once more at exit
     except KeyboardInterrupt:
-        saved = f"the run was saved in {progress.out}" if progress.phase == "saved" else untouched()
-        fail(f"interrupted {where()}; {saved}", 130)
+        print(f"interrupted {where()}; " + (f"the run was saved in {progress.out}" if progress.phase == "saved"
+                                            else untouched()), file=sys.stderr)
+        sys.exit(130)
     except Diverged as e:
         hint = ("try a smaller model (--n-layer, --n-embd) or another --seed" if progress.phase == "SFT training"
                 else f"lower the learning rate (--lr is {progress.lr:g}; try {progress.lr / 10:g})")
@@ -559,16 +520,16 @@ def beside(out, what):
 
 
 def prepare_out_dir(out):
-    """Before any work: refuse an --out that holds anything but a run (it is replaced whole), put the
-    previous run back if a save was killed between its two renames, and prove the place writable."""
+    """Before any work: refuse an --out that holds more than a run (it is replaced whole), put the previous
+    run back if a save was killed between its two renames, and prove the place writable."""
     progress.out, staging, previous = out, beside(out, "incoming"), beside(out, "previous")
     if os.path.isdir(previous) and not os.path.exists(out):
         os.rename(previous, out)
         print(f"note: a save into {out} was cut short; the previous run is back in place", file=sys.stderr)
     if os.path.exists(out) and not (os.path.isdir(out) and set(os.listdir(out)) <= {"metrics.json", "log.jsonl",
                                                                                       "model.pt", ".DS_Store"}):
-        fail(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt, and a run replaces "
-             f"its folder whole: choose another --out")
+        fail(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt, and a run replaces its "
+             f"folder whole: choose another --out")
     try:
         for folder in (previous, staging):
             shutil.rmtree(folder, ignore_errors=True)
@@ -587,9 +548,8 @@ def save_run(out, model, args, metrics, log_rows):
 
 
 def save_files(out, files):
-    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save), as one
-    set: they are written into a folder beside it (a full disk or Ctrl-C there leaves `out` as it was),
-    then two renames swap it in."""
+    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save): they are
+    written into a folder beside it (a full disk or Ctrl-C there leaves `out` as it was), then swapped in."""
     progress.phase, staging, previous = "saving", beside(out, "incoming"), beside(out, "previous")
     try:
         os.makedirs(staging)
@@ -609,8 +569,8 @@ def save_files(out, files):
 
 
 def write(path, content):
-    """Bytes, or an object that torch.save turns into bytes in memory (so that a full disk is a plain
-    OSError of Python's write), written to disk for good."""
+    """Bytes, or an object torch.save turns into bytes in memory first (so that a full disk is a plain OSError),
+    written to disk for good."""
     if not isinstance(content, bytes):
         buffer = io.BytesIO()
         torch.save(content, buffer)
@@ -625,7 +585,7 @@ def load(path, device="cpu"):
     """(torch.load(path, weights_only=True), None), or (None, why not, in words: torch's own message is a
     paragraph about weights_only)."""
     try:
-        with warnings.catch_warnings():   # torch warns about some foreign files before failing on them
+        with warnings.catch_warnings():   # torch warns about some foreign files before it fails on them
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True), None
     except Exception as e:
@@ -653,34 +613,32 @@ def load_checkpoint(path, device="cpu"):
 
 @contextlib.contextmanager
 def sft_cache(task, device, sft_dir, seed, steps, cfg):
-    """with sft_cache(...) as cache: cache.model is the cached SFT model, or None, and then cache.save(model,
-    info) stores the one just trained. The key holds all that determines the weights: the demonstrations
-    (a digest, so runs that differ only in their pairs share it), the model size, seed, steps and device
-    (to the GPU model). The block holds a lock on the file, so runs that start together train once: the
-    others wait, then load. A bad file costs a note and a rebuild; one that cannot be written, a note."""
-    demos = hashlib.sha256()
-    for t in (task.sft_ids, task.sft_mask, task.sft_heldout_ids, task.sft_heldout_mask):
-        demos.update(t.cpu().numpy().tobytes())
+    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info)
+    stores the one just trained. The key holds what determines the weights: the demonstrations (a digest:
+    runs that differ only in their pairs share a model), the model size, seed, steps and device (to the GPU
+    model). The block holds a lock, so that runs starting together train once: the others wait, then load.
+    A bad file costs a note and a rebuild; one that cannot be written, a note."""
+    demos = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (task.sft_ids, task.sft_mask,
+                                                                          task.sft_heldout_ids, task.sft_heldout_mask)))
     key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,
            "batch_size": SFT_BATCH_SIZE, "lr": SFT_LR,
            "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type}
     path = os.path.join(sft_dir, f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt")
     if os.path.isdir(path):
         fail(f"the SFT cache path {path} is a folder, not a file: remove it or choose another --sft-dir")
-    cache = argparse.Namespace(path=path, model=None, info=None, save=None)
     with lock(path + ".lock"):
         ckpt, problem = load(path, device) if os.path.exists(path) else (None, "missing")
         if problem is None and not (isinstance(ckpt, dict) and ckpt.keys() >= {"key", "model", "info"}):
             problem = "not an SFT cache of this project"
         elif problem is None and ckpt["key"] != key:
             problem = "made with other settings (its key differs)"
-        elif problem is None:
-            cache.model = GPT(cfg).to(device).eval()
-            cache.model.load_state_dict(ckpt["model"])
-            cache.info = dict(ckpt["info"], cached=True, path=path)
         if problem:
             print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)" if problem == "missing"
                   else f"note: SFT cache {path} is {problem}; rebuilding it", file=sys.stderr)
+            model = None
+        else:
+            model = GPT(cfg).to(device).eval()
+            model.load_state_dict(ckpt["model"])
 
         def save(model, info):
             try:
@@ -689,15 +647,17 @@ def sft_cache(task, device, sft_dir, seed, steps, cfg):
             except OSError as e:
                 print(f"note: could not write the SFT cache {path} ({e.strerror}); going on with the model just "
                       f"trained (the next run will train it again)", file=sys.stderr)
-        cache.save = save
-        yield cache
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
+        yield argparse.Namespace(path=path, model=model, info=model and dict(ckpt["info"], cached=True, path=path),
+                                 save=save)
 
 
 @contextlib.contextmanager
 def lock(path):
-    """An exclusive flock on `path` for the block. The lock file stays (a deleted one would let a third run
-    lock a new file while a second waits on the old). Where none can be had (Windows, or a read-only
-    folder without the file) the block runs unlocked."""
+    """An exclusive flock on `path` for the block. The lock file stays (were it deleted, a third run could lock a
+    new file while a second waits on the old). Without a lock to take (Windows, a read-only folder without the
+    file), the block runs unlocked."""
     try:
         import fcntl
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -719,12 +679,12 @@ def lock(path):
 # --- Peak memory ---------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """What training adds to the memory in use, at its peak, in MB: sampled after every training forward
-    pass of `policy` (its activations all alive, beside the weights, last step's gradients and the
-    optimiser's state), less what was in use at the start. In use: CUDA's allocated bytes; on the CPU the
-    live heap (glibc's mallinfo2); elsewhere (macOS) the peak resident set, a coarse bound. A first
-    backward pass leaves ~3 MB of math-library buffers for good: one on a dummy batch pays them before the
-    start, so a run that loaded its SFT model measures what one that trained it in-process does."""
+    """What training adds to the memory in use, at its peak, in MB: sampled after every training forward pass
+    of `policy` (the activations all alive, beside the weights, last step's gradients and the optimiser's
+    state), less what was in use at the start. In use: CUDA's allocated bytes; on the CPU the live heap
+    (glibc's mallinfo2); elsewhere (macOS) the peak resident set, a coarse bound. A first backward pass leaves
+    ~3 MB of math-library buffers: one on a dummy batch pays them first, so that a run that loaded its SFT
+    model measures what one that trained it in-process does."""
 
     def __init__(self, policy):
         self.device = next(policy.parameters()).device
@@ -740,8 +700,9 @@ class PeakMemory:
             return torch.cuda.memory_allocated(self.device)
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2.restype = Mallinfo2
-            return libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd   # bytes in the heap and in mmapped blocks
+            libc.mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [("n", ctypes.c_size_t * 10)]})
+            counts = libc.mallinfo2().n
+            return counts[7] + counts[4]   # uordblks + hblkhd: the bytes in use in the heap and in mmapped blocks
         except (OSError, AttributeError):   # not glibc
             import resource
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -752,8 +713,3 @@ class PeakMemory:
 
     def mb(self):
         return (self.peak - self.base) / 2**20
-
-
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
-                                                    "fordblks keepcost".split()]

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 from model import Adam, PeakMemory, add_run_args, bounded_int, check_loss, check_weights, frozen_copy, \
-    make_generator, minimise, pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps, \
+    minimise, pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps, \
     sequence_logps_all, trim
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def sample_mixture(models, prompts, generator):
 def game_stats(iterates, result, task, device, n_samples, seed):
     """One iteration's game: the last iterate's shares and exploitability (from the evaluation `result`) and
     those of the average of `iterates` (pi_1..pi_{t+1}), from n_samples of the mixture on held-out prompts."""
-    samples, _ = sample_mixture(iterates, task.eval_prompts(n_samples).to(device), make_generator(device, 20_000 + seed))
+    samples, _ = sample_mixture(iterates, task.eval_prompts(n_samples).to(device), torch.Generator(device).manual_seed(20_000 + seed))
     shares = data.school_shares(samples)
     return {"school_shares": result["school_shares"], "exploitability": result["exploitability"],
             "school_shares_average": shares.tolist(),
@@ -345,7 +345,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one self-play iteration after another, each one evaluated
     # ------------------------------------------------------------------------------------------------
-    sampler = make_generator(device, args.seed)                # self-play sampling: its own RNG
+    sampler = torch.Generator(device).manual_seed(args.seed)                # self-play sampling: its own RNG
     batch_order = torch.Generator().manual_seed(args.seed)     # CPU generator: same batches on any device
     iterations = args.iterations if args.variant == "selfplay" else 1
     log_rows, table, iterates, sft_side, eval_seconds = [], [], [sft], None, 0.0   # iterates: pi_1, pi_2, ...
@@ -488,7 +488,7 @@ def run_exact():
     if args.k < 2:
         parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     everyone = torch.arange(ex.n)
-    sampler = make_generator(torch.device("cpu"), args.seed)
+    sampler = torch.Generator().manual_seed(args.seed)
     prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS * args.k, -1)   # K rows for each prompt
     pi_t = frozen_copy(ex.table())                                   # pi_1 = the SFT table
     iterates, rows = [pi_t.probs()], []
