@@ -180,10 +180,8 @@ def main():
                        ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
                       "logps/chosen and logps/rejected per step (batch means, nats)"), sep="\n")
     print()
-    data.print_summary("DPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft),
+    data.print_summary("DPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft), args.out,
                        None if args.reference_free else "beta log pi_theta/pi_ref")
-    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,7 +262,7 @@ def run_exact():
         metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
                        best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
                        best_mass_deterministic=[r[3] for r in sweep])
-    data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, start_time)
 
     print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}\n")
     data.print_exact_groups(ex, columns)
@@ -278,7 +276,7 @@ def run_exact():
     print(f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(done)
 
 
 if __name__ == "__main__":

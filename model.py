@@ -7,8 +7,7 @@ model.py: the language model the three methods train.
     4. the SFT start     Adam, and cross-entropy on the demonstrations: pi_ref for DPO, pi_1 for SPPO
     5. a table policy    any distribution over a short list of responses, as a language model (--exact)
 
-Nothing here knows about DPO, SimPO or SPPO. The appendix at the end (flags, devices, faults, files, the
-SFT cache, memory) is the run contract: it is not needed to follow the methods.
+Nothing here knows about DPO, SimPO or SPPO. The appendix (the run contract) is not needed to follow them.
 """
 
 import copy
@@ -124,9 +123,7 @@ def sequence_logps(model, input_ids, response_mask):
     response_mask [B, T]  1 on response tokens (the closing EOS included, as in the official DPO and
                           SimPO code: ending the answer is part of the answer), 0 on prompt and padding
     returns       logps [B] (float32), lengths [B] (number of response tokens, |y|)
-
-    Position t's logits predict token t+1, so logits and targets are shifted against each other by one,
-    and so is the mask: the prompt and the padding are multiplied by 0 and never contribute.
+    Position t's logits predict token t+1, so targets and mask are shifted by one against the logits.
     """
     logits = model(input_ids[:, :-1])                                 # [B, T-1, V]: predicts tokens 1..T-1
     targets = input_ids[:, 1:]                                        # [B, T-1]
@@ -170,15 +167,10 @@ def trim(ids, mask):
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, generator=None, batch_size=1024,
            use_cache=True):
-    """Sample one response per prompt row.
-
-    prompts [N, P] (all prompts of the toy task have the same length, so no left padding is needed)
-    returns responses [N, max_new_tokens]: the tokens up to and including EOS, then 0 (PAD).
-    Every response ends in EOS: one still open after max_new_tokens - 1 tokens is closed by force.
-    banned_ids (PAD, BOS, SEP) are never drawn, so a sample always parses as a response.
-    The draws come from `generator` alone, so sampling is reproducible and leaves the global RNG (and
-    so the training run) untouched.
-    """
+    """One response per prompt row: prompts [N, P] (the toy's prompts all have one length: no left padding)
+    -> responses [N, max_new_tokens], the tokens up to EOS (one still open at the end is closed by force),
+    then PAD. banned_ids are never drawn. The draws come from `generator` alone: reproducible, and the
+    global RNG (the training run's) is untouched."""
     was_training = model.training
     model.eval()
     out = []
@@ -213,10 +205,10 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
 # ----------------------------------------------------------------------------------------------------
 
 class Adam:
-    """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them
-    step by step), without its first-use import of torch's compiler (about 2 s of a 5-second run).
-        m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
-        theta <- theta - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)"""
+    """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them step
+    by step), without its first-use import of torch's compiler (about 2 s of a 5-second run). Per weight:
+        m <- beta1 m + (1 - beta1) g,  v <- beta2 v + (1 - beta2) g^2,  theta <- theta - lr m^ / (sqrt(v^) + eps)
+    with m^ = m / (1 - beta1^t) and v^ = v / (1 - beta2^t), t the step."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.lr, self.betas, self.eps, self.t = list(params), lr, betas, eps, 0
@@ -281,10 +273,7 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
 
 def frozen_copy(model):
     """A copy that never trains: eval mode, requires_grad False (DPO's pi_ref, SPPO's pi_t)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,28 +281,24 @@ def frozen_copy(model):
 # ----------------------------------------------------------------------------------------------------
 #
 # Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights
-# step") is about the best POLICY, not the best network. To check one exactly, the policy must be able to
-# represent every distribution over the responses, and the responses must be few enough to list. A table
-# of one logit per response does both: pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the chain rule
-#     pi(y_i | x, y_<i) = (mass of the responses that start with y_<i y_i) / (mass of those that start with y_<i)
-# so the table can answer forward(idx) with next-token logits, log(mass of each continuation), and
-# sequence_logps, pair_logps and sample work on it UNCHANGED: the sum over response tokens telescopes to
-#     log pi(y|x) = theta_y - logsumexp(theta).
-# The exact modes train from log_probs(), the same numbers in float64 (sequence_logps works in float32,
-# which would blur a minimiser's last digits). The table ignores the prompt, as the judge does. CPU only.
+# step") is about the best POLICY, not the best network: it is checked on a policy that can be any
+# distribution over a list of responses, one logit each, pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the
+# chain rule pi(y_i | x, y_<i) = mass(responses starting y_<i y_i) / mass(responses starting y_<i), so the
+# table answers forward(idx) with next-token logits, and sequence_logps, pair_logps and sample work on it
+# unchanged (the sum over response tokens telescopes to log pi(y|x) = theta_y - logsumexp(theta)). The exact
+# modes train from log_probs(), the same numbers in float64. The table ignores the prompt, as the judge does.
 
 class TablePolicy(nn.Module):
     """pi(y|x) = softmax(theta)[y] over a fixed list of responses [C, L] (token ids, each ending in EOS and
     then padding, all different), served as a language model whose responses start after prompt_len tokens.
-    No key/value cache: sample it with use_cache=False."""
+    theta starts at 0 (uniform). No key/value cache: sample it with use_cache=False."""
 
-    def __init__(self, responses, prompt_len, vocab_size, logits=None):
+    def __init__(self, responses, prompt_len, vocab_size):
         super().__init__()
         self.responses = torch.as_tensor(responses, dtype=torch.long).cpu()
         assert len({tuple(r) for r in self.responses.tolist()}) == len(self.responses), "the responses must differ"
         self.prompt_len, self.vocab_size = prompt_len, vocab_size
-        self.logits = nn.Parameter(torch.zeros(len(self.responses), dtype=torch.float64) if logits is None
-                                   else torch.as_tensor(logits, dtype=torch.float64).clone())
+        self.logits = nn.Parameter(torch.zeros(len(self.responses), dtype=torch.float64))
 
     def log_probs(self):
         """log pi(y|x) of each listed response, [C], float64: theta_y - logsumexp(theta)."""
@@ -368,14 +353,12 @@ def minimise(theta, loss_fn, max_iter=100):
 # Appendix: the run contract (not needed to follow the methods)
 # ====================================================================================================
 #
-# What every script shares that is not the method: flags, device, faults (one line on stderr and an exit
-# code: 1 a fault of the run, 2 bad input, 130 Ctrl-C), the run's folder (replaced whole or not at all),
-# checkpoints, the SFT cache a classroom shares, and peak memory.
+# Flags, device, faults (one line on stderr; exit 1 a fault of the run, 2 bad input, 130 Ctrl-C), the run's
+# folder (replaced whole or not at all), checkpoints, the SFT cache a classroom shares, and peak memory.
 
 import argparse
 import contextlib
 import ctypes
-import errno
 import gc
 import hashlib
 import io
@@ -410,14 +393,14 @@ positive_int = number(int, lambda v: v > 0, "a whole number > 0")
 
 
 def add_run_args(parser, method, steps, batch_size, lr, steps_help="optimiser steps (0 evaluates the SFT model)"):
-    """The flags every script shares. Sizes are bounded (a toy of 4000 pairs needs no more); seeds are
-    32-bit, so that the seeds derived from one (the evaluation adds 20,000) fit torch's generators."""
+    """The flags every script shares. Sizes are bounded (a toy of 4000 pairs needs no more); seeds are 32-bit."""
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="same seed, same device: same numbers")
-    g.add_argument("--out", default=f"out/{method}", help="this run's own folder, replaced whole (default: %(default)s)")
-    g.add_argument("--sft-dir", default="out/sft", help="the SFT models' cache, shared by all runs (default: %(default)s)")
+    g.add_argument("--out", default=f"out/{method}",
+                   help="this run's own folder, replaced whole (default: %(default)s)")
+    g.add_argument("--sft-dir", default="out/sft", help="the SFT models, shared by all runs (default: %(default)s)")
     g.add_argument("--sft-steps", type=positive_int, default=300, help="SFT steps (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=bounded_int(0, 10**6), default=steps,
@@ -470,26 +453,22 @@ def pick_device(name):
 progress = argparse.Namespace(out=None, phase="setup", step=None, total=None, lr=None)   # where the run is
 
 
-class Diverged(Exception):
-    pass
-
-
 def check_loss(loss, step, total=None, phase="training"):
-    """Every step: note where the run is (for Ctrl-C's line); stop at a non-finite loss before it reaches the weights."""
+    """Every step: note where the run is (for Ctrl-C's line); stop at a non-finite loss before the weights do."""
     progress.phase, progress.step, progress.total = phase, step, total
     if not math.isfinite(value := float(loss.detach())):
-        raise Diverged(f"the loss is {value} at step {step}{f' of {total}' if total else ''} ({phase}): the run diverged")
+        raise FloatingPointError(f"the loss is {value} at step {step}{f' of {total}' if total else ''} "
+                                 f"({phase}): the run diverged")
 
 
 def check_weights(model):
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise Diverged("a weight is not finite after the last training step: the run diverged")
+        raise FloatingPointError("a weight is not finite after the last training step: the run diverged")
 
 
 def run(main):
-    """A script's main(), where every fault ends in one line on stderr and an exit code. A script prints to
-    stdout only after its files are saved, so a reader that leaves early (python simpo.py | head -3) costs
-    the rest of the output, never the run."""
+    """A script's main(), where every fault ends in one line on stderr and an exit code. Scripts print to stdout
+    only after saving, so a reader that leaves early (python simpo.py | head -3) costs output, never the run."""
     gc.freeze()   # torch's import-time objects are never garbage: collections and the exit skip them (~1 s)
     untouched = lambda: f"previous results in {progress.out or 'the output folder'} untouched"
     where = lambda: (f"at step {progress.step}{f' of {progress.total}' if progress.total else ''} ({progress.phase})"
@@ -502,7 +481,7 @@ def run(main):
         print(f"interrupted {where()}; " + (f"the run was saved in {progress.out}" if progress.phase == "saved"
                                             else untouched()), file=sys.stderr)
         sys.exit(130)
-    except Diverged as e:
+    except FloatingPointError as e:   # check_loss, check_weights: the run diverged
         hint = ("try a smaller model (--n-layer, --n-embd) or another --seed" if progress.phase == "SFT training"
                 else f"lower the learning rate (--lr is {progress.lr:g}; try {progress.lr / 10:g})")
         fail(f"{e}; {hint}; nothing was saved, {untouched()}", 1)
@@ -514,15 +493,11 @@ def run(main):
 
 # --- Files: --out is the run's own folder, replaced whole or not at all -------------------------------
 
-def beside(out, what):
-    head, name = os.path.split(os.path.normpath(out))
-    return os.path.join(head, f".{name}.{what}")
-
-
 def prepare_out_dir(out):
     """Before any work: refuse an --out that holds more than a run (it is replaced whole), put the previous
     run back if a save was killed between its two renames, and prove the place writable."""
-    progress.out, staging, previous = out, beside(out, "incoming"), beside(out, "previous")
+    progress.out = out
+    staging, previous = (f"{os.path.normpath(out)}.{what}" for what in ("incoming", "previous"))
     if os.path.isdir(previous) and not os.path.exists(out):
         os.rename(previous, out)
         print(f"note: a save into {out} was cut short; the previous run is back in place", file=sys.stderr)
@@ -531,8 +506,8 @@ def prepare_out_dir(out):
         fail(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt, and a run replaces its "
              f"folder whole: choose another --out")
     try:
-        for folder in (previous, staging):
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         os.rmdir(staging)
     except OSError as e:
@@ -548,23 +523,26 @@ def save_run(out, model, args, metrics, log_rows):
 
 
 def save_files(out, files):
-    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save): they are
-    written into a folder beside it (a full disk or Ctrl-C there leaves `out` as it was), then swapped in."""
-    progress.phase, staging, previous = "saving", beside(out, "incoming"), beside(out, "previous")
+    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save): written
+    into OUT.incoming beside it (a full disk or Ctrl-C there leaves `out` as it was), then swapped in."""
+    progress.phase = "saving"
+    staging, previous = (f"{os.path.normpath(out)}.{what}" for what in ("incoming", "previous"))
     try:
         os.makedirs(staging)
         for name, content in files.items():
             write(os.path.join(staging, name), content)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        fail(f"{'no space left on device' if e.errno == errno.ENOSPC else e.strerror} writing "
-             f"{os.path.join(out, name)}; nothing was saved, previous results in {out} untouched", 1)
+        fail(f"{e.strerror} writing {os.path.join(out, name)}; nothing was saved, previous results in {out} "
+             f"untouched", 1)
     hold = signal.signal(signal.SIGINT, signal.SIG_IGN)   # no Ctrl-C between the two renames
-    if os.path.exists(out):
-        os.rename(out, previous)
-    os.rename(staging, out)
-    progress.phase = "saved"
-    signal.signal(signal.SIGINT, hold)
+    try:
+        if os.path.exists(out):
+            os.rename(out, previous)
+        os.rename(staging, out)
+        progress.phase = "saved"
+    finally:
+        signal.signal(signal.SIGINT, hold)
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -582,8 +560,7 @@ def write(path, content):
 
 
 def load(path, device="cpu"):
-    """(torch.load(path, weights_only=True), None), or (None, why not, in words: torch's own message is a
-    paragraph about weights_only)."""
+    """(torch.load(path, weights_only=True), None), or (None, why not, in our words)."""
     try:
         with warnings.catch_warnings():   # torch warns about some foreign files before it fails on them
             warnings.simplefilter("ignore")
@@ -613,11 +590,10 @@ def load_checkpoint(path, device="cpu"):
 
 @contextlib.contextmanager
 def sft_cache(task, device, sft_dir, seed, steps, cfg):
-    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info)
-    stores the one just trained. The key holds what determines the weights: the demonstrations (a digest:
-    runs that differ only in their pairs share a model), the model size, seed, steps and device (to the GPU
-    model). The block holds a lock, so that runs starting together train once: the others wait, then load.
-    A bad file costs a note and a rebuild; one that cannot be written, a note."""
+    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info) stores
+    one just trained. The key holds what determines the weights: the demonstrations (a digest: runs that differ
+    only in their pairs share a model), model size, seed, steps and device. A bad file costs a note and a
+    rebuild; one that cannot be written, a note. Runs that start together train once (lock)."""
     demos = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (task.sft_ids, task.sft_mask,
                                                                           task.sft_heldout_ids, task.sft_heldout_mask)))
     key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,
@@ -626,38 +602,35 @@ def sft_cache(task, device, sft_dir, seed, steps, cfg):
     path = os.path.join(sft_dir, f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt")
     if os.path.isdir(path):
         fail(f"the SFT cache path {path} is a folder, not a file: remove it or choose another --sft-dir")
+
+    def save(model, info):
+        try:
+            write(path + ".tmp", {"key": key, "model": model.state_dict(), "info": info})
+            os.replace(path + ".tmp", path)   # readers see the old file or the new one, whole
+        except OSError as e:
+            print(f"note: could not write the SFT cache {path} ({e.strerror}); going on with the model just trained "
+                  f"(the next run will train it again)", file=sys.stderr)
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
     with lock(path + ".lock"):
+        cache = argparse.Namespace(path=path, model=None, info=None, save=save)
         ckpt, problem = load(path, device) if os.path.exists(path) else (None, "missing")
-        if problem is None and not (isinstance(ckpt, dict) and ckpt.keys() >= {"key", "model", "info"}):
-            problem = "not an SFT cache of this project"
-        elif problem is None and ckpt["key"] != key:
-            problem = "made with other settings (its key differs)"
+        if problem is None and not (isinstance(ckpt, dict) and ckpt.get("key") == key and "model" in ckpt):
+            problem = "not an SFT cache of these settings (of this project)"
         if problem:
             print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)" if problem == "missing"
                   else f"note: SFT cache {path} is {problem}; rebuilding it", file=sys.stderr)
-            model = None
         else:
-            model = GPT(cfg).to(device).eval()
-            model.load_state_dict(ckpt["model"])
-
-        def save(model, info):
-            try:
-                write(path + ".tmp", {"key": key, "model": model.state_dict(), "info": info})
-                os.replace(path + ".tmp", path)   # readers see the old file or the new one, whole
-            except OSError as e:
-                print(f"note: could not write the SFT cache {path} ({e.strerror}); going on with the model just "
-                      f"trained (the next run will train it again)", file=sys.stderr)
-                if os.path.exists(path + ".tmp"):
-                    os.remove(path + ".tmp")
-        yield argparse.Namespace(path=path, model=model, info=model and dict(ckpt["info"], cached=True, path=path),
-                                 save=save)
+            cache.model = GPT(cfg).to(device).eval()
+            cache.model.load_state_dict(ckpt["model"])
+            cache.info = dict(ckpt["info"], cached=True, path=path)
+        yield cache
 
 
 @contextlib.contextmanager
 def lock(path):
     """An exclusive flock on `path` for the block. The lock file stays (were it deleted, a third run could lock a
-    new file while a second waits on the old). Without a lock to take (Windows, a read-only folder without the
-    file), the block runs unlocked."""
+    new file while a second waits on the old); with none to take (Windows, a read-only folder), no lock."""
     try:
         import fcntl
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -679,12 +652,11 @@ def lock(path):
 # --- Peak memory ---------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """What training adds to the memory in use, at its peak, in MB: sampled after every training forward pass
-    of `policy` (the activations all alive, beside the weights, last step's gradients and the optimiser's
-    state), less what was in use at the start. In use: CUDA's allocated bytes; on the CPU the live heap
-    (glibc's mallinfo2); elsewhere (macOS) the peak resident set, a coarse bound. A first backward pass leaves
-    ~3 MB of math-library buffers: one on a dummy batch pays them first, so that a run that loaded its SFT
-    model measures what one that trained it in-process does."""
+    """What training adds to the memory in use, at its peak, in MB: sampled after each training forward pass of
+    `policy` (the activations all alive), less what was in use at the start: CUDA's allocated bytes, the CPU's
+    live heap (glibc), else (macOS) the peak resident set. A backward pass on a dummy batch first pays the ~3 MB
+    of buffers a process keeps after its first one: a run whose SFT model was cached measures what one that
+    trained it does."""
 
     def __init__(self, policy):
         self.device = next(policy.parameters()).device

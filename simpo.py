@@ -170,9 +170,7 @@ def main():
     print(*data.chart([r["loss"] for r in log_rows], "SimPO loss [SimPO-4] per step"), sep="\n")
     print(*data.chart([r["rewards/margins"] for r in log_rows], "reward margin r(y_w) - r(y_l) per step"), sep="\n")
     print()
-    data.print_summary("SimPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft))
-    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
+    data.print_summary("SimPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft), args.out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ def run_exact():
         gamma0 = fit_exact(ex, pairs, args.beta, 0.0, ex.sft_probs, args.steps, length_norm=True)
         metrics.update(kl_to_dpo_optimum=data.kl(from_sft, optimum), mean_words_dpo_optimum=ex.mean_words(optimum),
                        kl_to_closed_form_gamma0=data.kl(gamma0, ex.simpo_optimum_gamma0(args.beta)))
-    data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, start_time)
 
     print(f"exact SimPO: a table over {ex.n} reviews, judge {ex.config.judge}, beta {args.beta}, gamma {args.gamma}, "
           f"length normalisation {'on' if norm else 'off'}\n")
@@ -260,7 +258,7 @@ def run_exact():
     print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
           f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
           + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(done)
 
 
 if __name__ == "__main__":
