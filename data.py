@@ -44,9 +44,7 @@ import torch
 from model import (TablePolicy, fail, model_config, number, pair_logps, pick_device, positive_float, prepare_out_dir,
                    progress, run, sample, save_files, sequence_logps_all, sft_model, trim)
 
-# ----------------------------------------------------------------------------------------------------
-# Vocabulary and tokenizer
-# ----------------------------------------------------------------------------------------------------
+# --- Vocabulary and tokenizer -------------------------------------------------------------------------------
 
 PAD, BOS, SEP, EOS = "<pad>", "<bos>", "<sep>", "<eos>"
 DECADES = "new old classic recent cult modern".split()                               # prompt word 1
@@ -90,9 +88,7 @@ def decode(ids):
     return " ".join(words)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The judge: the hidden score, and the preferences every method meets
-# ----------------------------------------------------------------------------------------------------
+# --- The judge: the hidden score, and the preferences every method meets ------------------------------------
 
 def score_responses(responses):
     """Hidden ground-truth reward of each response [N, L] (token ids, EOS then PAD): the mean word
@@ -200,9 +196,7 @@ def school_exploitability(shares, cycle_prob=0.9):
     return exploitability(shares, cyclic_preference_prob(cats[:, None], cats[None, :], cycle_prob))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The task: prompts, SFT demonstrations, preference pairs
-# ----------------------------------------------------------------------------------------------------
+# --- The task: prompts, SFT demonstrations, preference pairs ------------------------------------------------
 
 @dataclass
 class TaskConfig:
@@ -375,9 +369,7 @@ def pair_logps_all(model, pairs, device, batch_size=512):
     return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(4))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: sample on held-out prompts and let the judge compare
-# ----------------------------------------------------------------------------------------------------
+# --- Evaluation: sample on held-out prompts and let the judge compare ---------------------------------------
 #
 # Every run samples one review per held-out prompt from the trained policy (seed 10,000 + --seed) and one
 # from the SFT model (seed 10,001 + --seed), at temperature 1, and reports:
@@ -454,9 +446,7 @@ def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_log
             "ranking_agreement": (reward_order == likelihood_order).float().mean().item()}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Summary: tables, completions and charts in the terminal (no plotting dependency)
-# ----------------------------------------------------------------------------------------------------
+# --- Summary: tables, completions and charts in the terminal (no plotting dependency) -----------------------
 
 def print_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -567,9 +557,7 @@ def scatter(points, x_title, y_title, width=56, height=14):
                for label, x, y in points])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Exact mode (--exact): every response listed, a table for the policy, every expectation a finite sum
-# ----------------------------------------------------------------------------------------------------
+# --- Exact mode (--exact): every response listed, a table for the policy, every expectation a finite sum ----
 #
 # The responses: 27 reviews, one per (school, sentiment, length), with N1 N2 N3 a school's three nouns:
 #     score +0.5   "great N1"    "great N1 lovely N2"    "great N1 lovely N2 fun N3"
@@ -716,7 +704,7 @@ def save_exact(args, ex, metrics, start_time):
     the run's last line."""
     metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), wall_seconds=time.time() - start_time)
     save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
-    return f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)"
+    return f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table: no model.pt, no log.jsonl)"
 
 
 def print_exact_groups(ex, named_probs, by="school"):
@@ -731,9 +719,7 @@ def print_exact_groups(ex, named_probs, by="school"):
     print_table([f"responses (by {by})", *named_probs], rows)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: python data.py [show | frontier | sample | curves | logps]
-# ----------------------------------------------------------------------------------------------------
+# --- Command line: python data.py [show | frontier | sample | curves | logps] -------------------------------
 
 def frontier_point(run_dir):
     """(label, KL to SFT, score, SFT score) of a finished run, or one line that says what is wrong with it."""
@@ -801,7 +787,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     count = {"show": 0, "frontier": len(args.dirs) or 1}.get(args.command, 1)   # frontier: any number but 0
     if len(args.dirs) != count:
-        fail(f"{args.command} takes {count if args.command != 'frontier' else 'some'} run folder(s), got {len(args.dirs)}")
+        fail(f"{args.command} takes {count if args.command != 'frontier' else 'some'} run folder(s), "
+             f"got {len(args.dirs)}")
     run_dir = args.dirs[0] if args.dirs else None
     if args.command == "frontier":
         points = [frontier_point(d) for d in args.dirs]
@@ -813,8 +800,7 @@ def main(argv=None):
                                                               in enumerate(points)]   # S: where every run starts
         print("\n".join(scatter(labelled, "KL(policy || SFT)", "score")))
     elif args.command == "sample":
-        words = args.prompt.split()
-        if len(words) != 3 or any(w not in allowed for w, allowed in zip(words, (DECADES, GENRES, NOUNS))):
+        if [w in allowed for w, allowed in zip(args.prompt.split(), (DECADES, GENRES, NOUNS))] != [True] * 3:
             fail(f"--prompt takes a decade, a genre and a noun, e.g. 'new horror film' (decades: {' '.join(DECADES)}; "
                  f"genres: {' '.join(GENRES)}; nouns: {' '.join(NOUNS)}); got {args.prompt!r}")
         policy, _ = load_checkpoint(os.path.join(run_dir, "model.pt"))
@@ -828,13 +814,12 @@ def main(argv=None):
     elif args.command == "curves":
         try:
             with open(os.path.join(run_dir, "log.jsonl")) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                rows = [r for r in map(json.loads, f) if isinstance(r, dict)]
         except (OSError, ValueError) as e:
             fail(f"{run_dir}: no readable log.jsonl ({type(e).__name__}): is it a finished run's folder?")
-        keys = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        keys = sorted({k for r in rows for k in r})
         for key in args.key or ["loss"]:
-            values = [r.get(key) if isinstance(r, dict) else None for r in rows]
-            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            numbers = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
             if not numbers:
                 fail(f"{run_dir}/log.jsonl has no numbers under {key!r} (a run with --steps 0?); its keys: "
                      f"{', '.join(keys)}")

@@ -46,9 +46,8 @@ g.add_argument("--precompute-ref", action="store_true",
                     "a reference forward pass in every step (TRL's precompute_ref_log_probs); pi_ref is frozen, "
                     "so the numbers are the same up to float rounding")
 g.add_argument("--exact", action="store_true",
-               help="check [DPO-opt] exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
-                    "the same dpo_loss to its minimum; defaults become --beta 1 --steps 300 (L-BFGS iterations) "
-                    "--out out/dpo_exact, the GPT's flags are ignored, and only metrics.json is written")
+               help="check [DPO-opt] exactly on a table policy over 27 listed reviews, trained by the same dpo_loss "
+                    "to its minimum; defaults become --beta 1 --steps 100 (Newton steps at most) --out out/dpo_exact")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -130,7 +129,8 @@ def main():
         batch = data.pair_batch(task.pairs, idx, device)
         policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
         if args.reference_free:   # exercise: log pi_ref(y|x) := 0
-            ref_chosen_logps, ref_rejected_logps = torch.zeros_like(policy_chosen_logps), torch.zeros_like(policy_rejected_logps)
+            ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
+            ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
         elif args.precompute_ref:   # looked up: no reference forward pass in the step
             ref_chosen_logps, ref_rejected_logps = ref_chosen_all[idx.to(device)], ref_rejected_all[idx.to(device)]
         else:
@@ -165,8 +165,9 @@ def main():
     metrics = {"method": "dpo", "seed": args.seed, "device": device.type, "steps": args.steps,
                **result, **data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy),
                "beta": args.beta, "reference_free": args.reference_free, "precompute_ref": args.precompute_ref,
-               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size, "sft_ce_before": sft_info["ce_before"],
-               "sft_ce_after": sft_info["ce_after"], "final_loss": log_rows[-1]["loss"] if log_rows else None,
+               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size,
+               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
+               "final_loss": log_rows[-1]["loss"] if log_rows else None,
                "startup_seconds": t0 - START, "train_seconds": train_seconds, "eval_seconds": time.time() - t1,
                "seconds_per_step": train_seconds / max(args.steps, 1), "peak_memory_mb": memory.mb(),
                "wall_seconds": time.time() - START}
@@ -199,8 +200,8 @@ def main():
 # on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
 #   - the POPULATION loss: every ordered pair (y_w, y_l) weighted by its probability in the data (two reviews
 #     from pi_ref, the judge picks), E_D[...] as a finite sum; then the same with n_pairs sampled pairs;
-#   - L-BFGS on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches: we want
-#     the minimiser to eight digits, not a good policy in 200 steps.
+#   - Newton's method on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches:
+#     we want the minimiser to the digits float64 can see, not a good policy in 200 steps.
 # The IPO paper's point (arXiv 2310.12036, section 4.2) [IPO-4.2]: pi* depends on tau and beta only through
 # their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
 # its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
@@ -209,7 +210,7 @@ def main():
 # Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
 # worth in the game, its exploitability [Nash].
 
-EXACT_DEFAULTS = {"beta": 1.0, "steps": 300,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
+EXACT_DEFAULTS = {"beta": 1.0, "steps": 100,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
                   "out": "out/dpo_exact"}
 IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
 DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
@@ -218,8 +219,7 @@ DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 
 def fit_exact(ex, pairs, beta, steps):
     """Minimise the expected dpo_loss over `pairs` (chosen, rejected, weights: ExactTask.population_pairs or
     .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C].
-    log pi(y|x) of the 27 reviews is policy.log_probs(), what model.sequence_logps returns on the table (in
-    float64), and a pair's two log-probs are two entries of it."""
+    log pi(y|x) of the 27 reviews is policy.log_probs() (what sequence_logps gives on the table, in float64)."""
     policy, ref = ex.table(), frozen_copy(ex.table())
     chosen, rejected, weights = pairs
     ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x)

@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The network
-# ----------------------------------------------------------------------------------------------------
+# --- 1. The network -----------------------------------------------------------------------------------------
 
 @dataclass
 class GPTConfig:
@@ -112,9 +110,7 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Sequence log-probabilities: log pi(y|x) = sum_{i=1..|y|} log pi(y_i | x, y_<i)
-# ----------------------------------------------------------------------------------------------------
+# --- 2. Sequence log-probabilities: log pi(y|x) = sum_{i=1..|y|} log pi(y_i | x, y_<i) ----------------------
 
 def sequence_logps(model, input_ids, response_mask):
     """Sum of log pi(y_i | x, y_<i) over the response tokens of each row, and |y|.
@@ -160,9 +156,7 @@ def trim(ids, mask):
     return ids[:, :width], mask[:, :width]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Sampling
-# ----------------------------------------------------------------------------------------------------
+# --- 3. Sampling --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, generator=None, batch_size=1024,
@@ -200,9 +194,7 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The SFT warm start, shared by all three methods (DPO: pi_ref; SimPO: the start; SPPO: pi_1)
-# ----------------------------------------------------------------------------------------------------
+# --- 4. The SFT warm start, shared by all three methods (DPO: pi_ref; SimPO: the start; SPPO: pi_1) ---------
 
 class Adam:
     """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them step
@@ -276,9 +268,7 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. A table policy: any distribution over a finite list of responses, as a language model (--exact)
-# ----------------------------------------------------------------------------------------------------
+# --- 5. A table policy: any distribution over a finite list of responses, as a language model (--exact) -----
 #
 # Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights
 # step") is about the best POLICY, not the best network: it is checked on a policy that can be any
@@ -370,8 +360,7 @@ import sys
 import warnings
 
 
-def number(kind, test, what):
-    """An argparse type: a finite `kind` that passes `test`, or a one-line refusal that says `what` it wants."""
+def number(kind, test, what):   # an argparse type: a finite `kind` that passes `test`, or one line saying `what`
     def parse(text):
         try:
             value = kind(text)
@@ -437,8 +426,7 @@ def pick_device(name):
         fail("--device mps, but MPS is not available here; use --device cpu")
     if name == "cuda":
         # Same seed, same GPU, same numbers (PyTorch's "Reproducibility" notes): a fixed cuBLAS workspace, and
-        # attention on the plain "math" kernel (the flash and memory-efficient ones add gradients in no fixed
-        # order; at 22 tokens the math kernel costs nothing); an op with no deterministic version warns.
+        # attention on the "math" kernel (the fast ones add gradients in no fixed order; at 22 tokens it is free)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cuda.enable_flash_sdp(False)
@@ -570,7 +558,7 @@ def load(path, device="cpu"):
             head = f.read(4)
         if head != b"PK\x03\x04":   # torch.save writes a zip archive
             return None, "empty" if not head else "not a PyTorch file (unreadable or corrupt)"
-        if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+        if "weights_only" in str(e):
             return None, "not a file of this project (it holds Python objects, not only tensors and plain values)"
         return None, "truncated (an interrupted copy or a full disk?)"
 

@@ -451,9 +451,7 @@ def main():
 # paper's Theorem 4.1 [SPPO-Thm4.1] bounds the average, not the last iterate: O(1/sqrt(T)) with eta ~ 1/sqrt(T).
 # Exploitability, max_y P(y > pi) - 1/2 (data.exploitability), is 0 exactly at an equilibrium.
 
-# eta ~ 1/sqrt(T), as in Theorem 4.1. steps: L-BFGS iterations per fit; 50 is plenty (a fit converges in 20 to 40)
-# except where pi_t is nearly a point mass: its regression weights pi_t(y) then span 1e-17 to 1, L-BFGS crawls,
-# and more iterations change the fit by less than 1e-6 in KL.
+# eta ~ 1/sqrt(T), as in Theorem 4.1. steps: Newton steps per fit, at most (a fit takes 5 to 10)
 EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50, "out": "out/sppo_exact"}
 EXACT_SAMPLE_PROMPTS = 288        # prompts for the K-sample fit: as many as the GPT task's training prompts
 
