@@ -386,23 +386,24 @@ def add_run_args(parser, method, steps, batch_size, lr, steps_help="optimiser st
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
-    g.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="same seed, same device: same numbers")
-    g.add_argument("--out", default=f"out/{method}",
-                   help="this run's own folder, replaced whole (default: %(default)s)")
+    g.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0,
+                   help="same seed, same device: same numbers (default: %(default)s)")
+    g.add_argument("--out", default=f"out/{method}", help="the run's own folder, replaced whole (default: %(default)s)")
     g.add_argument("--sft-dir", default="out/sft", help="the SFT models, shared by all runs (default: %(default)s)")
     g.add_argument("--sft-steps", type=positive_int, default=300, help="SFT steps (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=bounded_int(0, 10**6), default=steps,
                    help=steps_help + (" (default: %(default)s)" if steps is not None else ""))
-    g.add_argument("--batch-size", type=bounded_int(1, 4096), default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=bounded_int(1, 4096), default=batch_size,
+                   help="examples per step (default: %(default)s)")
     g.add_argument("--lr", type=positive_float, default=lr, help="Adam's learning rate (default: %(default)s)")
     g.add_argument("--eval-samples", type=bounded_int(1, 65536), default=512,
                    help="held-out samples per policy in the evaluation (default: %(default)s)")
     g = parser.add_argument_group("model size (the SFT model and every policy)")
-    g.add_argument("--n-layer", type=bounded_int(1, 48), default=GPTConfig.n_layer, help="(default: %(default)s)")
-    g.add_argument("--n-head", type=bounded_int(1, 64), default=GPTConfig.n_head, help="(default: %(default)s)")
+    g.add_argument("--n-layer", type=bounded_int(1, 48), default=GPTConfig.n_layer, help="depth (default: %(default)s)")
+    g.add_argument("--n-head", type=bounded_int(1, 64), default=GPTConfig.n_head, help="heads (default: %(default)s)")
     g.add_argument("--n-embd", type=bounded_int(8, 2048), default=GPTConfig.n_embd,
-                   help="a multiple of --n-head (default: %(default)s)")
+                   help="width, a multiple of --n-head (default: %(default)s)")
 
 
 def model_config(args):
