@@ -7,8 +7,7 @@ model.py: the language model the three methods train.
     4. the SFT start     Adam, and cross-entropy on the demonstrations: pi_ref for DPO, pi_1 for SPPO
     5. a table policy    any distribution over a short list of responses, as a language model (--exact)
 
-Nothing here knows about DPO, SimPO or SPPO. The appendix (the run contract) is not needed to follow them.
-"""
+Nothing here knows about DPO, SimPO or SPPO. The appendix (the run contract) is not needed to follow them."""
 
 import copy
 import math
@@ -48,8 +47,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hs]
         is_causal = True
         if cache is not None:
-            # Key/value cache for sampling: the prompt fills it in one causal pass, after which each new
-            # token attends to everything cached (no mask needed: nothing later exists yet).
+            # key/value cache for sampling: the prompt fills it, then each new token attends to all of it
             if "k" in cache:
                 assert T == 1, "after the prompt, the cache takes one token at a time"
                 k = torch.cat([cache["k"], k], dim=2)
@@ -116,11 +114,9 @@ def sequence_logps(model, input_ids, response_mask):
     """Sum of log pi(y_i | x, y_<i) over the response tokens of each row, and |y|.
 
     input_ids     [B, T]  BOS, prompt, SEP, response, EOS, then PAD to the batch's width
-    response_mask [B, T]  1 on response tokens (the closing EOS included, as in the official DPO and
-                          SimPO code: ending the answer is part of the answer), 0 on prompt and padding
-    returns       logps [B] (float32), lengths [B] (number of response tokens, |y|)
-    Position t's logits predict token t+1, so targets and mask are shifted by one against the logits.
-    """
+    response_mask [B, T]  1 on response tokens, the closing EOS included (as in the official DPO and SimPO
+                          code: ending the answer is part of it), 0 on prompt and padding
+    returns       logps [B] (float32), lengths [B] (|y|). Position t's logits predict token t+1."""
     logits = model(input_ids[:, :-1])                                 # [B, T-1, V]: predicts tokens 1..T-1
     targets = input_ids[:, 1:]                                        # [B, T-1]
     mask = response_mask[:, 1:].to(torch.float32)                     # [B, T-1]
@@ -164,9 +160,7 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
     """One response per prompt row: prompts [N, P] (the toy's prompts all have one length: no left padding)
     -> responses [N, max_new_tokens], the tokens up to EOS (one still open at the end is closed by force),
     then PAD. banned_ids are never drawn. The draws come from `generator` alone: reproducible, and the
-    global RNG (the training run's) is untouched."""
-    was_training = model.training
-    model.eval()
+    global RNG (the training run's) is untouched. Put the model in eval mode first."""
     out = []
     for start in range(0, prompts.shape[0], batch_size):
         idx = prompts[start:start + batch_size]
@@ -190,7 +184,6 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
                 break
         resp = torch.stack(tokens, dim=1)
         out.append(F.pad(resp, (0, max_new_tokens - resp.shape[1])))
-    model.train(was_training)
     return torch.cat(out)
 
 
@@ -314,11 +307,10 @@ class TablePolicy(nn.Module):
 
 
 def minimise(theta, loss_fn, max_iter=100):
-    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits; the loss an expectation
-    computed in full) by Newton's method: each step solves H d = g with the exact Hessian (autograd), then
-    halves d until the loss falls, and the fit ends when no step lowers it. The exact checks need the
-    minimiser to the digits float64 can see, also where a loss weighs its terms by probabilities from 1 down
-    to 1e-17: that slows any gradient method to a crawl, and Newton's step does not care. Returns the loss."""
+    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits) by Newton's method: each
+    step solves H d = g with the exact Hessian, halving d until the loss falls; the fit ends when no step lowers
+    it. Gradient methods crawl where a loss weighs its terms by probabilities from 1 down to 1e-17; Newton's
+    step does not care, and finds the minimiser to the digits float64 can see. Returns the loss."""
     loss = loss_fn()
     for _ in range(max_iter):
         grad, = torch.autograd.grad(loss, theta, create_graph=True)
@@ -536,8 +528,7 @@ def save_files(out, files):
 
 
 def write(path, content):
-    """Bytes, or an object torch.save turns into bytes in memory first (so that a full disk is a plain OSError),
-    written to disk for good."""
+    """Bytes (or an object, torch.save'd in memory: a full disk is then a plain OSError) written for good."""
     if not isinstance(content, bytes):
         buffer = io.BytesIO()
         torch.save(content, buffer)
@@ -642,10 +633,8 @@ def lock(path):
 
 class PeakMemory:
     """What training adds to the memory in use, at its peak, in MB: sampled after each training forward pass of
-    `policy` (the activations all alive), less what was in use at the start: CUDA's allocated bytes, the CPU's
-    live heap (glibc), else (macOS) the peak resident set. A backward pass on a dummy batch first pays the ~3 MB
-    of buffers a process keeps after its first one: a run whose SFT model was cached measures what one that
-    trained it does."""
+    `policy`, less what was in use at the start: CUDA's allocated bytes, the CPU's live heap (glibc), else (macOS)
+    the peak resident set. A dummy backward pass first pays the ~3 MB a process keeps after its first one."""
 
     def __init__(self, policy):
         self.device = next(policy.parameters()).device
