@@ -520,7 +520,9 @@ def chart(series, title, width=60, height=8, lo=None, hi=None):
             for r in range(row, height if len(curves) == 1 else row + 1):   # one curve: filled down to the axis
                 grid[r][col] = char if grid[r][col] in (" ", char) else "*"
     names = "".join(f"; {char} {name}" for char, name, _ in series if name)
-    return [f"{title}  ({len(data)} values, min {min(data):.3g}, max {max(data):.3g}{names})", *frame(grid, hi, lo)]
+    means = f" in {len(grid[0])} columns of means" if len(grid[0]) < max(len(v) for _, _, v in series) else ""
+    return [f"{title}  ({len(data)} values{means}; min {min(data):.3g}, max {max(data):.3g}{names})",
+            *frame(grid, hi, lo)]
 
 
 def frame(grid, top, bottom):
