@@ -294,7 +294,6 @@ class TablePolicy(nn.Module):
     def forward(self, idx, caches=None):
         """idx [B, T] -> logits [B, T, vocab]: after the prompt, log of the mass of each continuation of the
         response tokens read so far (log 1e-300 for none); 0 at the prompt's positions, which are never scored."""
-        assert caches is None, "a table has no key/value cache: sample it with use_cache=False"
         B, T = idx.shape
         n = min(T - self.prompt_len + 1, self.responses.shape[1])   # position prompt_len - 1 + j read j tokens
         read = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
@@ -456,11 +455,12 @@ def run(main):
                      if progress.step is not None and "training" in progress.phase else f"during {progress.phase}")
     try:
         main()
+        sys.stdout.flush()   # here, not at the exit, where a reader that has left would cost a traceback
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python flushes stdout once more at exit
     except KeyboardInterrupt:
-        print(f"interrupted {where()}; " + (f"the run was saved in {progress.out}" if progress.phase == "saved"
-                                            else untouched()), file=sys.stderr)
+        print(f"interrupted after the save; the run was saved in {progress.out}" if progress.phase == "saved"
+              else f"interrupted {where()}; {untouched()}", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as e:   # check_loss, check_weights: the run diverged
         hint = ("try a smaller model (--n-layer, --n-embd) or another --seed" if progress.phase == "SFT training"
@@ -506,7 +506,7 @@ def save_run(out, model, args, metrics, log_rows):
 def save_files(out, files):
     """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save): written
     into OUT.incoming beside it (a full disk or Ctrl-C there leaves `out` as it was), then swapped in."""
-    progress.phase = "saving"
+    progress.phase, name = "saving", ""
     staging, previous = (f"{os.path.normpath(out)}.{what}" for what in ("incoming", "previous"))
     try:
         os.makedirs(staging)

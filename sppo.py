@@ -321,10 +321,10 @@ def print_game(table, metrics):
 
 def main():
     args = parser.parse_args()
+    if (args.exact or args.variant == "selfplay") and args.k < 2:
+        parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     if args.exact:
         return run_exact()
-    if args.variant == "selfplay" and args.k < 2:
-        parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     if args.steps is None:
         args.steps = STEPS[args.variant]
 
@@ -474,8 +474,6 @@ def fit_exact(ex, pi_t, index, win_prob, weights, eta, steps):
 
 def run_exact():
     args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
-    if args.k < 2:
-        parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     everyone = torch.arange(ex.n)
     sampler = torch.Generator().manual_seed(args.seed)
     prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS * args.k, -1)   # K rows for each prompt
