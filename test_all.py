@@ -28,6 +28,7 @@ first, in parallel, when the whole file runs (load_tests at the end).
 """
 
 import argparse
+import atexit
 import ast
 import contextlib
 import errno
@@ -41,6 +42,7 @@ import os
 # Several processes share 2 cores while the tests run: OpenMP threads that spin while they wait would slow
 # every one of them many times over, so they sleep instead (inherited by the subprocesses). Before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import pathlib
 import re
 import shutil
 import signal
@@ -623,11 +625,10 @@ class TestSequenceLogps(unittest.TestCase):
 
 
 # ====================================================================================================
-# The tests' helpers, one of each: language models, tasks, the shared SFT model, a script run in process
+# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process
 # ====================================================================================================
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-CPU = torch.device("cpu")
+REPO, CPU = os.path.dirname(os.path.abspath(__file__)), torch.device("cpu")
 SCRATCH = tempfile.mkdtemp(prefix="test_all-")   # every folder the tests write, removed at exit
 SEED = 1    # every run's --seed: not 0, the default, so that a seed dropped on the way shows
 SMALL = model.GPTConfig(n_layer=1, n_embd=32)    # the runs' GPT: the same code, a quarter of the work
@@ -636,20 +637,15 @@ TINY = ["--seed", str(SEED), "--sft-steps", "5", "--eval-samples", "16", "--batc
 METRIC_KEYS = ["method", "seed", "device", "steps", "win_rate_vs_sft", "score", "sft_score", "length", "sft_length",
                "kl_to_sft", "sft_win_rate_vs_sft", "reward_accuracy", "ranking_agreement", "startup_seconds",
                "train_seconds", "eval_seconds", "seconds_per_step", "peak_memory_mb", "wall_seconds"]
-TIMING_KEYS = {"startup_seconds", "train_seconds", "eval_seconds", "seconds_per_step", "peak_memory_mb", "wall_seconds",
-               "sampling_seconds", "ref_precompute_seconds"}
+TIMING_KEYS = set(METRIC_KEYS[13:]) | {"sampling_seconds", "ref_precompute_seconds"}
 LOG_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected"]
-
-
-def scratch(name):
-    """A new empty folder under SCRATCH."""
-    return tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
+scratch = lambda name: tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
 
 
 def sharp_gpt(seed=0):
-    """The real network, model.GPT (two blocks, narrow), with next-token distributions far from uniform (a
-    freshly initialised one predicts about log(1/90) everywhere, which would hide an off-by-one in a log-prob test)."""
+    """The real network (two blocks, narrow) with next-token distributions far from uniform (a fresh one
+    predicts about log(1/90) everywhere, which would hide an off-by-one)."""
     torch.manual_seed(seed)
     m = model.GPT(model.GPTConfig(n_embd=32))
     with torch.no_grad():
@@ -659,14 +655,12 @@ def sharp_gpt(seed=0):
 
 
 class Bigram(nn.Module):
-    """The tests' stand-in language model: its next-token logits depend only on the last token read, `first`
-    after SEP (the first response token) and `rest` after any other, so its log-probs, its samples and the
-    KL between two of them are known in closed form. Bigram(row) writes every token from one row."""
+    """The tests' stand-in language model: next-token logits `first` after SEP (the first response token) and
+    `rest` after any other token, so its log-probs, samples and KLs are known in closed form."""
 
     def __init__(self, first, rest=None):
         super().__init__()
-        self.first, self.rest = first, first if rest is None else rest
-        self.blocks = nn.ModuleList()          # model.sample builds one key/value cache per block: none
+        self.first, self.rest, self.blocks = first, first if rest is None else rest, nn.ModuleList()   # no kv cache
 
     def forward(self, idx, caches=None):
         return torch.where((idx == data.SEP_ID)[..., None], self.first, self.rest)
@@ -689,37 +683,24 @@ POS, NEG = data.POS_IDS.tolist(), data.NEG_IDS.tolist()
 POSITIVE_WRITER = Bigram(logits_row(POS), logits_row(POS, eos=1.0))                # one positive word, EOS
 NEGATIVE_WRITER = Bigram(logits_row(NEG), logits_row(NEG, eos=0.25))               # negative words, ~4 of them
 EITHER_WRITER = Bigram(logits_row(POS + NEG), logits_row(POS, eos=1.0))            # one word of either kind, EOS
-
-
-def small_task(seed=0, **kw):
-    return data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
+writer_of = lambda word: Bigram(logits_row([data.STOI[word]]), logits_row(eos=1.0))   # the review "word", always
+small_task = lambda seed=0, **kw: data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
+weights = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+state_equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def responses_of(*texts):
     """Token tensor [N, MAX_RESPONSE] of reviews given as text (EOS, then padding)."""
     out = torch.zeros(len(texts), data.MAX_RESPONSE, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = data.encode(text) + [data.EOS_ID]
-        out[i, :len(ids)] = torch.tensor(ids)
+        out[i, :len(text.split()) + 1] = torch.tensor(data.encode(text) + [data.EOS_ID])
     return out
 
 
 def rows_of(ids):
     """The rows of a token tensor as tuples, trailing padding removed (so trimmed and full rows compare)."""
-    out = []
-    for row in ids.tolist():
-        while row and row[-1] == data.PAD_ID:
-            row.pop()
-        out.append(tuple(row))
-    return out
-
-
-def weights(m):
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def state_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return [tuple(row[:len(row) - next((i for i, v in enumerate(reversed(row)) if v != data.PAD_ID), len(row))])
+            for row in ids.tolist()]
 
 
 def logps_of(m, ids, mask):
@@ -734,16 +715,7 @@ def read_json(path, lines=False):
 
 
 def folder_bytes(folder):
-    """{name: bytes} of a folder's files ('<folder>' for a folder in it)."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f.read()
-        else:
-            out[name] = "<folder>"
-    return out
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
 
 
 def write_previous_run(folder):
@@ -771,29 +743,24 @@ def quietly():
 
 
 class Spy:
-    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists one Call per call, with its
-    arguments by name (a), its result, before(a) taken at call time (e.g. a copy of weights), the name of
-    the calling function (caller), and when it began and ended among all spied calls (start, end)."""
-
+    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a),
+    its result, before(a) taken at call time (e.g. a copy of weights), the calling function (caller), and
+    when it began and ended among all spied calls (start, end)."""
     clock = itertools.count()
-
-    class Call:
-        pass
 
     def __init__(self, obj, name, before=None):
         self.obj, self.name, self.before, self.calls = obj, name, before, []
-        self.original = getattr(obj, name)
-        self.signature = inspect.signature(self.original)
 
     def __enter__(self):
+        original = getattr(self.obj, self.name)
+        signature = inspect.signature(original)
+
         def wrapper(*args, **kwargs):
-            bound = self.signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            call = Spy.Call()
-            call.a, call.caller, call.start = dict(bound.arguments), sys._getframe(1).f_code.co_name, next(Spy.clock)
+            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name, start=next(Spy.clock))
             call.before = self.before(call.a) if self.before else None
-            call.result = self.original(*args, **kwargs)
-            call.end = next(Spy.clock)
+            call.result, call.end = original(*args, **kwargs), next(Spy.clock)
             self.calls.append(call)
             return call.result
         self.patch = mock.patch.object(self.obj, self.name, wrapper)
@@ -802,45 +769,28 @@ class Spy:
 
     def __exit__(self, *exc):
         self.patch.stop()
-        return False
 
     def by(self, caller):
         return [c for c in self.calls if c.caller == caller]
 
 
-class CountGPTs:
-    """Counts every GPT object created while active: GPT(...) runs __init__; copy.deepcopy (how a frozen
-    copy is made) skips __init__ but restores the copy's state with __setstate__."""
-
-    def __enter__(self):
-        self.count, counter, init = 0, self, model.GPT.__init__
-
-        def counting_init(gpt, *args, **kwargs):
-            counter.count += 1
-            init(gpt, *args, **kwargs)
-
-        def counting_setstate(gpt, state):
-            counter.count += 1
-            nn.Module.__setstate__(gpt, state)
-
-        self.patches = [mock.patch.object(model.GPT, "__init__", counting_init),
-                        mock.patch.object(model.GPT, "__setstate__", counting_setstate, create=True)]
-        for p in self.patches:
-            p.start()
-        return self
-
-    def __exit__(self, *exc):
-        for p in reversed(self.patches):
-            p.stop()
-        return False
+@contextlib.contextmanager
+def count_gpts():
+    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (how a frozen copy is made) skips
+    __init__ but restores the copy's state with __setstate__."""
+    count, init = [], model.GPT.__init__
+    with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
+            mock.patch.object(model.GPT, "__setstate__", lambda m, state: count.append(1) or nn.Module.__setstate__(m, state),
+                              create=True):
+        yield count
 
 
 _SFT = {}
 
 
 def sft(judge="bt"):
-    """(folder, SFT model): the SFT cache every run of these tests loads (the default task under `judge`,
-    --seed 1, --sft-steps 5, the SMALL model), trained once per test run, with the model it holds."""
+    """(folder, SFT model): the SFT cache every run of these tests loads (the default task under `judge`, --seed 1,
+    --sft-steps 5, the SMALL model), trained once per test run, with the model it holds."""
     if judge not in _SFT:
         folder = scratch(f"sft-{judge}")
         with quietly():
@@ -849,30 +799,27 @@ def sft(judge="bt"):
     return _SFT[judge]
 
 
-def run_main(module, argv, stdout=None, spies=()):
-    """`python module.py argv` in this process: module.main() with sys.argv patched (inside model.run, as the
-    three method scripts run it), stdout (or the `stdout` given) and stderr captured, from where a fresh
-    process starts (model.progress reset) and with torch's thread count put back after (the exact modes set
-    it to 1). Returns (exit code, stdout text, stderr text)."""
-    out, err, code, threads = stdout or io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+def run_main(module, argv, spies=()):
+    """`python module.py argv` in this process: module.main() with sys.argv patched (inside model.run, as the three
+    method scripts run it), stdout and stderr captured, from where a fresh process starts (model.progress reset),
+    torch's thread count put back after (the exact modes set 1). Returns (exit code, stdout, stderr)."""
+    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
     with contextlib.ExitStack() as stack:
-        for spy in spies:
-            stack.enter_context(spy)
-        stack.enter_context(mock.patch.object(sys, "argv", [f"{module.__name__}.py", *argv]))
-        stack.enter_context(contextlib.redirect_stdout(out))
-        stack.enter_context(contextlib.redirect_stderr(err))
+        for context in (*spies, mock.patch.object(sys, "argv", [f"{module.__name__}.py", *argv]),
+                        contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+            stack.enter_context(context)
         try:
             module.main() if module is data else model.run(module.main)
         except SystemExit as e:
             code = e.code
         finally:
             torch.set_num_threads(threads)
-    return code, out.getvalue() if stdout is None else None, err.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
-# The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its
-# flags beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it must fill.
+# The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
+# beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
 GPT_RUNS = {
     "dpo": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"], "bt"),
     "dpo_precompute": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2", "--precompute-ref"], "bt"),
@@ -885,45 +832,46 @@ GPT_RUNS = {
 _RUNS = {}
 
 
-def spies_for(module):
-    """The connections every wiring test reads, spied on: where the data goes, which model is evaluated
-    against which, what each step's loss was given, when peak memory is sampled."""
-    start = Spy(data, "start_run")
-    snapshot = lambda a: weights(start.calls[0].result[2])      # the policy's weights as they are now
-    spies = {"start_run": start, "pair_batch": Spy(data, "pair_batch", snapshot),
-             "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"]) if isinstance(a["sft"], nn.Module) else None),
-             "evaluate": Spy(data, "evaluate"), "heldout_reviews": Spy(data, "heldout_reviews"),
-             "eval_sample": Spy(data, "sample", lambda a: a["generator"].initial_seed()),
-             "pair_logps_all": Spy(data, "pair_logps_all"), "summary": Spy(data, "print_summary"),
-             "memory": Spy(module, "PeakMemory"), "memory_sample": Spy(model.PeakMemory, "sample"),
-             "adam": Spy(module, "Adam")}
-    names = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss", "pair_logps"],
-             sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "sample", "frozen_copy"]}[module]
-    spies.update({name: Spy(module, name) for name in names})
-    if module is sppo:
-        spies["game_stats"] = Spy(sppo, "game_stats", lambda a: list(a["iterates"]))
-    return spies
-
-
 def gpt_run(name):
-    """One of GPT_RUNS, made once per test run in this process with spies_for(its script): a Namespace of
-    dir, err, out, metrics, log, trained (the model.pt read back), task and policy (start_run's), spy, the
-    number of GPTs it built (gpts) and its SFT folder (sft_dir)."""
+    """One of GPT_RUNS, made once per test run in this process with its connections spied on (where the data
+    goes, which model is evaluated against which, what each step's loss was given, when peak memory is
+    sampled): a Namespace of dir, out, err, metrics, log, trained (model.pt read back), task and policy (start_run's),
+    spy, the number of GPTs it built (gpts), its SFT folder and its SFT model (sft)."""
     if name not in _RUNS:
         module, flags, judge = GPT_RUNS[name]
-        sft_dir = sft(judge)[0] if judge else scratch("sft-fresh")
-        out, spy = os.path.join(scratch(name), "run"), spies_for(module)
-        with CountGPTs() as gpts:
+        sft_dir, out, start = sft(judge)[0] if judge else scratch("sft-fresh"), os.path.join(scratch(name), "run"), Spy(data, "start_run")
+        spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
+               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])), "summary": Spy(data, "print_summary"),
+               "memory": Spy(module, "PeakMemory"), "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
+               **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
+               **{n: Spy(module, n) for n in {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
+                                              sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}[module]}}
+        if module is sppo:
+            spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+        with count_gpts() as gpts:
             code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
         if code != 0:
             raise AssertionError(f"{name}: exit {code}\n{err}")
-        _, task, policy, _ = spy["start_run"].calls[0].result
+        cache = torch.load(glob_one(sft_dir), weights_only=True)
         _RUNS[name] = argparse.Namespace(
-            dir=out, out=stdout, err=err, metrics=read_json(os.path.join(out, "metrics.json")),
-            log=read_json(os.path.join(out, "log.jsonl"), lines=True),
-            trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0], task=task, policy=policy, spy=spy,
-            gpts=gpts.count, sft_dir=sft_dir)
+            dir=out, out=stdout, err=err, metrics=read_json(os.path.join(out, "metrics.json")), spy=spy, gpts=len(gpts),
+            log=read_json(os.path.join(out, "log.jsonl"), lines=True), sft_dir=sft_dir, task=start.calls[0].result[1],
+            policy=start.calls[0].result[2], trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+            sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
     return _RUNS[name]
+
+
+def glob_one(folder):
+    """The one SFT cache file in a folder."""
+    (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
+    return path
+
+
+def with_weights(state, cfg=SMALL):
+    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
+    m = model.GPT(cfg)
+    m.load_state_dict(state)
+    return m.eval()
 
 
 # ====================================================================================================
@@ -931,18 +879,15 @@ def gpt_run(name):
 # ====================================================================================================
 
 class TestGPT(unittest.TestCase):
-    def test_vocab_size_matches_data(self):
-        self.assertEqual(model.GPTConfig().vocab_size, len(data.VOCAB))
-
-    def test_size_and_weight_tying(self):
+    def test_size_vocabulary_and_weight_tying(self):
         m = model.GPT(model.GPTConfig())
+        self.assertEqual(model.GPTConfig().vocab_size, len(data.VOCAB))
         self.assertTrue(5e4 <= model.num_params(m) <= 1e6, model.num_params(m))
         self.assertIs(m.lm_head.weight, m.wte.weight)
 
     def test_causal_mask(self):
         """Changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)."""
-        m = sharp_gpt(0)
-        g = torch.Generator().manual_seed(1)
+        m, g = sharp_gpt(0), torch.Generator().manual_seed(1)
         ids = torch.randint(4, len(data.VOCAB), (3, 12), generator=g)
         changed = ids.clone()
         changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
@@ -953,32 +898,25 @@ class TestGPT(unittest.TestCase):
 
     def test_kv_cache_matches_full_forward(self):
         """Prompt through the cache in one pass, then one token at a time: the same logits as one full pass."""
-        m = sharp_gpt(2)
-        g = torch.Generator().manual_seed(3)
+        m, g = sharp_gpt(2), torch.Generator().manual_seed(3)
         ids = torch.randint(4, len(data.VOCAB), (2, 15), generator=g)
         with torch.no_grad():
-            full = m(ids)
             caches = [dict() for _ in m.blocks]
-            parts = [m(ids[:, :5], caches)]
-            for i in range(5, ids.shape[1]):
-                parts.append(m(ids[:, i:i + 1], caches))
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+            parts = [m(ids[:, :5], caches)] + [m(ids[:, i:i + 1], caches) for i in range(5, ids.shape[1])]
+            torch.testing.assert_close(torch.cat(parts, dim=1), m(ids), rtol=1e-4, atol=1e-4)
 
 
 class TestPairLogps(unittest.TestCase):
     def test_equals_two_separate_calls(self):
         """One forward pass over the stacked batch, the two sides padded to one width: what two calls give."""
         m, task = sharp_gpt(4), small_task(seed=5)
-        ids, mask = task.sft_ids[:5], task.sft_mask[:5]
-        chosen_ids, chosen_mask = model.trim(ids[:3], mask[:3])
-        rejected_ids, rejected_mask = F.pad(ids[2:5], (0, 3)), F.pad(mask[2:5], (0, 3))
-        self.assertNotEqual(chosen_ids.shape[1], rejected_ids.shape[1])     # the padding path is exercised
+        chosen = model.trim(task.sft_ids[:3], task.sft_mask[:3])
+        rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))
+        self.assertNotEqual(chosen[0].shape[1], rejected[0].shape[1])     # the padding path is exercised
         with torch.no_grad():
-            pc, pr, lc, lr = model.pair_logps(m, chosen_ids, chosen_mask, rejected_ids, rejected_mask)
-            sc, slc = model.sequence_logps(m, chosen_ids, chosen_mask)
-            sr, slr = model.sequence_logps(m, rejected_ids, rejected_mask)
-        torch.testing.assert_close(pc, sc, rtol=0, atol=1e-4)
-        torch.testing.assert_close(pr, sr, rtol=0, atol=1e-4)
+            pc, pr, lc, lr = model.pair_logps(m, *chosen, *rejected)
+            (sc, slc), (sr, slr) = model.sequence_logps(m, *chosen), model.sequence_logps(m, *rejected)
+        torch.testing.assert_close((pc, pr), (sc, sr), rtol=0, atol=1e-4)
         self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr))
 
 
@@ -986,59 +924,48 @@ class TestSequenceLogpsAll(unittest.TestCase):
     def test_batches_and_trimming_change_nothing(self):
         m, task = sharp_gpt(36), small_task(seed=27)
         ids, mask = F.pad(task.sft_heldout_ids, (0, 4)), F.pad(task.sft_heldout_mask, (0, 4))   # 4 PAD columns more
-        logps, lengths = logps_of(m, ids, mask), mask[:, 1:].sum(1).float()
-        batched = model.sequence_logps_all(m, ids, mask, batch_size=5)           # 16 rows: batches of 5, 5, 5, 1
-        torch.testing.assert_close(batched[0], logps, rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(batched[1], lengths))
-        self.assertFalse(batched[0].requires_grad)
-
-    def test_trim_drops_only_columns_of_padding(self):
+        logps, lengths = model.sequence_logps_all(m, ids, mask, batch_size=5)   # 16 rows: batches of 5, 5, 5, 1
+        torch.testing.assert_close(logps, logps_of(m, ids, mask), rtol=0, atol=1e-4)
+        self.assertTrue(torch.equal(lengths, mask[:, 1:].sum(1).float()) and not logps.requires_grad)
         ids = torch.tensor([[1, 5, 0, 0, 0], [1, 5, 6, 0, 0]])
-        got_ids, got_mask = model.trim(ids, ids * 2)
-        self.assertEqual(got_ids.tolist(), [[1, 5, 0], [1, 5, 6]])
-        self.assertEqual(got_mask.tolist(), [[2, 10, 0], [2, 10, 12]])
+        self.assertEqual([t.tolist() for t in model.trim(ids, ids * 2)], [[[1, 5, 0], [1, 5, 6]], [[2, 10, 0], [2, 10, 12]]])
 
 
 class TestSample(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.m = sharp_gpt(12)
-        cls.prompts = small_task(seed=12).eval_prompts(200)
+        cls.m, cls.prompts = sharp_gpt(12), small_task(seed=12).eval_prompts(200)
         torch.manual_seed(123)
         cls.rng = torch.random.get_rng_state()
         cls.a, cls.b, cls.c, cls.uncached = cls.draw(0), cls.draw(0), cls.draw(1), cls.draw(0, use_cache=False)
         cls.rng_after = torch.random.get_rng_state()
 
     @classmethod
-    def draw(cls, seed, prompts=None, **kw):
-        return model.sample(cls.m, cls.prompts if prompts is None else prompts, data.MAX_RESPONSE, data.EOS_ID,
+    def draw(cls, seed, prompts=None, m=None, n=data.MAX_RESPONSE, **kw):
+        return model.sample(m or cls.m, cls.prompts if prompts is None else prompts, n, data.EOS_ID,
                             data.BANNED_IN_RESPONSE, generator=model.make_generator(CPU, seed), **kw)
 
-    def test_reproducible_with_a_generator_seed(self):
+    def test_reproducible_and_the_global_rng_untouched(self):
         self.assertTrue(torch.equal(self.a, self.b))
         self.assertFalse(torch.equal(self.a, self.c))
-
-    def test_does_not_touch_global_rng(self):
         self.assertTrue(torch.equal(self.rng, self.rng_after))
 
     def test_cache_and_no_cache_give_identical_samples(self):
         self.assertTrue(torch.equal(self.a, self.uncached))
 
-    def test_batches_change_nothing_but_the_draws_of_each_batch(self):
-        """batch_size splits the rows; each batch continues the one generator, so batches of 64 give the first
-        64 rows of the whole set whatever follows them (data.py sample's -n relies on it)."""
+    def test_batches_continue_one_generator(self):
+        """Batches of 64 give the first 64 rows whatever follows them (data.py sample's -n relies on it)."""
         self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))
 
     def check_rows(self, ys):
         """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
         ends = []
         for row in ys.tolist():
-            self.assertIn(data.EOS_ID, row)
             e = row.index(data.EOS_ID)
             ends.append(e)
             self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]), row)
             self.assertTrue(all(t not in data.BANNED_IN_RESPONSE for t in row[:e]), row)
-        return ends
+        return torch.tensor(ends, dtype=torch.float64)
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
         for ys in (self.a, self.c):
@@ -1046,127 +973,90 @@ class TestSample(unittest.TestCase):
             self.check_rows(ys)
         # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP):
         # both ways of ending occur, EOS drawn early and EOS forced at the last position
-        V = len(data.VOCAB)
-        probs = torch.full((V,), 0.85 / (V - 4))
+        probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
         row[list(data.BANNED_IN_RESPONSE)] = 50.0
-        ys = model.sample(Bigram(row), self.prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                          generator=model.make_generator(CPU, 0))
-        ends = torch.tensor(self.check_rows(ys), dtype=torch.float64)
-        self.assertEqual(ends.min().item(), 0)
-        self.assertEqual(ends.max().item(), data.MAX_RESPONSE - 1)
+        ends = self.check_rows(self.draw(0, m=Bigram(row)))
+        self.assertEqual((ends.min().item(), ends.max().item()), (0, data.MAX_RESPONSE - 1))
         # P(EOS drawn at step i) = 0.85^i * 0.15 for i < 16; the rest forced at 16: E[end] = sum_i 0.85^i, i<16
-        expected = sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))
-        self.assertLess(abs(ends.mean().item() - expected), 1.5)
+        self.assertLess(abs(ends.mean().item() - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
 
     def test_banned_ids_never_drawn_even_when_most_likely(self):
-        V = len(data.VOCAB)
         good, bad = data.STOI["good"], data.STOI["bad"]
-        row = torch.full((V,), float("-inf"))
+        row = torch.full((len(data.VOCAB),), float("-inf"))
         row[list(data.BANNED_IN_RESPONSE)] = 50.0               # what an unconstrained sampler would draw
         row[good], row[bad] = math.log(0.75), math.log(0.25)
-        stub = Bigram(row)
-        prompts = torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long)
-        draw = lambda **kw: model.sample(stub, prompts, 2, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                                         generator=model.make_generator(CPU, 0), **kw)
+        draw = lambda **kw: self.draw(0, torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long), Bigram(row), 2, **kw)
         ys = draw()
         self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all())
         self.assertTrue((ys[:, 1] == data.EOS_ID).all())        # closed by force at max_new_tokens
         # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
-        se = math.sqrt(0.25 * 0.75 / 4000)
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * se)
-        ys = draw(temperature=0.5)
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
+        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
+        self.assertLess(abs((draw(temperature=0.5)[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
         self.assertTrue((draw(top_k=1)[:, 0] == good).all())    # top-1: the most likely allowed token
 
 
 class TestAdam(unittest.TestCase):
-    """model.Adam: torch.optim.Adam's arithmetic exactly, step by step (this test imports torch's optimiser,
-    the ~2 s the scripts no longer pay)."""
-
     def test_bit_for_bit_equal_to_torch_optim_adam(self):
+        """model.Adam against torch.optim.Adam, step by step (this test pays the ~2 s of torch.optim's imports)."""
         g = torch.Generator().manual_seed(0)
         for kw in ({"lr": 3e-3}, {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}):
-            with self.subTest(**kw):
-                start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
-                ours, theirs = ([nn.Parameter(p.clone()) for p in start] for _ in range(2))
-                a, b = model.Adam(ours, **kw), torch.optim.Adam(theirs, **kw)
-                for step in range(6):
-                    if step == 3:      # the SFT model's schedule sets the learning rate between steps
-                        a.lr = b.param_groups[0]["lr"] = kw["lr"] / 3
-                    for p, q in zip(ours, theirs):
-                        p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (step - 3)
-                        q.grad = p.grad.clone()
-                    a.step()
-                    b.step()
-                    for p, q in zip(ours, theirs):
-                        self.assertTrue(torch.equal(p, q), f"step {step}: differs by {(p - q).abs().max().item():.3g}")
-                self.assertEqual(a.t, 6)
-                a.zero_grad()
-                self.assertTrue(all(p.grad is None for p in ours))
+            start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+            ours, theirs = ([nn.Parameter(p.clone()) for p in start] for _ in range(2))
+            a, b = model.Adam(ours, **kw), torch.optim.Adam(theirs, **kw)
+            for step in range(6):
+                if step == 3:      # the SFT model's schedule sets the learning rate between steps
+                    a.lr = b.param_groups[0]["lr"] = kw["lr"] / 3
+                for p, q in zip(ours, theirs):
+                    p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (step - 3)
+                    q.grad = p.grad.clone()
+                a.step(), b.step()
+                for p, q in zip(ours, theirs):
+                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: differs by {(p - q).abs().max().item():.3g}")
+            a.zero_grad()
+            self.assertEqual((a.t, [p.grad for p in ours]), (6, [None, None]))
 
 
 class TestSftModel(unittest.TestCase):
-    """model.sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out
-    demonstrations (the cache it keeps: TestSftCache, in the run contract)."""
+    """model.sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (the
+    cache it keeps: TestSftCache, in the run contract)."""
 
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
-        task = small_task(seed=26)
+        task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
-        steps, lrs = 8, []
-        real_step = model.Adam.step
         with Spy(model, "sequence_logps", lambda a: torch.is_grad_enabled()) as spy, quietly(), \
                 mock.patch.object(model.Adam, "step", lambda opt: lrs.append(opt.lr) or real_step(opt)):
             m, info = model.sft_model(task, CPU, scratch("sft"), 0, steps, SMALL, quiet=True)
-        training = [c for c in spy.calls if c.before]
-        measuring = [c for c in spy.calls if not c.before]
+        training = [set(rows_of(c.a["input_ids"])) for c in spy.calls if c.before]
         self.assertEqual(len(training), steps)
-        for c in training:
-            rows = set(rows_of(c.a["input_ids"]))
-            self.assertLessEqual(rows, demos, "SFT must train on the demonstrations (task.sft_ids)")
-            self.assertFalse(rows & pairs)
-        self.assertEqual(len(measuring), 2)                      # cross-entropy before and after
-        for c in measuring:
-            self.assertEqual(set(rows_of(c.a["input_ids"])), held, "SFT cross-entropy is measured on held-out demonstrations")
+        self.assertTrue(all(rows <= demos and not rows & pairs for rows in training), "SFT trains on task.sft_ids")
+        self.assertEqual([set(rows_of(c.a["input_ids"])) for c in spy.calls if not c.before], [held, held],
+                         "cross-entropy before and after, on held-out demonstrations")
         self.assertLess(info["ce_after"], info["ce_before"])
-        self.assertEqual((info["steps"], info["cached"]), (steps, False))
-        self.assertFalse(m.training)
+        self.assertEqual((info["steps"], info["cached"], m.training), (steps, False, False))
         # a linear warm-up over 20 steps, then a cosine decay to 0
-        want = [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
-        self.assertEqual(lrs, want)
+        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+                               for s in range(steps)])
 
     def test_sft_ce_is_per_response_token_in_float64_on_the_cpu(self):
         m, task = sharp_gpt(36), small_task(seed=27)
         ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
-        logps, lengths = logps_of(m, ids, mask), mask[:, 1:].sum(1).float()
-        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps.double().sum().item() / lengths.sum().item(), places=4)
-
-        class DeviceTensor:   # a tensor on a device without float64 (MPS): .double() there fails
-            def __init__(self, t):
-                self.t = t
-
-            def double(self):
-                raise AssertionError("float64 on the device: MPS has none (move to the CPU first)")
-
-            def cpu(self):
-                return self.t
-
-        with mock.patch.object(model, "sequence_logps_all",
-                               return_value=(DeviceTensor(torch.tensor([-3.0, -5.0])), torch.tensor([2.0, 2.0]))):
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item()
+                               / mask[:, 1:].sum().item(), places=4)
+        on_mps = mock.Mock(cpu=lambda: torch.tensor([-3.0, -5.0]),
+                           double=mock.Mock(side_effect=AssertionError("float64 on the device: MPS has none")))
+        with mock.patch.object(model, "sequence_logps_all", return_value=(on_mps, torch.tensor([2.0, 2.0]))):
             self.assertAlmostEqual(model.sft_ce(None, None, None), 8.0 / 4.0)
 
 
 class TestFrozenCopy(unittest.TestCase):
     def test_a_copy_that_never_trains(self):
-        m = sharp_gpt(15)
-        m.train()
+        m = sharp_gpt(15).train()
         ref = model.frozen_copy(m)
-        self.assertFalse(ref.training)
-        self.assertTrue(all(not p.requires_grad for p in ref.parameters()))
-        self.assertTrue(all(p.requires_grad for p in m.parameters()))
-        self.assertTrue(m.training)
+        self.assertEqual((ref.training, m.training), (False, True))
+        self.assertTrue(all(not p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in m.parameters()))
         with torch.no_grad():
             next(m.parameters()).add_(1.0)
         self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
@@ -1176,12 +1066,10 @@ class TestTablePolicy(unittest.TestCase):
     """model.TablePolicy: a distribution over listed responses that the GPT's code path reads unchanged."""
 
     def setUp(self):
-        self.ex = data.ExactTask()
-        g = torch.Generator().manual_seed(0)
+        self.ex, g = data.ExactTask(), torch.Generator().manual_seed(0)
         self.table = self.ex.table(torch.softmax(2 * torch.randn(self.ex.n, generator=g, dtype=torch.float64), 0))
 
     def listed(self, index=None):
-        """ids, mask of listed responses (all of them, or those at `index`), after the exact task's prompt."""
         responses = self.ex.responses if index is None else self.ex.responses[index]
         return data.join(self.ex.prompts.expand(len(responses), -1), responses)
 
@@ -1191,10 +1079,8 @@ class TestTablePolicy(unittest.TestCase):
         logps, lengths = model.sequence_logps(table, ids, mask)
         want = table.logits.detach() - torch.logsumexp(table.logits.detach(), 0)      # theta_y - logsumexp(theta)
         torch.testing.assert_close(logps.double(), want, atol=2e-5, rtol=0)
-        torch.testing.assert_close(table.log_probs().detach(), want)
-        torch.testing.assert_close(table.probs(), want.exp())
+        torch.testing.assert_close((table.log_probs().detach(), table.probs()), (want, want.exp()))
         self.assertEqual(lengths.tolist(), (ex.words + 1).float().tolist())           # |y|: words and EOS
-        # extra padding columns change nothing
         torch.testing.assert_close(model.sequence_logps(table, F.pad(ids, (0, 6)), F.pad(mask, (0, 6)))[0], logps)
         # d/dtheta of sum_y log pi(y) = 1 - C pi: the gradient flows through forward like through log_softmax
         logps.sum().backward()
@@ -1204,31 +1090,25 @@ class TestTablePolicy(unittest.TestCase):
         chosen, rejected, _ = self.ex.population_pairs()
         pc, pr, lc, lr = model.pair_logps(self.table, *self.listed(chosen), *self.listed(rejected))
         logps = self.table.log_probs().detach()
-        torch.testing.assert_close(pc.double(), logps[chosen], atol=2e-5, rtol=0)
-        torch.testing.assert_close(pr.double(), logps[rejected], atol=2e-5, rtol=0)
+        torch.testing.assert_close((pc.double(), pr.double()), (logps[chosen], logps[rejected]), atol=2e-5, rtol=0)
         self.assertEqual(lc.tolist(), (self.ex.words[chosen] + 1).float().tolist())
 
     def test_a_response_off_the_list_has_no_mass(self):
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
-        ids, mask = data.join(self.ex.prompts.expand(3, -1), off)
-        logps, _ = model.sequence_logps(self.table, ids, mask)
-        self.assertLess(logps[0].item(), -1e29)
-        self.assertLess(logps[1].item(), -1e29)
-        listed = self.table.log_probs()[self.ex.texts.index("great plot")]
-        self.assertAlmostEqual(logps[2].item(), listed.item(), places=4)
+        logps, _ = model.sequence_logps(self.table, *data.join(self.ex.prompts.expand(3, -1), off))
+        self.assertTrue(logps[0].item() < -1e29 and logps[1].item() < -1e29)
+        self.assertAlmostEqual(logps[2].item(), self.table.log_probs()[self.ex.texts.index("great plot")].item(), places=4)
 
     def test_model_sample_draws_from_the_table(self):
-        n = 6000
-        prompts = self.ex.prompts.expand(n, -1)
-        draws = model.sample(self.table, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                             generator=model.make_generator(CPU, 3), use_cache=False)
-        index = self.ex.index_of(draws)
+        n, p = 6000, self.table.probs()
+        sample = lambda rows, **kw: model.sample(self.table, self.ex.prompts.expand(rows, -1), data.MAX_RESPONSE,
+                                                 data.EOS_ID, data.BANNED_IN_RESPONSE, **kw)
+        index = self.ex.index_of(sample(n, generator=model.make_generator(CPU, 3), use_cache=False))
         self.assertTrue((index >= 0).all())                        # every sample is a listed review
         freq = torch.bincount(index, minlength=self.ex.n).double() / n
-        p = self.table.probs()
         self.assertTrue(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all(), (freq - p).abs().max())
         with self.assertRaises((AssertionError, AttributeError)):  # no key/value cache: use_cache=False
-            model.sample(self.table, prompts[:2], data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE)
+            sample(2)
 
 
 class TestMinimise(unittest.TestCase):
@@ -1238,23 +1118,20 @@ class TestMinimise(unittest.TestCase):
         x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
         target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
         scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)     # an ill-conditioned quadratic
-        loss = model.minimise(x, lambda: ((x - target) ** 2 * scale).sum())
-        self.assertLess(loss, 1e-15)
+        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum()), 1e-15)
         torch.testing.assert_close(x.detach(), target)
 
     def test_a_softmax_fit_where_the_hessian_is_singular(self):
         """Cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant
         (along which H is singular), and the loss there is the entropy of p, whatever the weights span."""
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
-        theta = nn.Parameter(torch.zeros(4, dtype=torch.float64))
-        loss_fn = lambda: -(p * torch.log_softmax(theta, 0)).sum()
-        loss = model.minimise(theta, loss_fn)
+        theta, one = (nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
+        loss = model.minimise(theta, lambda: -(p * torch.log_softmax(theta, 0)).sum())
         self.assertLess((torch.softmax(theta.detach(), 0) - p).abs().max().item(), 1e-10)
         self.assertAlmostEqual(loss, -(p * p.log()).sum().item(), places=12)
-        self.assertEqual(loss, loss_fn().item())                   # the loss where it leaves theta
-        one = nn.Parameter(torch.zeros(4, dtype=torch.float64))    # max_iter bounds the work: one step is not enough
-        first = model.minimise(one, lambda: -(p * torch.log_softmax(one, 0)).sum(), max_iter=1)
-        self.assertGreater(first, loss + 1e-6)
+        self.assertEqual(loss, -(p * torch.log_softmax(theta, 0)).sum().item())   # the loss where it leaves theta
+        # max_iter bounds the work: one Newton step is not enough here
+        self.assertGreater(model.minimise(one, lambda: -(p * torch.log_softmax(one, 0)).sum(), max_iter=1), loss + 1e-6)
 
 
 # ====================================================================================================
@@ -1275,30 +1152,25 @@ def utf8_stdout():
 class TestVocabulary(unittest.TestCase):
     def test_encode_decode_round_trip(self):
         ids = data.encode(EXAMPLE_A) + [data.EOS_ID, data.PAD_ID, data.PAD_ID]
-        self.assertEqual(data.decode(ids), EXAMPLE_A)
-        self.assertEqual(data.decode(torch.tensor(ids)), EXAMPLE_A)
+        self.assertEqual((data.decode(ids), data.decode(torch.tensor(ids))), (EXAMPLE_A, EXAMPLE_A))
         self.assertEqual(data.decode([data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]), "new horror film")
 
 
 class TestScore(unittest.TestCase):
     def test_worked_example(self):
-        # a: the acting was GREAT and the music SUPERB -> 8 words, 2 positive, 0 negative
+        # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2
         self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_A), (2 - 0) / 8, places=6)
-        # b: a DULL plot but LOVELY cast -> 6 words, 1 positive, 1 negative
         self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_B), (1 - 1) / 6, places=6)
-        # c: terrible boring script -> 3 words, 0 positive, 2 negative
         self.assertAlmostEqual(data.score("", "terrible boring script"), (0 - 2) / 3, places=6)
         self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
 
     def test_matches_word_count_on_task_pairs(self):
-        """score_responses against counting the words of the decoded text."""
-        task = small_task(seed=7)
-        pos, neg = set(data.POSITIVE), set(data.NEGATIVE)
+        """score_responses and response_lengths against counting the words of the decoded text."""
+        task, pos, neg = small_task(seed=7), set(data.POSITIVE), set(data.NEGATIVE)
         for side in ("chosen", "rejected"):
             for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
                 words = data.decode(row[data.PROMPT_LEN:]).split()
-                expect = (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words)
-                self.assertAlmostEqual(s.item(), expect, places=6)
+                self.assertAlmostEqual(s.item(), (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words), places=6)
                 self.assertEqual(data.response_lengths(row[None, data.PROMPT_LEN:]).item(), len(words))
 
     def test_length_alone_does_not_raise_score(self):
@@ -1322,13 +1194,9 @@ class TestOracle(unittest.TestCase):
             torch.testing.assert_close(pab + pba, torch.ones(200), rtol=0, atol=1e-6)
             self.assertTrue(torch.equal(pab > 0.5, sa > sb))
         self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
-        # smaller tau: a sharper judge
-        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())
-        p = data.oracle("x", EXAMPLE_A, EXAMPLE_B)
-        self.assertAlmostEqual(p + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
-
-    def test_worked_example(self):
-        # sigmoid((0.25 - 0.0) / 0.2) = 1 / (1 + exp(-1.25))
+        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())   # sharper
+        self.assertAlmostEqual(data.oracle("x", EXAMPLE_A, EXAMPLE_B) + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
+        # the worked example: sigmoid((0.25 - 0.0) / 0.2)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
@@ -1339,54 +1207,44 @@ class TestCyclicJudge(unittest.TestCase):
         cases = [("great plot", 0), ("the acting and cast was dull", 1), ("music scenes and the plot", 2),
                  ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
                  ("characters characters plot", 1)]
-        schools = data.school_of(responses_of(*[c[0] for c in cases]))
-        self.assertEqual(schools.tolist(), [c[1] for c in cases])
-        for name, words in zip(data.SCHOOLS, data.SCHOOL_WORDS):   # school words are neutral: no score changes
-            self.assertTrue(all(w in data.NEUTRAL for w in words.split()), name)
+        self.assertEqual(data.school_of(responses_of(*[c[0] for c in cases])).tolist(), [c[1] for c in cases])
+        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score changes
 
     def test_the_oracle_goes_round_in_a_circle(self):
-        p = 0.9
-        s = torch.tensor([0, 1, 2, data.NO_SCHOOL])
+        p, s = 0.9, torch.tensor([0, 1, 2, data.NO_SCHOOL])
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
         torch.testing.assert_close(prefs + prefs.T, torch.ones(4, 4, dtype=torch.float64))   # constant-sum
         torch.testing.assert_close(prefs.diagonal(), torch.full((4,), 0.5, dtype=torch.float64))
-        for i in range(3):
-            self.assertAlmostEqual(prefs[i, (i + 1) % 3].item(), p)              # story > acting > craft > story
-            self.assertAlmostEqual(prefs[i, 3].item(), p)                        # any school beats none
+        for i in range(3):          # story > acting > craft > story, and any school beats none
+            self.assertEqual((prefs[i, (i + 1) % 3].item(), prefs[i, 3].item()), (p, p))
         # no reward can represent it: Bradley-Terry log-odds around any cycle add up to 0, these to 3 logit(p)
-        log_odds = lambda m, a, b: math.log(m[a, b] / m[b, a])
-        cycle = sum(log_odds(prefs, a, b) for a, b in ((0, 1), (1, 2), (2, 0)))
-        self.assertAlmostEqual(cycle, 3 * math.log(p / (1 - p)), places=9)
+        cycle = lambda m: sum(math.log(m[a, b] / m[b, a]) for a, b in ((0, 1), (1, 2), (2, 0)))
+        self.assertAlmostEqual(cycle(prefs), 3 * math.log(p / (1 - p)), places=9)
         scores = torch.tensor([0.3, -0.1, 0.7])
-        bt = data.preference_prob(scores[:, None], scores[None, :], 0.2)
-        self.assertAlmostEqual(sum(log_odds(bt, a, b) for a, b in ((0, 1), (1, 2), (2, 0))), 0.0, places=4)
+        self.assertAlmostEqual(cycle(data.preference_prob(scores[:, None], scores[None, :], 0.2)), 0.0, places=4)
 
 
 class TestJudgeProb(unittest.TestCase):
-    """data.judge_prob: the one judge of every preference (pairs, evaluation, self-play, the exact mode)."""
-
-    def test_on_tokens(self):
+    def test_the_one_judge_of_every_preference(self):
         a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
         cfg = data.TaskConfig(tau=0.5, length_bias=0.1)
         # scores 2/5 and -1/2 against 0 and 1/4; lengths 5, 2 against 2, 4
         quality = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)]
-        raters = [sig((0.4 - 0.0) / 0.5 + 0.1 * 3), sig((-0.5 - 0.25) / 0.5 + 0.1 * -2)]
         got = data.judge_prob(a, b, cfg)                    # the evaluation's: quality only, float32
         self.assertEqual(got.dtype, torch.float32)
         torch.testing.assert_close(got, torch.tensor(quality))
         torch.testing.assert_close(data.judge_prob(a, b, cfg, cfg.length_bias, torch.float64),   # the raters'
-                                   torch.tensor(raters, dtype=torch.float64))
+                                   torch.tensor([sig(0.8 + 0.1 * 3), sig(-1.5 + 0.1 * -2)], dtype=torch.float64))
         self.assertAlmostEqual(data.win_rate(a, b, cfg), sum(quality) / 2, places=6)
-        cyc = data.judge_prob(a, b, data.TaskConfig(judge="cyclic"), dtype=torch.float64)   # story vs acting, craft vs story
-        torch.testing.assert_close(cyc, torch.tensor([0.9, 0.9], dtype=torch.float64))
+        torch.testing.assert_close(data.judge_prob(a, b, data.TaskConfig(judge="cyclic"), dtype=torch.float64),
+                                   torch.tensor([0.9, 0.9], dtype=torch.float64))    # story > acting, craft > story
 
 
 class TestExploitability(unittest.TestCase):
     """data.exploitability [Nash], data.school_shares and data.school_exploitability."""
 
     def test_zero_exactly_at_the_equilibrium(self):
-        p = 0.9
-        s = torch.arange(3)
+        p, s = 0.9, torch.arange(3)
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
         self.assertAlmostEqual(data.exploitability(torch.full((3,), 1 / 3, dtype=torch.float64), prefs), 0.0, places=12)
         # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
@@ -1394,92 +1252,73 @@ class TestExploitability(unittest.TestCase):
         self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
         g = torch.Generator().manual_seed(0)
         for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
-            pi = torch.softmax(torch.randn(3, generator=g), 0)
-            self.assertGreater(data.exploitability(pi, prefs), 1e-4)
+            self.assertGreater(data.exploitability(torch.softmax(torch.randn(3, generator=g), 0), prefs), 1e-4)
 
     def test_from_school_shares(self):
-        self.assertAlmostEqual(data.school_exploitability(torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)),
-                               0.0, places=12)
+        shares = lambda *v: torch.tensor(v, dtype=torch.float64)
+        self.assertAlmostEqual(data.school_exploitability(shares(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
         # craft against (0.6, 0.3, 0.1, none 0): 0.9 * 0.6 + 0.1 * 0.3 + 0.5 * 0.1 = 0.62
-        self.assertAlmostEqual(data.school_exploitability(torch.tensor([0.6, 0.3, 0.1, 0.0])), 0.12, places=6)
+        self.assertAlmostEqual(data.school_exploitability(shares(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
         # a review with no school loses to all: writing some makes any school's reply stronger
-        self.assertGreater(data.school_exploitability(torch.tensor([0.3, 0.3, 0.3, 0.1])), 0.0)
-        shares = data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting"))
-        torch.testing.assert_close(shares, torch.tensor([0.2, 0.2, 0.2, 0.4], dtype=torch.float64))
+        self.assertGreater(data.school_exploitability(shares(0.3, 0.3, 0.3, 0.1)), 0.0)
+        torch.testing.assert_close(data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting")),
+                                   shares(0.2, 0.2, 0.2, 0.4))
 
 
 class TestTask(unittest.TestCase):
-    def tensors(self, task):
-        out = {"train_prompts": task.train_prompts, "heldout_prompts": task.heldout_prompts,
-               "sft_ids": task.sft_ids, "sft_mask": task.sft_mask,
-               "sft_heldout_ids": task.sft_heldout_ids, "sft_heldout_mask": task.sft_heldout_mask}
-        out.update({f"pairs/{k}": v for k, v in task.pairs.items()})
-        out.update({f"heldout_pairs/{k}": v for k, v in task.heldout_pairs.items()})
-        return out
-
     def test_reproducible_with_a_seed(self):
-        a, b, c = self.tensors(small_task(seed=3)), self.tensors(small_task(seed=3)), self.tensors(small_task(seed=4))
-        for k in a:
-            self.assertTrue(torch.equal(a[k], b[k]), k)
-        self.assertFalse(torch.equal(a["train_prompts"], c["train_prompts"]))
-        self.assertFalse(torch.equal(a["sft_ids"], c["sft_ids"]))
-        self.assertFalse(torch.equal(a["pairs/chosen_ids"], c["pairs/chosen_ids"]))
+        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask, task.sft_heldout_ids,
+                                task.sft_heldout_mask, *task.pairs.values(), *task.heldout_pairs.values()]
+        a, b, c = (tensors(small_task(seed=s)) for s in (3, 3, 4))
+        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)))
+        for i in (0, 2, 6):     # the prompts, the demonstrations, the pairs
+            self.assertFalse(torch.equal(a[i], c[i]))
 
     def test_heldout_prompts_disjoint_from_train(self):
-        task = small_task(seed=8)
+        task, P = small_task(seed=8), data.PROMPT_LEN
         rows = lambda t: {tuple(r.tolist()) for r in t}
         train, held = rows(task.train_prompts), rows(task.heldout_prompts)
-        self.assertEqual(len(train & held), 0)
-        self.assertEqual(len(train) + len(held), len(data.DECADES) * len(data.GENRES) * len(data.NOUNS))
-        P = data.PROMPT_LEN
-        self.assertLessEqual(rows(task.sft_ids[:, :P]), train)
-        self.assertLessEqual(rows(task.pairs["chosen_ids"][:, :P]), train)
-        self.assertLessEqual(rows(task.sft_heldout_ids[:, :P]), held)
-        self.assertLessEqual(rows(task.heldout_pairs["chosen_ids"][:, :P]), held)
+        self.assertEqual((len(train & held), len(train) + len(held)), (0, len(data.DECADES) * len(data.GENRES) * len(data.NOUNS)))
+        for ids, pool in ((task.sft_ids, train), (task.pairs["chosen_ids"], train), (task.sft_heldout_ids, held),
+                          (task.heldout_pairs["chosen_ids"], held)):
+            self.assertLessEqual(rows(ids[:, :P]), pool)
         self.assertLessEqual(rows(task.eval_prompts(50)), held)
         self.assertEqual(len(rows(task.eval_prompts(500))), len(held))           # cycling through all of them
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy
-        raters), not at chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
+        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not
+        at chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
         observed = (cs[differ] > rs[differ]).double().mean().item()
         expected = torch.sigmoid((cs[differ] - rs[differ]).abs() / task.config.tau).mean().item()
-        se = math.sqrt(expected * (1 - expected) / differ.sum().item())
-        self.assertLess(abs(observed - expected), 5 * se)
+        self.assertLess(abs(observed - expected), 5 * math.sqrt(expected * (1 - expected) / differ.sum().item()))
         self.assertLess(observed, 0.97)
 
     def test_length_bias_knob(self):
-        cfg = dict(n_demos=8, n_pairs=2000, n_heldout=8)
         words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
-        plain = data.Task(data.TaskConfig(**cfg), seed=10).pairs
-        biased = data.Task(data.TaskConfig(length_bias=0.5, **cfg), seed=10).pairs
+        plain, biased = (data.Task(data.TaskConfig(n_demos=8, n_pairs=2000, n_heldout=8, length_bias=b), seed=10).pairs
+                         for b in (0.0, 0.5))
         gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
         self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
         self.assertGreater(gap(biased), 2.0)
         self.assertLess(abs(gap(plain)), 1.0)     # unbiased raters: no systematic length gap
 
     def test_pair_style_knob(self):
-        cfg = dict(n_demos=500, n_pairs=1000, n_heldout=8, demo_style_rate=0.0)
         style = torch.as_tensor(data.STYLE_IDS)
         share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum()
                              / data.response_lengths(ids[:, data.PROMPT_LEN:]).sum()).item()
-        plain = data.Task(data.TaskConfig(**cfg), seed=11)
-        styled = data.Task(data.TaskConfig(pair_style=1.0, **cfg), seed=11)
-        self.assertEqual(share(plain.pairs["chosen_ids"]), 0.0)
-        self.assertGreater(share(styled.pairs["chosen_ids"]), 0.05)
-        self.assertGreater(share(styled.pairs["rejected_ids"]), 0.05)
-        self.assertEqual(share(styled.sft_ids), 0.0)              # the SFT data keeps its own style
-        # the judge ignores style: the stored scores are the scores of the text
-        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):
+        plain, styled = (data.Task(data.TaskConfig(n_demos=500, n_pairs=1000, n_heldout=8, pair_style=s), seed=11)
+                         for s in (0.0, 1.0))
+        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT data: its own style
+        self.assertGreater(min(share(styled.pairs["chosen_ids"]), share(styled.pairs["rejected_ids"])), 0.05)
+        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge ignores style
             self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
 
     def test_cyclic_demonstrations_have_a_school_in_unequal_shares(self):
-        task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=8, n_heldout=8), seed=0)
-        responses = task.sft_ids[:, data.PROMPT_LEN:]
+        responses = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=8, n_heldout=8)).sft_ids[:, data.PROMPT_LEN:]
         self.assertTrue((data.school_of(responses) >= 0).all())
         for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0)):
             self.assertAlmostEqual(got, want, delta=0.03)
@@ -1488,30 +1327,25 @@ class TestTask(unittest.TestCase):
         plain = data._random_responses(rng_a, 200, 0.5, 0.0)
         schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
         self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
-        changed = (plain != schooled).sum(1)
         nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
-        self.assertTrue((changed <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())       # only nouns and one more word change
 
     def test_cyclic_pairs_are_labelled_by_the_cyclic_oracle(self):
         pairs = data.Task(data.TaskConfig(judge="cyclic", n_demos=8, n_pairs=3000, n_heldout=8), seed=0).pairs
         chosen, rejected = (data.school_of(pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
-        story_acting = ((chosen == 0) & (rejected == 1)).sum().item()
-        acting_story = ((chosen == 1) & (rejected == 0)).sum().item()
-        n = story_acting + acting_story
+        count = lambda w, l: ((chosen == w) & (rejected == l)).sum().item()
+        n = count(0, 1) + count(1, 0)
         self.assertGreater(n, 500)
-        self.assertAlmostEqual(story_acting / n, 0.9, delta=4 * math.sqrt(0.09 / n))   # story beats acting 0.9
-        craft_story = ((chosen == 2) & (rejected == 0)).sum().item()
-        story_craft = ((chosen == 0) & (rejected == 2)).sum().item()
-        self.assertGreater(craft_story, story_craft)                 # craft beats story
+        self.assertAlmostEqual(count(0, 1) / n, 0.9, delta=4 * math.sqrt(0.09 / n))   # story beats acting 0.9
+        self.assertGreater(count(2, 0), count(0, 2))                                  # craft beats story
 
 
 class TestStartRun(unittest.TestCase):
     def test_builds_the_task_and_sft_model_the_flags_ask_for(self):
         d = scratch("start_run")
-        args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style",
-                                      "0.5", "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"),
-                                      "--sft-dir", os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16",
-                                      "--lr", "0.02"])
+        args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style", "0.5",
+                                      "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"), "--sft-dir",
+                                      os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16", "--lr", "0.02"])
         small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
         model.progress.lr = None
         with quietly() as (_, err):
@@ -1522,8 +1356,7 @@ class TestStartRun(unittest.TestCase):
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
                 again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, small)
         self.assertIn(f"SFT model: trained and saved to {info['path']}", err.getvalue())
-        self.assertEqual(device, CPU)
-        self.assertEqual(task.config, want.config)
+        self.assertEqual((device, task.config), (CPU, want.config))
         for key in ("chosen_ids", "rejected_ids"):
             self.assertTrue(torch.equal(task.pairs[key], want.pairs[key]), key)
         self.assertTrue(torch.equal(task.sft_ids, want.sft_ids))
@@ -1536,54 +1369,40 @@ class TestStartRun(unittest.TestCase):
 class TestJoin(unittest.TestCase):
     def test_masks_the_response_and_its_eos_only(self):
         prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        r1 = data.encode("great acting") + [data.EOS_ID]                      # 2 words + EOS = 3 tokens
-        r2 = data.encode("the plot was dull and boring") + [data.EOS_ID]      # 6 words + EOS = 7 tokens
-        responses = torch.tensor([r1 + [data.PAD_ID] * 5, r2 + [data.PAD_ID] * 1])
+        responses = responses_of("great acting", "the plot was dull and boring")   # 2 and 6 words, then EOS
         ids, mask = data.join(prompt, responses)
-        self.assertEqual(mask[:, :data.PROMPT_LEN].sum().item(), 0)          # the prompt never counts
-        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 5)
+        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 14)           # the prompt never counts
         self.assertTrue(torch.equal(ids[:, data.PROMPT_LEN:], responses))
         with torch.no_grad():
-            _, lengths = model.sequence_logps(sharp_gpt(4), ids, mask)
-        self.assertEqual(lengths.tolist(), [3.0, 7.0])                      # |y| includes EOS
-        self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])  # words only
+            self.assertEqual(model.sequence_logps(sharp_gpt(4), ids, mask)[1].tolist(), [3.0, 7.0])   # |y|: with EOS
+        self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])                          # words only
 
 
 class TestPairBatch(unittest.TestCase):
     def test_trims_only_padding(self):
-        task, m = small_task(seed=6), sharp_gpt(4)
-        idx = torch.arange(6)
-        batch = data.pair_batch(task.pairs, idx, CPU)
-        full = task.pairs
-        self.assertLessEqual(batch["chosen_ids"].shape[1], full["chosen_ids"].shape[1])
+        task, m, idx = small_task(seed=6), sharp_gpt(4), torch.arange(6)
+        batch, full = data.pair_batch(task.pairs, idx, CPU), task.pairs
         for side in ("chosen", "rejected"):
             width = batch[f"{side}_ids"].shape[1]
             self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
             self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
         with torch.no_grad():
-            a = model.pair_logps(m, **batch)
-            b = model.pair_logps(m, full["chosen_ids"][idx], full["chosen_mask"][idx],
-                                 full["rejected_ids"][idx], full["rejected_mask"][idx])
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+            torch.testing.assert_close(model.pair_logps(m, **batch), model.pair_logps(
+                m, full["chosen_ids"][idx], full["chosen_mask"][idx], full["rejected_ids"][idx], full["rejected_mask"][idx]),
+                rtol=0, atol=1e-4)
 
 
 class TestPairLogpsAll(unittest.TestCase):
     def test_keeps_pairs_sides_and_order(self):
-        m, pairs = sharp_gpt(37), small_task(seed=28).pairs                     # 16 pairs
-        got = data.pair_logps_all(m, pairs, CPU, batch_size=5)
-        want = (logps_of(m, pairs["chosen_ids"], pairs["chosen_mask"]),
-                logps_of(m, pairs["rejected_ids"], pairs["rejected_mask"]),
-                pairs["chosen_mask"][:, 1:].sum(1).float(), pairs["rejected_mask"][:, 1:].sum(1).float())
-        self.assertEqual(len(got), 4)
-        for name, g, w in zip(("chosen logps", "rejected logps", "chosen lengths", "rejected lengths"), got, want):
-            self.assertEqual(g.shape, (16,), name)
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=name)
+        m, pairs = sharp_gpt(37), small_task(seed=28).pairs                     # 16 pairs, in batches of 5
+        torch.testing.assert_close(data.pair_logps_all(m, pairs, CPU, batch_size=5), (
+            logps_of(m, pairs["chosen_ids"], pairs["chosen_mask"]), logps_of(m, pairs["rejected_ids"], pairs["rejected_mask"]),
+            pairs["chosen_mask"][:, 1:].sum(1).float(), pairs["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
 
 
 class TestEvaluate(unittest.TestCase):
-    """data.heldout_reviews, win_rate, evaluate_sft and evaluate, with models whose answers are known: which
-    way round the win rate is, the sign of the KL, whose samples are whose, which prompts and seeds."""
+    """data.heldout_reviews, win_rate, evaluate_sft and evaluate, with models whose answers are known: which way
+    round the win rate is, the sign of the KL, whose samples are whose, which prompts and seeds."""
 
     def both(self, policy, sft_model, task, n, seed):
         side = data.evaluate_sft(sft_model, task, CPU, n, seed)
@@ -1594,150 +1413,104 @@ class TestEvaluate(unittest.TestCase):
         near 1 one way round, near 0 the other, with the task's own tau."""
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
-            with self.subTest(tau=tau):
-                _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
-                self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5,
-                                       msg="win rate must be P(policy review > SFT review), with the task's tau")
-                self.assertEqual((r["score"], r["sft_score"]), (1.0, -1.0))
-                self.assertEqual(r["length"], 1.0)                        # the policy's reviews: one word
-                self.assertGreater(r["sft_length"], 2.0)                  # the SFT model's: about 4
-                self.assertGreater(r["kl_to_sft"], 100.0)                 # the SFT model cannot write positive words
-                self.assertEqual(r["sft_win_rate_vs_sft"], 0.5)           # its reviews all score -1: ties
-                _, back = self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)
-                self.assertAlmostEqual(back["win_rate_vs_sft"], sig(-2 / tau), places=5)
-        self.assertGreater(sig(2 / 0.2), 0.9999)
+            _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy review > SFT review), tau")
+            self.assertEqual((r["score"], r["sft_score"], r["length"], r["sft_win_rate_vs_sft"]), (1.0, -1.0, 1.0, 0.5))
+            self.assertGreater(r["sft_length"], 2.0)                  # the SFT model's reviews: about 4 words
+            self.assertGreater(r["kl_to_sft"], 100.0)                 # the SFT model cannot write positive words
+            self.assertAlmostEqual(self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)[1]["win_rate_vs_sft"],
+                                   sig(-2 / tau), places=5)
 
-    def test_kl_of_constructed_models_in_closed_form(self):
-        """The policy writes one positive word (16 to choose from) and stops; the SFT model one word of 32 and
-        stops. Every policy review y has log pi(y|x) - log sft(y|x) = log(1/16) - log(1/32) = log 2, so the
-        estimate of KL(policy || SFT) is log 2 exactly, sample by sample."""
-        task = small_task(seed=21)
-        self.assertAlmostEqual(self.both(POSITIVE_WRITER, EITHER_WRITER, task, 64, 4)[1]["kl_to_sft"], math.log(2),
-                               places=5, msg="KL must be E_{y~policy}[log policy(y|x) - log sft(y|x)] on the policy's reviews")
-        # the other way round the policy writes negative words half of the time, which the SFT model never
-        # does: log-ratios of about 1e9 on those, so a huge positive KL (never a negative one)
-        self.assertGreater(self.both(EITHER_WRITER, POSITIVE_WRITER, task, 64, 4)[1]["kl_to_sft"], 1e6)
-
-    def test_kl_between_two_different_models_is_positive(self):
-        """Two random models that sample what they score (no mass on the tokens the sampler bans): the
-        estimate of KL(a || b) is positive both ways round, and 0 from a model to itself."""
-        task = small_task(seed=22)
-        g = torch.Generator().manual_seed(0)
+    def test_kl_in_closed_form_and_its_sign(self):
+        """The policy writes one positive word (16 to choose from) and stops; the SFT model one word of 32: every
+        policy review has log pi(y|x) - log sft(y|x) = log 2, so the estimate of KL(policy || SFT) is log 2."""
+        task, g = small_task(seed=21), torch.Generator().manual_seed(0)
+        kl = lambda a, b, n=64: self.both(a, b, task, n, 4)[1]["kl_to_sft"]
+        self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
+        self.assertGreater(kl(EITHER_WRITER, POSITIVE_WRITER), 1e6)   # negative words the SFT model never writes
         allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
 
-        def random_writer():
+        def random_writer():   # samples what it scores (no mass on banned tokens), stops after a few words
             first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
-            first[allowed] = torch.randn(len(allowed), generator=g) * 2
-            first[data.EOS_ID] = IMPOSSIBLE
-            rest[allowed] = torch.randn(len(allowed), generator=g) * 2
-            rest[data.EOS_ID] = 3.0                  # stop after a few words
+            first[allowed], rest[allowed] = torch.randn(len(allowed), generator=g) * 2, torch.randn(len(allowed), generator=g) * 2
+            first[data.EOS_ID], rest[data.EOS_ID] = IMPOSSIBLE, 3.0
             return Bigram(first, rest)
 
         a, b = random_writer(), random_writer()
-        for policy, sft_model in ((a, b), (b, a)):
-            self.assertGreater(self.both(policy, sft_model, task, 128, 5)[1]["kl_to_sft"], 1.0)
-        self.assertEqual(self.both(a, a, task, 64, 5)[1]["kl_to_sft"], 0.0)
+        self.assertGreater(min(kl(a, b, 128), kl(b, a, 128)), 1.0)   # positive both ways round
+        self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
         """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
         meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
-        held = set(rows_of(task.heldout_prompts))
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
         self.assertEqual([(c.a["model"], c.before) for c in spy.calls],
                          [(sft_model, 10_000 + seed), (sft_model, 10_001 + seed), (policy, 10_000 + seed)])
-        for call in spy.calls:
-            self.assertTrue(torch.equal(call.a["prompts"], task.eval_prompts(n)), "evaluation must sample held-out prompts")
-        self.assertLessEqual(set(rows_of(r["prompts"])), held)
+        self.assertTrue(all(torch.equal(c.a["prompts"], task.eval_prompts(n)) for c in spy.calls))   # held-out prompts
         own, reviews, samples = (c.result for c in spy.calls)
         self.assertTrue(torch.equal(r["sft_samples"], reviews) and torch.equal(r["samples"], samples))
-        win = lambda a, b: sig_mean(data.score_responses(a), data.score_responses(b), task.config.tau)
+        win = lambda a, b: torch.sigmoid((data.score_responses(a) - data.score_responses(b)) / task.config.tau).mean().item()
         self.assertAlmostEqual(side["sft_win_rate_vs_sft"], win(own, reviews), places=6)
         self.assertAlmostEqual(r["win_rate_vs_sft"], win(samples, reviews), places=6)
         self.assertAlmostEqual(r["sft_score"], data.score_responses(reviews).mean().item(), places=6)
         ids, mask = data.join(task.eval_prompts(n), samples)
-        kl = (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item()
-        self.assertAlmostEqual(r["kl_to_sft"], kl, places=4)
+        self.assertAlmostEqual(r["kl_to_sft"], (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item(), places=4)
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
     def test_sft_win_rate_is_the_sft_model_scored_as_a_policy(self):
         """sft_win_rate_vs_sft is what win_rate_vs_sft is when the policy is the SFT model: measured (not 1/2 by
-        fiat), and every policy is compared with the same SFT reviews."""
+        fiat), and every policy meets the same SFT reviews."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
-        self.assertNotEqual(side["sft_win_rate_vs_sft"], 0.5)
-        self.assertLess(abs(side["sft_win_rate_vs_sft"] - 0.5), 0.15)
-        for policy in (POSITIVE_WRITER, NEGATIVE_WRITER):
-            r = data.evaluate(policy, EITHER_WRITER, side, task, CPU, 64, 3)
-            self.assertEqual(r["sft_win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
-            self.assertTrue(torch.equal(r["sft_samples"], side["sft_samples"]))
+        self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
+        r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
+        self.assertTrue(r["sft_win_rate_vs_sft"] == side["sft_win_rate_vs_sft"] and torch.equal(r["sft_samples"], side["sft_samples"]))
 
     def test_the_cyclic_judge_reports_the_game(self):
-        task = small_task(seed=26, judge="cyclic")
-        side, r = self.both(sharp_gpt(1), sharp_gpt(2), task, 32, 3)
-        schools = lambda x: data.school_of(x)
+        side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
         self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(
-            schools(r["samples"]), schools(r["sft_samples"])).mean().item(), places=6)
+            data.school_of(r["samples"]), data.school_of(r["sft_samples"])).mean().item(), places=6)
         for prefix, samples in (("", r["samples"]), ("sft_", r["sft_samples"])):
             self.assertEqual(r[f"{prefix}school_shares"], data.school_shares(samples).tolist())
-            self.assertAlmostEqual(r[f"{prefix}exploitability"],
-                                   data.school_exploitability(torch.tensor(r[f"{prefix}school_shares"])), places=9)
-        bt = self.both(sharp_gpt(1), sharp_gpt(2), small_task(), 8, 3)[1]
-        self.assertNotIn("exploitability", bt)                       # the default judge's output has no game
-        self.assertNotIn("sft_exploitability", bt)
-
-
-def sig_mean(scores_a, scores_b, tau):
-    """Mean of sigmoid((s_a - s_b) / tau) over the rows: the Bradley-Terry win rate, written out."""
-    return torch.sigmoid((scores_a.double() - scores_b.double()) / tau).mean().item()
+            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(data.school_shares(samples)), places=12)
+        self.assertFalse({"exploitability", "sft_exploitability"} & set(self.both(sharp_gpt(1), sharp_gpt(2), small_task(), 8, 3)[1]))
 
 
 class TestPairLogRow(unittest.TestCase):
     def test_puts_each_number_under_its_name(self):
-        chosen_rewards, rejected_rewards = t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5)
-        row = data.pair_log_row(7, t(0.25), chosen_rewards, rejected_rewards, t(-3.0, -5.0), t(-8.0, -10.0))
-        self.assertEqual(row["step"], 7)
-        self.assertEqual(row["loss"], 0.25)
-        self.assertAlmostEqual(row["rewards/chosen"], 2.5 / 4)
-        self.assertAlmostEqual(row["rewards/rejected"], 0.5 / 4)
-        self.assertAlmostEqual(row["rewards/accuracies"], 2 / 4)      # 1 > 0, 3 > 1; -2 < -1; a tie is not
-        self.assertAlmostEqual(row["rewards/margins"], 2.0 / 4)
-        self.assertEqual((row["logps/chosen"], row["logps/rejected"]), (-4.0, -9.0))
+        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0), t(-8.0, -10.0))
+        self.assertEqual((row["step"], row["loss"], row["logps/chosen"], row["logps/rejected"]), (7, 0.25, -4.0, -9.0))
+        for key, want in (("rewards/chosen", 2.5 / 4), ("rewards/rejected", 0.5 / 4), ("rewards/margins", 2.0 / 4),
+                          ("rewards/accuracies", 2 / 4)):   # 1 > 0, 3 > 1; -2 < -1; a tie is not
+            self.assertAlmostEqual(row[key], want, msg=key)
 
 
 class TestRankingMetrics(unittest.TestCase):
     def test_constructed_case(self):
         chosen_rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
         rejected_rewards = torch.tensor([0.0, 3.0, 2.0, 5.0])      # reward puts y_w first: T F T F -> 0.5
-        chosen_logps = torch.tensor([-8.0, -8.0, -6.0, -4.0])
-        chosen_lengths = torch.tensor([8.0, 4.0, 3.0, 2.0])        # averages -1 -2 -2 -2
-        rejected_logps = torch.tensor([-4.0, -3.0, -2.0, -1.0])
-        rejected_lengths = torch.tensor([2.0, 3.0, 2.0, 1.0])      # averages -2 -1 -1 -1: T F F F
-        m = data.ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
-                                 chosen_lengths, rejected_lengths)
-        self.assertAlmostEqual(m["reward_accuracy"], 2 / 4)
+        chosen_logps, chosen_lengths = torch.tensor([-8.0, -8.0, -6.0, -4.0]), torch.tensor([8.0, 4.0, 3.0, 2.0])  # -1 -2 -2 -2
+        rejected_logps, rejected_lengths = torch.tensor([-4.0, -3.0, -2.0, -1.0]), torch.tensor([2.0, 3.0, 2.0, 1.0])  # T F F F
+        m = data.ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
         # agreement of T F T F with T F F F: 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
-        self.assertAlmostEqual(m["ranking_agreement"], 3 / 4)
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (2 / 4, 3 / 4))
         # a tie in reward is not a correct ordering
-        m = data.ranking_metrics(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([-1.0, -1.0]),
-                                 torch.tensor([-2.0, -2.0]), torch.ones(2), torch.ones(2))
-        self.assertAlmostEqual(m["reward_accuracy"], 1 / 2)
+        m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
+        self.assertEqual(m["reward_accuracy"], 1 / 2)
         # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose)
-        m = data.ranking_metrics(chosen_rewards, torch.tensor([0.0, 1.0, 2.0, 5.0]),   # T T T F
-                                 torch.full((4,), -4.0), torch.full((4,), -3.0),
-                                 torch.full((4,), 4.0), torch.ones(4))                 # averages -1 vs -3: T T T T
-        self.assertAlmostEqual(m["reward_accuracy"], 3 / 4)
-        self.assertAlmostEqual(m["ranking_agreement"], 3 / 4)
+        m = data.ranking_metrics(chosen_rewards, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0),
+                                 torch.full((4,), 4.0), torch.ones(4))                 # T T T F against T T T T
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (3 / 4, 3 / 4))
 
     def test_ties_order_nothing(self):
-        """A reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about
-        no pair and agrees with the likelihood on none, whichever way the likelihood orders them."""
+        """A reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
+        pair and agrees with the likelihood on none, whichever way the likelihood orders them."""
         zero = torch.zeros(4)
         m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
-        self.assertEqual(m["reward_accuracy"], 0.0)
-        self.assertEqual(m["ranking_agreement"], 1 / 4)       # only the third pair, where the likelihood ties too
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))   # the third: the likelihood ties too
 
 
 class TestPrintSummary(unittest.TestCase):
@@ -1757,21 +1530,14 @@ class TestPrintSummary(unittest.TestCase):
     def test_sft_column_is_measured_not_assumed(self):
         rows, text = self.table()
         self.assertEqual(text.splitlines()[0].split(), ["SFT", "DPO"])
-        self.assertEqual(rows["win rate vs SFT"], ["0.486", "0.930"])        # the SFT model against itself
-        self.assertEqual(rows["score (judge)"], ["-0.250", "+0.700"])
-        self.assertEqual(rows["length (words)"], ["9.50", "6.50"])
-        self.assertEqual(rows["KL to SFT (nats)"], ["0.00", "4.25"])
-        self.assertEqual(rows["reward accuracy"], ["0.000", "0.800"])
-        self.assertEqual(rows["ranking agreement"], ["0.000", "0.850"])
-        self.assertEqual(rows["seconds per step"], ["-", "0.0500"])           # a cost the SFT model never paid
-        self.assertNotIn("exploitability", rows)
+        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT against itself
+                                "length (words)": ["9.50", "6.50"], "KL to SFT (nats)": ["0.00", "4.25"],
+                                "reward accuracy": ["0.000", "0.800"], "ranking agreement": ["0.000", "0.850"],
+                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})   # costs it never paid
         self.assertNotIn("SFT column", text)
-
-    def test_note_under_the_table(self):
         _, text = self.table(note="beta log pi_theta/pi_ref")
         note = text[text.index("SFT column"):text.index("\n\nHeld-out")]
         self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(note.split()))
-        self.assertTrue(all(len(line) <= 110 for line in note.splitlines()))
 
     def test_the_game_under_the_cyclic_judge(self):
         rows, text = self.table(exploitability=0.2, sft_exploitability=0.12, school_shares=[0.5, 0.2, 0.2, 0.1],
@@ -1783,56 +1549,42 @@ class TestPrintSummary(unittest.TestCase):
 class TestChart(unittest.TestCase):
     """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs."""
 
-    def grid(self, lines, height):
-        return [line.split("│", 1)[1] for line in lines[1:1 + height]]
-
     def rows(self, lines, height, ch="█"):
-        grid = self.grid(lines, height)
-        return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))]
+        grid = [line.split("│", 1)[1] for line in lines[1:1 + height]]
+        return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))], grid
 
     def test_one_series(self):
         with utf8_stdout():
             rising = data.chart(list(range(12)), "rising", width=60, height=4)
             many = data.chart([x * x for x in range(200)], "t", width=20, height=3)
             falling = data.chart(list(range(10, 0, -1)), "falling", width=60, height=2)
-        r = self.rows(rising, 4)
-        self.assertEqual(len(r), 12)
-        self.assertTrue(all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)   # top row: the max
+        r = self.rows(rising, 4)[0]
+        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)   # top: max
         self.assertEqual(rising[0], "rising  (12 values, min 0, max 11)")
         # more values than columns: averaged into `width` columns, still rising; the title gives the data's range
-        r = self.rows(many, 3)
-        self.assertEqual(len(r), 20)
-        self.assertTrue(all(a >= b for a, b in zip(r, r[1:])) and r[0] > r[-1], r)
+        r = self.rows(many, 3)[0]
+        self.assertTrue(len(r) == 20 and all(a >= b for a, b in zip(r, r[1:])) and r[0] > r[-1], r)
         self.assertIn(f"(200 values, min 0, max {199 ** 2:.3g})", many[0])
-        self.assertEqual(self.rows(falling, 2), [0] * 5 + [1] * 5)
-        self.assertEqual(falling[-1], " " * 10 + "└" + "─" * 10)
+        self.assertEqual((self.rows(falling, 2)[0], falling[-1]), ([0] * 5 + [1] * 5, " " * 10 + "└" + "─" * 10))
         self.assertEqual(data.chart([], "empty"), ["empty: (no data)"])
 
-    def test_two_curves_on_one_scale(self):
+    def test_several_series_on_one_scale(self):
         with utf8_stdout():
             lines = data.chart([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
                                 ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
-        grid = self.grid(lines, 10)
-        self.assertEqual(grid[0][0], "*")                  # both start at 0, the top: they meet
-        self.assertEqual(self.rows(lines, 10, "l"), [0, 3, 6, 9])          # -9 at the bottom row, one row per nat
-        self.assertEqual(self.rows(lines, 10, "w"), [0, 1, 2, 3])          # the same scale for both curves
+            shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
+                                "t", height=3, lo=0.0, hi=1.0)
+        self.assertEqual(self.rows(lines, 10, "l")[0], [0, 3, 6, 9])          # -9 at the bottom row, one row per nat
+        self.assertEqual(self.rows(lines, 10, "w")[0], [0, 1, 2, 3])          # the same scale for both curves
+        self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")                # both start at 0, the top: they meet
         self.assertEqual(lines[0], "t  (8 values, min -9, max 0; w falls slowly; l falls fast)")
-
-    def test_shares_on_a_fixed_scale(self):
-        with utf8_stdout():
-            lines = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
-                               "t", height=3, lo=0.0, hi=1.0)
-        grid = self.grid(lines, 3)
-        self.assertEqual(grid[0][0], "s")                            # share 1 at the top
-        self.assertEqual(grid[2][0], "*")                            # acting and craft meet at 0
-        self.assertEqual(grid[1][1], "*")                            # story and acting meet at 0.5
-        self.assertEqual(grid[2][1], "c")
+        grid = self.rows(shares, 3, "s")[1]                                   # lo and hi fixed: shares 0 to 1
+        self.assertEqual((grid[0][0], grid[2][0], grid[1][1], grid[2][1]), ("s", "*", "*", "c"))
 
     def test_ascii_where_the_terminal_cannot_show_unicode(self):
         with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):
             self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
-            lines = data.chart([1.0, 2.0], "t")
-        self.assertTrue(all(line.isascii() for line in lines), lines)
+            self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
         with utf8_stdout():
             self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
 
@@ -1842,11 +1594,9 @@ class TestScatter(unittest.TestCase):
         with utf8_stdout():
             lines = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
                                  width=41, height=11)
-        grid = lines[1:12]                                       # the plot rows, top row = highest score
-        row_of = {ch: next(r for r, line in enumerate(grid) if ch in line.split("│", 1)[1]) for ch in "ABC"}
-        col_of = {ch: grid[row_of[ch]].split("│", 1)[1].index(ch) for ch in "ABC"}
-        self.assertEqual((row_of["B"], row_of["C"], row_of["A"]), (0, 5, 10))   # score 1, 0.5, 0 top to bottom
-        self.assertEqual((col_of["A"], col_of["C"], col_of["B"]), (0, 20, 40))  # KL 0, 2, 4 left to right
+        grid = [line.split("│", 1)[1] for line in lines[1:12]]     # the plot rows, top row = highest score
+        where = {ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"}
+        self.assertEqual(where, {"B": (0, 40), "C": (5, 20), "A": (10, 0)})   # score 1, 0.5, 0; KL 4, 2, 0
         self.assertTrue(any(line.strip().startswith("B = high") for line in lines))
 
 
@@ -1859,25 +1609,21 @@ class TestExactTask(unittest.TestCase):
 
     def test_the_listed_reviews(self):
         ex = self.ex
-        self.assertEqual(ex.n, 27)
-        self.assertEqual(len(set(ex.texts)), 27)
+        self.assertEqual((ex.n, len(set(ex.texts)), ex.best().sum().item()), (27, 27, 9))   # best: score +0.5, 3 x 3
         cells = {(s, sc, w) for s, sc, w in zip(ex.schools.tolist(), ex.scores.tolist(), ex.words.tolist())}
         self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
         torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
-        self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(),
-                         [-1, ex.texts.index("great plot")])
+        self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(), [-1, ex.texts.index("great plot")])
         self.assertAlmostEqual(ex.sft_probs.sum().item(), 1.0, places=12)
         torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
         torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
         self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
-        self.assertEqual(ex.best().sum().item(), 9)                              # score +0.5: 3 schools x 3 lengths
-        torch.testing.assert_close(ex.table().probs(), ex.sft_probs)
-        torch.testing.assert_close(ex.win_rates(ex.sft_probs), ex.prefs @ ex.sft_probs)
+        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)), (ex.sft_probs, ex.prefs @ ex.sft_probs))
 
     def test_the_raters_length_bias_is_in_the_matrix_and_the_reward(self):
         ex = data.ExactTask(data.TaskConfig(length_bias=0.3))
-        a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")
-        self.assertAlmostEqual(ex.prefs[a, b].item(), sig(0.3 * 2), places=12)   # same score, 2 words longer
+        a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")    # same score, 2 words longer
+        self.assertAlmostEqual(ex.prefs[a, b].item(), sig(0.3 * 2), places=12)
         self.assertAlmostEqual((ex.reward[a] - ex.reward[b]).item(), 0.3 * 2, places=12)
         self.assertTrue(torch.equal(ex.best(), self.ex.best()))                  # the judge's best: the score's
 
@@ -1893,43 +1639,30 @@ class TestExactTask(unittest.TestCase):
         # many sampled pairs approach the population weights (identical pairs aside)
         c, r, sw = ex.sampled_pairs(200_000, seed=1)
         self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
-        sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw)
+        sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw).fill_diagonal_(0)
         population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
-        same = (ex.sft_probs ** 2).sum()
-        self.assertLess((sampled.fill_diagonal_(0) / (1 - same) - population).abs().max().item(), 3e-3)
+        self.assertLess((sampled / (1 - (ex.sft_probs ** 2).sum()) - population).abs().max().item(), 3e-3)
+        uniform = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))   # --pair-schools uniform
+        torch.testing.assert_close(uniform.school_shares(uniform.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
+        torch.testing.assert_close(uniform.sft_probs, self.cyclic.sft_probs)
 
-    def test_pairs_in_uniform_school_shares(self):
-        ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
-        torch.testing.assert_close(ex.school_shares(ex.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
-        torch.testing.assert_close(ex.school_shares(ex.sft_probs), self.cyclic.school_shares(self.cyclic.sft_probs))
-
-    def test_dpo_optimum_closed_form(self):
+    def test_closed_forms(self):
         ex = self.ex
-        for beta in (0.5, 2.0):
+        for beta in (0.5, 2.0):       # [DPO-opt]: pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
             pi_star = ex.dpo_optimum(beta)
-            self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
             a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
-            # pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
-            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
+            self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
         self.assertIsNone(self.cyclic.reward)                  # no reward under the cyclic judge: no pi*
-        with self.assertRaises(TypeError):
-            self.cyclic.dpo_optimum(1.0)
-
-    def test_simpo_gamma0_closed_form(self):
-        ex = self.ex
-        beta = 2.0
-        pi = ex.simpo_optimum_gamma0(beta)
+        self.assertRaises(TypeError, self.cyclic.dpo_optimum, 1.0)
+        pi = ex.simpo_optimum_gamma0(2.0)                      # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
+        shift = 2.0 * pi.log() / (ex.words.double() + 1) - ex.reward
         self.assertAlmostEqual(pi.sum().item(), 1.0, places=12)
-        # the SimPO reward (beta/|y|) log pi(y) is the true reward plus one constant
-        shift = beta * pi.log() / (ex.words.double() + 1) - ex.reward
         self.assertLess((shift - shift[0]).abs().max().item(), 1e-9)
 
     def test_exploitability_on_the_table(self):
-        g = torch.Generator().manual_seed(0)
-        ex = self.cyclic
-        # any table with school shares 1/3 is an equilibrium, whatever it does inside a school
-        inside = torch.rand(ex.n, generator=g, dtype=torch.float64)
+        ex, g = self.cyclic, torch.Generator().manual_seed(0)
+        inside = torch.rand(ex.n, generator=g, dtype=torch.float64)   # shares 1/3: an equilibrium, whatever inside
         for i in range(3):
             inside[ex.schools == i] /= 3 * inside[ex.schools == i].sum()
         self.assertAlmostEqual(ex.exploitability(inside), 0.0, places=12)
@@ -1941,55 +1674,37 @@ class TestExactTask(unittest.TestCase):
 
 def assert_one_line_error(test, code, err, *fragments):
     """Exit 2 and one line on stderr, `error: ...`, holding each fragment."""
-    test.assertEqual(code, 2, err)
-    test.assertNotIn("Traceback", err)
     lines = err.strip().splitlines()
-    test.assertEqual(len(lines), 1, err)
-    test.assertTrue(lines[0].startswith("error: "), err)
-    for fragment in fragments:
-        test.assertIn(fragment, lines[0])
+    test.assertEqual((code, len(lines)), (2, 1), err)
+    test.assertTrue(lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), (lines[0], fragments))
 
 
 class TestFrontier(unittest.TestCase):
     """python data.py frontier DIR...: score against KL for finished runs, or one line per folder that is not one."""
 
-    def test_plots_finished_runs(self):
-        d = scratch("frontier")
-        for name, kl, sc in (("run_a", 1.5, 0.4), ("run_b", 3.0, 0.8)):
-            os.makedirs(os.path.join(d, name))
-            with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                json.dump({"method": "dpo", "beta": 0.1, "kl_to_sft": kl, "score": sc, "sft_score": 0.0}, f)
-        code, out, err = run_main(data, ["frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")])
-        self.assertEqual(code, 0, err)
-        self.assertIn("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800", out)
-        self.assertIn("S = the SFT model: KL(policy || SFT) 0.00, score 0.000", out)
-        assert_one_line_error(self, *run_main(data, ["frontier"])[::2], "frontier takes one or more run folders, got 0")
-
-    def test_refuses_wrong_shapes_one_line_per_folder(self):
-        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.0, "score": 0.5, "sft_score": 0.0}
-        cases = {"a_list": "[]", "a_number": "3", "kl_null": json.dumps({**good, "kl_to_sft": None}),
-                 "kl_nan": json.dumps({**good, "kl_to_sft": float("nan")}), "kl_text": json.dumps({**good, "kl_to_sft": "3"}),
-                 "no_score": json.dumps({k: v for k, v in good.items() if k != "score"}), "not_json": "{",
-                 "good": json.dumps(good)}
+    def test_plots_finished_runs_and_refuses_what_is_not_one(self):
+        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}
+        cases = {"a_list": "[]", "a_number": "3", "kl_null": {**good, "kl_to_sft": None}, "kl_nan": {**good, "kl_to_sft": math.nan},
+                 "kl_text": {**good, "kl_to_sft": "3"}, "no_score": {k: v for k, v in good.items() if k != "score"},
+                 "not_json": "{", "run_a": good, "run_b": {**good, "kl_to_sft": 3.0, "score": 0.8}}
         expect = {"a_list": "kl_to_sft is null", "a_number": "kl_to_sft is null", "kl_null": "kl_to_sft is null",
                   "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "score is null",
                   "not_json": "no readable metrics.json (JSONDecodeError)"}
         d = scratch("frontier")
-        for name, text in cases.items():
+        for name, content in cases.items():
             os.makedirs(os.path.join(d, name))
             with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                f.write(text)
+                f.write(content if isinstance(content, str) else json.dumps(content))
         for name, fragment in expect.items():
-            with self.subTest(case=name):
-                assert_one_line_error(self, *run_main(data, ["frontier", os.path.join(d, name)])[::2], name, fragment)
+            assert_one_line_error(self, *run_main(data, ["frontier", os.path.join(d, name)])[::2], name, fragment)
         code, out, err = run_main(data, ["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
-        self.assertEqual(code, 2)
-        self.assertEqual(out, "")                                   # no chart from a partial set
-        self.assertEqual(len(err.strip().splitlines()), len(expect))
-        self.assertNotIn("Traceback", err)
-        code, out, _ = run_main(data, ["frontier", os.path.join(d, "good")])
-        self.assertEqual(code, 0)
-        self.assertIn("A = good (dpo, beta 0.1): KL(policy || SFT) 1.00, score 0.500", out)
+        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", len(expect)))   # no chart from a partial set
+        code, out, err = run_main(data, ["frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")])
+        self.assertEqual(code, 0, err)
+        for line in ("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800",
+                     "S = the SFT model: KL(policy || SFT) 0.00, score 0.000"):
+            self.assertIn(line, out)
+        assert_one_line_error(self, *run_main(data, ["frontier"])[::2], "frontier takes one or more run folders, got 0")
 
 
 class TestSampleCommand(unittest.TestCase):
@@ -1998,70 +1713,59 @@ class TestSampleCommand(unittest.TestCase):
     def test_prints_scored_reviews(self):
         run_dir = gpt_run("dpo").dir
         code, out, err = run_main(data, ["sample", run_dir, "--prompt", "new horror film", "-n", "5"])
-        self.assertEqual(code, 0, err)
         lines = out.strip().splitlines()
-        self.assertEqual(len(lines), 6)
+        self.assertEqual((code, len(lines)), (0, 6), err)
         for line in lines[:5]:                              # "[+0.25] review text": the judge's score of the text
-            score, text = line[1:6], line[8:]
-            self.assertEqual(line[6:8], "] ")
-            self.assertEqual(score, f"{data.score('', text):+.2f}")
+            self.assertEqual((line[0], line[6:8], line[1:6]), ("[", "] ", f"{data.score('', line[8:]):+.2f}"))
         self.assertIn("ignore the prompt", lines[5])
         self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
         self.assertNotEqual(run_main(data, ["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
         self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # -n: more, not others
 
     def test_errors(self):
-        run_dir = gpt_run("dpo").dir
+        run_dir, d = gpt_run("dpo").dir, scratch("sample")
         for prompt in ("new horrror film", "new horror"):
-            assert_one_line_error(self, *run_main(data, ["sample", run_dir, "--prompt", prompt])[::2],
-                                  f"got {prompt!r}", "genres: horror comedy")
+            assert_one_line_error(self, *run_main(data, ["sample", run_dir, "--prompt", prompt])[::2], f"got {prompt!r}",
+                                  "genres: horror comedy")
         assert_one_line_error(self, *run_main(data, ["sample"])[::2], "sample takes one run folder, got 0")
-        d = scratch("sample")
         path = os.path.join(d, "model.pt")
         assert_one_line_error(self, *run_main(data, ["sample", d])[::2], path, "no such file")
         with open(os.path.join(run_dir, "model.pt"), "rb") as f:
-            truncated = f.read()[:1000]
-        foreign = io.BytesIO()
+            truncated, foreign = f.read()[:1000], io.BytesIO()
         torch.save({"weights": torch.zeros(2)}, foreign)
-        for name, content in (("corrupt", b"not a checkpoint"), ("truncated", truncated), ("foreign", foreign.getvalue())):
+        for content in (b"not a checkpoint", truncated, foreign.getvalue()):
             with open(path, "wb") as f:
                 f.write(content)
-            with self.subTest(checkpoint=name):
-                assert_one_line_error(self, *run_main(data, ["sample", d])[::2], path)
+            assert_one_line_error(self, *run_main(data, ["sample", d])[::2], f"cannot load checkpoint {path!r}")
 
 
 class TestCurves(unittest.TestCase):
     """python data.py curves DIR --key KEY: any key of a run's log.jsonl, per step."""
 
-    def test_redraws_any_key(self):
-        run_dir = gpt_run("dpo").dir
-        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
+    def test_redraws_any_key_or_says_why_not(self):
+        run_dir, d = gpt_run("dpo").dir, scratch("curves")
+        values = [r["logps/chosen"] for r in read_json(os.path.join(run_dir, "log.jsonl"), lines=True)]
         code, out, err = run_main(data, ["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
         self.assertEqual(code, 0, err)
-        values = [r["logps/chosen"] for r in rows]
-        self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  "
-                                              f"(3 values, min {min(values):.3g}, max {max(values):.3g})")
+        self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  (3 values, min {min(values):.3g}, "
+                                              f"max {max(values):.3g})")
         self.assertIn(f"loss per step ({run_dir})", out)
         self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
-        code, _, err = run_main(data, ["curves", run_dir, "--key", "logp/chosen"])
-        assert_one_line_error(self, code, err, "no numbers under 'logp/chosen'", "logps/chosen, logps/rejected, loss")
-
-    def test_errors(self):
-        d = scratch("curves")
+        assert_one_line_error(self, *run_main(data, ["curves", run_dir, "--key", "logp/chosen"])[::2],
+                              "no numbers under 'logp/chosen'", "logps/chosen, logps/rejected, loss")
         assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "no log.jsonl in")
-        open(os.path.join(d, "log.jsonl"), "w").close()
-        assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "no numbers under 'loss'", "--steps 0")
-        with open(os.path.join(d, "log.jsonl"), "w") as f:
-            f.write('{"loss": 1.0}\n{"loss": \n')
-        assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "is unreadable (JSONDecodeError")
+        for content, words in (("", "no numbers under 'loss' (a run with --steps 0?)"),
+                               ('{"loss": 1.0}\n{"loss": \n', "is unreadable (JSONDecodeError")):
+            with open(os.path.join(d, "log.jsonl"), "w") as f:
+                f.write(content)
+            assert_one_line_error(self, *run_main(data, ["curves", d])[::2], words)
 
 
 class TestDisplacement(unittest.TestCase):
     """python data.py logps DIR (data.displacement): where a trained policy put its probability mass."""
 
     def test_the_command_measures_the_runs_policy_against_its_sft_model(self):
-        run, small = gpt_run("dpo"), small_task(seed=3)
-        measured, real = [], data.displacement
+        run, small, measured, real = gpt_run("dpo"), small_task(seed=3), [], data.displacement
 
         def recording(policy, sft_model, task, seed=0, n_samples=512):   # the real measure, on a small task
             measured.append((policy, sft_model, task, seed))
@@ -2072,110 +1776,90 @@ class TestDisplacement(unittest.TestCase):
         self.assertEqual(code, 0, err)
         (policy, sft_model, task, seed), = measured
         self.assertTrue(state_equal(policy.state_dict(), run.trained.state_dict()))
-        self.assertTrue(state_equal(sft_model.state_dict(), sft()[1].state_dict()))   # the run's SFT cache
-        self.assertEqual(seed, SEED)
-        for key in ("chosen_ids", "rejected_ids"):                                     # the run's own task
-            self.assertTrue(torch.equal(task.pairs[key], run.task.pairs[key]))
-        rows = real(policy, sft_model, small, SEED, n_samples=16)
+        self.assertTrue(state_equal(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
+        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))   # its task
         table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
-        self.assertEqual([name for name, _, _ in rows], list(table))
-        self.assertEqual(len(table), 5, out)
-        for name, before, after in rows:
-            self.assertEqual(table[name], [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"])
-
-    def test_each_row_is_a_mean_of_summed_log_probs(self):
-        sft_model, policy, small = sft()[1], gpt_run("dpo").trained, small_task(seed=3)
-        rows = data.displacement(policy, sft_model, small, n_samples=16, seed=0)
-        self.assertEqual([r[0] for r in rows], ["chosen y_w, training pairs", "rejected y_l, training pairs",
-                                                "the policy's own samples", "the SFT model's samples",
-                                                "5 positive words, in no pair"])
+        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"] for name, a, b in real(policy, sft_model, small, SEED, 16)})
+        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs", "the policy's own samples",
+                                       "the SFT model's samples", "5 positive words, in no pair"])
+        # each row is a plain mean of summed log-probs; against itself, no change
+        rows = real(policy, sft_model, small, 0, 16)
         self.assertAlmostEqual(rows[0][1], data.pair_logps_all(sft_model, small.pairs, CPU)[0].mean().item(), places=4)
         self.assertAlmostEqual(rows[1][2], data.pair_logps_all(policy, small.pairs, CPU)[1].mean().item(), places=4)
         self.assertNotEqual(rows[0][2], rows[0][1])             # the policy moved
-        for name, before, after in data.displacement(sft_model, sft_model, small, n_samples=16, seed=0):
-            self.assertAlmostEqual(before, after, places=4, msg=name)   # against itself: no change
+        self.assertTrue(all(abs(a - b) < 1e-4 for _, a, b in real(sft_model, sft_model, small, 0, 16)))
 
 
 class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files,
-    which data trains and which evaluates, which model is compared with which, the recomputed numbers, the
-    end-of-run table, and peak memory sampled in training only. A class per script mixes this in."""
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
+    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
+    peak memory sampled in training only. A class per script mixes this in."""
     run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
 
     @classmethod
     def setUpClass(cls):
         cls.r = gpt_run(cls.run_name)       # the run
-        cls.sft = sft(GPT_RUNS[cls.run_name][2] or "bt")[1]
+        cls.sft = cls.r.sft
 
     def test_files_of_the_run(self):
-        m, run = self.r.metrics, self.r
-        for key in METRIC_KEYS:
-            self.assertIn(key, m)
+        m, r = self.r.metrics, self.r
+        self.assertLessEqual(set(METRIC_KEYS), set(m))
         self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
-        for key in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement"):
-            self.assertTrue(0.0 <= m[key] <= 1.0, (key, m[key]))
-        for key in METRIC_KEYS[4:]:
-            self.assertTrue(math.isfinite(m[key]), key)
-        for key in ("startup_seconds", "train_seconds", "eval_seconds", "seconds_per_step", "peak_memory_mb"):
-            self.assertGreaterEqual(m[key], 0.0, key)
+        self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
+        self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
+        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual([r["step"] for r in run.log], list(range(m["steps"])))
-        for row in run.log:
-            for key in self.log_keys:
-                self.assertTrue(math.isfinite(row[key]), key)
-        ckpt = torch.load(os.path.join(run.dir, "model.pt"), weights_only=True)
-        self.assertEqual(set(ckpt), {"model", "config", "args"})
-        self.assertIsInstance(ckpt["config"], dict)
+        self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
+        self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
+        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
+        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
+                         ({"model", "config", "args"}, dict, SEED, r.dir))
         self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
-        self.assertEqual((ckpt["args"]["seed"], ckpt["args"]["out"]), (SEED, run.dir))
-        self.assertTrue(state_equal(ckpt["model"], run.trained.state_dict()))
-        self.assertTrue(state_equal(ckpt["model"], run.policy.state_dict()))        # the trained policy, saved
-        self.assertEqual(sorted(os.listdir(run.dir)), ["log.jsonl", "metrics.json", "model.pt"])
-        self.assertEqual(siblings(run.dir), [])                                     # nothing left beside it
+        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
+        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
+
+    def test_the_game_is_reported_under_the_cyclic_judge_only(self):
+        m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
+        if self.r.task.config.judge != "cyclic":
+            return self.assertFalse(set(game) & set(m))
+        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
+        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
+        self.assertEqual("exploitability_last" in m, self.title == "SPPO")
 
     def test_training_sees_training_pairs_only(self):
-        calls = self.r.spy["pair_batch"].by(self.trains_on)
+        calls, g = self.r.spy["pair_batch"].by(self.trains_on), torch.Generator().manual_seed(SEED)
         self.assertEqual(len(calls), self.r.metrics["steps"])
-        g = torch.Generator().manual_seed(SEED)       # the batches are the seeded draws, in order
-        for call in calls:
+        for call in calls:                                  # the batches are the seeded draws, in order
             self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
-            want = torch.randint(0, self.r.task.pairs["chosen_ids"].shape[0], (8,), generator=g)
-            self.assertTrue(torch.equal(call.a["idx"].cpu(), want))
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
 
     def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
-        spy, run = self.r.spy, self.r
-        side = spy["evaluate_sft"].calls
-        self.assertEqual(len(side), 1, "the SFT model's side of the evaluation is measured once")
-        self.assertTrue(state_equal(side[0].before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
-        call = spy["evaluate"].calls[-1]                   # (SPPO evaluates after every iteration)
-        self.assertIs(call.a["policy"], run.policy, "evaluate(policy, sft, ...): the trained policy first")
-        self.assertIs(call.a["sft_side"], side[0].result)
-        ids = run.task.heldout_pairs["chosen_ids"][:4]
-        with torch.no_grad():                              # the SFT model, or what computes its logits
+        spy, r = self.r.spy, self.r
+        (side,) = spy["evaluate_sft"].calls                 # the SFT model's side is measured once
+        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
+        call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
+        self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
+        self.assertIs(call.a["sft_side"], side.result)
+        ids = r.task.heldout_pairs["chosen_ids"][:4]
+        with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(state_equal(run.policy.state_dict(), run.trained.state_dict()))
-        for c in (side[0], call):
-            self.assertEqual((c.a["n_samples"], c.a["seed"]), (16, SEED))
+        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
+        self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
 
     def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
         held = set(rows_of(self.r.task.heldout_prompts))
-        self.assertTrue(self.r.spy["eval_sample"].calls)
-        for call in self.r.spy["eval_sample"].calls:
-            self.assertLessEqual(set(rows_of(call.a["prompts"])), held)
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]
-        self.assertTrue(calls)
-        for call in calls:
-            self.assertIs(call.a["pairs"], self.r.task.heldout_pairs, "held-out metrics must use task.heldout_pairs")
+        self.assertTrue(self.r.spy["sample"].calls)
+        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
+        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
+        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
 
     def test_evaluation_numbers_match_a_recomputation(self):
         """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
-        task = self.r.task
-        side = data.evaluate_sft(self.sft, task, CPU, 16, SEED)
-        e = data.evaluate(self.r.trained, self.sft, side, task, CPU, 16, SEED)
-        keys = ["win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft"]
-        keys += ["exploitability", "sft_exploitability"] if task.config.judge == "cyclic" else []
-        for key in keys:
-            self.assertAlmostEqual(self.r.metrics[key], e[key], places=5, msg=key)
+        side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
+        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
+        for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
+                    "exploitability", "sft_exploitability"):
+            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
         for key in ("school_shares", "sft_school_shares"):
             self.assertEqual(self.r.metrics.get(key), e.get(key), key)
 
@@ -2195,42 +1879,35 @@ class ScriptChecks:
         self.assertIs(meter.a["policy"], self.r.policy)
         built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
         self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
-        samples = spy["memory_sample"].calls
+        samples = [s.start for s in spy["memory_sample"].calls]
         self.assertEqual(len(samples), self.training_forwards)
         for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
-            self.assertFalse([s for s in samples if c.start < s.start < c.end], f"sampled during {c.caller}")
+            self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
         self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
 
 
 def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
-    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here:
-    the fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's
-    order (+1, 0, -1) equals the average log-likelihood's."""
+    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
+    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
+    (+1, 0, -1) equals the average log-likelihood's."""
     pc, pr, lc, lr = policy_logps
-    accuracy = (chosen_rewards > rejected_rewards).double().mean().item()
-    agreement = (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(pc / lc - pr / lr)).double().mean().item()
-    test.assertAlmostEqual(metrics["reward_accuracy"], accuracy, places=6, msg="reward accuracy on held-out pairs")
-    test.assertAlmostEqual(metrics["ranking_agreement"], agreement, places=6, msg="ranking agreement on held-out pairs")
+    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
+    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
+        pc / lc - pr / lr)).double().mean().item(), places=6)
 
 
-def heldout_logps(m, task):
-    return data.pair_logps_all(m, task.heldout_pairs, CPU)
-
-
-def with_weights(state, cfg=None):
-    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
-    m = model.GPT(cfg or SMALL)
-    m.load_state_dict(state)
-    return m.eval()
+def log_ratio_rewards_check(test, run, scale):
+    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
+    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
+        run.sft, run.task.heldout_pairs, CPU)
+    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
 
 
 def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w
-    and y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
-    return {"policy_chosen_logps": logps_of(policy, batch["chosen_ids"], batch["chosen_mask"]),
-            "policy_rejected_logps": logps_of(policy, batch["rejected_ids"], batch["rejected_mask"]),
-            "ref_chosen_logps": logps_of(ref, batch["chosen_ids"], batch["chosen_mask"]),
-            "ref_rejected_logps": logps_of(ref, batch["rejected_ids"], batch["rejected_mask"])}
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
+    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
+            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
 
 
 def exact_run(module, *flags):
@@ -2250,37 +1927,30 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
     run_name, title = "dpo", "DPO"
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as
-        the reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
+        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as the
+        reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
-            with self.subTest(step=step):
-                b, a = batch_call.result, loss_call.a
-                want = pair_logps_of(with_weights(batch_call.before), self.sft, b)
-                for name, value in want.items():
-                    torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
-                self.assertTrue(a["policy_chosen_logps"].requires_grad)
-                self.assertFalse(a["ref_chosen_logps"].requires_grad)
-                self.assertEqual(a["beta"], 0.5)
-                margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (
-                    want["policy_rejected_logps"] - want["ref_rejected_logps"])
-                self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
+            a, want = loss_call.a, pair_logps_of(with_weights(batch_call.before), self.sft, batch_call.result)
+            for name, value in want.items():
+                torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
+                             (True, False, 0.5))
+            margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (want["policy_rejected_logps"] - want["ref_rejected_logps"])
+            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
 
     def test_reference_changes_the_loss_after_step_0(self):
         """With the reference = the policy itself, every step's rewards would be 0 and its loss ln 2."""
-        self.assertAlmostEqual(self.r.log[0]["loss"], math.log(2), places=6)     # step 0: pi_theta = pi_ref
-        self.assertEqual((self.r.log[0]["rewards/chosen"], self.r.log[0]["rewards/rejected"]), (0.0, 0.0))
+        first = self.r.log[0]                                                  # step 0: pi_theta = pi_ref
+        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]), (round(math.log(2), 6), 0.0, 0.0))
         for row in self.r.log[1:]:
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
-            self.assertNotEqual(row["rewards/chosen"], 0.0)
-            self.assertNotEqual(row["rewards/margins"], 0.0)
+            self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
             self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
 
     def test_heldout_rewards_match_a_recomputation(self):
-        policy, sft_logps = heldout_logps(self.r.trained, self.r.task), heldout_logps(self.sft, self.r.task)
-        heldout_rewards_check(self, self.r.metrics, 0.5 * (policy[0] - sft_logps[0]), 0.5 * (policy[1] - sft_logps[1]),
-                              policy)
+        log_ratio_rewards_check(self, self.r, 0.5)
 
     def sft_column(self):
         return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
@@ -2294,15 +1964,13 @@ class TestPrecomputeRef(unittest.TestCase):
         cls.plain, cls.pre = gpt_run("dpo"), gpt_run("dpo_precompute")
 
     def test_same_numbers_with_and_without(self):
-        a, b = self.plain.log, self.pre.log
-        self.assertEqual([sorted(r) for r in a], [sorted(r) for r in b])
-        for ra, rb in zip(a, b):      # every step's loss, rewards and log-probs, up to float rounding
+        for ra, rb in zip(self.plain.log, self.pre.log):      # every step's loss, rewards and log-probs, to rounding
+            self.assertEqual(ra.keys(), rb.keys())
             for key in ra:
                 self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(a[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved away from it
+        self.assertNotEqual(self.plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
         ma, mb = self.plain.metrics, self.pre.metrics
-        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"]), (False, True))
-        self.assertIsNone(ma["ref_precompute_seconds"])
+        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]), (False, True, None))
         self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
         self.assertEqual(ma.keys(), mb.keys())
         for key in ma.keys() - TIMING_KEYS - {"precompute_ref"}:
@@ -2313,19 +1981,17 @@ class TestPrecomputeRef(unittest.TestCase):
 
     def test_no_reference_forward_pass_in_the_loop(self):
         frozen = lambda m: not any(p.requires_grad for p in m.parameters())
-        for run, in_loop, whole_set in ((self.plain, 3, 0), (self.pre, 0, 1)):
-            calls = run.spy["pair_logps"].by("main")
-            self.assertEqual(sum(frozen(c.a["model"]) for c in calls), in_loop)          # one per step, or none
-            self.assertEqual(sum(frozen(c.a["model"]) and c.a["pairs"] is run.task.pairs
-                                 for c in run.spy["pair_logps_all"].calls), whole_set)    # or once, up front
+        for run, in_loop, whole_set in ((self.plain, 3, 0), (self.pre, 0, 1)):     # one per step, or once up front
+            self.assertEqual(sum(frozen(c.a["model"]) for c in run.spy["pair_logps"].by("main")), in_loop)
+            self.assertEqual(sum(frozen(c.a["model"]) and c.a["pairs"] is run.task.pairs for c in run.spy["pair_logps_all"].calls),
+                             whole_set)
 
     def test_refused_with_reference_free(self):
         d = scratch("refused")
         code, _, err = run_main(dpo, TINY + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
                                              "--sft-dir", os.path.join(d, "sft")])
-        self.assertEqual(code, 2)
+        self.assertEqual((code, os.listdir(d)), (2, []))            # refused before any folder was made
         self.assertIn("--precompute-ref with --reference-free", err)
-        self.assertEqual(os.listdir(d), [])            # refused before any folder was made
 
 
 class TestDpoExact(unittest.TestCase):
@@ -2341,22 +2007,18 @@ class TestDpoExact(unittest.TestCase):
         self.assertEqual(self.bt_files, ["metrics.json"])                # a table: no model.pt
         self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"], m["seed"]), ("dpo", True, "bt", 1.0, 0))
         self.assertLess(m["kl_to_optimum"], 1e-6)                        # goal: 1e-3
-        # pi* by hand: pi_ref exp(s / (tau beta)) / Z
-        pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))
-        pi_star = pi_star / pi_star.sum()
-        pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
+        pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))     # pi* by hand: pi_ref exp(s / (tau beta)) / Z
+        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=torch.float64), ex.best()
         self.assertLess(data.kl(pi, pi_star), 1e-6)
         self.assertAlmostEqual(m["best_mass"], m["best_mass_optimum"], places=6)
-        self.assertAlmostEqual(m["best_mass_optimum"], pi_star[ex.best()].sum().item(), places=12)
-        self.assertAlmostEqual(m["best_mass"], pi[ex.best()].sum().item(), places=12)
-        self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
-        self.assertAlmostEqual(m["mean_words"], ex.mean_words(pi), places=12)
+        for key, want in (("best_mass_optimum", pi_star[best].sum().item()), ("best_mass", pi[best].sum().item()),
+                          ("exploitability", ex.exploitability(pi)), ("mean_words", ex.mean_words(pi))):
+            self.assertAlmostEqual(m[key], want, places=12, msg=key)
         self.assertEqual(m["responses"], ex.texts)
         # finite data: the n_pairs pairs sampled with --seed, fitted the same way: farther, not far
         finite = dpo.fit_exact(ex, ex.sampled_pairs(m["n_pairs"], 0), 1.0, 300)
         self.assertAlmostEqual(m["kl_to_optimum_finite_data"], data.kl(finite, pi_star), places=9)
-        self.assertGreater(m["kl_to_optimum_finite_data"], 100 * m["kl_to_optimum"])
-        self.assertLess(m["kl_to_optimum_finite_data"], 0.1)
+        self.assertTrue(100 * m["kl_to_optimum"] < m["kl_to_optimum_finite_data"] < 0.1)
 
     def test_beta_matters_only_with_noisy_labels(self):
         m = self.bt
@@ -2367,125 +2029,95 @@ class TestDpoExact(unittest.TestCase):
             self.assertAlmostEqual(optimum, (weight[0] / weight.sum()).item(), places=9)
             self.assertAlmostEqual(trained, optimum, places=5)
         noisy = m["best_mass_noisy"]
-        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])))    # larger beta: closer to pi_ref
-        self.assertLess(noisy[-1], 0.5)
+        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: closer to pi_ref
         self.assertTrue(all(d > 0.999 for d in m["best_mass_deterministic"]), m["best_mass_deterministic"])
 
     def test_cyclic_labels_are_fit_with_a_line(self):
-        m = self.cyclic
+        m, ex = self.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))
         self.assertNotIn("kl_to_optimum", m)                             # no reward, no pi*
-        ex = data.ExactTask(data.TaskConfig(judge="cyclic"))
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
         self.assertEqual(m["school_shares"], ex.school_shares(pi).tolist())
         # DPO's implicit reward beta log pi/pi_ref: one number per school (the judge ties within one), three
         # different numbers, so the schools stand in a line, which the cycle exploits
         reward = m["beta"] * (pi / ex.sft_probs).log()
-        per_school = []
-        for i in range(3):
-            r = reward[ex.schools == i]
-            self.assertLess((r - r[0]).abs().max().item(), 1e-6)
-            per_school.append(r[0].item())
-        self.assertGreater(min(abs(a - b) for a, b in itertools.combinations(per_school, 2)), 0.1)
-        self.assertGreater(m["exploitability"], m["exploitability_sft"])
-        self.assertGreater(m["exploitability"], 0.2)
-
-    def test_pairs_that_meet_every_school_equally_teach_nothing(self):
-        # every school meets every other equally often and each wins its comparisons 0.9 of the time: by
-        # symmetry the Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        per_school = [reward[ex.schools == i] for i in range(3)]
+        self.assertLess(max((r - r[0]).abs().max().item() for r in per_school), 1e-6)
+        self.assertGreater(min(abs(a[0] - b[0]).item() for a, b in itertools.combinations(per_school, 2)), 0.1)
+        self.assertGreater(m["exploitability"], max(m["exploitability_sft"], 0.2))
+        # pairs that meet every school equally (each wins its comparisons 0.9 of the time): by symmetry the
+        # Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
         ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
-        pi = dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)
-        torch.testing.assert_close(ex.school_shares(pi), ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ex.school_shares(dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)),
+                                   ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
 
 
 # ====================================================================================================
-# simpo.py: the training run (3 steps, beta 3, gamma 0.6), a first run that trains its own small SFT
-# model with --no-length-norm, --exact
+# simpo.py: the training run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run that trains its own
+# SFT model (another size, --no-length-norm), --exact
 # ====================================================================================================
 
 class TestSimpoScript(ScriptChecks, unittest.TestCase):
     run_name, title = "simpo", "SimPO"
 
-    def simpo_losses(self, m, b, beta, gamma, length_norm=True):
+    def simpo_losses(self, m, b, length_norm=True):
         pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm \
-            else (1.0, 1.0)
-        return -F.logsigmoid(beta * pc / lc - beta * pr / lr - gamma)
+        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm else (1, 1)
+        return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
-        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their
-        places, and the logged loss [SimPO-4] of those."""
+        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their places,
+        and the logged loss [SimPO-4] of those."""
         losses = [c for c in self.r.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
-            with self.subTest(step=step):
-                b, a = batch_call.result, loss_call.a
-                current = with_weights(batch_call.before)
-                self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
-                self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
-                self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
-                torch.testing.assert_close(a["policy_chosen_logps"].detach(),
-                                           logps_of(current, b["chosen_ids"], b["chosen_mask"]), rtol=0, atol=1e-3)
-                self.assertAlmostEqual(self.r.log[step]["loss"], self.simpo_losses(current, b, 3.0, 0.6).mean().item(),
-                                       places=4)
+            b, a, current = batch_call.result, loss_call.a, with_weights(batch_call.before)
+            self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
+            self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
+            self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
+            torch.testing.assert_close(a["policy_chosen_logps"].detach(), logps_of(current, b["chosen_ids"], b["chosen_mask"]),
+                                       rtol=0, atol=1e-3)
+            self.assertAlmostEqual(self.r.log[step]["loss"], self.simpo_losses(current, b).mean().item(), places=4)
 
     def test_no_length_norm_sums_the_log_probs(self):
         """--no-length-norm: the first step's loss is [SimPO-4] with |y| = 1 (and not the normalised one)."""
         small = gpt_run("simpo_small")
-        batch_call = small.spy["pair_batch"].by("main")[0]
-        start = with_weights(batch_call.before, model.GPTConfig(n_layer=1, n_head=4, n_embd=32))   # its own SFT model
-        loss, b = small.log[0]["loss"], batch_call.result
-        self.assertAlmostEqual(loss, self.simpo_losses(start, b, 3.0, 0.6, length_norm=False).mean().item(), places=3)
-        self.assertNotAlmostEqual(loss, self.simpo_losses(start, b, 3.0, 0.6).mean().item(), places=2)
+        b, loss = small.spy["pair_batch"].by("main")[0].result, small.log[0]["loss"]
+        self.assertAlmostEqual(loss, self.simpo_losses(small.sft, b, length_norm=False).mean().item(), places=3)
+        self.assertNotAlmostEqual(loss, self.simpo_losses(small.sft, b).mean().item(), places=2)
         self.assertFalse(small.metrics["length_norm"])
 
     def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
-        """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT
-        model, and the KL at the end runs the policy's own network on the SFT weights (functional_call)."""
+        """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT model,
+        and the KL at the end runs the policy's own network on the SFT weights (functional_call)."""
         spy = self.r.spy
         (side,) = spy["evaluate_sft"].calls
-        self.assertIs(side.a["sft"], self.r.policy)
         first_step = min(c.start for c in spy["memory_sample"].calls)
-        self.assertLess(side.end, first_step)
-        held_sft = [c for c in spy["pair_logps_all"].calls if c.end < first_step]
-        self.assertEqual(len(held_sft), 1, "the SFT model's held-out rewards, before training")
-        self.assertEqual(self.r.gpts, 1)                          # the SFT cache loaded into the policy: that's all
-        self.assertEqual(gpt_run("simpo_small").gpts, 1)            # a first run: the SFT model trained IS the policy
+        self.assertTrue(side.a["sft"] is self.r.policy and side.end < first_step)
+        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # its held-out rewards
+        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model loaded or trained IS the policy
         self.assertGreater(gpt_run("dpo").gpts, 1)                  # DPO keeps a reference copy: the counter sees it
-        self.assertEqual(model.GPT.__init__.__name__, "__init__")   # the counter's patches are undone
-        self.assertNotIn("__setstate__", vars(model.GPT))
+        self.assertTrue(model.GPT.__init__.__name__ == "__init__" and "__setstate__" not in vars(model.GPT))   # undone
 
     def test_heldout_rewards_match_a_recomputation(self):
-        policy = heldout_logps(self.r.trained, self.r.task)
+        policy = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
         heldout_rewards_check(self, self.r.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
-        # SimPO's reward IS the length-normalised log-likelihood, so the two orders agree on every pair
-        self.assertEqual(self.r.metrics["ranking_agreement"], 1.0)
+        self.assertEqual(self.r.metrics["ranking_agreement"], 1.0)   # the reward IS the average log-likelihood
 
     def sft_column(self):
-        """The SFT model's own SimPO reward, (beta/|y|) log pi_sft(y|x): accurate where its average
-        log-likelihood puts y_w first, and in agreement with it everywhere."""
-        pc, pr, lc, lr = heldout_logps(self.sft, self.r.task)
+        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing everywhere."""
+        pc, pr, lc, lr = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
         return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
 
 
 class TestSimpoExact(unittest.TestCase):
     """python simpo.py --exact: one end whatever the start, and what 1/|y| does to it."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.m, cls.files = exact_run(simpo)
-
-    def test_one_end_whatever_the_start(self):
-        m = self.m
-        self.assertEqual(self.files, ["metrics.json"])
-        self.assertEqual((m["method"], m["beta"], m["gamma"], m["length_norm"]), ("simpo", 2.0, 1.0, True))
-        self.assertLess(m["start_gap"], 1e-8)
-        self.assertLess(m["kl_to_closed_form_gamma0"], 1e-8)
-
-    def test_length_normalisation_favours_short_reviews(self):
-        m = self.m
-        ex = data.ExactTask()
+    def test_where_simpo_ends(self):
+        (m, files), ex = exact_run(simpo), data.ExactTask()
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
+        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]), (["metrics.json"], "simpo", 2.0, 1.0, True))
+        self.assertLess(max(m["start_gap"], m["kl_to_closed_form_gamma0"]), 1e-8)    # one end, whatever the start
         # reviews that differ only in length: mass falls with length (equal reward per token)
         for school in range(3):
             best = pi[(ex.schools == school) & ex.best()]                # 2, 4 and 6 words, in order
@@ -2494,19 +2126,14 @@ class TestSimpoExact(unittest.TestCase):
         self.assertAlmostEqual(m["mean_words_length_norm_off"], 4.0, places=6)
         self.assertLess(m["mean_words"], m["mean_words_sft"])
         self.assertAlmostEqual(m["mean_words"], ex.mean_words(pi), places=12)
-
-    def test_no_reference_no_memory_of_the_sft_table(self):
-        m = self.m
-        ex = data.ExactTask()
         # the judge ignores schools and SimPO has no pi_ref: the SFT table's 0.6 / 0.3 / 0.1 is forgotten
-        for share in m["school_shares"]:
-            self.assertAlmostEqual(share, 1 / 3, places=6)
+        self.assertTrue(all(abs(share - 1 / 3) < 1e-6 for share in m["school_shares"]), m["school_shares"])
         # so the end is at least as far from DPO's pi* (which keeps pi_ref's shares) as the school shares are
-        marginal = data.kl(torch.tensor(m["school_shares"]), ex.school_shares(ex.dpo_optimum(simpo.DPO_EXACT_BETA)))
+        optimum = ex.dpo_optimum(simpo.DPO_EXACT_BETA)
+        marginal = data.kl(torch.tensor(m["school_shares"]), ex.school_shares(optimum))
         self.assertGreater(marginal, 0.2)
         self.assertGreaterEqual(m["kl_to_dpo_optimum"], marginal - 1e-9)
-        self.assertAlmostEqual(m["kl_to_dpo_optimum"], data.kl(torch.tensor(m["policy_probs"], dtype=torch.float64),
-                                                               ex.dpo_optimum(simpo.DPO_EXACT_BETA)), places=12)
+        self.assertAlmostEqual(m["kl_to_dpo_optimum"], data.kl(pi, optimum), places=12)
 
 
 # ====================================================================================================
@@ -2517,143 +2144,111 @@ class TestSppoHardLoss(unittest.TestCase):
     def test_the_two_squares(self):
         g = torch.Generator().manual_seed(0)
         pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
+        a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
         for eta in (0.1, 2.0, 20.0):
-            with self.subTest(eta=eta):
-                a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
-                want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want))
-                # TRL's sppo_hard with beta = 1/eta: (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, the same sum;
-                # the official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
-                beta = 1 / eta
-                trl = [(w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(trl))
+            # TRL's sppo_hard with beta = 1/eta, (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, is the same sum; the
+            # official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
+            want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
+            torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want), msg=f"eta {eta}")
 
 
 class TestSelfPlayIteration(unittest.TestCase):
-    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own
-    prompt's K, and the regression [SPPO-6] fitted on them."""
+    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
+    K, and the regression [SPPO-6] fitted on them."""
 
     @classmethod
     def setUpClass(cls):
-        task = small_task(seed=29)
-        cls.prompts = task.train_prompts[:6]
+        cls.prompts = small_task(seed=29).train_prompts[:6]
         torch.manual_seed(1)
         cls.policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
-        cls.before = weights(cls.policy)
+        cls.before, cls.log_rows = weights(cls.policy), []
         cls.spy = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        cls.log_rows = []
         with contextlib.ExitStack() as stack:
-            for s in cls.spy.values():
-                stack.enter_context(s)
-            stack.enter_context(quietly())
+            for context in (*cls.spy.values(), quietly()):
+                stack.enter_context(context)
             cls.pi_t, cls.stats = sppo.self_play_iteration(
-                cls.policy, cls.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
-                batch_size=8, lr=1e-2, device=CPU, sampler=model.make_generator(CPU, 0),
-                batch_order=torch.Generator().manual_seed(0), log_rows=cls.log_rows)
+                cls.policy, cls.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3, batch_size=8,
+                lr=1e-2, device=CPU, sampler=model.make_generator(CPU, 0), batch_order=torch.Generator().manual_seed(0),
+                log_rows=cls.log_rows)
         (draw,) = cls.spy["draws"].calls
-        rows, responses = draw.a["prompts"], draw.result
-        cls.samples = rows_of(torch.cat([rows, responses], dim=1))       # prompt + response of each sample
-        cls.scores = data.score_responses(responses)
-        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME
-        # PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
+        cls.samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
+        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME PROMPT
+        # of P(y_i > y_j | x), its tie with itself (1/2) included
         prompt_of = [tuple(r) for r in rows.tolist()]
         cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
-        cls.expected = torch.tensor([
-            sum(0.5 if j == i else sig((cls.scores[i] - cls.scores[j]).item() / 0.3) for j in cls.groups[prompt_of[i]]) / 3
-            for i in range(len(prompt_of))])
+        cls.expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
+                                         for j in cls.groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
+        cls.win_prob = [c for c in cls.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
 
     def test_pi_t_frozen_while_policy_moves(self):
         self.assertIsNot(self.pi_t, self.policy)
-        self.assertFalse(any(p.requires_grad for p in self.pi_t.parameters()))
-        self.assertFalse(self.pi_t.training)
+        self.assertTrue(not any(p.requires_grad for p in self.pi_t.parameters()) and not self.pi_t.training)
         self.assertTrue(state_equal(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
         self.assertFalse(state_equal(self.policy.state_dict(), self.before))   # pi_theta moved
         self.assertIs(self.spy["draws"].calls[0].a["model"], self.pi_t)     # the samples are pi_t's
-        self.assertEqual([r["step"] for r in self.log_rows], [0, 1, 2])
-        self.assertTrue(all(r["iteration"] == 1 and math.isfinite(r["loss"]) for r in self.log_rows))
+        self.assertEqual([(r["step"], r["iteration"]) for r in self.log_rows], [(0, 1), (1, 1), (2, 1)])
+        self.assertTrue(all(math.isfinite(r["loss"]) for r in self.log_rows))
         self.assertEqual(self.stats["samples"], 18)
         self.assertAlmostEqual(self.stats["win_prob_mean"], 0.5, places=5)
-        # the first step fits a policy still equal to pi_t: its log-ratios are exactly 0
-        self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)
+        self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
 
-    def test_k_samples_for_every_prompt(self):
-        self.assertEqual(len(self.groups), 6)
-        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
+    def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
         self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
-
-    def test_win_rates_average_one_half_prompt_by_prompt(self):
-        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18]
-        win_prob = full[0].a["win_prob"]                 # loss_before: every sample's win rate, in sample order
-        for prompt, group in self.groups.items():
-            self.assertAlmostEqual(win_prob[group].mean().item(), 0.5, places=5,
-                                   msg="the K win rates of one prompt must average 1/2")
-        self.assertGreater(win_prob.std().item(), 0.05)         # and they are not all 1/2
+        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
+        for group in self.groups.values():
+            self.assertAlmostEqual(self.win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
+        self.assertGreater(self.win_prob.std().item(), 0.05)         # and they are not all 1/2
 
     def test_each_win_rate_is_attached_to_its_own_sample(self):
-        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]
-        torch.testing.assert_close(full, self.expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(self.win_prob, self.expected, rtol=0, atol=1e-5)
         # and in every training batch: the row fitted, its target's win rate, its reference log-prob
-        steps = self.spy["loss"].calls[:3]
         self.assertEqual(len(self.spy["batch"].calls), 3)
-        for batch_call, loss_call in zip(self.spy["batch"].calls, steps):
+        for batch_call, loss_call in zip(self.spy["batch"].calls, self.spy["loss"].calls[:3]):
             ids, mask = batch_call.result
-            for row, p in zip(rows_of(ids), loss_call.a["win_prob"]):
-                self.assertAlmostEqual(p.item(), self.expected[self.samples.index(row)].item(), places=5)
+            want = [self.expected[self.samples.index(row)] for row in rows_of(ids)]
+            torch.testing.assert_close(loss_call.a["win_prob"], torch.stack(want), rtol=0, atol=1e-5)
             torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
             self.assertEqual(loss_call.a["eta"], 8.0)
 
     def test_fit_lowers_the_regression_loss(self):
         task = small_task(seed=0)
         torch.manual_seed(0)
-        policy = model.GPT(SMALL)
         with quietly():
             _, stats = sppo.self_play_iteration(
-                policy, task.train_prompts[:8], iteration=1, k=2, eta=10.0, config=task.config, steps=30, batch_size=16,
-                lr=3e-3, device=CPU, sampler=model.make_generator(CPU, 0),
+                model.GPT(SMALL), task.train_prompts[:8], iteration=1, k=2, eta=10.0, config=task.config, steps=30,
+                batch_size=16, lr=3e-3, device=CPU, sampler=model.make_generator(CPU, 0),
                 batch_order=torch.Generator().manual_seed(0), log_rows=[])
         # loss_before is (eta (P - 1/2))^2 averaged: the loss at pi_theta = pi_t
-        self.assertGreater(stats["loss_before"], 0.5)
-        self.assertLess(stats["loss_after"], 0.5 * stats["loss_before"])
-
-
-def writer_of(word):
-    """A language model that always writes the one-word review `word`."""
-    return Bigram(logits_row([data.STOI[word]]), logits_row(eos=1.0))
+        self.assertTrue(stats["loss_before"] > 0.5 and stats["loss_after"] < 0.5 * stats["loss_before"], stats)
 
 
 class TestSampleMixture(unittest.TestCase):
     def test_samples_each_iterate_equally_often(self):
-        # model i always writes review i, so each sample says which iterate drew it
-        reviews = ["plot", "cast", "music"]
-        n = 3000
+        reviews, n = ["plot", "cast", "music"], 3000   # model i always writes review i: each sample says who drew it
         samples, pick = sppo.sample_mixture([writer_of(r) for r in reviews], small_task().eval_prompts(n),
                                             model.make_generator(CPU, 0))
         for i, text in enumerate(reviews):
-            rows = pick == i
-            self.assertAlmostEqual(rows.double().mean().item(), 1 / 3, delta=4 * math.sqrt(2 / 9 / n))
-            self.assertTrue(all(data.decode(s) == text for s in samples[rows]))
+            self.assertAlmostEqual((pick == i).double().mean().item(), 1 / 3, delta=4 * math.sqrt(2 / 9 / n))
+            self.assertTrue(all(data.decode(s) == text for s in samples[pick == i]))
 
 
 class TestGameStats(unittest.TestCase):
     def test_the_average_of_the_iterates_on_held_out_prompts(self):
         """Three iterates that write one school each: their average plays every school a third of the time
         (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
-        task = small_task(judge="cyclic")
-        iterates = [writer_of(r) for r in ("plot", "cast", "music")]
-        result = {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}
+        task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
         with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
-            stats = sppo.game_stats(iterates, result, task, CPU, 3000, seed=7)
+            stats = sppo.game_stats(iterates, {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}, task, CPU, 3000, 7)
         (call,) = spy.calls
-        self.assertEqual(call.before, 20_000 + 7)
-        self.assertIs(call.a["models"], iterates)
+        self.assertTrue(call.before == 20_000 + 7 and call.a["models"] is iterates)
         self.assertTrue(torch.equal(call.a["prompts"], task.eval_prompts(3000)))
-        self.assertEqual(stats["school_shares_average"], data.school_shares(call.result[0]).tolist())
-        for share in stats["school_shares_average"][:3]:
-            self.assertAlmostEqual(share, 1 / 3, delta=0.04)
-        self.assertAlmostEqual(stats["exploitability_average"],
-                               data.school_exploitability(data.school_shares(call.result[0])), places=12)
+        shares = data.school_shares(call.result[0])
+        self.assertEqual(stats["school_shares_average"], shares.tolist())
+        self.assertTrue(all(abs(s - 1 / 3) < 0.04 for s in shares[:3]), shares)
+        self.assertAlmostEqual(stats["exploitability_average"], data.school_exploitability(shares), places=12)
         self.assertLess(stats["exploitability_average"], 0.05)
-        self.assertEqual((stats["school_shares"], stats["exploitability"]), (result["school_shares"], 0.4))
+        self.assertEqual((stats["school_shares"], stats["exploitability"]), ([0.0, 0.0, 1.0, 0.0], 0.4))
 
 
 class TestSppoScript(ScriptChecks, unittest.TestCase):
@@ -2662,79 +2257,64 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
     run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
 
     def test_training_sees_training_pairs_only(self):
-        for c in self.r.spy["pair_batch"].calls:                 # self-play: prompts, no pairs (held-out ones only)
-            self.assertIs(c.a["pairs"], self.r.task.heldout_pairs)
-        self.assertEqual(self.r.spy["hard_fit"].calls, [])
+        self.assertEqual(self.r.spy["hard_fit"].calls, [])          # self-play: prompts, no pairs (held-out ones only)
+        self.assertTrue(all(c.a["pairs"] is self.r.task.heldout_pairs for c in self.r.spy["pair_batch"].calls))
 
     def test_self_play_runs_on_the_training_prompts(self):
-        """Each iteration samples from pi_t on task.train_prompts, never on the held-out prompts, with --k,
-        --eta and the task's judge, and fits the policy in place."""
+        """Each iteration samples K responses from pi_t for every task.train_prompts row (never a held-out one),
+        with --k, --eta and the task's judge, and fits the policy in place; pi_1 is the SFT model."""
         calls, run = self.r.spy["self_play_iteration"].calls, self.r
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
+        play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
         for c in calls:
+            self.assertTrue(c.a["policy"] is run.policy and c.a["config"] is run.task.config)
             self.assertTrue(torch.equal(c.a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
-            self.assertIs(c.a["policy"], run.policy)
-            self.assertIs(c.a["config"], run.task.config)
-            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"]), (2, 10.0, 2, 8, 1e-3))
-            self.assertEqual(c.a["sampler"].initial_seed(), SEED)
-        self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
-        play = [c for c in self.r.spy["sample"].calls if c.caller != "sample_mixture"]
-        for c in calls:                                     # pi_t's samples: K rows for each training prompt, in order
-            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])
+            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed()),
+                             (2, 10.0, 2, 8, 1e-3, SEED))
+            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's samples, K per prompt
             self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
-        # pi_1 is the SFT model, pi_2 the policy after iteration 1 (not the SFT model)
+        self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
         pi_1, pi_2 = (c.result[0] for c in calls)
         self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
         self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
+        m = run.metrics
+        self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
     def test_each_iteration_is_compared_with_the_one_before(self):
-        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the
-        policy's evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed)."""
-        pi_2 = self.r.spy["self_play_iteration"].calls[1].result[0]
-        (prev,) = [c for c in self.r.spy["heldout_reviews"].by("main")]
-        self.assertIs(prev.a["model"], pi_2)
-        self.assertEqual((prev.a["n_samples"], prev.a["seed"]), (16, SEED + 1))
+        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
+        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed)."""
+        pi_2, m = self.r.spy["self_play_iteration"].calls[1].result[0], self.r.metrics
+        (prev,) = self.r.spy["heldout_reviews"].by("main")
+        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pi_2, 16, SEED + 1))
         ours = data.heldout_reviews(self.r.trained, self.r.task, CPU, 16, SEED)[1]
         theirs = data.heldout_reviews(pi_2, self.r.task, CPU, 16, SEED + 1)[1]
-        m = self.r.metrics
-        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1],
-                               data.win_rate(ours, theirs, self.r.task.config), places=6)
+        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], data.win_rate(ours, theirs, self.r.task.config), places=6)
         self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1 = SFT
         self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
 
     def test_the_average_of_the_iterates(self):
-        """Each iteration's game: the average of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture
-        (seed 20_000 + seed), its school shares and exploitability; the last iterate's are the evaluation's."""
+        """Each iteration's game: the average of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed
+        20_000 + seed), its school shares and exploitability; the last iterate's are the evaluation's."""
         calls, m, run = self.r.spy["game_stats"].calls, self.r.metrics, self.r
+        pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
+        evaluations = run.spy["evaluate"].calls
         self.assertEqual(len(calls), 2)
-        fits = self.r.spy["self_play_iteration"].calls
-        evaluations = self.r.spy["evaluate"].calls
         for t, call in enumerate(calls):
-            iterates = call.before                           # the list as it was handed over
+            iterates = call.before                           # the list as it was handed over: pi_1 .. pi_{t+1}
             self.assertEqual(len(iterates), t + 2)
-            self.assertTrue(state_equal(iterates[0].state_dict(), self.sft.state_dict()), "pi_1 is the SFT model")
-            for s in range(1, t + 1):                        # pi_2 .. pi_{t+1}: the policy after iterations 1 .. t
-                self.assertTrue(state_equal(iterates[s].state_dict(), fits[s].result[0].state_dict()))
-            self.assertTrue(state_equal(iterates[-1].state_dict(), (fits[t + 1].result[0] if t + 1 < len(fits)
-                                                                   else run.trained).state_dict()))
-            self.assertIs(call.a["result"], evaluations[t].result)
-            self.assertEqual((call.a["n_samples"], call.a["seed"]), (16, SEED))
-            samples, _ = sppo.sample_mixture(iterates, run.task.eval_prompts(16), model.make_generator(CPU, 20_000 + SEED))
-            shares = data.school_shares(samples)
+            for got, want in zip(iterates, [self.sft] + pis[:t + 1]):
+                self.assertTrue(state_equal(got.state_dict(), want.state_dict()))
+            self.assertTrue(call.a["result"] is evaluations[t].result and (call.a["n_samples"], call.a["seed"]) == (16, SEED))
+            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16),
+                                                            model.make_generator(CPU, 20_000 + SEED))[0])
             self.assertEqual(m["school_shares_average_per_iteration"][t], shares.tolist())
             self.assertAlmostEqual(m["exploitability_average"][t], data.school_exploitability(shares), places=12)
             self.assertEqual(m["school_shares_per_iteration"][t], evaluations[t].result["school_shares"])
             self.assertEqual(m["exploitability_last"][t], evaluations[t].result["exploitability"])
-        self.assertEqual(m["exploitability_last"][-1], m["exploitability"])
 
     def test_heldout_rewards_match_a_recomputation(self):
-        """The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs."""
-        policy, sft_logps = heldout_logps(self.r.trained, self.r.task), heldout_logps(self.sft, self.r.task)
-        heldout_rewards_check(self, self.r.metrics, (policy[0] - sft_logps[0]) / 10.0, (policy[1] - sft_logps[1]) / 10.0,
-                              policy)
-        m = self.r.metrics
-        self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
+        log_ratio_rewards_check(self, self.r, 1 / 10.0)          # the implicit reward (1/eta) log pi_theta/pi_sft
 
     def sft_column(self):
         return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
@@ -2744,41 +2324,29 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
     """sppo.py --variant hard (sppo.hard_fit): [SPPO-9] on the offline pairs, pi_ref = the SFT model."""
     run_name, title, training_forwards, trains_on = "sppo_hard", "SPPO", 2, "hard_fit"
 
-    def test_fits_the_training_pairs_against_the_sft_model(self):
-        (fit,) = self.r.spy["hard_fit"].calls
-        self.assertIs(fit.a["pairs"], self.r.task.pairs, "--variant hard must fit task.pairs")
-        self.assertIs(fit.a["policy"], self.r.policy)
-        self.assertIsNot(fit.a["ref"], self.r.policy)
-        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
-        self.assertEqual((fit.a["eta"], fit.a["steps"]), (10.0, 2))
-        m = self.r.metrics
-        self.assertEqual((m["variant"], m["steps"], m["iterations"], m["k"]), ("hard", 2, 1, None))
-
-    def test_every_step_is_its_batch(self):
+    def test_every_step_is_its_batch_against_the_sft_model(self):
         """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
         places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
+        (fit,) = self.r.spy["hard_fit"].calls
+        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy and fit.a["ref"] is not self.r.policy)
+        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertEqual((fit.a["eta"], fit.a["steps"], self.r.metrics["variant"], self.r.metrics["iterations"],
+                          self.r.metrics["k"]), (10.0, 2, "hard", 1, None))
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
         self.assertEqual((len(batches), len(losses)), (2, 2))
         for step, (bc, lc) in enumerate(zip(batches, losses)):
-            with self.subTest(step=step):
-                want = pair_logps_of(with_weights(bc.before), self.sft, bc.result)
-                for name, value in want.items():
-                    torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
-                self.assertEqual(lc.a["eta"], 10.0)
-                a_w = want["policy_chosen_logps"] - want["ref_chosen_logps"]
-                a_l = want["policy_rejected_logps"] - want["ref_rejected_logps"]
-                self.assertAlmostEqual(self.r.log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(),
-                                       places=3)
-        # TRL's names; first step: policy = pi_ref, so rewards 0 and loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
-        first = self.r.log[0]
+            want = pair_logps_of(with_weights(bc.before), self.sft, bc.result)
+            for name, value in want.items():
+                torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
+            self.assertEqual(lc.a["eta"], 10.0)
+            self.assertAlmostEqual(self.r.log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
+        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
         self.assertAlmostEqual(first["loss"], 10.0 ** 2 / 2, places=3)
 
     def test_heldout_rewards_match_a_recomputation(self):
-        policy, sft_logps = heldout_logps(self.r.trained, self.r.task), heldout_logps(self.sft, self.r.task)
-        heldout_rewards_check(self, self.r.metrics, (policy[0] - sft_logps[0]) / 10.0, (policy[1] - sft_logps[1]) / 10.0,
-                              policy)
-        self.assertNotIn("exploitability_last", self.r.metrics)     # the Bradley-Terry judge: no game
+        log_ratio_rewards_check(self, self.r, 1 / 10.0)
 
     def sft_column(self):
         return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}
@@ -2788,8 +2356,7 @@ def mw_chain(ex, eta, iterations):
     """Multiplicative weights [SPPO-2] by hand, from the SFT table: pi_1, ..., pi_{T+1}."""
     chain = [ex.sft_probs]
     for _ in range(iterations):
-        pi = chain[-1]
-        step = pi * torch.exp(eta * (ex.prefs @ pi))
+        step = chain[-1] * torch.exp(eta * (ex.prefs @ chain[-1]))
         chain.append(step / step.sum())
     return chain
 
@@ -2805,57 +2372,48 @@ class TestSppoExact(unittest.TestCase):
         cls.runs = ((cls.bt, data.ExactTask()), (cls.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))))
 
     def test_exact_log_z_fit_is_the_mw_step(self):
-        """Each iteration's fit with the exact log Z closes the multiplicative-weights step: at most 1/1000 of
-        what not moving scores (or below 1e-13), and the chain it continues is the MW chain."""
-        self.assertEqual(self.files, ["metrics.json"])
-        self.assertEqual((self.cyclic["eta"], self.cyclic["iterations"], self.cyclic["k"], self.cyclic["seed"]),
-                         (1.0, 40, 4, 0))
+        """Each iteration's fit with the exact log Z closes the multiplicative-weights step: at most 1/1000 of what
+        not moving scores (or below 1e-13), and the chain it continues is the MW chain."""
+        c = self.cyclic
+        self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
         for m, ex in self.runs:
-            with self.subTest(judge=m["judge"]):
-                chain = mw_chain(ex, m["eta"], m["iterations"])
-                self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
-                self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
-                self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
-                ratios = []
-                for t, (fit, no_step) in enumerate(zip(m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])):
-                    self.assertAlmostEqual(no_step, data.kl(chain[t], chain[t + 1]), delta=1e-9 * max(no_step, 1e-12))
-                    self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (t + 1, fit, no_step))
-                    ratios.append(fit / max(no_step, 1e-300))
-                self.assertEqual(m["mw_kl_exact_logz"], max(m["mw_kl_exact_logz_per_iteration"]))
-                self.assertAlmostEqual(m["mw_kl_ratio"], max(ratios), places=12)
-                self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
+            chain = mw_chain(ex, m["eta"], m["iterations"])
+            self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
+            self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
+            self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
+            for t, (fit, no_step) in enumerate(zip(m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])):
+                self.assertAlmostEqual(no_step, data.kl(chain[t], chain[t + 1]), delta=1e-9 * max(no_step, 1e-12))
+                self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
+            self.assertEqual(m["mw_kl_exact_logz"], max(m["mw_kl_exact_logz_per_iteration"]))
+            self.assertAlmostEqual(m["mw_kl_ratio"], max(f / max(n, 1e-300) for f, n in zip(
+                m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])), places=12)
+            self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
 
     def test_the_game_numbers_of_every_iteration(self):
-        """The last iterate pi_{t+1} and the average (1/(t+1)) sum_{s <= t+1} pi_s, the SFT table included,
-        against the MW chain by hand: exploitability, school shares and the mass on the best reviews."""
+        """The last iterate pi_{t+1} and the average (1/(t+1)) sum_{s <= t+1} pi_s, the SFT table included, against
+        the MW chain by hand: exploitability, school shares and the mass on the best reviews."""
         for m, ex in self.runs:
-            with self.subTest(judge=m["judge"]):
-                chain = mw_chain(ex, m["eta"], m["iterations"])
-                best = ex.best()
-                self.assertAlmostEqual(m["exploitability_sft"], ex.exploitability(ex.sft_probs), places=12)
-                self.assertAlmostEqual(m["best_mass_sft"], ex.sft_probs[best].sum().item(), places=12)
-                for t in range(m["iterations"]):
-                    last, average = chain[t + 1], torch.stack(chain[:t + 2]).mean(0)
-                    self.assertAlmostEqual(m["exploitability_last"][t], ex.exploitability(last), places=6)
-                    self.assertAlmostEqual(m["exploitability_average"][t], ex.exploitability(average), places=6)
-                    self.assertAlmostEqual(m["best_mass"][t], last[best].sum().item(), places=6)
-                    for got, want in ((m["school_shares"][t], ex.school_shares(last)),
-                                      (m["school_shares_average"][t], ex.school_shares(average))):
-                        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, atol=1e-6, rtol=0)
+            chain, best = mw_chain(ex, m["eta"], m["iterations"]), ex.best()
+            self.assertAlmostEqual(m["exploitability_sft"], ex.exploitability(ex.sft_probs), places=12)
+            self.assertAlmostEqual(m["best_mass_sft"], ex.sft_probs[best].sum().item(), places=12)
+            for t in range(m["iterations"]):
+                last, average = chain[t + 1], torch.stack(chain[:t + 2]).mean(0)
+                got = [m["exploitability_last"][t], m["exploitability_average"][t], m["best_mass"][t],
+                       *m["school_shares"][t], *m["school_shares_average"][t]]
+                want = [ex.exploitability(last), ex.exploitability(average), last[best].sum().item(),
+                        *ex.school_shares(last).tolist(), *ex.school_shares(average).tolist()]
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0, msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per
-        prompt drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
-        for m in (self.bt, self.cyclic):
-            self.assertEqual(len(m["mw_kl_half"]), m["iterations"])
-            self.assertEqual(len(m["mw_kl_k"]), m["iterations"])
+        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per prompt
+        drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        for m, _ in self.runs:
+            self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
             self.assertTrue(all(k > 1e-6 for k in m["mw_kl_k"][:5]))
-        m, ex = self.runs[0]
+        (m, ex), mw = self.runs[0], mw_chain(self.runs[0][1], self.bt["eta"], 1)[1]
         pi_1, eta, k = ex.table(), m["eta"], m["k"]
-        win = ex.prefs @ ex.sft_probs
-        mw = mw_chain(ex, eta, 1)[1]
-        half = sppo.fit_exact(ex, pi_1, torch.arange(ex.n), win, ex.sft_probs, eta, 50)
+        half = sppo.fit_exact(ex, pi_1, torch.arange(ex.n), ex.prefs @ ex.sft_probs, ex.sft_probs, eta, 50)
         self.assertAlmostEqual(m["mw_kl_half"][0], data.kl(half, mw), delta=1e-6 * m["mw_kl_half"][0])
         prompts = ex.prompts.expand(sppo.EXACT_SAMPLE_PROMPTS * k, -1)
         draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
@@ -2868,9 +2426,8 @@ class TestSppoExact(unittest.TestCase):
         self.assertAlmostEqual(m["mw_kl_k"][0], data.kl(fit_k, mw), delta=1e-6 * m["mw_kl_k"][0])
 
     def test_bradley_terry_iterates_move_to_the_best(self):
-        best = self.bt["best_mass"]
+        best, last = self.bt["best_mass"], self.bt["exploitability_last"]
         self.assertTrue(all(b > a for a, b in zip([self.bt["best_mass_sft"]] + best, best)), best)
-        last = self.bt["exploitability_last"]
         self.assertTrue(all(b < a for a, b in zip(last, last[1:])), last)
 
     def test_cyclic_last_iterate_circles_and_the_average_converges(self):
@@ -2881,8 +2438,7 @@ class TestSppoExact(unittest.TestCase):
         self.assertGreater(min(last[20:]), 0.1)                          # the last iterate never settles
         self.assertGreater(last[-1], m["exploitability_sft"])            # it spirals outward
         leaders = [max(range(3), key=lambda i: s[i]) for s in m["school_shares"]]
-        changes = sum(a != b for a, b in zip(leaders, leaders[1:]))
-        self.assertGreaterEqual(changes, 3)                              # the leading school goes round
+        self.assertGreaterEqual(sum(a != b for a, b in zip(leaders, leaders[1:])), 3)   # the leading school goes round
         self.assertGreater(min(last[20:]) - average[-1], 0.05)
 
 
@@ -2891,9 +2447,6 @@ class TestSppoExact(unittest.TestCase):
 # checkpoints, the SFT cache, memory; the README; each script as a process)
 # ====================================================================================================
 
-SCRIPTS = ((dpo, "dpo"), (simpo, "simpo"), (sppo, "sppo"))
-
-
 class TestFlags(unittest.TestCase):
     def test_number_parsers(self):
         for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
@@ -2901,30 +2454,26 @@ class TestFlags(unittest.TestCase):
                                  (model.bounded_int(0, 10), ["-1", "2.0", "11"], [("0", 0), ("10", 10)]),
                                  (model.nonneg_float, ["-0.1", "nan"], [("0", 0.0)])]:
             for text in bad:
-                with self.assertRaises(argparse.ArgumentTypeError, msg=text):
-                    parse(text)
-            for text, value in good:
-                self.assertEqual(parse(text), value)
+                self.assertRaises(argparse.ArgumentTypeError, parse, text)
+            self.assertEqual([parse(text) for text, _ in good], [value for _, value in good])
         with self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$"):
             model.bounded_int(0, 10)("11")
 
     def test_defaults_and_help_text(self):
-        for module, method in SCRIPTS:
-            with self.subTest(script=method):
-                args = module.parser.parse_args([])
-                self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{method}", "out/sft", "auto", 0))
-                for action in module.parser._actions:
-                    self.assertTrue(action.help, action.dest)         # every flag says what it does
-                    if action.dest in ("steps", "batch_size", "lr"):
-                        self.assertIn("default", action.help, action.dest)
+        for module in (dpo, simpo, sppo):
+            args = module.parser.parse_args([])
+            self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{module.__name__}", "out/sft", "auto", 0))
+            for action in module.parser._actions:      # every flag says what it does, and the optimiser's their default
+                self.assertTrue(action.help and ("default" in action.help or action.dest not in ("steps", "batch_size", "lr")),
+                                (module.__name__, action.dest))
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
-        """SystemExit(2), the last line naming what was wrong, nothing else escaping (an exception here would
-        be a traceback there), and no folder made: every value is checked before any work."""
+        """SystemExit(2), the last line naming what was wrong, nothing else escaping (an exception here would be a
+        traceback there), and no folder made: every value is checked before any work."""
         d = scratch("flags")
-        safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu",
-                "--steps", "1", "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
+        safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
+                "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
         cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--batch-size", "0"], "--batch-size"),
                  (dpo, ["--steps", "-1"], "--steps"), (dpo, ["--lr", "abc"], "--lr"), (simpo, ["--gamma", "-1"], "--gamma"),
                  (simpo, ["--beta", "0"], "--beta"), (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
@@ -2942,63 +2491,48 @@ class TestFlags(unittest.TestCase):
         if not torch.cuda.is_available():
             cases.append((simpo, ["--device", "cuda"], "--device cuda, but this torch sees no CUDA device"))
         for module, args, expect in cases:
-            with self.subTest(script=module.__name__, args=args):
-                code, _, err = run_main(module, safe + args)
-                self.assertEqual(code, 2, err)
-                self.assertIn(expect, err.strip().splitlines()[-1])
-                self.assertNotIn("Traceback", err)
+            code, _, err = run_main(module, safe + args)
+            self.assertEqual(code, 2, err)
+            self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
         self.assertEqual(os.listdir(d), [])
 
     @unittest.expectedFailure   # sppo.py --exact checks --k after start_exact has made --out's parent folders
     def test_sppo_exact_checks_k_before_any_folder(self):
         d = scratch("flags")
-        code, _, err = run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])
-        self.assertEqual(code, 2, err)
-        self.assertEqual(os.listdir(d), [])
+        self.assertEqual((run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], os.listdir(d)), (2, []))
 
-
-class TestModelConfig(unittest.TestCase):
-    """--n-layer, --n-head, --n-embd (model.model_config): the SFT model's size and every policy's."""
-
-    def test_size_flags_reach_the_checkpoint_and_key_the_cache(self):
+    def test_model_size_flags_reach_the_checkpoint_and_key_the_cache(self):
         run = gpt_run("simpo_small")        # --n-layer 1 --n-head 4 --n-embd 32, its own SFT folder
         ckpt = torch.load(os.path.join(run.dir, "model.pt"), weights_only=True)
-        self.assertEqual((ckpt["config"]["n_layer"], ckpt["config"]["n_head"], ckpt["config"]["n_embd"]), (1, 4, 32))
-        self.assertEqual((run.trained.config.n_embd, len(run.trained.blocks)), (32, 1))
+        self.assertEqual([ckpt["config"][k] for k in ("n_layer", "n_head", "n_embd")], [1, 4, 32])
+        self.assertEqual((run.trained.config.n_head, len(run.trained.blocks)), (4, 1))
         self.assertEqual(model.model_config(simpo.parser.parse_args([])), model.GPTConfig())   # the default size
-        small_cache = [f for f in os.listdir(run.sft_dir) if f.endswith(".pt")]
-        shared_cache = [f for f in os.listdir(sft()[0]) if f.endswith(".pt")]     # --n-head 2
-        self.assertEqual(len(small_cache), 1)
-        self.assertNotEqual(small_cache, shared_cache)                 # another size, another SFT cache file
+        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft()[0])))   # --n-head 2
 
 
 class TestPickDevice(unittest.TestCase):
     def test_cuda_is_made_deterministic_and_the_gpu_model_keys_the_cache(self):
         calls, task, d = [], small_task(), scratch("cuda")
 
-        def cache_path(name):
+        def cache_path(device, name="-"):
             with mock.patch.object(torch.cuda, "get_device_name", return_value=name), quietly():
-                with model.sft_cache(task, torch.device("cuda"), d, 0, 5, model.GPTConfig()) as cache:
+                with model.sft_cache(task, torch.device(device), d, 0, 5, model.GPTConfig()) as cache:
                     return cache.path
 
+        record = lambda name: lambda *a, **k: calls.append((name, a, k))
         with mock.patch.object(torch.cuda, "is_available", return_value=True), \
                 mock.patch.object(torch.cuda, "get_device_name", return_value="Fake GPU 80GB"), \
-                mock.patch.object(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(("det", a, k))), \
-                mock.patch.object(torch.backends.cuda, "enable_flash_sdp", lambda on: calls.append(("flash", on))), \
-                mock.patch.object(torch.backends.cuda, "enable_mem_efficient_sdp", lambda on: calls.append(("mem", on))), \
-                mock.patch.object(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn", on))), \
+                mock.patch.object(torch, "use_deterministic_algorithms", record("det")), \
+                mock.patch.multiple(torch.backends.cuda, enable_flash_sdp=record("flash"),
+                                    enable_mem_efficient_sdp=record("mem"), enable_cudnn_sdp=record("cudnn")), \
                 mock.patch.dict(os.environ, {}, clear=False), quietly() as (out, err):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
             self.assertEqual(model.pick_device("cuda"), torch.device("cuda"))
             self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
-        self.assertEqual(err.getvalue(), "device: cuda (Fake GPU 80GB)\n")      # on stderr: stdout is the run's
-        self.assertEqual(out.getvalue(), "")
-        for call in (("det", (True,), {"warn_only": True}), ("flash", False), ("mem", False), ("cudnn", False)):
-            self.assertIn(call, calls)
-        with quietly():
-            with model.sft_cache(task, CPU, d, 0, 5, model.GPTConfig()) as cache:
-                cpu_path = cache.path
-        self.assertEqual(len({cache_path("Fake GPU 80GB"), cache_path("Other GPU"), cpu_path}), 3)
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout is the run's
+        self.assertEqual(sorted(calls), [("cudnn", (False,), {}), ("det", (True,), {"warn_only": True}),
+                                         ("flash", (False,), {}), ("mem", (False,), {})])
+        self.assertEqual(len({cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}), 3)
 
     def test_a_device_this_torch_lacks_is_one_line(self):
         with mock.patch.object(torch.cuda, "is_available", return_value=False), \
@@ -3006,8 +2540,7 @@ class TestPickDevice(unittest.TestCase):
             for name, words in (("cuda", "sees no CUDA device"), ("mps", "MPS is not available")):
                 with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
                     model.pick_device(name)
-                self.assertEqual(cm.exception.code, 2)
-                self.assertIn(words, err.getvalue())
+                self.assertTrue(cm.exception.code == 2 and words in err.getvalue())
             with quietly() as (_, err):
                 self.assertEqual(model.pick_device("auto"), CPU)
             self.assertEqual(err.getvalue(), "device: cpu\n")
@@ -3016,110 +2549,70 @@ class TestPickDevice(unittest.TestCase):
 class TestRun(unittest.TestCase):
     """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
 
-    def fresh_out(self):
+    def run_into_a_previous_run(self, module, *flags, sft_dir=None, patch=None):
+        """(exit code, stderr, out, what the previous run held) of a run into a folder that holds a previous run."""
         out = os.path.join(scratch("fault"), "out")
-        return out, write_previous_run(out)
-
-    def args(self, out, *more):
-        return TINY + ["--steps", "3", "--out", out, "--sft-dir", sft()[0], *more]
-
-    def assert_one_line(self, err):
+        previous = write_previous_run(out)
+        with patch or contextlib.nullcontext():
+            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()[0]])
         self.assertNotIn("Traceback", err)
         self.assertEqual(len([line for line in err.splitlines() if line.startswith("error")]), 1, err)
+        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))     # untouched
+        return code, err.strip().splitlines()[-1], out
 
     def test_ctrl_c_during_training(self):
-        out, previous = self.fresh_out()
         real, calls = data.pair_batch, []
-
-        def pair_batch(*a, **k):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        with mock.patch.object(data, "pair_batch", pair_batch):
-            code, _, err = run_main(dpo, self.args(out))
-        self.assertEqual(code, 130)
-        self.assertEqual(err.strip().splitlines()[-1],
-                         f"error: interrupted at step 1 of 3 (training); previous results in {out} untouched")
-        self.assert_one_line(err)
-        self.assertEqual(folder_bytes(out), previous)
-        self.assertEqual(siblings(out), [])
+        interrupt = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else (_ for _ in ()).throw(KeyboardInterrupt))
+        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "pair_batch", interrupt))
+        self.assertEqual((code, last), (130, f"error: interrupted at step 1 of 3 (training); previous results in {out} untouched"))
 
     def test_divergence_stops_with_one_line(self):
         """A real divergence: --lr 10 (on a model wide enough to blow up within a few steps, n_embd 64)."""
-        out, previous = self.fresh_out()
-        code, _, err = run_main(dpo, TINY + ["--lr", "10", "--steps", "200", "--n-embd", "64", "--out", out,
-                                             "--sft-dir", scratch("sft-64")])
-        self.assertEqual(code, 1, err)
-        self.assertRegex(err.strip().splitlines()[-1],
-                         r"^error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower the "
-                         r"learning rate \(--lr is 10; try 1\); nothing was saved, previous results in " + re.escape(out) +
-                         " untouched$")
-        self.assert_one_line(err)
-        self.assertEqual(folder_bytes(out), previous)
-
-    def test_divergence_of_the_sft_model_names_the_model(self):
-        model.progress.__dict__.update(out="out/x", phase="SFT training", step=2, total=5, lr=1e-3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.run(lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training"))
-        self.assertEqual(cm.exception.code, 1)
-        self.assertEqual(err.getvalue(), "error: the loss is nan at step 3 of 5 (SFT training): the run diverged; try a "
-                                         "smaller model (--n-layer, --n-embd) or another --seed; nothing was saved, "
-                                         "previous results in out/x untouched\n")
-
-    def test_non_finite_weights_after_the_last_step(self):
-        m = sharp_gpt()
-        model.check_weights(m)
-        with torch.no_grad():
-            m.lm_head.weight[0, 0] = float("inf")
-        with self.assertRaises(model.Diverged):
-            model.check_weights(m)
-        with self.assertRaises(model.Diverged):
-            model.check_loss(torch.tensor(float("nan")), 4, 10)
-        model.check_loss(torch.tensor(1e30), 4, 10)                # large is not diverged
+        code, last, out = self.run_into_a_previous_run(dpo, "--lr", "10", "--steps", "200", "--n-embd", "64",
+                                                       sft_dir=scratch("sft-64"))
+        self.assertEqual(code, 1)
+        self.assertRegex(last, r"^error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower "
+                               r"the learning rate \(--lr is 10; try 1\); nothing was saved, previous results in "
+                               + re.escape(out) + " untouched$")
 
     def test_out_of_memory_is_one_line(self):
-        out, previous = self.fresh_out()
         oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
-        with mock.patch.object(dpo, "pair_logps", side_effect=oom):
-            code, _, err = run_main(dpo, self.args(out))
-        self.assertEqual(code, 1)
-        self.assertIn("out of memory", err.strip().splitlines()[-1])
-        self.assertIn("--batch-size", err)
-        self.assert_one_line(err)
-        self.assertEqual(folder_bytes(out), previous)
+        code, last, _ = self.run_into_a_previous_run(dpo, patch=mock.patch.object(dpo, "pair_logps", side_effect=oom))
+        self.assertTrue(code == 1 and "out of memory" in last and "--batch-size" in last, last)
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
                 self.assertRaisesRegex(RuntimeError, "a bug"):          # any other error stays a traceback
-            run_main(dpo, self.args(self.fresh_out()[0]))
+            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()[0]])
+
+    def test_non_finite_loss_or_weights(self):
+        m = sharp_gpt()
+        model.check_weights(m)
+        model.check_loss(torch.tensor(1e30), 4, 10)                # large is not diverged
+        with torch.no_grad():
+            m.lm_head.weight[0, 0] = float("inf")
+        self.assertRaises(model.Diverged, model.check_weights, m)
+        self.assertRaises(model.Diverged, model.check_loss, torch.tensor(float("nan")), 4, 10)
+        model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
+        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # the SFT model diverging names the model
+            model.run(lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training"))
+        self.assertEqual((cm.exception.code, err.getvalue()), (1, "error: the loss is nan at step 3 of 5 (SFT training): the "
+                         "run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; nothing was saved, "
+                         "previous results in out/x untouched\n"))
 
     def test_ctrl_c_after_the_save_says_the_run_was_saved(self):
-        out, _ = self.fresh_out()
-
-        def main():
-            model.save_files(out, {"metrics.json": b"new"})
-            raise KeyboardInterrupt                                # Ctrl-C while the charts print
-
+        out = os.path.join(scratch("fault"), "out")
         model.progress.__dict__.update(out=out, phase="setup", step=2, total=3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.run(main)
-        self.assertEqual(cm.exception.code, 130)
-        self.assertIn(f"the run was saved in {out}", err.getvalue())
+        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # Ctrl-C while the charts print
+            model.run(lambda: model.save_files(out, {"metrics.json": b"new"}) or (_ for _ in ()).throw(KeyboardInterrupt))
+        self.assertTrue(cm.exception.code == 130 and f"the run was saved in {out}" in err.getvalue(), err.getvalue())
         self.assertEqual(folder_bytes(out), {"metrics.json": b"new"})
 
     def test_a_reader_that_leaves_early(self):
-        """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0,
-        and stdout now leads to /dev/null, so Python's last flush at exit has nowhere to fail."""
+        """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
+        stdout now leads to /dev/null, so Python's last flush at exit has nowhere to fail."""
         sink = tempfile.TemporaryFile(dir=SCRATCH)
-
-        class ClosedPipe(io.StringIO):
-            def write(self, text):
-                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-
-            def fileno(self):
-                return sink.fileno()
-
-        with quietly() as (_, err), contextlib.redirect_stdout(ClosedPipe()):
+        closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
+                           spec=["write", "fileno", "flush"])
+        with quietly() as (_, err), contextlib.redirect_stdout(closed):
             model.run(lambda: print("a chart"))                    # returns: no SystemExit, no traceback
         self.assertEqual(err.getvalue(), "")
         self.assertTrue(os.path.samestat(os.fstat(sink.fileno()), os.stat(os.devnull)))
@@ -3128,30 +2621,30 @@ class TestRun(unittest.TestCase):
 
 class TestOutputFolder(unittest.TestCase):
     """model.prepare_out_dir and model.save_files: --out is the run's own folder, replaced whole or not at all."""
-
     NEW = {"metrics.json": b"new metrics", "log.jsonl": b"new log", "model.pt": b"new weights"}
 
     class Killed(BaseException):
         pass
 
     def setUp(self):
-        self.handler = signal.getsignal(signal.SIGINT)
+        self.handler, self.out = signal.getsignal(signal.SIGINT), os.path.join(scratch("out"), "run")
+        self.previous = write_previous_run(self.out)
 
     def tearDown(self):   # a save killed between its renames leaves SIGINT ignored: a dead process would not care
         signal.signal(signal.SIGINT, self.handler)
 
-    def out(self):
-        return os.path.join(scratch("out"), "run")
+    def mended(self, note=""):
+        """The next run's prepare_out_dir: what it says, and the folder left whole with nothing beside it."""
+        with quietly() as (_, err):
+            model.prepare_out_dir(self.out)
+        self.assertEqual((err.getvalue(), siblings(self.out)), (note, []))
+        return folder_bytes(self.out)
 
     def test_save_replaces_the_set(self):
-        out = self.out()
-        write_previous_run(out)
-        model.save_files(out, self.NEW)
-        self.assertEqual(folder_bytes(out), self.NEW)
-        # a run with no model.pt (an exact run) removes the previous run's, with the rest
-        model.save_files(out, {"metrics.json": b"m2", "log.jsonl": b"l2"})
-        self.assertEqual(folder_bytes(out), {"log.jsonl": b"l2", "metrics.json": b"m2"})
-        self.assertEqual((siblings(out), model.progress.phase), ([], "saved"))
+        model.save_files(self.out, self.NEW)
+        self.assertEqual((folder_bytes(self.out), siblings(self.out), model.progress.phase), (self.NEW, [], "saved"))
+        model.save_files(self.out, {"metrics.json": b"m2"})     # a run with no model.pt (--exact) removes the rest too
+        self.assertEqual(folder_bytes(self.out), {"metrics.json": b"m2"})
         self.assertEqual(model.beside("a/b/run/", "incoming"), os.path.join("a", "b", ".run.incoming"))
 
     def test_a_folder_holding_anything_else_is_refused_before_any_work(self):
@@ -3161,12 +2654,10 @@ class TestOutputFolder(unittest.TestCase):
         with open(os.path.join(out, "thesis.tex"), "w") as f:
             f.write("mine")
         code, _, err = run_main(dpo, TINY + ["--out", out, "--sft-dir", os.path.join(d, "sft")])
-        self.assertEqual(code, 2)
         self.assertIn(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt", err)
-        self.assertEqual((os.listdir(d), folder_bytes(out)), (["notes"], {"thesis.tex": b"mine"}))
-        write_previous_run(out := self.out())
-        open(os.path.join(out, ".DS_Store"), "w").close()          # what Finder leaves is no stranger's file
-        model.prepare_out_dir(out)
+        self.assertEqual((code, os.listdir(d), folder_bytes(out)), (2, ["notes"], {"thesis.tex": b"mine"}))
+        open(os.path.join(self.out, ".DS_Store"), "w").close()   # what Finder leaves is no stranger's file
+        self.mended()
 
     def test_cannot_write_is_one_line_exit_2(self):
         d = scratch("blocked")
@@ -3175,329 +2666,242 @@ class TestOutputFolder(unittest.TestCase):
         for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
             with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
                 call()
-            self.assertEqual(cm.exception.code, 2)
-            self.assertTrue(err.getvalue().startswith("error:"), err.getvalue())
+            self.assertTrue(cm.exception.code == 2 and err.getvalue().startswith("error:"), err.getvalue())
         code, _, err = run_main(dpo, TINY + ["--out", os.path.join(blocker, "sub"), "--sft-dir", os.path.join(d, "sft")])
-        self.assertEqual(code, 2)
         self.assertIn(f"cannot write to output folder {os.path.join(blocker, 'sub')!r}", err.strip().splitlines()[-1])
-        self.assertEqual(os.listdir(d), ["a-file"])
+        self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
 
     def test_killed_while_writing_leaves_the_previous_run(self):
-        out = self.out()
-        previous = write_previous_run(out)
         real = model.write
-        with mock.patch.object(model, "write", lambda p, c: (_ for _ in ()).throw(self.Killed())
-                               if p.endswith("log.jsonl") else real(p, c)), \
-                mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):       # a killed process cleans nothing up
-            model.save_files(out, self.NEW)
-        self.assertEqual(siblings(out), [".run.incoming"])
-        with quietly():
-            model.prepare_out_dir(out)                               # the next run into this folder
-        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))
+        killer = lambda p, c: (_ for _ in ()).throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
+        with mock.patch.object(model, "write", killer), mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):
+            model.save_files(self.out, self.NEW)                   # (a killed process cleans nothing up)
+        self.assertEqual(siblings(self.out), [".run.incoming"])
+        self.assertEqual(self.mended(), self.previous)
 
     def test_killed_between_the_two_renames_is_mended_by_the_next_run(self):
-        out = self.out()
-        previous = write_previous_run(out)
         real, renames = os.rename, []
-
-        def rename(src, dst):
-            if renames:
-                raise self.Killed()                                  # dies after the first rename
-            renames.append((src, dst))
-            return real(src, dst)
-
+        rename = lambda src, dst: (_ for _ in ()).throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
         with mock.patch.object(os, "rename", rename), self.assertRaises(self.Killed):
-            model.save_files(out, self.NEW)
-        self.assertFalse(os.path.exists(out))
-        self.assertEqual(siblings(out), [".run.incoming", ".run.previous"])
-        with quietly() as (_, err):
-            model.prepare_out_dir(out)
-        self.assertEqual(err.getvalue(), f"note: a save into {out} was cut short; the previous run is back in place\n")
-        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))
+            model.save_files(self.out, self.NEW)                   # dies after the first rename
+        self.assertEqual((os.path.exists(self.out), siblings(self.out)), (False, [".run.incoming", ".run.previous"]))
+        self.assertEqual(self.mended(f"note: a save into {self.out} was cut short; the previous run is back in place\n"),
+                         self.previous)
 
     def test_killed_after_the_swap_keeps_the_new_run(self):
-        out = self.out()
-        write_previous_run(out)
         with mock.patch("shutil.rmtree", side_effect=self.Killed()), self.assertRaises(self.Killed):
-            model.save_files(out, self.NEW)                          # dies removing the previous run
-        self.assertEqual(siblings(out), [".run.previous"])
-        with quietly() as (_, err):
-            model.prepare_out_dir(out)
-        self.assertEqual((folder_bytes(out), siblings(out), err.getvalue()), (self.NEW, [], ""))
+            model.save_files(self.out, self.NEW)                   # dies removing the previous run
+        self.assertEqual(siblings(self.out), [".run.previous"])
+        self.assertEqual(self.mended(), self.NEW)
 
     def test_full_disk_while_writing_leaves_the_previous_files(self):
-        out = self.out()
-        previous = write_previous_run(out)
-        real = model.write
+        real, out = model.write, self.out
 
-        def write(path, content):
-            if path.endswith("model.pt"):                            # metrics.json and log.jsonl are written by now
+        def write(path, content):        # metrics.json and log.jsonl are written by now
+            if path.endswith("model.pt"):
                 raise OSError(errno.ENOSPC, "No space left on device", path)
             return real(path, content)
 
-        args = argparse.Namespace(seed=1, out=out)
         model.progress.out = out
         with mock.patch.object(model, "write", write), quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.run(lambda: model.save_run(out, sharp_gpt(), args, {"method": "x"}, [{"step": 0}]))
-        self.assertEqual(cm.exception.code, 1)
-        self.assertEqual(err.getvalue(), f"error: no space left on device writing {out}/model.pt; nothing was saved, "
-                                         f"previous results in {out} untouched\n")
-        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))
+            model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1), {"method": "x"}, [{"step": 0}]))
+        self.assertEqual((cm.exception.code, err.getvalue()), (1, f"error: no space left on device writing {out}/model.pt; "
+                                                                  f"nothing was saved, previous results in {out} untouched\n"))
+        self.assertEqual((folder_bytes(out), siblings(out)), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
-        """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C
-        works as before once it is."""
-        out = self.out()
-        write_previous_run(out)
+        """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
+        as before once it is."""
         real, caught = os.rename, []
-
-        def rename(src, dst):
-            os.kill(os.getpid(), signal.SIGINT)                       # Ctrl-C arrives in the middle of the swap
-            return real(src, dst)
-
-        handler = lambda *a: caught.append(a)                         # what would have raised KeyboardInterrupt
+        handler = lambda *a: caught.append(a)                      # what would have raised KeyboardInterrupt
         signal.signal(signal.SIGINT, handler)
-        with mock.patch.object(os, "rename", rename):
-            model.save_files(out, self.NEW)
-        self.assertEqual(caught, [])
-        self.assertIs(signal.getsignal(signal.SIGINT), handler)
-        self.assertEqual((folder_bytes(out), siblings(out)), (self.NEW, []))
+        with mock.patch.object(os, "rename", lambda src, dst: os.kill(os.getpid(), signal.SIGINT) or real(src, dst)):
+            model.save_files(self.out, self.NEW)                   # Ctrl-C arrives in the middle of the swap
+        self.assertEqual((caught, signal.getsignal(signal.SIGINT)), ([], handler))
+        self.assertEqual((folder_bytes(self.out), siblings(self.out)), (self.NEW, []))
 
 
 class TestCheckpoint(unittest.TestCase):
     """model.save_run, model.load and model.load_checkpoint."""
 
     def test_round_trip_same_logits_plain_types(self):
-        m = sharp_gpt(14)
-        args = argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2])
-        ids = small_task(seed=14).sft_ids[:4]
-        d = os.path.join(scratch("ckpt"), "run")
-        model.save_run(d, m, args, {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
+        m, d = sharp_gpt(14), os.path.join(scratch("ckpt"), "run")
+        model.save_run(d, m, argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2]),
+                       {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
         self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
         ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
-        self.assertEqual(set(ckpt), {"model", "config", "args"})
-        self.assertEqual(model.GPTConfig(**ckpt["config"]), m.config)
+        self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
         self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None, "odd": "[1, 2]"})
         loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
-        self.assertEqual(loaded_args["beta"], 0.1)
-        self.assertFalse(loaded.training)
-        self.assertEqual(read_json(os.path.join(d, "metrics.json")), {"method": "test", "score": 0.5})
-        self.assertEqual(read_json(os.path.join(d, "log.jsonl"), lines=True), [{"step": 0, "loss": 0.7}])
+        self.assertEqual((loaded_args["beta"], loaded.training), (0.1, False))
+        self.assertEqual((read_json(os.path.join(d, "metrics.json")), read_json(os.path.join(d, "log.jsonl"), lines=True)),
+                         ({"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}]))
+        ids = small_task(seed=14).sft_ids[:4]
         with torch.no_grad():
             self.assertTrue(torch.equal(m(ids), loaded(ids)))
 
     def test_what_is_wrong_with_a_file_in_words(self):
-        d = scratch("load")
+        d, foreign = scratch("load"), io.BytesIO()
         good = os.path.join(d, "good.pt")
         torch.save({"a": torch.ones(3)}, good)
+        torch.save(nn.Linear(2, 2), foreign)
         with open(good, "rb") as f:
             whole = f.read()
-        foreign = io.BytesIO()
-        torch.save(nn.Linear(2, 2), foreign)
+        self.assertTrue(torch.equal(model.load(good)[0]["a"], torch.ones(3)) and model.load(good)[1] is None)
         for content, words in ((b"", "empty"), (whole[:len(whole) // 2], "truncated (an interrupted copy or a full disk?)"),
                                (b"\x80\x04not a torch file at all", "not a PyTorch file (unreadable or corrupt)"),
                                (foreign.getvalue(), "not a file of this project")):
-            path = os.path.join(d, "x.pt")
-            with open(path, "wb") as f:
+            with open(os.path.join(d, "x.pt"), "wb") as f:
                 f.write(content)
-            with self.subTest(words=words):
-                self.assertEqual(model.load(path)[0], None)
-                self.assertIn(words, model.load(path)[1])
-        self.assertEqual(model.load(good)[1], None)
-        self.assertTrue(torch.equal(model.load(good)[0]["a"], torch.ones(3)))
-
-    def test_corrupt_or_missing_checkpoint_exits_2(self):
-        d = scratch("ckpt")
-        bad = os.path.join(d, "model.pt")
-        with open(bad, "wb") as f:
-            f.write(b"garbage" * 20)
-        for path, words in ((bad, "not a PyTorch file"), (os.path.join(d, "missing.pt"), "no such file (train one first)")):
+            got, why = model.load(os.path.join(d, "x.pt"))
+            self.assertTrue(got is None and words in why, (words, why))
+        for path, words in ((os.path.join(d, "x.pt"), "not a file of this project"), (os.path.join(d, "no.pt"), "no such file")):
             with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
                 model.load_checkpoint(path)
-            self.assertEqual(cm.exception.code, 2)
             lines = err.getvalue().strip().splitlines()
-            self.assertEqual(len(lines), 1, lines)
-            self.assertTrue(lines[0].startswith(f"error: cannot load checkpoint {path!r}: "), lines)
-            self.assertIn(words, lines[0])
+            self.assertEqual((cm.exception.code, len(lines)), (2, 1))
+            self.assertTrue(lines[0].startswith(f"error: cannot load checkpoint {path!r}: ") and words in lines[0], lines)
 
 
 class TestSftCache(unittest.TestCase):
     """model.sft_cache (through model.sft_model): a classroom on one --sft-dir trains each SFT model once."""
 
-    def sft_model(self, task, d, steps=8, **patches):
+    def sft_model(self, task, d, steps=3, **patches):
         with quietly() as (_, err), contextlib.ExitStack() as stack:
             for name, value in patches.items():
                 stack.enter_context(mock.patch.object(model, name, value))
             m, info = model.sft_model(task, CPU, d, 0, steps, SMALL, quiet=True)
         return m, info, err.getvalue()
 
-    def test_reused_rebuilt_after_corruption_and_on_key_mismatch(self):
+    def test_reused_rebuilt_and_keyed(self):
         task, d = small_task(seed=13), scratch("cache")
-        m1, info1, _ = self.sft_model(task, d)
-        self.assertFalse(info1["cached"])
-        self.assertTrue(os.path.exists(info1["path"]))
-        self.assertLess(info1["ce_after"], info1["ce_before"])          # SFT lowers held-out CE
-        w1 = m1.state_dict()
+        m1, info1, err = self.sft_model(task, d)
+        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {info1['path']}; training the SFT model "
+                                                         f"(3 steps, once)\n"))
         # reused: loaded, not retrained (an optimiser would mean training), same weights
         m2, info2, _ = self.sft_model(task, d, Adam=mock.Mock(side_effect=AssertionError("retrained")))
         self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, info1["path"], info1["ce_after"]))
-        self.assertTrue(state_equal(w1, m2.state_dict()))
-        # corrupt: rebuilt with a one-line notice, the same weights again (same seed), then loads
-        with open(info1["path"], "wb") as f:
-            f.write(b"this is not a checkpoint\x00\xff" * 10)
-        m3, info3, err = self.sft_model(task, d)
-        self.assertFalse(info3["cached"])
-        self.assertEqual(err, f"note: SFT cache {info1['path']} is not a PyTorch file (unreadable or corrupt); rebuilding it\n")
-        self.assertTrue(state_equal(w1, m3.state_dict()))
-        self.assertTrue(self.sft_model(task, d)[1]["cached"])
-        # a cache whose stored key disagrees with this run's settings is rebuilt
+        self.assertTrue(state_equal(m1.state_dict(), m2.state_dict()))
+        # a cache whose stored key disagrees with this run's settings is rebuilt, the same weights again
         ckpt = torch.load(info1["path"], weights_only=True)
         ckpt["key"]["steps"] = 999
         torch.save(ckpt, info1["path"])
-        _, info5, err = self.sft_model(task, d)
-        self.assertFalse(info5["cached"])
-        self.assertEqual(err, f"note: SFT cache {info1['path']} is made with other settings (its key differs); rebuilding it\n")
-        self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 8)
-        # a different setting (steps, task, seed) is a different cache file
-        _, info6, err = self.sft_model(task, d, steps=3)
-        self.assertNotEqual(info6["path"], info1["path"])
-        self.assertEqual(err, f"note: no SFT cache at {info6['path']}; training the SFT model (3 steps, once)\n")
-        names = [os.path.basename(info1["path"]), os.path.basename(info6["path"])]
-        self.assertEqual(sorted(os.listdir(d)), sorted(names + [n + ".lock" for n in names]))   # no .tmp; locks stay
+        m3, info3, err = self.sft_model(task, d)
+        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {info1['path']} is made with other settings (its "
+                                                         f"key differs); rebuilding it\n"))
+        self.assertTrue(state_equal(m1.state_dict(), m3.state_dict()))
+        self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 3)
+        # a different setting (steps, task, seed) is a different cache file; no .tmp left, the lock files stay
+        info4 = self.sft_model(task, d, steps=2)[1]
+        names = [os.path.basename(info["path"]) for info in (info1, info4)]
+        self.assertEqual(sorted(os.listdir(d)), sorted(names + [n + ".lock" for n in names]))
 
     def test_corrupt_cache_notes_say_what_is_wrong(self):
         task, d = small_task(seed=24), scratch("cache")
-        _, info, _ = self.sft_model(task, d, steps=3)
+        _, info, _ = self.sft_model(task, d)
         with open(info["path"], "rb") as f:
             good = f.read()
         foreign, plain = io.BytesIO(), io.BytesIO()
         torch.save(nn.Linear(2, 2), foreign)
         torch.save({"weights": torch.zeros(2)}, plain)
         for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
-                               (b"\x80\x04not a torch file at all", "not a PyTorch file"),
+                               (b"this is not a checkpoint\x00\xff" * 10, "not a PyTorch file (unreadable or corrupt)"),
                                (foreign.getvalue(), "not a file of this project"),
                                (plain.getvalue(), "not an SFT cache of this project")]:
-            with self.subTest(words=words):
-                with open(info["path"], "wb") as f:
-                    f.write(content)
-                _, again, err = self.sft_model(task, d, steps=3)
-                self.assertFalse(again["cached"])
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertIn(words, err)
-                self.assertIn("rebuilding", err)
-                self.assertNotIn("weights_only", err)
+            with open(info["path"], "wb") as f:
+                f.write(content)
+            _, again, err = self.sft_model(task, d)
+            self.assertFalse(again["cached"])
+            self.assertTrue(err.startswith(f"note: SFT cache {info['path']} is ") and err.endswith("; rebuilding it\n"), err)
+            self.assertTrue(words in err and len(err.splitlines()) == 1 and "weights_only" not in err, err)
+        self.assertTrue(self.sft_model(task, d)[1]["cached"])
 
     def test_a_folder_at_the_cache_path_is_a_clear_error(self):
         task, d = small_task(seed=23), scratch("cache")
-        with quietly():
-            with model.sft_cache(task, CPU, d, 0, 3, SMALL) as cache:
-                path = cache.path
-        os.makedirs(path)
+        with quietly(), model.sft_cache(task, CPU, d, 0, 3, SMALL) as cache:
+            os.makedirs(cache.path)
         with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)
+            self.sft_model(task, d)
         self.assertEqual(cm.exception.code, 2)
-        self.assertIn("is a folder, not a file", err.getvalue())
 
     def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
         task, d = small_task(seed=22), scratch("cache")
         denied = OSError(errno.EACCES, "Permission denied")
         with mock.patch.object(os, "open", side_effect=denied):       # no lock file can be made: runs unlocked
-            m, info, err = self.sft_model(task, d, steps=3, write=mock.Mock(side_effect=denied))
+            m, info, err = self.sft_model(task, d, write=mock.Mock(side_effect=denied))
         self.assertFalse(info["cached"])
-        self.assertIn("could not write the SFT cache", err)
-        self.assertIn("(Permission denied); going on with the model just trained", err)
+        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the model "
+                      f"just trained", err)
         self.assertEqual(os.listdir(d), [])
-        self.sft_model(task, d, steps=3)                              # now a writable folder: the cache is made
-        with mock.patch.object(os, "open", side_effect=denied):
-            m2, info2, _ = self.sft_model(task, d, steps=3, write=mock.Mock(side_effect=denied),
-                                          Adam=mock.Mock(side_effect=AssertionError("retrained")))
-        self.assertTrue(info2["cached"])                              # read-only with a valid cache: read it
-        self.assertTrue(state_equal(m.state_dict(), m2.state_dict()))
-        _, info3, err3 = self.sft_model(task, d, steps=2, write=mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device")))
-        self.assertIn("(No space left on device)", err3)
-        self.assertFalse(info3["cached"])
+        self.sft_model(task, d)                                       # now a writable folder: the cache is made
+        with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
+            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied), Adam=mock.Mock(side_effect=AssertionError))
+        self.assertTrue(info2["cached"] and state_equal(m.state_dict(), m2.state_dict()))
+        _, info3, err = self.sft_model(task, d, steps=2, write=mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device")))
+        self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
 
 
 class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
         """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
         arrive), the others wait for its lock, then load what it saved. The lock file stays."""
-        task, d = small_task(seed=21), scratch("lock")
-        real, trained = model.Adam, []
-
-        def slow_adam(*a, **k):                                       # an optimiser is made only to train
-            trained.append(1)
-            time.sleep(0.3)
-            return real(*a, **k)
-
-        results, errors = [], io.StringIO()
-
-        def student():
-            results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True))
-
+        task, d, real, trained, results, errors = small_task(seed=21), scratch("lock"), model.Adam, [], [], io.StringIO()
+        slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.3) or real(*a, **k)   # an optimiser: training
+        threads = [threading.Thread(target=lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)))
+                   for _ in range(3)]
         with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
-            threads = [threading.Thread(target=student) for _ in range(3)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
         self.assertEqual(len(trained), 1, errors.getvalue())
         self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
-        self.assertIn("another run is training this SFT model (lock", errors.getvalue())
-        self.assertIn("waiting for it", errors.getvalue())
-        for m, _ in results[1:]:
-            self.assertTrue(state_equal(results[0][0].state_dict(), m.state_dict()))
-        path = results[0][1]["path"]
-        self.assertEqual(sorted(os.listdir(d)), sorted([os.path.basename(path), os.path.basename(path) + ".lock"]))
+        self.assertIn("note: another run is training this SFT model (lock", errors.getvalue())
+        self.assertIn(".lock); waiting for it", errors.getvalue())
+        self.assertTrue(all(state_equal(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
+        name = os.path.basename(results[0][1]["path"])
+        self.assertEqual(sorted(os.listdir(d)), [name, name + ".lock"])
 
 
 class TestPeakMemory(unittest.TestCase):
     """model.PeakMemory: what training adds to the memory in use, sampled after every training forward."""
 
     def test_samples_training_forwards_only(self):
-        policy = sharp_gpt(3).train()
-        before, ids = weights(policy), torch.ones(2, 6, dtype=torch.long)
+        policy, ids = sharp_gpt(3).train(), torch.ones(2, 6, dtype=torch.long)
+        before = weights(policy)
         torch.manual_seed(5)
         expected = torch.rand(3)
         torch.manual_seed(5)
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
-            self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers
-            self.assertTrue(state_equal(before, policy.state_dict()))     # and leaves the weights
-            self.assertTrue(all(p.grad is None for p in policy.parameters()))
-            self.assertEqual(len(spy.calls), 0)                           # the warm-up is not a training forward
+            self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
+            self.assertTrue(state_equal(before, policy.state_dict()))     # leaves the weights and no gradients,
+            self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
             with torch.no_grad():
                 policy(ids)                                               # no gradients: not
             model.frozen_copy(policy)(ids)                                # a frozen copy carries the hook: not
             policy.eval()(ids)                                            # evaluation: not
-        self.assertEqual(len(spy.calls), 1)
+        self.assertEqual((len(spy.calls), meter.mb()), (1, (meter.peak - meter.base) / 2**20))
         self.assertGreaterEqual(meter.mb(), 0.0)
-        self.assertEqual(meter.mb(), (meter.peak - meter.base) / 2**20)
 
     def test_where_the_bytes_come_from(self):
         import resource
         meter = model.PeakMemory.__new__(model.PeakMemory)
         meter.device = torch.device("cuda")
         with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:
-            self.assertEqual(meter.in_use(), 123)                         # CUDA: allocated bytes
-        self.assertEqual(allocated.call_args.args, (meter.device,))
+            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))   # CUDA: allocated bytes
         meter.device = CPU
         with mock.patch("ctypes.CDLL", side_effect=OSError("not glibc")), \
                 mock.patch.object(resource, "getrusage", return_value=mock.Mock(ru_maxrss=1000)):
-            with mock.patch.object(sys, "platform", "darwin"):
-                self.assertEqual(meter.in_use(), 1000)                    # macOS: bytes
-            with mock.patch.object(sys, "platform", "linux"):
-                self.assertEqual(meter.in_use(), 1000 * 1024)             # Linux: kilobytes
-
-    def test_the_live_heap_sees_an_allocation(self):
-        meter = model.PeakMemory.__new__(model.PeakMemory)
-        meter.device = CPU
+            for platform, want in (("darwin", 1000), ("linux", 1000 * 1024)):   # macOS: bytes; Linux: kilobytes
+                with mock.patch.object(sys, "platform", platform):
+                    self.assertEqual(meter.in_use(), want)
         try:
             import ctypes
             ctypes.CDLL("libc.so.6").mallinfo2
         except (OSError, AttributeError):
-            self.skipTest("not glibc: in_use is the peak resident set, which a test cannot move back")
+            return                                                        # not glibc: the peak resident set
         base = meter.in_use()
         big = torch.ones(8 * 2**20)                                       # 32 MB
         self.assertGreater(meter.in_use() - base, 30 * 2**20)
@@ -3510,45 +2914,37 @@ CITATION = re.compile(r"`(model|data|dpo|simpo|sppo)\.py:([A-Za-z_]\w*(?:\.[A-Za
 LABEL = re.compile(r"\[([A-Z][A-Za-z]+(?:-[A-Za-z0-9.]+)?)\](?![(\[])")     # [DPO-1], [Nash]; not a link's [text](...)
 
 
-def read_readme():
-    with open(os.path.join(REPO, "README.md")) as f:
+def read(path):
+    with open(os.path.join(REPO, path)) as f:
         return f.read()
 
 
 def defined_names(file):
-    """What a source file defines at its top level: functions, classes, constants, and Class.member."""
-    with open(os.path.join(REPO, f"{file}.py")) as f:
-        tree = ast.parse(f.read())
+    """What a source file defines at its top level (functions, classes, constants) and Class.member."""
     names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-            for item in node.body if isinstance(node, ast.ClassDef) else ():
-                targets = [item] if isinstance(item, ast.FunctionDef) else getattr(item, "targets", [getattr(item, "target", None)])
-                names.update(f"{node.name}.{getattr(t, 'name', getattr(t, 'id', None))}" for t in targets if t is not None)
-        for target in getattr(node, "targets", []) + [getattr(node, "target", None)]:
-            for name in ast.walk(target) if target is not None else ():
-                if isinstance(name, ast.Name):
-                    names.add(name.id)
+    for node in ast.parse(read(f"{file}.py")).body:
+        members = [node] + (node.body if isinstance(node, ast.ClassDef) else [])
+        for item in members:
+            prefix = f"{node.name}." if item is not node else ""
+            if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
+                names.add(prefix + item.name)
+            for target in getattr(item, "targets", []) + [getattr(item, "target", None)]:
+                names.update(prefix + n.id for n in (ast.walk(target) if target else ()) if isinstance(n, ast.Name))
     return names
 
 
 def citation_problems(text):
-    """Every `file.py:name` in `text` must name something defined in that file, and every [LABEL] must appear
-    in some source file (the labelled comments the README quotes)."""
-    names = {file: defined_names(file) for file in CODE_FILES}
-    code = ""
-    for file in CODE_FILES:
-        with open(os.path.join(REPO, f"{file}.py")) as f:
-            code += f.read()
+    """Every `file.py:name` in `text` must name something defined in that file, and every [LABEL] must appear in
+    some source file (the labelled comments the README quotes)."""
+    code = "".join(read(f"{file}.py") for file in CODE_FILES)
     return ([f"`{file}.py:{name}` names nothing defined in {file}.py" for file, name in CITATION.findall(text)
-             if name not in names[file]]
+             if name not in defined_names(file)]
             + [f"[{label}] appears in no source file" for label in LABEL.findall(text) if f"[{label}]" not in code])
 
 
 def readme_block(containing):
     """The README's ```python block that contains `containing`."""
-    found = [b.split("```", 1)[0] for b in read_readme().split("```python\n")[1:] if containing in b]
+    found = [b.split("```", 1)[0] for b in read("README.md").split("```python\n")[1:] if containing in b]
     assert len(found) == 1, f"README: {len(found)} python blocks contain {containing!r}"
     return found[0]
 
@@ -3557,79 +2953,61 @@ class TestReadme(unittest.TestCase):
     """README.md cites code by name (`file.py:name`) and by equation label ([DPO-1]), never by line number."""
 
     def test_citations_name_what_the_code_defines(self):
-        self.assertEqual(citation_problems(read_readme()), [])
+        self.assertEqual(citation_problems(read("README.md")), [])
+        self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
         # the check itself: a citation of nothing and a label no file holds are found; a link is no label
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
                                            "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
                                            "[DPO-99], [Results](#results)"),
                          ["`sppo.py:nothing_here` names nothing defined in sppo.py", "[DPO-99] appears in no source file"])
 
-    def test_the_test_command(self):
-        self.assertIn("python -m unittest test_all", read_readme())
-
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_no_line_number_citations(self):
-        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read_readme()), [])
+        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
 
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_the_commands_it_gives_name_these_classes(self):
-        named = set(re.findall(r"python -m unittest test_all\.(\w+)", read_readme()))
-        classes = {name for name, obj in globals().items() if isinstance(obj, type) and issubclass(obj, unittest.TestCase)}
-        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates",
-                              "TestSequenceLogps"}, named)
-        self.assertLessEqual(named, classes)
+        named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
+        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates", "TestSequenceLogps"}, named)
+        self.assertTrue(all(isinstance(globals().get(name), type) for name in named), named)
 
     @unittest.expectedFailure   # remove when the README rewrite lands (the command samples in batches of 64)
     def test_the_sample_snippet_prints_what_the_command_prints(self):
-        run_dir = gpt_run("dpo").dir
-        out = run_main(data, ["sample", run_dir, "--prompt", "new horror film", "-n", "5"])[1]
-        snippet = readme_block("model.load_checkpoint(")
+        run_dir, snippet = gpt_run("dpo").dir, readme_block("model.load_checkpoint(")
         self.assertIn('"out/simpo/model.pt"', snippet)
+        self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
         with quietly() as (printed, _):
             exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
-        self.assertEqual(printed.getvalue().splitlines(), out.splitlines()[:5])   # the README's lines do what it does
-        self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
+        self.assertEqual(printed.getvalue().splitlines(), run_main(data, ["sample", run_dir, "-n", "5"])[1].splitlines()[:5])
 
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
-        run_dir = gpt_run("dpo").dir
+        run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
         rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
-        recipe = readme_block("matplotlib.pyplot")
         self.assertIn('"out/dpo/log.jsonl"', recipe)
-        plt = mock.MagicMock()
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
             exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
-        drawn = {c.kwargs.get("label"): c.args for c in plt.plot.call_args_list}
-        self.assertEqual(set(drawn), {"logps/chosen", "logps/rejected"})
-        for key, (steps, values) in drawn.items():
-            self.assertEqual((list(steps), list(values)), ([r["step"] for r in rows], [r[key] for r in rows]))
+        drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
+        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows]) for k in ("logps/chosen", "logps/rejected")})
         plt.savefig.assert_called_once()
 
 
-# Each script run as a user types it, in a process of its own: the faults that need a real process (a real
-# signal, a pipe, a terminal) and the start of a run from nothing. Each costs 2-3 s of torch import, so they
-# start when the whole file runs (load_tests, below), in parallel, and the tests wait for them at the end.
-
-def process_env(**changes):
-    """A terminal's environment: stdout block-buffered (no PYTHONUNBUFFERED), plus `changes`."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    env.update(changes)
-    return env
-
+# Each script as a user types it, in a process of its own: the faults that need a real process (a signal, a
+# pipe, a terminal) and a run from nothing. Each costs 2-3 s of torch import, so they start first when the
+# whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once; finish() waits and returns a Namespace of
-    code, out and err (text). reader_leaves: stdout's reader is gone before the first line (| head, at once);
-    ctrl_c: stderr is a terminal (so the progress bar draws) and Ctrl-C comes once the bar shows a step."""
+    """`python argv...` in the repository folder, started at once, on a terminal's environment (stdout
+    block-buffered: no PYTHONUNBUFFERED); finish() waits and returns Namespace(code, out, err, raw).
+    reader_leaves: stdout's reader is gone before the first line (| head, at once); ctrl_c: stderr is a
+    terminal (so the progress bar draws) and Ctrl-C comes once the bar shows a training step."""
 
-    def __init__(self, argv, out, env, reader_leaves=False, ctrl_c=False):
-        self.out, self.ctrl_c, self.result = out, ctrl_c, None
+    def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
+        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
         stderr = subprocess.PIPE
         if ctrl_c:
-            import fcntl
-            import pty
-            import struct
-            import termios
+            import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
         self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
@@ -3638,23 +3016,22 @@ class ScriptProcess:
             self.proc.stdout.close()
         if ctrl_c:
             os.close(stderr)
-            self.seen, self.signalled = b"", False
             self.watcher = threading.Thread(target=self.watch, daemon=True)
             self.watcher.start()
 
     def watch(self):
-        while True:
-            try:
-                chunk = os.read(self.terminal, 4096)
-            except OSError:                            # the process is gone and the terminal closed
-                break
-            if not chunk:
-                break
+        while chunk := self.read_terminal():
             self.seen += chunk
             if not self.signalled and re.search(rb"DPO:[^\r\n]*\| *[1-9][0-9]*/1000000", self.seen):
                 self.proc.send_signal(signal.SIGINT)   # Ctrl-C, once a training step has run
                 self.signalled = True
         os.close(self.terminal)
+
+    def read_terminal(self):
+        try:
+            return os.read(self.terminal, 4096)
+        except OSError:                                # the process is gone and the terminal closed
+            return b""
 
     def finish(self):
         if self.result is None:
@@ -3665,9 +3042,9 @@ class ScriptProcess:
                 raise AssertionError(f"{self.proc.args} ran past 10 minutes")
             if self.ctrl_c:
                 self.watcher.join()
-                err = self.seen
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"),
-                                             err=err.decode("utf-8", "replace").replace("\r\n", "\n"), raw=out)
+            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
+            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), err=err,
+                                             raw=out or b"")
         return self.result
 
     def metrics(self):
@@ -3683,18 +3060,17 @@ def script_process(name):
     if name not in _PROCESSES:
         out = os.path.join(scratch(name), "run")
         if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
-            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, process_env(),
-                              reader_leaves=True)
+            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
         elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
-            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")],
-                              out, process_env(PYTHONIOENCODING="ascii"))
+            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")], out,
+                              PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
             p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()[0]], out,
-                              process_env(PYTHONIOENCODING="utf-8"))
+                              PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
-            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()[0]], out,
-                              process_env(), ctrl_c=True)
-            p.previous = write_previous_run(out)
+            previous = write_previous_run(out)
+            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()[0]], out, ctrl_c=True)
+            p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
 
@@ -3702,61 +3078,53 @@ def script_process(name):
 class TestScriptProcesses(unittest.TestCase):
     """Each script as a user types it; a real Ctrl-C on a terminal; a closed pipe; an ASCII terminal."""
 
-    def test_dpo(self):
-        """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and
-        the SFT model on stderr, and the same numbers as the same run in this process (same seed)."""
-        p, here = script_process("dpo").finish(), gpt_run("dpo")
-        self.assertEqual(p.code, 0, p.err[-2000:])
-        self.assertEqual(p.err.splitlines()[:2], ["device: cpu", f"SFT model: loaded from {glob_one(sft()[0])} "
-                                                                 + p.err.splitlines()[1].split(".pt ", 1)[1]])
-        self.assertIn("DPO loss [DPO-1] per step", p.out.splitlines()[0])
-        self.assertIn("│", p.out)                                          # a UTF-8 terminal: the Unicode charts
-        self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
-                                                         r"[\d.]+\) \| wrote " + re.escape(script_process("dpo").out) + "/$")
-        m = read_json(os.path.join(script_process("dpo").out, "metrics.json"))
+    def same_numbers(self, proc, here):
+        m = proc.metrics()
         self.assertEqual(m.keys(), here.metrics.keys())
-        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS},
-                         {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
-        self.assertEqual(read_json(os.path.join(script_process("dpo").out, "log.jsonl"), lines=True), here.log)
-        self.assertTrue(state_equal(model.load_checkpoint(os.path.join(script_process("dpo").out, "model.pt"))[0].state_dict(),
-                                    here.trained.state_dict()))
-        self.assertEqual(siblings(script_process("dpo").out), [])
-        for key in ("startup_seconds", "train_seconds", "eval_seconds"):
-            self.assertGreaterEqual(m[key], 0.0)
+        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS}, {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
+        self.assertEqual(read_json(os.path.join(proc.out, "log.jsonl"), lines=True), here.log)
+        self.assertTrue(state_equal(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
+        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        self.assertEqual(siblings(proc.out), [])
+
+    def test_dpo(self):
+        """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
+        SFT model on stderr, and the numbers of the same run in this process (same seed, same numbers)."""
+        proc = script_process("dpo")
+        p = proc.finish()
+        self.assertEqual(p.code, 0, p.err[-2000:])
+        self.assertEqual([line.split(" (held-out")[0] for line in p.err.splitlines()],
+                         ["device: cpu", f"SFT model: loaded from {glob_one(sft()[0])}"])
+        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
+        self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
+                                                         r"[\d.]+\) \| wrote " + re.escape(proc.out) + "/$")
+        self.same_numbers(proc, gpt_run("dpo"))
 
     def test_simpo_first_run_on_an_ascii_terminal(self):
-        """python simpo.py with an empty --sft-dir, PYTHONIOENCODING=ascii: it trains and caches the SFT model
-        (the same file, the same weights as the shared one), prints ASCII charts, and gets the numbers of the
-        same run in this process, which loaded its SFT model (cold cache or warm: the same numbers)."""
+        """python simpo.py with an empty --sft-dir, PYTHONIOENCODING=ascii: it trains and caches the SFT model (the
+        file and the weights of the shared one), prints ASCII charts, and gets the numbers of the same run in this
+        process, which loaded its SFT model (cold cache or warm: the same numbers)."""
         proc = script_process("simpo")
-        p, here = proc.finish(), gpt_run("simpo")
+        p = proc.finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         self.assertIn("SFT model: trained and saved to", p.err)
-        self.assertTrue(p.raw.isascii())
-        self.assertNotIn("?", p.out)                                     # no character replaced: the charts are ASCII
-        self.assertIn("\n" + " " * 10 + "+---\n", p.out)                 # 3 steps, 3 columns
-        self.assertEqual(p.out.splitlines()[1][10], "|")
-        m = proc.metrics()
-        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS},
-                         {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
-        cold_dir = proc.proc.args[proc.proc.args.index("--sft-dir") + 1]
-        cold, warm = glob_one(cold_dir), glob_one(sft("cyclic")[0])
+        self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
+        self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
+        self.same_numbers(proc, gpt_run("simpo"))
+        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic")[0])
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
         self.assertTrue(state_equal(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
 
     def test_sppo_exact_cyclic(self):
         """python sppo.py --exact --judge cyclic (the README's command): metrics.json only (TestSppoExact reads it)."""
         proc = script_process("sppo_exact")
-        proc.finish()
-        self.assertEqual(sorted(os.listdir(proc.out)), ["metrics.json"])
-        self.assertEqual(siblings(proc.out), [])
         self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
+        self.assertEqual((sorted(os.listdir(proc.out)), siblings(proc.out)), (["metrics.json"], []))
 
     @unittest.expectedFailure   # model.run catches a BrokenPipeError raised in main(), not the one of the last flush
     def test_a_reader_that_leaves_at_once(self):
-        """Its stdout's reader gone before the first line (block-buffered, as on a terminal's pipe): exit 0, no
-        message, the run saved."""
+        """Its stdout's reader gone before the first line, stdout block-buffered as on a pipe: exit 0, no message."""
         p = script_process("sppo_exact").finish()
         self.assertEqual((p.code, p.err), (0, ""))
 
@@ -3765,19 +3133,12 @@ class TestScriptProcesses(unittest.TestCase):
         proc = script_process("ctrl_c")
         p = proc.finish()
         self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
-        self.assertEqual(p.code, 130, p.err[-2000:])
         lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
+        self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
         self.assertRegex(lines[-1], r"^error: interrupted at step \d+ of 1000000 \(training\); previous results in "
                                     + re.escape(proc.out) + " untouched$")
         self.assertNotIn("Traceback", p.err)
-        self.assertEqual(p.out, "")                                      # nothing printed before the files are saved
         self.assertEqual((folder_bytes(proc.out), siblings(proc.out)), (proc.previous, []))
-
-
-def glob_one(folder):
-    """The one SFT cache file in a folder."""
-    (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
-    return path
 
 
 def cleanup():
@@ -3787,7 +3148,6 @@ def cleanup():
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
-import atexit   # noqa: E402  (registered here, next to what it cleans)
 atexit.register(cleanup)
 
 
