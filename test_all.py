@@ -74,19 +74,9 @@ import sppo
 # what was expected, what came, and which common mistake gives exactly what came (each mistake below is
 # computed, not guessed from the message).
 
-def t(*values, grad=False):
-    return torch.tensor(values, dtype=torch.float32, requires_grad=grad)
-
-
-def softplus(z):
-    """log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)."""
-    return math.log(1 + math.exp(z))
-
-
-def sig(z):
-    return 1.0 / (1.0 + math.exp(-z))
-
-
+t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
+softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
+sig = lambda z: 1.0 / (1.0 + math.exp(-z))
 NOT_MATCHED = "no mistake these tests know gives this: compare your code with the docstring and the derivation above it"
 NOT_FINITE = ("not finite: torch.log(torch.sigmoid(z)) is log(0) = -inf once z < -104 in float32, and its gradient "
               "is NaN; use F.logsigmoid(z), which is finite for any z")
@@ -151,10 +141,6 @@ def expect_detached(test, rewards, name):
         test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
                   f"the loss is optimised)")
 
-
-# ====================================================================================================
-# dpo.py and simpo.py: the objectives (write it yourself: python -m unittest test_all.TestDPOLoss)
-# ====================================================================================================
 DPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # each [B]
 
 
@@ -529,8 +515,7 @@ class TestSequenceLogps(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.m = sharp_gpt(4)
-        task = small_task(seed=5)
+        cls.m, task = sharp_gpt(4), small_task(seed=5)
         cls.ids, cls.mask = task.sft_ids[:5], task.sft_mask[:5]    # BOS prompt SEP response EOS PAD...
 
     def loop_logps(self, ids, mask):
@@ -581,9 +566,7 @@ class TestSequenceLogps(unittest.TestCase):
 
     def test_lengths_count_the_response_and_its_eos(self):
         prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        r1 = data.encode("great acting") + [data.EOS_ID]                      # 2 words + EOS = 3 tokens
-        r2 = data.encode("the plot was dull and boring") + [data.EOS_ID]      # 6 words + EOS = 7 tokens
-        ids = torch.cat([prompt, torch.tensor([r1 + [data.PAD_ID] * 5, r2 + [data.PAD_ID] * 1])], dim=1)
+        ids = torch.cat([prompt, responses_of("great acting", "the plot was dull and boring")[:, :8]], dim=1)   # 2, 6 words
         mask = torch.zeros_like(ids)
         mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
         with torch.no_grad():
@@ -596,8 +579,7 @@ class TestSequenceLogps(unittest.TestCase):
                      self.mistakes(ids, mask), atol=1e-3, rtol=0)
 
     def test_extra_right_padding_changes_nothing(self):
-        ids = F.pad(self.ids, (0, 6))     # PAD is id 0
-        mask = F.pad(self.mask, (0, 6))
+        ids, mask = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6))     # PAD is id 0
         with torch.no_grad():
             a, la = self.logps(self.ids, self.mask)
             b, lb = self.logps(ids, mask)
@@ -879,56 +861,38 @@ def with_weights(state, cfg=SMALL):
 # ====================================================================================================
 
 class TestGPT(unittest.TestCase):
-    def test_size_vocabulary_and_weight_tying(self):
-        m = model.GPT(model.GPTConfig())
-        self.assertEqual(model.GPTConfig().vocab_size, len(data.VOCAB))
-        self.assertTrue(5e4 <= model.num_params(m) <= 1e6, model.num_params(m))
-        self.assertIs(m.lm_head.weight, m.wte.weight)
-
-    def test_causal_mask(self):
-        """Changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)."""
-        m, g = sharp_gpt(0), torch.Generator().manual_seed(1)
-        ids = torch.randint(4, len(data.VOCAB), (3, 12), generator=g)
+    def test_size_tying_causal_mask_and_kv_cache(self):
+        m, g = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1)
+        self.assertIs(m.lm_head.weight, m.wte.weight)                                     # weight tying
+        self.assertTrue(5e4 <= model.num_params(m) <= 1e6 and model.GPTConfig().vocab_size == len(data.VOCAB))
+        # changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)
+        m, ids = sharp_gpt(0), torch.randint(4, len(data.VOCAB), (3, 15), generator=g)
         changed = ids.clone()
         changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
         with torch.no_grad():
-            a, b = m(ids), m(changed)
+            a, b, caches = m(ids), m(changed), [dict() for _ in m.blocks]
+            # the prompt through the key/value cache in one pass, then one token at a time: the full pass's logits
+            parts = [m(ids[:, :5], caches)] + [m(ids[:, i:i + 1], caches) for i in range(5, ids.shape[1])]
         torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-5)
         self.assertGreater((a[:, 7:] - b[:, 7:]).abs().max().item(), 1e-2)
-
-    def test_kv_cache_matches_full_forward(self):
-        """Prompt through the cache in one pass, then one token at a time: the same logits as one full pass."""
-        m, g = sharp_gpt(2), torch.Generator().manual_seed(3)
-        ids = torch.randint(4, len(data.VOCAB), (2, 15), generator=g)
-        with torch.no_grad():
-            caches = [dict() for _ in m.blocks]
-            parts = [m(ids[:, :5], caches)] + [m(ids[:, i:i + 1], caches) for i in range(5, ids.shape[1])]
-            torch.testing.assert_close(torch.cat(parts, dim=1), m(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat(parts, dim=1), a, rtol=1e-4, atol=1e-4)
 
 
 class TestPairLogps(unittest.TestCase):
-    def test_equals_two_separate_calls(self):
-        """One forward pass over the stacked batch, the two sides padded to one width: what two calls give."""
+    def test_one_pass_equals_two_calls_and_batches_change_nothing(self):
+        """pair_logps: the stacked batch, the sides padded to one width; sequence_logps_all: in batches, trimmed."""
         m, task = sharp_gpt(4), small_task(seed=5)
         chosen = model.trim(task.sft_ids[:3], task.sft_mask[:3])
-        rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))
-        self.assertNotEqual(chosen[0].shape[1], rejected[0].shape[1])     # the padding path is exercised
+        rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))   # another width
         with torch.no_grad():
             pc, pr, lc, lr = model.pair_logps(m, *chosen, *rejected)
             (sc, slc), (sr, slr) = model.sequence_logps(m, *chosen), model.sequence_logps(m, *rejected)
         torch.testing.assert_close((pc, pr), (sc, sr), rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr))
-
-
-class TestSequenceLogpsAll(unittest.TestCase):
-    def test_batches_and_trimming_change_nothing(self):
-        m, task = sharp_gpt(36), small_task(seed=27)
+        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr) and chosen[0].shape[1] != rejected[0].shape[1])
         ids, mask = F.pad(task.sft_heldout_ids, (0, 4)), F.pad(task.sft_heldout_mask, (0, 4))   # 4 PAD columns more
         logps, lengths = model.sequence_logps_all(m, ids, mask, batch_size=5)   # 16 rows: batches of 5, 5, 5, 1
         torch.testing.assert_close(logps, logps_of(m, ids, mask), rtol=0, atol=1e-4)
         self.assertTrue(torch.equal(lengths, mask[:, 1:].sum(1).float()) and not logps.requires_grad)
-        ids = torch.tensor([[1, 5, 0, 0, 0], [1, 5, 6, 0, 0]])
-        self.assertEqual([t.tolist() for t in model.trim(ids, ids * 2)], [[[1, 5, 0], [1, 5, 6]], [[2, 10, 0], [2, 10, 12]]])
 
 
 class TestSample(unittest.TestCase):
@@ -945,34 +909,24 @@ class TestSample(unittest.TestCase):
         return model.sample(m or cls.m, cls.prompts if prompts is None else prompts, n, data.EOS_ID,
                             data.BANNED_IN_RESPONSE, generator=model.make_generator(CPU, seed), **kw)
 
-    def test_reproducible_and_the_global_rng_untouched(self):
-        self.assertTrue(torch.equal(self.a, self.b))
-        self.assertFalse(torch.equal(self.a, self.c))
+    def test_reproducible_cache_or_not_and_the_global_rng_untouched(self):
+        self.assertTrue(torch.equal(self.a, self.b) and not torch.equal(self.a, self.c) and torch.equal(self.a, self.uncached))
         self.assertTrue(torch.equal(self.rng, self.rng_after))
-
-    def test_cache_and_no_cache_give_identical_samples(self):
-        self.assertTrue(torch.equal(self.a, self.uncached))
-
-    def test_batches_continue_one_generator(self):
-        """Batches of 64 give the first 64 rows whatever follows them (data.py sample's -n relies on it)."""
-        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))
+        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # batches: one stream
 
     def check_rows(self, ys):
         """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
-        ends = []
-        for row in ys.tolist():
-            e = row.index(data.EOS_ID)
-            ends.append(e)
-            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]), row)
-            self.assertTrue(all(t not in data.BANNED_IN_RESPONSE for t in row[:e]), row)
+        ends = [row.index(data.EOS_ID) for row in ys.tolist()]
+        for row, e in zip(ys.tolist(), ends):
+            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]) and not set(row[:e]) & set(data.BANNED_IN_RESPONSE), row)
         return torch.tensor(ends, dtype=torch.float64)
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
         for ys in (self.a, self.c):
             self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
             self.check_rows(ys)
-        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP):
-        # both ways of ending occur, EOS drawn early and EOS forced at the last position
+        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
+        # of ending occur, EOS drawn early and EOS forced at the last position
         probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
@@ -989,8 +943,7 @@ class TestSample(unittest.TestCase):
         row[good], row[bad] = math.log(0.75), math.log(0.25)
         draw = lambda **kw: self.draw(0, torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long), Bigram(row), 2, **kw)
         ys = draw()
-        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all())
-        self.assertTrue((ys[:, 1] == data.EOS_ID).all())        # closed by force at max_new_tokens
+        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())   # forced EOS
         # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
         self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
         self.assertLess(abs((draw(temperature=0.5)[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
@@ -1019,10 +972,9 @@ class TestAdam(unittest.TestCase):
 
 
 class TestSftModel(unittest.TestCase):
-    """model.sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (the
-    cache it keeps: TestSftCache, in the run contract)."""
-
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
+        """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
+        TestSftCache, in the run contract); sft_ce per response token, in float64 on the CPU."""
         task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
@@ -1037,14 +989,9 @@ class TestSftModel(unittest.TestCase):
         self.assertLess(info["ce_after"], info["ce_before"])
         self.assertEqual((info["steps"], info["cached"], m.training), (steps, False, False))
         # a linear warm-up over 20 steps, then a cosine decay to 0
-        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
-                               for s in range(steps)])
-
-    def test_sft_ce_is_per_response_token_in_float64_on_the_cpu(self):
-        m, task = sharp_gpt(36), small_task(seed=27)
+        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
         ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
-        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item()
-                               / mask[:, 1:].sum().item(), places=4)
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item(), places=4)
         on_mps = mock.Mock(cpu=lambda: torch.tensor([-3.0, -5.0]),
                            double=mock.Mock(side_effect=AssertionError("float64 on the device: MPS has none")))
         with mock.patch.object(model, "sequence_logps_all", return_value=(on_mps, torch.tensor([2.0, 2.0]))):
@@ -1068,30 +1015,24 @@ class TestTablePolicy(unittest.TestCase):
     def setUp(self):
         self.ex, g = data.ExactTask(), torch.Generator().manual_seed(0)
         self.table = self.ex.table(torch.softmax(2 * torch.randn(self.ex.n, generator=g, dtype=torch.float64), 0))
+        self.listed = lambda index: data.join(self.ex.prompts.expand(len(index), -1), self.ex.responses[index])
 
-    def listed(self, index=None):
-        responses = self.ex.responses if index is None else self.ex.responses[index]
-        return data.join(self.ex.prompts.expand(len(responses), -1), responses)
-
-    def test_sequence_logps_telescope_to_the_table(self):
+    def test_sequence_and_pair_logps_telescope_to_the_table(self):
         ex, table = self.ex, self.table
-        ids, mask = self.listed()
+        ids, mask = self.listed(torch.arange(ex.n))
         logps, lengths = model.sequence_logps(table, ids, mask)
         want = table.logits.detach() - torch.logsumexp(table.logits.detach(), 0)      # theta_y - logsumexp(theta)
         torch.testing.assert_close(logps.double(), want, atol=2e-5, rtol=0)
         torch.testing.assert_close((table.log_probs().detach(), table.probs()), (want, want.exp()))
         self.assertEqual(lengths.tolist(), (ex.words + 1).float().tolist())           # |y|: words and EOS
         torch.testing.assert_close(model.sequence_logps(table, F.pad(ids, (0, 6)), F.pad(mask, (0, 6)))[0], logps)
+        chosen, rejected, _ = ex.population_pairs()
+        pc, pr, lc, lr = model.pair_logps(table, *self.listed(chosen), *self.listed(rejected))
+        torch.testing.assert_close((pc.double(), pr.double()), (want[chosen], want[rejected]), atol=2e-5, rtol=0)
+        self.assertEqual(lc.tolist(), (ex.words[chosen] + 1).float().tolist())
         # d/dtheta of sum_y log pi(y) = 1 - C pi: the gradient flows through forward like through log_softmax
         logps.sum().backward()
         torch.testing.assert_close(table.logits.grad, 1 - ex.n * table.probs(), atol=1e-4, rtol=0)
-
-    def test_pair_logps_are_two_entries_of_the_table(self):
-        chosen, rejected, _ = self.ex.population_pairs()
-        pc, pr, lc, lr = model.pair_logps(self.table, *self.listed(chosen), *self.listed(rejected))
-        logps = self.table.log_probs().detach()
-        torch.testing.assert_close((pc.double(), pr.double()), (logps[chosen], logps[rejected]), atol=2e-5, rtol=0)
-        self.assertEqual(lc.tolist(), (self.ex.words[chosen] + 1).float().tolist())
 
     def test_a_response_off_the_list_has_no_mass(self):
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
@@ -1107,23 +1048,17 @@ class TestTablePolicy(unittest.TestCase):
         self.assertTrue((index >= 0).all())                        # every sample is a listed review
         freq = torch.bincount(index, minlength=self.ex.n).double() / n
         self.assertTrue(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all(), (freq - p).abs().max())
-        with self.assertRaises((AssertionError, AttributeError)):  # no key/value cache: use_cache=False
-            sample(2)
+        self.assertRaises((AssertionError, AttributeError), sample, 2)   # no key/value cache: use_cache=False
 
 
 class TestMinimise(unittest.TestCase):
-    """model.minimise: Newton's method on a few dozen float64 numbers, to the digits float64 can see."""
-
-    def test_finds_a_known_minimum(self):
+    def test_newton_finds_known_minima(self):
         x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)     # an ill-conditioned quadratic
-        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum()), 1e-15)
+        target, scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum()), 1e-15)   # an ill-conditioned quadratic
         torch.testing.assert_close(x.detach(), target)
-
-    def test_a_softmax_fit_where_the_hessian_is_singular(self):
-        """Cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant
-        (along which H is singular), and the loss there is the entropy of p, whatever the weights span."""
+        # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
+        # which H is singular), and the loss there is the entropy of p, whatever the weights span
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
         theta, one = (nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
         loss = model.minimise(theta, lambda: -(p * torch.log_softmax(theta, 0)).sum())
@@ -1157,17 +1092,13 @@ class TestVocabulary(unittest.TestCase):
 
 
 class TestScore(unittest.TestCase):
-    def test_worked_example(self):
-        # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2
-        self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_A), (2 - 0) / 8, places=6)
-        self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_B), (1 - 1) / 6, places=6)
-        self.assertAlmostEqual(data.score("", "terrible boring script"), (0 - 2) / 3, places=6)
+    def test_worked_example_and_word_counts(self):
+        # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2; the prompt changes nothing
+        self.assertEqual([round(data.score("classic comedy film", r), 6) for r in (EXAMPLE_A, EXAMPLE_B, "terrible boring script")],
+                         [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
         self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
-
-    def test_matches_word_count_on_task_pairs(self):
-        """score_responses and response_lengths against counting the words of the decoded text."""
         task, pos, neg = small_task(seed=7), set(data.POSITIVE), set(data.NEGATIVE)
-        for side in ("chosen", "rejected"):
+        for side in ("chosen", "rejected"):      # score_responses and response_lengths against counting words
             for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
                 words = data.decode(row[data.PROMPT_LEN:]).split()
                 self.assertAlmostEqual(s.item(), (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words), places=6)
@@ -1184,9 +1115,7 @@ class TestScore(unittest.TestCase):
 
 
 class TestOracle(unittest.TestCase):
-    """data.preference_prob and data.oracle: Bradley-Terry on the hidden score."""
-
-    def test_symmetry_and_direction(self):
+    def test_bradley_terry_symmetry_direction_and_worked_example(self):
         g = torch.Generator().manual_seed(0)
         sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
         for tau in (0.05, 0.2, 1.0):
@@ -1196,25 +1125,20 @@ class TestOracle(unittest.TestCase):
         self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
         self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())   # sharper
         self.assertAlmostEqual(data.oracle("x", EXAMPLE_A, EXAMPLE_B) + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
-        # the worked example: sigmoid((0.25 - 0.0) / 0.2)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
 class TestCyclicJudge(unittest.TestCase):
-    """data.school_of and data.cyclic_preference_prob: three schools that beat each other round a circle."""
-
-    def test_school_is_the_nouns_a_review_uses_most(self):
+    def test_schools_and_the_circle(self):
         cases = [("great plot", 0), ("the acting and cast was dull", 1), ("music scenes and the plot", 2),
                  ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
-                 ("characters characters plot", 1)]
+                 ("characters characters plot", 1)]        # the school is the nouns a review uses most
         self.assertEqual(data.school_of(responses_of(*[c[0] for c in cases])).tolist(), [c[1] for c in cases])
         self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score changes
-
-    def test_the_oracle_goes_round_in_a_circle(self):
         p, s = 0.9, torch.tensor([0, 1, 2, data.NO_SCHOOL])
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
-        torch.testing.assert_close(prefs + prefs.T, torch.ones(4, 4, dtype=torch.float64))   # constant-sum
-        torch.testing.assert_close(prefs.diagonal(), torch.full((4,), 0.5, dtype=torch.float64))
+        torch.testing.assert_close((prefs + prefs.T, prefs.diagonal()),           # constant-sum, ties with itself
+                                   (torch.ones(4, 4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)))
         for i in range(3):          # story > acting > craft > story, and any school beats none
             self.assertEqual((prefs[i, (i + 1) % 3].item(), prefs[i, 3].item()), (p, p))
         # no reward can represent it: Bradley-Terry log-odds around any cycle add up to 0, these to 3 logit(p)
@@ -1227,11 +1151,9 @@ class TestCyclicJudge(unittest.TestCase):
 class TestJudgeProb(unittest.TestCase):
     def test_the_one_judge_of_every_preference(self):
         a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
-        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)
-        # scores 2/5 and -1/2 against 0 and 1/4; lengths 5, 2 against 2, 4
-        quality = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)]
-        got = data.judge_prob(a, b, cfg)                    # the evaluation's: quality only, float32
-        self.assertEqual(got.dtype, torch.float32)
+        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words against 2, 4
+        quality, got = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)], data.judge_prob(a, b, cfg)
+        self.assertEqual(got.dtype, torch.float32)          # the evaluation's: quality only
         torch.testing.assert_close(got, torch.tensor(quality))
         torch.testing.assert_close(data.judge_prob(a, b, cfg, cfg.length_bias, torch.float64),   # the raters'
                                    torch.tensor([sig(0.8 + 0.1 * 3), sig(-1.5 + 0.1 * -2)], dtype=torch.float64))
@@ -1241,54 +1163,41 @@ class TestJudgeProb(unittest.TestCase):
 
 
 class TestExploitability(unittest.TestCase):
-    """data.exploitability [Nash], data.school_shares and data.school_exploitability."""
-
     def test_zero_exactly_at_the_equilibrium(self):
-        p, s = 0.9, torch.arange(3)
+        p, s, g, v = 0.9, torch.arange(3), torch.Generator().manual_seed(0), lambda *x: torch.tensor(x, dtype=torch.float64)
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
-        self.assertAlmostEqual(data.exploitability(torch.full((3,), 1 / 3, dtype=torch.float64), prefs), 0.0, places=12)
+        self.assertAlmostEqual(data.exploitability(v(1 / 3, 1 / 3, 1 / 3), prefs), 0.0, places=12)
         # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
         self.assertAlmostEqual(data.exploitability([0.6, 0.3, 0.1], prefs), 0.62 - 0.5, places=12)
         self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
-        g = torch.Generator().manual_seed(0)
         for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
             self.assertGreater(data.exploitability(torch.softmax(torch.randn(3, generator=g), 0), prefs), 1e-4)
-
-    def test_from_school_shares(self):
-        shares = lambda *v: torch.tensor(v, dtype=torch.float64)
-        self.assertAlmostEqual(data.school_exploitability(shares(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
-        # craft against (0.6, 0.3, 0.1, none 0): 0.9 * 0.6 + 0.1 * 0.3 + 0.5 * 0.1 = 0.62
-        self.assertAlmostEqual(data.school_exploitability(shares(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
-        # a review with no school loses to all: writing some makes any school's reply stronger
-        self.assertGreater(data.school_exploitability(shares(0.3, 0.3, 0.3, 0.1)), 0.0)
+        # from school shares (story, acting, craft, none); a review with no school loses to all
+        self.assertAlmostEqual(data.school_exploitability(v(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
+        self.assertAlmostEqual(data.school_exploitability(v(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
+        self.assertGreater(data.school_exploitability(v(0.3, 0.3, 0.3, 0.1)), 0.0)
         torch.testing.assert_close(data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting")),
-                                   shares(0.2, 0.2, 0.2, 0.4))
+                                   v(0.2, 0.2, 0.2, 0.4))
 
 
 class TestTask(unittest.TestCase):
-    def test_reproducible_with_a_seed(self):
+    def test_reproducible_and_heldout_prompts_disjoint(self):
         tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask, task.sft_heldout_ids,
                                 task.sft_heldout_mask, *task.pairs.values(), *task.heldout_pairs.values()]
         a, b, c = (tensors(small_task(seed=s)) for s in (3, 3, 4))
-        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)))
-        for i in (0, 2, 6):     # the prompts, the demonstrations, the pairs
-            self.assertFalse(torch.equal(a[i], c[i]))
-
-    def test_heldout_prompts_disjoint_from_train(self):
-        task, P = small_task(seed=8), data.PROMPT_LEN
-        rows = lambda t: {tuple(r.tolist()) for r in t}
+        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)) and not any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
+        task, P, rows = small_task(seed=8), data.PROMPT_LEN, lambda t: {tuple(r.tolist()) for r in t}
         train, held = rows(task.train_prompts), rows(task.heldout_prompts)
         self.assertEqual((len(train & held), len(train) + len(held)), (0, len(data.DECADES) * len(data.GENRES) * len(data.NOUNS)))
         for ids, pool in ((task.sft_ids, train), (task.pairs["chosen_ids"], train), (task.sft_heldout_ids, held),
-                          (task.heldout_pairs["chosen_ids"], held)):
+                          (task.heldout_pairs["chosen_ids"], held), (task.eval_prompts(50), held)):
             self.assertLessEqual(rows(ids[:, :P]), pool)
-        self.assertLessEqual(rows(task.eval_prompts(50)), held)
         self.assertEqual(len(rows(task.eval_prompts(500))), len(held))           # cycling through all of them
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not
-        at chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
+        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not at
+        chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
@@ -1297,19 +1206,15 @@ class TestTask(unittest.TestCase):
         self.assertLess(abs(observed - expected), 5 * math.sqrt(expected * (1 - expected) / differ.sum().item()))
         self.assertLess(observed, 0.97)
 
-    def test_length_bias_knob(self):
+    def test_length_bias_and_pair_style_knobs(self):
         words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
         plain, biased = (data.Task(data.TaskConfig(n_demos=8, n_pairs=2000, n_heldout=8, length_bias=b), seed=10).pairs
                          for b in (0.0, 0.5))
         gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
         self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
-        self.assertGreater(gap(biased), 2.0)
-        self.assertLess(abs(gap(plain)), 1.0)     # unbiased raters: no systematic length gap
-
-    def test_pair_style_knob(self):
+        self.assertTrue(gap(biased) > 2.0 and abs(gap(plain)) < 1.0)     # unbiased raters: no systematic length gap
         style = torch.as_tensor(data.STYLE_IDS)
-        share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum()
-                             / data.response_lengths(ids[:, data.PROMPT_LEN:]).sum()).item()
+        share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum() / words(ids).sum()).item()
         plain, styled = (data.Task(data.TaskConfig(n_demos=500, n_pairs=1000, n_heldout=8, pair_style=s), seed=11)
                          for s in (0.0, 1.0))
         self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT data: its own style
@@ -1317,11 +1222,11 @@ class TestTask(unittest.TestCase):
         for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge ignores style
             self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
 
-    def test_cyclic_demonstrations_have_a_school_in_unequal_shares(self):
-        responses = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=8, n_heldout=8)).sft_ids[:, data.PROMPT_LEN:]
+    def test_the_cyclic_task(self):
+        task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=8), seed=0)
+        responses = task.sft_ids[:, data.PROMPT_LEN:]              # every demonstration has a school, in unequal shares
         self.assertTrue((data.school_of(responses) >= 0).all())
-        for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0)):
-            self.assertAlmostEqual(got, want, delta=0.03)
+        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0))))
         # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
         rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
         plain = data._random_responses(rng_a, 200, 0.5, 0.0)
@@ -1329,10 +1234,8 @@ class TestTask(unittest.TestCase):
         self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
         nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
         self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())       # only nouns and one more word change
-
-    def test_cyclic_pairs_are_labelled_by_the_cyclic_oracle(self):
-        pairs = data.Task(data.TaskConfig(judge="cyclic", n_demos=8, n_pairs=3000, n_heldout=8), seed=0).pairs
-        chosen, rejected = (data.school_of(pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
+        # the pairs are labelled by the cyclic oracle
+        chosen, rejected = (data.school_of(task.pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
         count = lambda w, l: ((chosen == w) & (rejected == l)).sum().item()
         n = count(0, 1) + count(1, 0)
         self.assertGreater(n, 500)
@@ -1346,21 +1249,18 @@ class TestStartRun(unittest.TestCase):
         args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style", "0.5",
                                       "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"), "--sft-dir",
                                       os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16", "--lr", "0.02"])
-        small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
         model.progress.lr = None
         with quietly() as (_, err):
             device, task, policy, info = data.start_run(args)
             want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
-            # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if
-            # start_run trained with this seed, these steps and these demonstrations
+            # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
+            # trained with this seed, these steps, these demonstrations and this size
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
-                again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, small)
+                again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
         self.assertIn(f"SFT model: trained and saved to {info['path']}", err.getvalue())
-        self.assertEqual((device, task.config), (CPU, want.config))
-        for key in ("chosen_ids", "rejected_ids"):
-            self.assertTrue(torch.equal(task.pairs[key], want.pairs[key]), key)
-        self.assertTrue(torch.equal(task.sft_ids, want.sft_ids))
-        self.assertEqual((info["steps"], info["path"]), (2, again_info["path"]))
+        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, again_info["path"]))
+        self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
+        self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
         self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
         self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
         self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
@@ -1379,7 +1279,7 @@ class TestJoin(unittest.TestCase):
 
 
 class TestPairBatch(unittest.TestCase):
-    def test_trims_only_padding(self):
+    def test_trims_only_padding_and_keeps_pairs_sides_and_order(self):
         task, m, idx = small_task(seed=6), sharp_gpt(4), torch.arange(6)
         batch, full = data.pair_batch(task.pairs, idx, CPU), task.pairs
         for side in ("chosen", "rejected"):
@@ -1390,40 +1290,30 @@ class TestPairBatch(unittest.TestCase):
             torch.testing.assert_close(model.pair_logps(m, **batch), model.pair_logps(
                 m, full["chosen_ids"][idx], full["chosen_mask"][idx], full["rejected_ids"][idx], full["rejected_mask"][idx]),
                 rtol=0, atol=1e-4)
-
-
-class TestPairLogpsAll(unittest.TestCase):
-    def test_keeps_pairs_sides_and_order(self):
-        m, pairs = sharp_gpt(37), small_task(seed=28).pairs                     # 16 pairs, in batches of 5
-        torch.testing.assert_close(data.pair_logps_all(m, pairs, CPU, batch_size=5), (
-            logps_of(m, pairs["chosen_ids"], pairs["chosen_mask"]), logps_of(m, pairs["rejected_ids"], pairs["rejected_mask"]),
-            pairs["chosen_mask"][:, 1:].sum(1).float(), pairs["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
+        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), (   # pair_logps_all: 16 pairs, by 5
+            logps_of(m, full["chosen_ids"], full["chosen_mask"]), logps_of(m, full["rejected_ids"], full["rejected_mask"]),
+            full["chosen_mask"][:, 1:].sum(1).float(), full["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
 
 
 class TestEvaluate(unittest.TestCase):
-    """data.heldout_reviews, win_rate, evaluate_sft and evaluate, with models whose answers are known: which way
-    round the win rate is, the sign of the KL, whose samples are whose, which prompts and seeds."""
+    """data.heldout_reviews, win_rate, evaluate_sft and evaluate, with models whose answers are known."""
 
     def both(self, policy, sft_model, task, n, seed):
         side = data.evaluate_sft(sft_model, task, CPU, n, seed)
         return side, data.evaluate(policy, sft_model, side, task, CPU, n, seed)
 
-    def test_writer_of_positive_words_beats_writer_of_negative_ones(self):
-        """Every policy review scores +1 and every SFT review -1, so each comparison is sigmoid((1 - (-1)) / tau):
-        near 1 one way round, near 0 the other, with the task's own tau."""
+    def test_which_way_round_and_the_kl(self):
+        """Every policy review scores +1 and every SFT review -1: each comparison is sigmoid(2 / tau), near 1 one way
+        round, near 0 the other. A policy that writes one positive word of 16 against an SFT model that writes one
+        word of 32: log pi(y|x) - log sft(y|x) = log 2 on every review, so KL(policy || SFT) is log 2."""
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
             _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
             self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy review > SFT review), tau")
             self.assertEqual((r["score"], r["sft_score"], r["length"], r["sft_win_rate_vs_sft"]), (1.0, -1.0, 1.0, 0.5))
-            self.assertGreater(r["sft_length"], 2.0)                  # the SFT model's reviews: about 4 words
-            self.assertGreater(r["kl_to_sft"], 100.0)                 # the SFT model cannot write positive words
+            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it cannot write positive ones
             self.assertAlmostEqual(self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)[1]["win_rate_vs_sft"],
                                    sig(-2 / tau), places=5)
-
-    def test_kl_in_closed_form_and_its_sign(self):
-        """The policy writes one positive word (16 to choose from) and stops; the SFT model one word of 32: every
-        policy review has log pi(y|x) - log sft(y|x) = log 2, so the estimate of KL(policy || SFT) is log 2."""
         task, g = small_task(seed=21), torch.Generator().manual_seed(0)
         kl = lambda a, b, n=64: self.both(a, b, task, n, 4)[1]["kl_to_sft"]
         self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
@@ -1441,8 +1331,8 @@ class TestEvaluate(unittest.TestCase):
         self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
-        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
-        meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy meets),
+        the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
@@ -1459,24 +1349,22 @@ class TestEvaluate(unittest.TestCase):
         self.assertAlmostEqual(r["kl_to_sft"], (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item(), places=4)
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
-    def test_sft_win_rate_is_the_sft_model_scored_as_a_policy(self):
-        """sft_win_rate_vs_sft is what win_rate_vs_sft is when the policy is the SFT model: measured (not 1/2 by
-        fiat), and every policy meets the same SFT reviews."""
+    def test_the_sft_side_and_the_game(self):
+        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and every
+        policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
         self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
         r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
         self.assertTrue(r["sft_win_rate_vs_sft"] == side["sft_win_rate_vs_sft"] and torch.equal(r["sft_samples"], side["sft_samples"]))
-
-    def test_the_cyclic_judge_reports_the_game(self):
+        self.assertFalse({"exploitability", "sft_exploitability"} & set(r))    # the default judge: no game
         side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
         self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(
             data.school_of(r["samples"]), data.school_of(r["sft_samples"])).mean().item(), places=6)
         for prefix, samples in (("", r["samples"]), ("sft_", r["sft_samples"])):
             self.assertEqual(r[f"{prefix}school_shares"], data.school_shares(samples).tolist())
             self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(data.school_shares(samples)), places=12)
-        self.assertFalse({"exploitability", "sft_exploitability"} & set(self.both(sharp_gpt(1), sharp_gpt(2), small_task(), 8, 3)[1]))
 
 
 class TestPairLogRow(unittest.TestCase):
@@ -1489,33 +1377,25 @@ class TestPairLogRow(unittest.TestCase):
 
 
 class TestRankingMetrics(unittest.TestCase):
-    def test_constructed_case(self):
-        chosen_rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
-        rejected_rewards = torch.tensor([0.0, 3.0, 2.0, 5.0])      # reward puts y_w first: T F T F -> 0.5
-        chosen_logps, chosen_lengths = torch.tensor([-8.0, -8.0, -6.0, -4.0]), torch.tensor([8.0, 4.0, 3.0, 2.0])  # -1 -2 -2 -2
-        rejected_logps, rejected_lengths = torch.tensor([-4.0, -3.0, -2.0, -1.0]), torch.tensor([2.0, 3.0, 2.0, 1.0])  # T F F F
-        m = data.ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
-        # agreement of T F T F with T F F F: 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
+    def test_constructed_cases_and_ties(self):
+        cr, rr = t(1.0, 2.0, 3.0, 4.0), t(0.0, 3.0, 2.0, 5.0)       # the reward puts y_w first: T F T F -> 0.5
+        # average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F; agreement with T F T F: 3 of 4 (the SUMMED
+        # log-probs, F F F F, would give 2 of 4)
+        m = data.ranking_metrics(cr, rr, t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0), t(2.0, 3.0, 2.0, 1.0))
         self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (2 / 4, 3 / 4))
-        # a tie in reward is not a correct ordering
         m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
-        self.assertEqual(m["reward_accuracy"], 1 / 2)
-        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose)
-        m = data.ranking_metrics(chosen_rewards, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0),
-                                 torch.full((4,), 4.0), torch.ones(4))                 # T T T F against T T T T
+        self.assertEqual(m["reward_accuracy"], 1 / 2)              # a tie in reward is not a correct ordering
+        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); T T T F against T T T T
+        m = data.ranking_metrics(cr, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0), torch.full((4,), 4.0), torch.ones(4))
         self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (3 / 4, 3 / 4))
-
-    def test_ties_order_nothing(self):
-        """A reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
-        pair and agrees with the likelihood on none, whichever way the likelihood orders them."""
+        # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no pair
+        # and agrees with the likelihood only where the likelihood ties too (the third pair)
         zero = torch.zeros(4)
         m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))   # the third: the likelihood ties too
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))
 
 
 class TestPrintSummary(unittest.TestCase):
-    """data.print_summary: the SFT model's column as the evaluation measured it, beside the policy's."""
-
     def table(self, note=None, **more):
         empty = torch.zeros(4, 3, dtype=torch.long)
         metrics = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486, "win_rate_vs_sft": 0.93,
@@ -1527,19 +1407,16 @@ class TestPrintSummary(unittest.TestCase):
         text = out.getvalue()
         return {line.split("  ")[0]: line.split()[-2:] for line in text.split("\n\nHeld-out")[0].splitlines()[2:]}, text
 
-    def test_sft_column_is_measured_not_assumed(self):
+    def test_the_sft_column_as_measured_beside_the_policy(self):
         rows, text = self.table()
         self.assertEqual(text.splitlines()[0].split(), ["SFT", "DPO"])
-        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT against itself
+        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT vs itself
                                 "length (words)": ["9.50", "6.50"], "KL to SFT (nats)": ["0.00", "4.25"],
                                 "reward accuracy": ["0.000", "0.800"], "ranking agreement": ["0.000", "0.850"],
                                 "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})   # costs it never paid
         self.assertNotIn("SFT column", text)
-        _, text = self.table(note="beta log pi_theta/pi_ref")
-        note = text[text.index("SFT column"):text.index("\n\nHeld-out")]
-        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(note.split()))
-
-    def test_the_game_under_the_cyclic_judge(self):
+        text = self.table(note="beta log pi_theta/pi_ref")[1]
+        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(text[text.index("SFT column"):].split()))
         rows, text = self.table(exploitability=0.2, sft_exploitability=0.12, school_shares=[0.5, 0.2, 0.2, 0.1],
                                 sft_school_shares=[0.6, 0.3, 0.1, 0.0])
         self.assertEqual(rows["exploitability"], ["0.120", "0.200"])
@@ -1547,7 +1424,7 @@ class TestPrintSummary(unittest.TestCase):
 
 
 class TestChart(unittest.TestCase):
-    """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs."""
+    """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs, data.scatter."""
 
     def rows(self, lines, height, ch="█"):
         grid = [line.split("│", 1)[1] for line in lines[1:1 + height]]
@@ -1568,36 +1445,26 @@ class TestChart(unittest.TestCase):
         self.assertEqual((self.rows(falling, 2)[0], falling[-1]), ([0] * 5 + [1] * 5, " " * 10 + "└" + "─" * 10))
         self.assertEqual(data.chart([], "empty"), ["empty: (no data)"])
 
-    def test_several_series_on_one_scale(self):
+    def test_several_series_ascii_and_scatter(self):
         with utf8_stdout():
             lines = data.chart([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
                                 ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
             shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
                                 "t", height=3, lo=0.0, hi=1.0)
-        self.assertEqual(self.rows(lines, 10, "l")[0], [0, 3, 6, 9])          # -9 at the bottom row, one row per nat
-        self.assertEqual(self.rows(lines, 10, "w")[0], [0, 1, 2, 3])          # the same scale for both curves
-        self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")                # both start at 0, the top: they meet
+            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score", width=41, height=11)
+            self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
+        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # one scale, a row a nat
+        self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")            # both start at 0, the top: they meet
         self.assertEqual(lines[0], "t  (8 values, min -9, max 0; w falls slowly; l falls fast)")
         grid = self.rows(shares, 3, "s")[1]                                   # lo and hi fixed: shares 0 to 1
         self.assertEqual((grid[0][0], grid[2][0], grid[1][1], grid[2][1]), ("s", "*", "*", "c"))
-
-    def test_ascii_where_the_terminal_cannot_show_unicode(self):
-        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):
+        grid = [line.split("│", 1)[1] for line in points[1:12]]             # the scatter's rows, top = highest score
+        self.assertEqual({ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"},
+                         {"B": (0, 40), "C": (5, 20), "A": (10, 0)})          # score 1, 0.5, 0; KL 4, 2, 0
+        self.assertTrue(any(line.strip().startswith("B = high") for line in points))
+        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal without Unicode
             self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
             self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
-        with utf8_stdout():
-            self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
-
-
-class TestScatter(unittest.TestCase):
-    def test_places_points_by_value(self):
-        with utf8_stdout():
-            lines = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
-                                 width=41, height=11)
-        grid = [line.split("│", 1)[1] for line in lines[1:12]]     # the plot rows, top row = highest score
-        where = {ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"}
-        self.assertEqual(where, {"B": (0, 40), "C": (5, 20), "A": (10, 0)})   # score 1, 0.5, 0; KL 4, 2, 0
-        self.assertTrue(any(line.strip().startswith("B = high") for line in lines))
 
 
 class TestExactTask(unittest.TestCase):
@@ -1614,18 +1481,15 @@ class TestExactTask(unittest.TestCase):
         self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
         torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
         self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(), [-1, ex.texts.index("great plot")])
-        self.assertAlmostEqual(ex.sft_probs.sum().item(), 1.0, places=12)
         torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
         torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
         self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
         torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)), (ex.sft_probs, ex.prefs @ ex.sft_probs))
-
-    def test_the_raters_length_bias_is_in_the_matrix_and_the_reward(self):
-        ex = data.ExactTask(data.TaskConfig(length_bias=0.3))
+        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in the matrix and the reward
         a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")    # same score, 2 words longer
-        self.assertAlmostEqual(ex.prefs[a, b].item(), sig(0.3 * 2), places=12)
-        self.assertAlmostEqual((ex.reward[a] - ex.reward[b]).item(), 0.3 * 2, places=12)
-        self.assertTrue(torch.equal(ex.best(), self.ex.best()))                  # the judge's best: the score's
+        self.assertAlmostEqual(biased.prefs[a, b].item(), sig(0.3 * 2), places=12)
+        self.assertAlmostEqual((biased.reward[a] - biased.reward[b]).item(), 0.3 * 2, places=12)
+        self.assertTrue(torch.equal(biased.best(), ex.best()))                  # the judge's best: the score's
 
     def test_population_and_sampled_pairs(self):
         ex = self.ex
@@ -1636,40 +1500,34 @@ class TestExactTask(unittest.TestCase):
         w, l = ex.texts.index("great plot"), ex.texts.index("the plot")
         want = 2 * 0.075 * 0.15 * sig(0.5 / 0.2) / (1 - (ex.sft_probs ** 2).sum().item())
         self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(), want, places=12)
-        # many sampled pairs approach the population weights (identical pairs aside)
-        c, r, sw = ex.sampled_pairs(200_000, seed=1)
+        c, r, sw = ex.sampled_pairs(200_000, seed=1)     # many sampled pairs approach the population weights
         self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
         sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw).fill_diagonal_(0)
         population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
         self.assertLess((sampled / (1 - (ex.sft_probs ** 2).sum()) - population).abs().max().item(), 3e-3)
         uniform = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))   # --pair-schools uniform
-        torch.testing.assert_close(uniform.school_shares(uniform.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
-        torch.testing.assert_close(uniform.sft_probs, self.cyclic.sft_probs)
+        torch.testing.assert_close((uniform.school_shares(uniform.pair_probs), uniform.sft_probs),
+                                   (torch.full((3,), 1 / 3, dtype=torch.float64), self.cyclic.sft_probs))
 
-    def test_closed_forms(self):
-        ex = self.ex
+    def test_closed_forms_and_exploitability(self):
+        ex, g = self.ex, torch.Generator().manual_seed(0)
         for beta in (0.5, 2.0):       # [DPO-opt]: pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            pi_star = ex.dpo_optimum(beta)
-            a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
+            pi_star, a, b = ex.dpo_optimum(beta), ex.texts.index("great plot"), ex.texts.index("the acting and cast")
             self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
             self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
         self.assertIsNone(self.cyclic.reward)                  # no reward under the cyclic judge: no pi*
         self.assertRaises(TypeError, self.cyclic.dpo_optimum, 1.0)
         pi = ex.simpo_optimum_gamma0(2.0)                      # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
         shift = 2.0 * pi.log() / (ex.words.double() + 1) - ex.reward
-        self.assertAlmostEqual(pi.sum().item(), 1.0, places=12)
-        self.assertLess((shift - shift[0]).abs().max().item(), 1e-9)
-
-    def test_exploitability_on_the_table(self):
-        ex, g = self.cyclic, torch.Generator().manual_seed(0)
+        self.assertTrue(abs(pi.sum().item() - 1) < 1e-12 and (shift - shift[0]).abs().max().item() < 1e-9)
         inside = torch.rand(ex.n, generator=g, dtype=torch.float64)   # shares 1/3: an equilibrium, whatever inside
         for i in range(3):
             inside[ex.schools == i] /= 3 * inside[ex.schools == i].sum()
-        self.assertAlmostEqual(ex.exploitability(inside), 0.0, places=12)
-        self.assertAlmostEqual(ex.exploitability(ex.sft_probs), 0.12, places=12)
+        self.assertAlmostEqual(self.cyclic.exploitability(inside), 0.0, places=12)
+        self.assertAlmostEqual(self.cyclic.exploitability(ex.sft_probs), 0.12, places=12)
         # under Bradley-Terry the best review is the equilibrium: a point mass on it cannot be exploited
-        self.assertAlmostEqual(self.ex.exploitability(torch.eye(self.ex.n, dtype=torch.float64)[0]), 0.0, places=12)
-        self.assertGreater(self.ex.exploitability(self.ex.sft_probs), 0.1)
+        self.assertAlmostEqual(ex.exploitability(torch.eye(ex.n, dtype=torch.float64)[0]), 0.0, places=12)
+        self.assertGreater(ex.exploitability(ex.sft_probs), 0.1)
 
 
 def assert_one_line_error(test, code, err, *fragments):
@@ -2448,7 +2306,7 @@ class TestSppoExact(unittest.TestCase):
 # ====================================================================================================
 
 class TestFlags(unittest.TestCase):
-    def test_number_parsers(self):
+    def test_number_parsers_defaults_and_help(self):
         for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
                                  (model.positive_int, ["0", "-3", "1.5", "x"], [("7", 7)]),
                                  (model.bounded_int(0, 10), ["-1", "2.0", "11"], [("0", 0), ("10", 10)]),
@@ -2456,10 +2314,7 @@ class TestFlags(unittest.TestCase):
             for text in bad:
                 self.assertRaises(argparse.ArgumentTypeError, parse, text)
             self.assertEqual([parse(text) for text, _ in good], [value for _, value in good])
-        with self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$"):
-            model.bounded_int(0, 10)("11")
-
-    def test_defaults_and_help_text(self):
+        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$", model.bounded_int(0, 10), "11")
         for module in (dpo, simpo, sppo):
             args = module.parser.parse_args([])
             self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{module.__name__}", "out/sft", "auto", 0))
@@ -2533,17 +2388,6 @@ class TestPickDevice(unittest.TestCase):
         self.assertEqual(sorted(calls), [("cudnn", (False,), {}), ("det", (True,), {"warn_only": True}),
                                          ("flash", (False,), {}), ("mem", (False,), {})])
         self.assertEqual(len({cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}), 3)
-
-    def test_a_device_this_torch_lacks_is_one_line(self):
-        with mock.patch.object(torch.cuda, "is_available", return_value=False), \
-                mock.patch.object(torch.backends.mps, "is_available", return_value=False):
-            for name, words in (("cuda", "sees no CUDA device"), ("mps", "MPS is not available")):
-                with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-                    model.pick_device(name)
-                self.assertTrue(cm.exception.code == 2 and words in err.getvalue())
-            with quietly() as (_, err):
-                self.assertEqual(model.pick_device("auto"), CPU)
-            self.assertEqual(err.getvalue(), "device: cpu\n")
 
 
 class TestRun(unittest.TestCase):
@@ -2740,22 +2584,11 @@ class TestCheckpoint(unittest.TestCase):
         with torch.no_grad():
             self.assertTrue(torch.equal(m(ids), loaded(ids)))
 
-    def test_what_is_wrong_with_a_file_in_words(self):
-        d, foreign = scratch("load"), io.BytesIO()
-        good = os.path.join(d, "good.pt")
-        torch.save({"a": torch.ones(3)}, good)
-        torch.save(nn.Linear(2, 2), foreign)
-        with open(good, "rb") as f:
-            whole = f.read()
-        self.assertTrue(torch.equal(model.load(good)[0]["a"], torch.ones(3)) and model.load(good)[1] is None)
-        for content, words in ((b"", "empty"), (whole[:len(whole) // 2], "truncated (an interrupted copy or a full disk?)"),
-                               (b"\x80\x04not a torch file at all", "not a PyTorch file (unreadable or corrupt)"),
-                               (foreign.getvalue(), "not a file of this project")):
-            with open(os.path.join(d, "x.pt"), "wb") as f:
-                f.write(content)
-            got, why = model.load(os.path.join(d, "x.pt"))
-            self.assertTrue(got is None and words in why, (words, why))
-        for path, words in ((os.path.join(d, "x.pt"), "not a file of this project"), (os.path.join(d, "no.pt"), "no such file")):
+    def test_a_file_that_is_no_checkpoint_is_one_line_exit_2(self):
+        d = scratch("ckpt")                       # (model.load's reasons in words: TestSftCache)
+        with open(os.path.join(d, "x.pt"), "wb") as f:
+            f.write(b"garbage" * 20)
+        for path, words in ((os.path.join(d, "x.pt"), "not a PyTorch file"), (os.path.join(d, "no.pt"), "no such file")):
             with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
                 model.load_checkpoint(path)
             lines = err.getvalue().strip().splitlines()
@@ -2997,21 +2830,19 @@ class TestReadme(unittest.TestCase):
 # whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once, on a terminal's environment (stdout
-    block-buffered: no PYTHONUNBUFFERED); finish() waits and returns Namespace(code, out, err, raw).
-    reader_leaves: stdout's reader is gone before the first line (| head, at once); ctrl_c: stderr is a
-    terminal (so the progress bar draws) and Ctrl-C comes once the bar shows a training step."""
+    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout block-buffered:
+    no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's reader is gone
+    before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar draws), and Ctrl-C
+    comes once the bar shows a training step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
-        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
-        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
-        stderr = subprocess.PIPE
+        self.out, self.ctrl_c, self.result, self.seen, self.signalled, stderr = out, ctrl_c, None, b"", False, subprocess.PIPE
         if ctrl_c:
             import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=stderr)
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                     env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env})
         if reader_leaves:
             self.proc.stdout.close()
         if ctrl_c:
@@ -3020,31 +2851,25 @@ class ScriptProcess:
             self.watcher.start()
 
     def watch(self):
-        while chunk := self.read_terminal():
+        while True:
+            try:
+                chunk = os.read(self.terminal, 4096)
+            except OSError:                            # the process is gone and the terminal closed
+                chunk = b""
+            if not chunk:
+                return os.close(self.terminal)
             self.seen += chunk
             if not self.signalled and re.search(rb"DPO:[^\r\n]*\| *[1-9][0-9]*/1000000", self.seen):
                 self.proc.send_signal(signal.SIGINT)   # Ctrl-C, once a training step has run
                 self.signalled = True
-        os.close(self.terminal)
-
-    def read_terminal(self):
-        try:
-            return os.read(self.terminal, 4096)
-        except OSError:                                # the process is gone and the terminal closed
-            return b""
 
     def finish(self):
         if self.result is None:
-            try:
-                out, err = self.proc.communicate(timeout=600)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise AssertionError(f"{self.proc.args} ran past 10 minutes")
+            out, err = self.proc.communicate(timeout=600)
             if self.ctrl_c:
                 self.watcher.join()
-            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), err=err,
-                                             raw=out or b"")
+            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), raw=out or b"",
+                                             err=(self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n"))
         return self.result
 
     def metrics(self):
