@@ -1669,6 +1669,8 @@ class ScriptChecks:
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
         self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
         self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
+        self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
+        self.assertIn(f"SFT model: loaded from {glob_one(r.sft_dir)} ", r.err)      # the shared cache, not rebuilt
         ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
         self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
                          ({"model", "config", "args"}, dict, SEED, r.dir))
@@ -1945,6 +1947,7 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         self.assertAlmostEqual(loss, self.simpo_losses(small.sft, b, length_norm=False).mean().item(), places=3)
         self.assertNotAlmostEqual(loss, self.simpo_losses(small.sft, b).mean().item(), places=2)
         self.assertFalse(small.metrics["length_norm"])
+        self.assertIn(f"SFT model: trained and saved to {glob_one(small.sft_dir)} ", small.err)
 
     def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
         """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT model,
@@ -2051,6 +2054,12 @@ class TestSelfPlayIteration(unittest.TestCase):
         self.assertEqual(self.stats["samples"], 18)
         self.assertAlmostEqual(self.stats["win_prob_mean"], 0.5, places=5)
         self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
+        again, rows = with_weights(self.before), []                  # same seeds, same start: the same fit, bit for bit
+        with quietly():
+            sppo.self_play_iteration(again, self.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
+                                     batch_size=8, lr=1e-2, device=CPU, sampler=model.make_generator(CPU, 0),
+                                     batch_order=torch.Generator().manual_seed(0), log_rows=rows)
+        self.assertTrue(rows == self.log_rows and state_equal(again.state_dict(), self.policy.state_dict()))
 
     def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
         self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
@@ -2128,8 +2137,8 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         for c in calls:
             self.assertTrue(c.a["policy"] is run.policy and c.a["config"] is run.task.config)
             self.assertTrue(torch.equal(c.a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
-            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed()),
-                             (2, 10.0, 2, 8, 1e-3, SEED))
+            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed(),
+                              c.a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
             rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's samples, K per prompt
             self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
         self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
@@ -2927,6 +2936,8 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual([line.split(" (held-out")[0] for line in p.err.splitlines()],
                          ["device: cpu", f"SFT model: loaded from {glob_one(sft()[0])}"])
         self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
+        self.assertIn("logps/chosen and logps/rejected per step (batch means, nats)  (6 values, ", p.out)   # one scale
+        self.assertIn("; w log pi(y_w|x); l log pi(y_l|x))", p.out)
         self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
                                                          r"[\d.]+\) \| wrote " + re.escape(proc.out) + "/$")
         self.same_numbers(proc, gpt_run("dpo"))
