@@ -607,7 +607,8 @@ class TestSequenceLogps(unittest.TestCase):
 
 
 # ====================================================================================================
-# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process
+# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process,
+# and the checks every script's run shares (ScriptChecks)
 # ====================================================================================================
 
 REPO, CPU = os.path.dirname(os.path.abspath(__file__)), torch.device("cpu")
@@ -854,6 +855,138 @@ def with_weights(state, cfg=SMALL):
     m = model.GPT(cfg)
     m.load_state_dict(state)
     return m.eval()
+
+
+class ScriptChecks:
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
+    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
+    peak memory sampled in training only. A class per script mixes this in."""
+    run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.r = gpt_run(cls.run_name)       # the run
+        cls.sft = cls.r.sft
+
+    def test_files_of_the_run(self):
+        m, r = self.r.metrics, self.r
+        self.assertLessEqual(set(METRIC_KEYS), set(m))
+        self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
+        self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
+        self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
+        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
+        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
+        self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
+        self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
+        self.assertIn(f"SFT model: loaded from {glob_one(r.sft_dir)} ", r.err)      # the shared cache, not rebuilt
+        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
+        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
+                         ({"model", "config", "args"}, dict, SEED, r.dir))
+        self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
+        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
+        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
+
+    def test_the_game_is_reported_under_the_cyclic_judge_only(self):
+        m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
+        if self.r.task.config.judge != "cyclic":
+            return self.assertFalse(set(game) & set(m))
+        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
+        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
+        self.assertEqual("exploitability_last" in m, self.title == "SPPO")
+
+    def test_training_sees_training_pairs_only(self):
+        calls, g = self.r.spy["pair_batch"].by(self.trains_on), torch.Generator().manual_seed(SEED)
+        self.assertEqual(len(calls), self.r.metrics["steps"])
+        for call in calls:                                  # the batches are the seeded draws, in order
+            self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
+
+    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
+        spy, r = self.r.spy, self.r
+        self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
+        side = spy["evaluate_sft"].calls[0]
+        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
+        call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
+        self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
+        self.assertIs(call.a["sft_side"], side.result)
+        ids = r.task.heldout_pairs["chosen_ids"][:4]
+        with torch.no_grad():                               # the SFT model, or what computes its logits
+            torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
+        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
+        self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
+
+    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
+        held = set(rows_of(self.r.task.heldout_prompts))
+        self.assertTrue(self.r.spy["sample"].calls)
+        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
+        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
+        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
+
+    def test_evaluation_numbers_match_a_recomputation(self):
+        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
+        side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
+        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
+        for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
+                    "exploitability", "sft_exploitability"):
+            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
+        for key in ("school_shares", "sft_school_shares"):
+            self.assertEqual(self.r.metrics.get(key), e.get(key), key)
+
+    def test_end_of_run_table_gets_this_runs_numbers(self):
+        (call,) = self.r.spy["summary"].calls
+        self.assertEqual(call.a["method"], self.title)
+        for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
+            self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
+        self.assertEqual(call.a["sft_ranking"], self.sft_column())
+        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
+        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
+        self.assertIn(f"| wrote {self.r.dir}/", self.r.out.strip().splitlines()[-1])
+
+    def test_peak_memory_is_sampled_at_every_training_forward_only(self):
+        spy = self.r.spy
+        (meter,) = spy["memory"].calls
+        self.assertIs(meter.a["policy"], self.r.policy)
+        built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
+        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
+        samples = [s.start for s in spy["memory_sample"].calls]
+        self.assertEqual(len(samples), self.training_forwards)
+        for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
+            self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
+        self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
+
+
+def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
+    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
+    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
+    (+1, 0, -1) equals the average log-likelihood's."""
+    pc, pr, lc, lr = policy_logps
+    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
+    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
+        pc / lc - pr / lr)).double().mean().item(), places=6)
+
+
+def log_ratio_rewards_check(test, run, scale):
+    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
+    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
+        run.sft, run.task.heldout_pairs, CPU)
+    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
+
+
+def pair_logps_of(policy, ref, batch):
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
+    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
+            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+
+
+def exact_run(module, *flags):
+    """python module.py --exact flags, in this process: (metrics.json, the files written)."""
+    out = os.path.join(scratch("exact"), "run")
+    code, _, err = run_main(module, ["--exact", "--out", out, *flags])
+    if code != 0:
+        raise AssertionError(f"exit {code}\n{err}")
+    return read_json(os.path.join(out, "metrics.json")), sorted(os.listdir(out))
 
 
 # ====================================================================================================
@@ -1646,138 +1779,6 @@ class TestDisplacement(unittest.TestCase):
         self.assertAlmostEqual(rows[1][2], data.pair_logps_all(policy, small.pairs, CPU)[1].mean().item(), places=4)
         self.assertNotEqual(rows[0][2], rows[0][1])             # the policy moved
         self.assertTrue(all(abs(a - b) < 1e-4 for _, a, b in real(sft_model, sft_model, small, 0, 16)))
-
-
-class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
-    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
-    peak memory sampled in training only. A class per script mixes this in."""
-    run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.r = gpt_run(cls.run_name)       # the run
-        cls.sft = cls.r.sft
-
-    def test_files_of_the_run(self):
-        m, r = self.r.metrics, self.r
-        self.assertLessEqual(set(METRIC_KEYS), set(m))
-        self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
-        self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
-        self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
-        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
-        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
-        self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
-        self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
-        self.assertIn(f"SFT model: loaded from {glob_one(r.sft_dir)} ", r.err)      # the shared cache, not rebuilt
-        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
-        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
-                         ({"model", "config", "args"}, dict, SEED, r.dir))
-        self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
-        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
-        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
-
-    def test_the_game_is_reported_under_the_cyclic_judge_only(self):
-        m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
-        if self.r.task.config.judge != "cyclic":
-            return self.assertFalse(set(game) & set(m))
-        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
-        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
-        self.assertEqual("exploitability_last" in m, self.title == "SPPO")
-
-    def test_training_sees_training_pairs_only(self):
-        calls, g = self.r.spy["pair_batch"].by(self.trains_on), torch.Generator().manual_seed(SEED)
-        self.assertEqual(len(calls), self.r.metrics["steps"])
-        for call in calls:                                  # the batches are the seeded draws, in order
-            self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
-            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
-
-    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
-        spy, r = self.r.spy, self.r
-        self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
-        side = spy["evaluate_sft"].calls[0]
-        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
-        call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
-        self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
-        self.assertIs(call.a["sft_side"], side.result)
-        ids = r.task.heldout_pairs["chosen_ids"][:4]
-        with torch.no_grad():                               # the SFT model, or what computes its logits
-            torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
-        self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
-
-    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
-        held = set(rows_of(self.r.task.heldout_prompts))
-        self.assertTrue(self.r.spy["sample"].calls)
-        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
-        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
-
-    def test_evaluation_numbers_match_a_recomputation(self):
-        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
-        side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
-        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
-        for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
-                    "exploitability", "sft_exploitability"):
-            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
-        for key in ("school_shares", "sft_school_shares"):
-            self.assertEqual(self.r.metrics.get(key), e.get(key), key)
-
-    def test_end_of_run_table_gets_this_runs_numbers(self):
-        (call,) = self.r.spy["summary"].calls
-        self.assertEqual(call.a["method"], self.title)
-        for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
-            self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
-        self.assertEqual(call.a["sft_ranking"], self.sft_column())
-        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
-        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
-        self.assertIn(f"| wrote {self.r.dir}/", self.r.out.strip().splitlines()[-1])
-
-    def test_peak_memory_is_sampled_at_every_training_forward_only(self):
-        spy = self.r.spy
-        (meter,) = spy["memory"].calls
-        self.assertIs(meter.a["policy"], self.r.policy)
-        built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
-        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
-        samples = [s.start for s in spy["memory_sample"].calls]
-        self.assertEqual(len(samples), self.training_forwards)
-        for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
-            self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
-        self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
-
-
-def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
-    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
-    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
-    (+1, 0, -1) equals the average log-likelihood's."""
-    pc, pr, lc, lr = policy_logps
-    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
-    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
-        pc / lc - pr / lr)).double().mean().item(), places=6)
-
-
-def log_ratio_rewards_check(test, run, scale):
-    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
-    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
-        run.sft, run.task.heldout_pairs, CPU)
-    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
-
-
-def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
-    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
-    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
-            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
-
-
-def exact_run(module, *flags):
-    """python module.py --exact flags, in this process: (metrics.json, the files written)."""
-    out = os.path.join(scratch("exact"), "run")
-    code, _, err = run_main(module, ["--exact", "--out", out, *flags])
-    if code != 0:
-        raise AssertionError(f"exit {code}\n{err}")
-    return read_json(os.path.join(out, "metrics.json")), sorted(os.listdir(out))
 
 
 # ====================================================================================================
