@@ -2694,7 +2694,7 @@ class TestLock(unittest.TestCase):
         """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
         arrive), the others wait for its lock, then load what it saved. The lock file stays."""
         task, d, real, trained, results, errors = small_task(seed=21), scratch("lock"), model.Adam, [], [], io.StringIO()
-        slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.3) or real(*a, **k)   # an optimiser: training
+        slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
         threads = [threading.Thread(target=lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)))
                    for _ in range(3)]
         with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
@@ -2880,7 +2880,11 @@ class ScriptProcess:
 
     def finish(self):
         if self.result is None:
-            out, err = self.proc.communicate(timeout=600)
+            try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
+                out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
             if self.ctrl_c:
                 self.watcher.join()
             self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), raw=out or b"",
@@ -2915,8 +2919,16 @@ def script_process(name):
     return _PROCESSES[name]
 
 
+PROCESSES = ("sppo_exact", "simpo", "dpo", "ctrl_c")
+
+
 class TestScriptProcesses(unittest.TestCase):
     """Each script as a user types it; a real Ctrl-C on a terminal; a closed pipe; an ASCII terminal."""
+
+    @classmethod
+    def setUpClass(cls):
+        for name in PROCESSES:           # all at once (started already when the whole file runs)
+            script_process(name)
 
     def same_numbers(self, proc, here):
         m = proc.metrics()
@@ -2996,7 +3008,7 @@ atexit.register(cleanup)
 def load_tests(loader, tests, pattern):
     """`python -m unittest test_all`: the processes start first (they run while this one works; the SFT model
     they share is trained first), then the classes run in the order of this file."""
-    for name in ("sppo_exact", "simpo", "dpo", "ctrl_c"):
+    for name in PROCESSES:
         script_process(name)
     suite = unittest.TestSuite()
     for obj in list(globals().values()):
