@@ -891,6 +891,7 @@ class ScriptChecks:
         m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
         if self.r.task.config.judge != "cyclic":
             return self.assertFalse(set(game) & set(m))
+        self.assertLessEqual(set(game), set(m))
         self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
         self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
         self.assertEqual("exploitability_last" in m, self.title == "SPPO")
