@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 from model import Adam, PeakMemory, add_run_args, bounded_int, check_loss, check_weights, frozen_copy, \
-    make_generator, minimise, pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps, \
+    minimise, pair_logps, positive_float, positive_int, run, sample, save_run, sequence_logps, \
     sequence_logps_all, trim
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,29 +51,23 @@ g.add_argument("--variant", choices=["selfplay", "hard"], default="selfplay",
                help="selfplay: Algorithm 1, sample from pi_t, oracle win rates, [SPPO-6]; hard: offline pairs "
                     "with P = 1 for y_w and 0 for y_l and pi_ref = SFT, [SPPO-9] (default: %(default)s)")
 g.add_argument("--eta", type=positive_float, default=20.0,
-               help="step size eta of [SPPO-2], the paper's convention (TRL's and the official code's beta is "
-                    "1/eta): a sample's target log-ratio is eta (P - 1/2). Larger moves further per iteration "
-                    "(higher win rate sooner, larger KL); smaller needs more iterations. The target is compared "
-                    "with a log-ratio SUMMED over the response's tokens, so the useful scale grows with response "
-                    "length: 10 to 20 for these ~10-token reviews, 1000 in the paper's runs on responses of "
-                    "hundreds of tokens (default: %(default)s)")
+               help="step size eta of [SPPO-2] (TRL's and the official code's beta is 1/eta): a sample's target "
+                    "log-ratio is eta (P - 1/2), a log-ratio SUMMED over its tokens, so the useful scale grows with "
+                    "length: 10 to 20 for ~10-token reviews, 1000 in the paper's runs (default: %(default)s)")
 g.add_argument("--iterations", type=positive_int, default=3,
                help="self-play iterations T (selfplay only): each samples from the current policy, then fits "
                     "the next one; more: closer to the game's equilibrium, slower (default: %(default)s)")
 g.add_argument("--k", type=bounded_int(1, 64), default=4,
-               help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives "
-                    "less noisy win rates [SPPO-5] and more samples to fit, at the cost of sampling time "
-                    "(default: %(default)s)")
+               help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives less "
+                    "noisy win rates [SPPO-5], at the cost of sampling time (default: %(default)s)")
 g.add_argument("--exact", action="store_true",
-               help="check [SPPO-2] and [SPPO-Thm4.1] exactly: a table policy over 27 listed reviews instead of the "
-                    "GPT; each iteration fits sppo_loss with the exact log Z, with eta/2 and with K samples per "
-                    "prompt; defaults become --eta 1 --iterations 40 --steps 50 (L-BFGS iterations per fit) "
-                    "--out out/sppo_exact, the GPT's flags are ignored, and only metrics.json is written")
+               help="check [SPPO-2] and [SPPO-Thm4.1] exactly on a table policy over 27 listed reviews (each iteration "
+                    "fits sppo_loss with the exact log Z, with eta/2, and with K samples per prompt); defaults become "
+                    "--eta 1 --iterations 40 --steps 50 (Newton steps per fit at most) --out out/sppo_exact")
 STEPS = {"selfplay": 40, "hard": 200}   # --steps when not given: per iteration (selfplay), in all (hard)
 add_run_args(parser, "sppo", steps=None, batch_size=64, lr=1e-3,
-             steps_help=f"optimiser steps PER ITERATION with selfplay (in all: --iterations times this), in all "
-                        f"with hard; more fits each regression more closely (default: {STEPS['selfplay']} per "
-                        f"iteration, {STEPS['hard']} for hard)")
+             steps_help=f"optimiser steps PER ITERATION with selfplay, in all with hard (default: {STEPS['selfplay']} "
+                        f"per iteration, {STEPS['hard']} for hard)")
 data.add_task_args(parser)
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,7 +94,7 @@ data.add_task_args(parser)
 #        log( pi_{t+1}(y|x) / pi_t(y|x) ) = eta P(y > pi_t|x) - log Z_{pi_t}(x)
 # 4. A network cannot be set to the right-hand side response by response, so fit it by least squares on
 #    responses drawn from pi_t itself (the policy plays against its own samples: "self-play"):     [SPPO-4]
-#        pi_{t+1} = argmin_pi E_{x~X, y~pi_t(.|x)}( log( pi(y|x)/pi_t(y|x) ) - ( eta P(y > pi_t|x) - log Z_{pi_t}(x) ) )^2
+#        pi_{t+1} = argmin_pi E_{x~X, y~pi_t(.|x)}( log(pi(y|x)/pi_t(y|x)) - (eta P(y > pi_t|x) - log Z_{pi_t}(x)) )^2
 #    When the policy class can express [SPPO-2], the loss reaches 0 there: its minimiser is [SPPO-2].
 # 5. Finite samples (section 4.2): draw K responses y_1..y_K ~ pi_t(.|x) per prompt and let their
 #    empirical distribution pi_hat_t^K stand in for the opponent pi_t:                             [SPPO-5]
@@ -119,11 +113,11 @@ data.add_task_args(parser)
 #    which is what turns eta P - log Z into eta (P - 1/2).
 # 7. The policy-gradient reading (section 4, the connection to policy gradient). Divide what [SPPO-4]
 #    squares by eta (the loss by eta^2; the minimiser is the same):                                [SPPO-7]
-#        theta_{t+1} = argmin_theta E_{x, y~pi_theta_t}( P(y > pi_theta_t|x) - eta^-1 log( pi_theta(y|x)/pi_theta_t(y|x) )
-#                                                        - eta^-1 log Z_{pi_theta_t}(x) )^2
+#        theta_{t+1} = argmin_theta E_{x, y~pi_theta_t}( P(y > pi_theta_t|x)
+#                                    - eta^-1 log(pi_theta(y|x)/pi_theta_t(y|x)) - eta^-1 log Z_{pi_theta_t}(x) )^2
 #    RLHF's policy gradient with reward r(y;x), KL coefficient eta^-1 and baseline b(x) is
-#        grad J(theta) = E_{x, y~pi_theta}[ ( r(y;x) - eta^-1 log( pi_theta(y|x)/pi_ref(y|x) ) - b(x) ) grad log pi_theta(y|x) ]
-#                      = -(eta/2) E_{x, y~pi_theta}[ grad ( r(y;x) - eta^-1 log( pi_theta(y|x)/pi_ref(y|x) ) - b(x) )^2 ]
+#        grad J(theta) = E_{x, y~pi_theta}[ (r(y;x) - eta^-1 log(pi_theta(y|x)/pi_ref(y|x)) - b(x)) grad log pi_theta ]
+#                      = -(eta/2) E_{x, y~pi_theta}[ grad (r(y;x) - eta^-1 log(pi_theta(y|x)/pi_ref(y|x)) - b(x))^2 ]
 #    because grad (u)^2 = 2 u grad u and grad u = -eta^-1 grad log pi_theta. So one SPPO regression step at
 #    theta = theta_t is a policy-gradient step with reward r = P(y > pi_t|x), KL coefficient 1/eta,
 #    reference pi_t and baseline b(x) = eta^-1 log Z (the samples' average reward, 1/2, after step 6).
@@ -301,8 +295,8 @@ def sample_mixture(models, prompts, generator):
 def game_stats(iterates, result, task, device, n_samples, seed):
     """One iteration's game: the last iterate's shares and exploitability (from the evaluation `result`) and
     those of the average of `iterates` (pi_1..pi_{t+1}), from n_samples of the mixture on held-out prompts."""
-    samples, _ = sample_mixture(iterates, task.eval_prompts(n_samples).to(device), make_generator(device, 20_000 + seed))
-    shares = data.school_shares(samples)
+    prompts, generator = task.eval_prompts(n_samples).to(device), torch.Generator(device).manual_seed(20_000 + seed)
+    shares = data.school_shares(sample_mixture(iterates, prompts, generator)[0])
     return {"school_shares": result["school_shares"], "exploitability": result["exploitability"],
             "school_shares_average": shares.tolist(),
             "exploitability_average": data.school_exploitability(shares, task.config.cycle_prob)}
@@ -345,7 +339,7 @@ def main():
     # ------------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one self-play iteration after another, each one evaluated
     # ------------------------------------------------------------------------------------------------
-    sampler = make_generator(device, args.seed)                # self-play sampling: its own RNG
+    sampler = torch.Generator(device).manual_seed(args.seed)   # self-play sampling: its own RNG
     batch_order = torch.Generator().manual_seed(args.seed)     # CPU generator: same batches on any device
     iterations = args.iterations if args.variant == "selfplay" else 1
     log_rows, table, iterates, sft_side, eval_seconds = [], [], [sft], None, 0.0   # iterates: pi_1, pi_2, ...
@@ -407,10 +401,10 @@ def main():
                "eval_seconds": eval_seconds + time.time() - t1,
                "seconds_per_step": train_seconds / max(len(log_rows), 1), "peak_memory_mb": memory.mb()}
     if "exploitability" in result:   # --judge cyclic: the game's numbers, per iteration
-        metrics.update(exploitability_last=[r["exploitability"] for r in table],
-                       exploitability_average=[r["exploitability_average"] for r in table],
-                       school_shares_per_iteration=[r["school_shares"] for r in table],
-                       school_shares_average_per_iteration=[r["school_shares_average"] for r in table])
+        metrics.update({name: [r[key] for r in table] for name, key in (
+            ("exploitability_last", "exploitability"), ("exploitability_average", "exploitability_average"),
+            ("school_shares_per_iteration", "school_shares"),
+            ("school_shares_average_per_iteration", "school_shares_average"))})
     metrics["wall_seconds"] = time.time() - START
     save_run(args.out, policy, args, {k: v for k, v in metrics.items() if not torch.is_tensor(v)}, log_rows)
 
@@ -420,20 +414,17 @@ def main():
                       "win rate vs SFT after each iteration (first column: SFT itself, 0.5)"), sep="\n")
     print("\nPer iteration. Samples: pi_t's own, on training prompts; their win rates P_hat average 1/2 by "
           "construction\n(derivation, step 5), their spread is the signal. Win rates: pi_{t+1} on held-out prompts.")
-    cell = lambda r, key, spec: spec.format(r[key]) if r.get(key) is not None else "-"
-    data.print_table(
-        ["iteration", "P_hat mean", "P_hat std", "sample score", "loss before", "loss after",
-         "win vs pi_t", "win vs SFT", "score", "length", "KL to SFT"],
-        [[r["iteration"], cell(r, "win_prob_mean", "{:.3f}"), cell(r, "win_prob_std", "{:.3f}"),
-          cell(r, "sample_score", "{:+.3f}"), cell(r, "loss_before", "{:.3f}"), cell(r, "loss_after", "{:.3f}"),
-          cell(r, "win_rate_vs_prev", "{:.3f}"), cell(r, "win_rate_vs_sft", "{:.3f}"), cell(r, "score", "{:+.3f}"),
-          cell(r, "length", "{:.2f}"), cell(r, "kl_to_sft", "{:.2f}")] for r in table])
+    columns = (("iteration", "iteration", "{}"), ("P_hat mean", "win_prob_mean", "{:.3f}"),
+               ("P_hat std", "win_prob_std", "{:.3f}"), ("sample score", "sample_score", "{:+.3f}"),
+               ("loss before", "loss_before", "{:.3f}"), ("loss after", "loss_after", "{:.3f}"),
+               ("win vs pi_t", "win_rate_vs_prev", "{:.3f}"), ("win vs SFT", "win_rate_vs_sft", "{:.3f}"),
+               ("score", "score", "{:+.3f}"), ("length", "length", "{:.2f}"), ("KL to SFT", "kl_to_sft", "{:.2f}"))
+    data.print_table([name for name, _, _ in columns], [[spec.format(r[key]) if r.get(key) is not None else "-"
+                                                         for _, key, spec in columns] for r in table])
     if "exploitability" in result:
         print_game(table, metrics)
     print()
-    data.print_summary("SPPO", metrics, sft_ranking, "(1/eta) log pi_theta/pi_1")
-    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} after {iterations} iteration(s) | "
-          f"{len(log_rows)} steps | {data.timings(metrics)} | wrote {args.out}/")
+    data.print_summary("SPPO", metrics, sft_ranking, args.out, "(1/eta) log pi_theta/pi_1")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -460,9 +451,7 @@ def main():
 # paper's Theorem 4.1 [SPPO-Thm4.1] bounds the average, not the last iterate: O(1/sqrt(T)) with eta ~ 1/sqrt(T).
 # Exploitability, max_y P(y > pi) - 1/2 (data.exploitability), is 0 exactly at an equilibrium.
 
-# eta ~ 1/sqrt(T), as in Theorem 4.1. steps: L-BFGS iterations per fit; 50 is plenty (a fit converges in 20 to 40)
-# except where pi_t is nearly a point mass: its regression weights pi_t(y) then span 1e-17 to 1, L-BFGS crawls,
-# and more iterations change the fit by less than 1e-6 in KL.
+# eta ~ 1/sqrt(T), as in Theorem 4.1. steps: Newton steps per fit, at most (a fit takes 5 to 10)
 EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50, "out": "out/sppo_exact"}
 EXACT_SAMPLE_PROMPTS = 288        # prompts for the K-sample fit: as many as the GPT task's training prompts
 
@@ -488,7 +477,7 @@ def run_exact():
     if args.k < 2:
         parser.error("--k must be at least 2: one sample per prompt only ties with itself (P_hat = 1/2, no signal)")
     everyone = torch.arange(ex.n)
-    sampler = make_generator(torch.device("cpu"), args.seed)
+    sampler = torch.Generator().manual_seed(args.seed)
     prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS * args.k, -1)   # K rows for each prompt
     pi_t = frozen_copy(ex.table())                                   # pi_1 = the SFT table
     iterates, rows = [pi_t.probs()], []
@@ -524,13 +513,16 @@ def run_exact():
     metrics = {"method": "sppo", "exact": True, "judge": ex.config.judge, "eta": args.eta, "k": args.k,
                "iterations": args.iterations, "tau": ex.config.tau, "seed": args.seed,
                "mw_kl_exact_logz": max(r["mw_kl_exact_logz"] for r in rows),
-               # the fit against not moving at all, at its worst iteration: at most 1e-3 is a fit that closes the step
-               "mw_kl_ratio": max(r["mw_kl_exact_logz"] / max(r["mw_kl_no_step"], 1e-300) for r in rows),
-               "exploitability_sft": ex.exploitability(iterates[0]), "best_mass_sft": iterates[0][ex.best()].sum().item(),
+               # the fit against not moving at all, at its worst iteration (a KL below 1e-13 counts as closed)
+               "mw_kl_ratio": max([r["mw_kl_exact_logz"] / r["mw_kl_no_step"] for r in rows
+                                   if r["mw_kl_exact_logz"] >= 1e-13], default=0.0),
+               "exploitability_sft": ex.exploitability(iterates[0]),
+               "best_mass_sft": iterates[0][ex.best()].sum().item(),
                "school_shares_sft": ex.school_shares(iterates[0]).tolist(),
-               **{f"{key}_per_iteration" if key.startswith("mw_kl_exact") else key: [r[key] for r in rows] for key in keys},
+               **{f"{key}_per_iteration" if key.startswith("mw_kl_exact") else key: [r[key] for r in rows]
+                  for key in keys},
                "policy_probs": iterates[-1].tolist(), "average_probs": torch.stack(iterates).mean(0).tolist()}
-    data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, start_time)
 
     print(f"exact SPPO: a table over {ex.n} reviews, judge {ex.config.judge}, eta {args.eta}, {args.iterations} "
           f"iterations, K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts\n")
@@ -547,11 +539,12 @@ def run_exact():
         [[r["iteration"], f"{r['mw_kl_no_step']:.1e}", f"{r['mw_kl_exact_logz']:.1e}", f"{r['mw_kl_half']:.1e}",
           f"{r['mw_kl_k']:.1e}", f"{r['best_mass']:.3f}", " / ".join(f"{x:.2f}" for x in r["school_shares"]),
           f"{r['exploitability_last']:.3f}", f"{r['exploitability_average']:.3f}"] for r in shown])
-    print(f"\nfit with the exact log Z: KL to the MW step at most {metrics['mw_kl_exact_logz']:.1e}, and at most "
-          f"{metrics['mw_kl_ratio']:.1e} of what not moving scores (goal <= 1e-3)")
-    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, last iterate {metrics['exploitability_last'][-1]:.3f}, "
+    print(f"\nfit with the exact log Z: KL to the MW step at most {metrics['mw_kl_exact_logz']:.1e}; above 1e-13, at "
+          f"most {metrics['mw_kl_ratio']:.1e} of what not moving scores (goal <= 1e-3)")
+    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, "
+          f"last iterate {metrics['exploitability_last'][-1]:.3f}, "
           f"average of the iterates {metrics['exploitability_average'][-1]:.3f}")
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(done)
 
 
 if __name__ == "__main__":
