@@ -10,10 +10,8 @@ The method in five lines:
   5. Needs prompts and an oracle, no preference pairs; --variant hard is the offline, pairwise shortcut    [SPPO-9]
 
 Run:       python sppo.py                     (CPU, 2 cores: seconds once out/sft holds the SFT model; README)
-           python sppo.py --iterations 5 --eta 10  (smaller steps, more of them)
            python sppo.py --variant hard      (TRL's loss_type="sppo_hard" on data.py's offline pairs)
-           python sppo.py --judge cyclic --eta 10 --iterations 10   (preferences in a circle: the average of
-                                              the iterates against the last one, README)
+           python sppo.py --judge cyclic --eta 10 --iterations 10   (preferences in a circle, README)
            python sppo.py --exact             (the table version: [MW-exact] and Theorem 4.1, exactly)
 Expected:  win rate against the SFT model >= 0.9 on held-out prompts, rising from one iteration to the next
            (seed 0: 0.70, 0.87, 0.95); --variant hard about 0.75 (one fit to noisy offline labels).
@@ -179,9 +177,6 @@ def estimate_win_rates(prefs):
 # One self-play iteration (Algorithm 1's loop body) and the offline hard-label fit
 # ----------------------------------------------------------------------------------------------------
 
-SAMPLE_CHUNK = 512   # prompt rows per sampling call: one step of the progress bar
-
-
 def self_play_iteration(policy, prompts, *, iteration, k, eta, config, steps, batch_size, lr, device, sampler,
                         batch_order, log_rows):
     """One iteration t of Algorithm 1: freeze pi_t (= the policy as it stands), sample K responses per
@@ -191,10 +186,8 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, config, steps, ba
     t0 = time.time()
     pi_t = frozen_copy(policy)                                       # pi_t: frozen, no gradients
     rows = prompts.repeat_interleave(k, dim=0).to(device)            # prompt i's samples: rows i*K .. i*K+K-1
-    responses = torch.cat([sample(pi_t, rows[s:s + SAMPLE_CHUNK], data.MAX_RESPONSE, data.EOS_ID,
-                                  data.BANNED_IN_RESPONSE, generator=sampler)
-                           for s in tqdm(range(0, rows.shape[0], SAMPLE_CHUNK), desc=f"iteration {iteration}: "
-                                         "sampling", disable=None, leave=False)]).cpu()
+    responses = sample(pi_t, rows, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE, generator=sampler,
+                       batch_size=512).cpu()
     by_prompt = responses.view(-1, k, responses.shape[1])            # [N, K, L]
     prefs = data.judge_prob(by_prompt[:, :, None], by_prompt[:, None], config)   # [N, K, K]: P(y_i > y_j | x)
     win_prob = estimate_win_rates(prefs).view(-1).to(device)        # [SPPO-5], [N*K]
@@ -524,10 +517,9 @@ def run_exact():
 
     print(f"exact SPPO: a table over {ex.n} reviews, judge {ex.config.judge}, eta {args.eta}, {args.iterations} "
           f"iterations, K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts\n")
-    for key, title in (("exploitability_last", "exploitability of the last iterate pi_{t+1}"),
-                       ("exploitability_average", "exploitability of the average of pi_1..pi_{t+1}")):
-        print(*data.chart([metrics["exploitability_sft"]] + metrics[key], f"{title} (first value: SFT)", height=6),
-              sep="\n")
+    series = [(c, name, [metrics["exploitability_sft"]] + metrics[key]) for c, name, key in (
+        ("l", "the last iterate pi_{t+1}", "exploitability_last"), ("a", "the average", "exploitability_average"))]
+    print(*data.chart(series, "exploitability (first value: SFT)"), sep="\n")
     print("\nPer iteration: KL(pi_t || the exact MW step [SPPO-2]), what not moving scores, and KL(fit || MW step) of\n"
           "the three fits; then the chain (it goes on from fit 1).")
     shown = [r for r in rows if r["iteration"] <= 5 or r["iteration"] % 5 == 0 or r["iteration"] == len(rows)]
