@@ -694,16 +694,16 @@ class ExactTask:
 
 def start_exact(parser, defaults):
     """What every script's --exact does first: the flags (those not given take `defaults`: a table is not a
-    GPT), the output folder, and the task. Returns (args, ExactTask, start time)."""
+    GPT), the output folder, and the task. Returns (args, ExactTask)."""
     args = parser.parse_args(namespace=argparse.Namespace(**defaults))
     prepare_out_dir(args.out)
     torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
-    return args, ExactTask(task_config(args)), time.time()
+    return args, ExactTask(task_config(args))
 
 
 def save_exact(args, ex, metrics, start_time):
     """metrics.json of an exact run (no GPT: no model.pt, no log.jsonl), with the table's responses. Returns
-    the run's last line."""
+    the run's last line (its seconds counted from start_time, the script's START)."""
     metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), wall_seconds=time.time() - start_time)
     save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
     return f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table: no model.pt, no log.jsonl)"

@@ -235,7 +235,7 @@ def fit_exact(ex, pairs, beta, steps):
 
 
 def run_exact():
-    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    args, ex = data.start_exact(parser, EXACT_DEFAULTS)
     best, cfg = ex.best(), ex.config
     # the population loss (all pairs, weighted as drawn) and n_pairs sampled pairs, both drawn from pi_ref
     trained = fit_exact(ex, ex.population_pairs(), args.beta, args.steps)
@@ -262,7 +262,7 @@ def run_exact():
         metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
                        best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
                        best_mass_deterministic=[r[3] for r in sweep])
-    done = data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, START)
 
     print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}\n")
     data.print_exact_groups(ex, columns)

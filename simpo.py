@@ -218,7 +218,7 @@ def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
 
 
 def run_exact():
-    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    args, ex = data.start_exact(parser, EXACT_DEFAULTS)
     pairs = ex.population_pairs()           # drawn from the SFT table, as the GPT task draws its pairs
     uniform = torch.full((ex.n,), 1.0 / ex.n, dtype=torch.float64)
     norm = not args.no_length_norm
@@ -241,7 +241,7 @@ def run_exact():
         gamma0 = fit_exact(ex, pairs, args.beta, 0.0, ex.sft_probs, args.steps, length_norm=True)
         metrics.update(kl_to_dpo_optimum=data.kl(from_sft, optimum), mean_words_dpo_optimum=ex.mean_words(optimum),
                        kl_to_closed_form_gamma0=data.kl(gamma0, ex.simpo_optimum_gamma0(args.beta)))
-    done = data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, START)
 
     print(f"exact SimPO: a table over {ex.n} reviews, judge {ex.config.judge}, beta {args.beta}, gamma {args.gamma}, "
           f"length normalisation {'on' if norm else 'off'}\n")

@@ -466,7 +466,7 @@ def fit_exact(ex, pi_t, index, win_prob, weights, eta, steps):
 
 
 def run_exact():
-    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    args, ex = data.start_exact(parser, EXACT_DEFAULTS)
     everyone = torch.arange(ex.n)
     sampler = torch.Generator().manual_seed(args.seed)
     prompts = ex.prompts.expand(EXACT_SAMPLE_PROMPTS * args.k, -1)   # K rows for each prompt
@@ -513,7 +513,7 @@ def run_exact():
                **{f"{key}_per_iteration" if key.startswith("mw_kl_exact") else key: [r[key] for r in rows]
                   for key in keys},
                "policy_probs": iterates[-1].tolist(), "average_probs": torch.stack(iterates).mean(0).tolist()}
-    done = data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, START)
 
     print(f"exact SPPO: a table over {ex.n} reviews, judge {ex.config.judge}, eta {args.eta}, {args.iterations} "
           f"iterations, K = {args.k} samples for each of {EXACT_SAMPLE_PROMPTS} prompts\n")
