@@ -706,7 +706,10 @@ def save_exact(args, ex, metrics, start_time):
     the run's last line (its seconds counted from start_time, the script's START)."""
     metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), wall_seconds=time.time() - start_time)
     save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
-    return f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table: no model.pt, no log.jsonl)"
+    game = (f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, trained "
+            f"{metrics['exploitability']:.3f}; school shares (story, acting, craft): "
+            + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]) + "\n" if "school_shares" in metrics else "")
+    return game + f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (no model.pt or log.jsonl: a table)"
 
 
 def print_exact_groups(ex, named_probs, by="school"):

@@ -42,9 +42,8 @@ g.add_argument("--reference-free", action="store_true",
                help="exercise: drop pi_ref from the loss (log pi_ref = 0), so the reward is beta log pi_theta(y|x), "
                     "summed; pi_ref is still kept to evaluate against the SFT model")
 g.add_argument("--precompute-ref", action="store_true",
-               help="compute log pi_ref(y|x) of every training pair once, before the first step, instead of "
-                    "a reference forward pass in every step (TRL's precompute_ref_log_probs); pi_ref is frozen, "
-                    "so the numbers are the same up to float rounding")
+               help="log pi_ref(y|x) of every training pair computed once, before the first step, not in every step "
+                    "(TRL's precompute_ref_log_probs): pi_ref is frozen, so the numbers are the same")
 g.add_argument("--exact", action="store_true",
                help="check [DPO-opt] exactly on a table policy over 27 listed reviews, trained by the same dpo_loss "
                     "to its minimum; defaults become --beta 1 --steps 100 (Newton steps at most) --out out/dpo_exact")
@@ -195,9 +194,8 @@ def main():
 # (DPO paper, section 4 and Theorem 1), where r is the reward of the Bradley-Terry model the labels come
 # from: data.py's judge draws P(a > b) = sigma((s_a - s_b)/tau), so r = s/tau up to a constant, which Z absorbs.
 # A GPT cannot be checked against that: it cannot represent every distribution, and its responses cannot be
-# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review (and answers
-# sequence_logps and pair_logps like a language model: the tests check it), and dpo_loss trains it unchanged,
-# on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
+# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review, and dpo_loss trains it
+# unchanged, on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
 #   - the POPULATION loss: every ordered pair (y_w, y_l) weighted by its probability in the data (two reviews
 #     from pi_ref, the judge picks), E_D[...] as a finite sum; then the same with n_pairs sampled pairs;
 #   - Newton's method on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches:
@@ -206,9 +204,8 @@ def main():
 # their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
 # its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
 # P exactly 0 or 1 the loss has no minimum at all: it keeps falling as the mass moves, and training follows
-# it until float64 can no longer see it fall. The beta sweep shows both sides.
-# Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
-# worth in the game, its exploitability [Nash].
+# it until float64 can no longer see it fall. The beta sweep shows both sides. Under --judge cyclic there is no
+# reward and no pi*: the run reports what DPO's fit to cyclic labels is worth in the game, its exploitability.
 
 EXACT_DEFAULTS = {"beta": 1.0, "steps": 100,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
                   "out": "out/dpo_exact"}
@@ -273,9 +270,6 @@ def run_exact():
         data.print_table(["beta", f"tau {cfg.tau}: trained", "pi* (closed form)",
                           f"deterministic labels (tau {DETERMINISTIC_TAU}): trained"],
                          [[b, f"{n:.4f}", f"{o:.4f}", f"{d:.4f}"] for b, n, o, d in sweep])
-    print(f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
-          f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
-          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
     print(done)
 
 

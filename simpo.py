@@ -181,8 +181,8 @@ def main():
 # pi_ref and a margin gamma, nothing says where its minimum is. What can be shown exactly, on the 27-review
 # table of data.ExactTask trained by this file's simpo_loss on the population of pairs (all pairs, weighted
 # as the data draws them, minimised by Newton's method: see dpo.py's exact mode):
-#   1. its end does not depend on where it starts: from the SFT table and from the uniform table, the two
-#      ends agree (start_gap = KL between them). What anchors the end is the data alone.
+#   1. its end does not depend on where it starts: from the SFT table and from the uniform table, the ends
+#      agree (start_gap = KL between them): the data alone anchors it.
 #   2. how far that end is from DPO's pi* on the same data (kl_to_dpo_optimum, at dpo.py --exact's beta 1).
 #   3. what the length normalisation does when responses differ in length. With gamma = 0 the end is in
 #      closed form, and it says it all: the labels' Bradley-Terry likelihood is maximised by rewards equal
@@ -191,8 +191,7 @@ def main():
 #      Two reviews of EQUAL reward get the same log-probability PER TOKEN, (r + c)/beta < 0 (|y| counts the EOS),
 #      so each extra token multiplies the mass by the same factor below 1. Without the 1/|y| (--no-length-norm,
 #      beta log pi(y)) the same argument gives pi(y) proportional to exp(r(y)/beta): length plays no part.
-#      The run checks the gamma = 0 closed form (kl_to_closed_form_gamma0) and reports the mean length
-#      (in words) of each end.
+#      The run checks the closed form (kl_to_closed_form_gamma0) and reports each end's mean length in words.
 
 EXACT_DEFAULTS = {"steps": 100, "out": "out/simpo_exact"}   # steps: Newton steps per fit, at most; beta, gamma as given
 DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the SimPO end is compared with
@@ -200,9 +199,8 @@ DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the S
 
 def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
     """Minimise the expected simpo_loss over `pairs` (ExactTask.population_pairs: chosen, rejected, weights)
-    for a table policy that starts at the distribution `start` [C]. Returns its distribution [C].
-    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
-    float64) and |y| their number of tokens, EOS included, as sequence_logps counts it."""
+    for a table policy that starts at the distribution `start` [C]; returns its distribution [C]. |y| counts
+    a review's tokens, EOS included, as sequence_logps does."""
     policy = ex.table(start)
     chosen, rejected, weights = pairs
     lengths = ex.words.double() + 1 if length_norm else torch.ones(ex.n, dtype=torch.float64)   # [C] |y|
@@ -256,9 +254,6 @@ def run_exact():
               f"gamma = 0 (length-normalised): KL(end || closed form) = {metrics['kl_to_closed_form_gamma0']:.2e}")
         words += f", DPO's pi* {metrics['mean_words_dpo_optimum']:.2f}"
     print(words)
-    print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
-          f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
-          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
     print(done)
 
 
