@@ -264,12 +264,10 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
 # ----------------------------------------------------------------------------------------------------
 #
 # With preferences that go round in a circle (data.py, --judge cyclic) there is no best review, only an
-# equilibrium: school shares of 1/3 each [Nash]. Multiplicative weights [SPPO-2] does not settle there: each
-# iteration moves mass to the school that beats the current policy, so the LAST iterate goes round the circle.
-# The paper's Theorem 4.1 [SPPO-Thm4.1] is about the AVERAGE of the iterates, (1/T) sum_t pi_t: the policy that
-# picks one of pi_1..pi_T uniformly at random, then samples from it (sample_mixture). Each iteration reports
-# both: school shares among held-out samples and exploitability, max over schools of P(school > policy) - 1/2,
-# which is 0 exactly at the equilibrium. `python sppo.py --exact --judge cyclic` shows the same on a table.
+# equilibrium: school shares of 1/3 each [Nash]. Multiplicative weights [SPPO-2] moves mass to the school that
+# beats the current policy, so the LAST iterate goes round the circle; Theorem 4.1 [SPPO-Thm4.1] is about the
+# AVERAGE of the iterates, the policy that picks one of pi_1..pi_T at random, then samples from it. Each
+# iteration reports both: school shares and exploitability (0 exactly at the equilibrium).
 
 @torch.no_grad()
 def sample_mixture(models, prompts, generator):
@@ -304,12 +302,12 @@ def print_game(table, metrics):
                   for i, (letter, school) in enumerate(zip("sac", data.SCHOOLS))]
         print(*data.chart(series, f"\n{title}, by iteration (column 0: SFT)", height=11, lo=0.0, hi=1.0), sep="\n")
     shares = lambda v: " / ".join(f"{x:.2f}" for x in v[:3])
+    start = {"iteration": 0, "school_shares": sft, "school_shares_average": sft,
+             "exploitability": metrics["sft_exploitability"], "exploitability_average": metrics["sft_exploitability"]}
     data.print_table(["iteration", "last: story / acting / craft", "exploitability", "average: story / acting / craft",
-                      "exploitability"],
-                     [[0, shares(sft), f"{metrics['sft_exploitability']:.3f}", shares(sft),
-                       f"{metrics['sft_exploitability']:.3f}"]]
-                     + [[r["iteration"], shares(r["school_shares"]), f"{r['exploitability']:.3f}",
-                         shares(r["school_shares_average"]), f"{r['exploitability_average']:.3f}"] for r in table])
+                      "exploitability"], [[r["iteration"], shares(r["school_shares"]), f"{r['exploitability']:.3f}",
+                                           shares(r["school_shares_average"]), f"{r['exploitability_average']:.3f}"]
+                                          for r in [start] + table])
 
 
 def main():
