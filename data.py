@@ -175,10 +175,9 @@ def judge_prob(responses_a, responses_b, config, length_bias=0.0, dtype=torch.fl
 
 
 def exploitability(policy_probs, prefs):
-    """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y')                                [Nash]
-    policy_probs [C], a distribution over C responses (or schools); prefs [C, C], prefs[y, y'] = P(y > y').
-    In a game where P(y > y') + P(y' > y) = 1, pi ties with itself, so the best reply to pi wins at least
-    half the time: exploitability >= 0, and it is 0 exactly at a Nash equilibrium [SPPO-1]."""
+    """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y'), for policy_probs [C] and prefs [C, C]
+    (prefs[y, y'] = P(y > y')). As P(y > y') + P(y' > y) = 1, pi ties with itself, so the best reply wins at least
+    half the time: exploitability >= 0, and 0 exactly at a Nash equilibrium [SPPO-1].                    [Nash]"""
     policy_probs = torch.as_tensor(policy_probs, dtype=torch.float64)
     return (torch.as_tensor(prefs, dtype=torch.float64) @ policy_probs).max().item() - 0.5
 
@@ -208,7 +207,6 @@ class TaskConfig:
     heldout_fraction: float = 0.2  # share of the 360 prompts kept for evaluation
     length_bias: float = 0.0       # > 0: raters prefer the longer review beyond what the score warrants
     pair_style: float = 0.0        # > 0: pair reviews use a foreign style (see the module docstring)
-    demo_style_rate: float = 0.0   # how often SFT reviews use a style word
     judge: str = "bt"              # "bt": Bradley-Terry on the score; "cyclic": the schools' circle (--judge)
     cycle_prob: float = 0.9        # cyclic judge: how often a school's review beats the next school's
     school_shares: tuple = (0.6, 0.3, 0.1)   # cyclic judge: the schools' shares in the SFT data and the pairs
@@ -216,10 +214,9 @@ class TaskConfig:
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
-    """n SFT-like reviews [n, MAX_RESPONSE] with a broad mix of quality: each review draws its own
-    propensity p ~ U(0, 1); each word is a sentiment word with probability sentiment_rate, positive
-    with probability p; otherwise neutral, and a neutral word is a style word with probability
-    style_rate (a scalar or one rate per review). Vectorised: no Python loop over reviews."""
+    """n SFT-like reviews [n, MAX_RESPONSE] of every quality: each draws its own propensity p ~ U(0, 1); each
+    word is a sentiment word with probability sentiment_rate, positive with probability p; else neutral, and a
+    neutral word is a style word with probability style_rate (a scalar or one rate per review)."""
     lengths = rng.integers(3, MAX_WORDS + 1, size=n)
     p = rng.random((n, 1))
     sentiment = rng.random((n, MAX_WORDS)) < sentiment_rate
@@ -229,17 +226,14 @@ def _random_responses(rng, n, sentiment_rate, style_rate):
                      np.where(positive, rng.choice(POS_IDS, (n, MAX_WORDS)), rng.choice(NEG_IDS, (n, MAX_WORDS))),
                      np.where(style, rng.choice(STYLE_IDS, (n, MAX_WORDS)), rng.choice(NEU_IDS, (n, MAX_WORDS))))
     out = np.full((n, MAX_RESPONSE), PAD_ID, dtype=np.int64)
-    pos = np.arange(MAX_RESPONSE)[None, :]
-    out[:, :MAX_WORDS] = np.where(pos[:, :MAX_WORDS] < lengths[:, None], words, PAD_ID)
+    out[:, :MAX_WORDS] = np.where(np.arange(MAX_WORDS) < lengths[:, None], words, PAD_ID)
     out[np.arange(n), lengths] = EOS_ID
     return torch.from_numpy(out)
 
 
 def _with_schools(rng, responses, shares):
     """--judge cyclic: give each review [n, L] a school, drawn with probabilities `shares`: every school noun it
-    has becomes one of its own school's nouns, and one word at a random position becomes one too, so its
-    school (school_of) is the one drawn. The sentiment words and the length are kept (one word may be lost
-    to the noun)."""
+    has becomes one of its school's nouns, and so does one word at random, so school_of gives the school drawn."""
     out = responses.numpy().copy()
     n, L = out.shape
     schools = rng.choice(len(SCHOOLS), size=n, p=np.asarray(shares, dtype=float) / sum(shares))
@@ -274,7 +268,7 @@ class Task:
         # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve;
         # under --judge cyclic each review also gets a school, in the unequal shares c.school_shares.
         prompts_for = lambda pool, n: pool[torch.from_numpy(rng.integers(0, len(pool), n))]
-        demos = lambda n: self._schooled(rng, _random_responses(rng, n, c.sentiment_rate, c.demo_style_rate))
+        demos = lambda n: self._schooled(rng, _random_responses(rng, n, c.sentiment_rate, 0.0))
         # (arguments are evaluated left to right: the prompts are drawn first, then the reviews)
         self.sft_ids, self.sft_mask = join(prompts_for(self.train_prompts, c.n_demos), demos(c.n_demos))
         self.sft_heldout_ids, self.sft_heldout_mask = join(prompts_for(self.heldout_prompts, c.n_heldout),
@@ -294,7 +288,7 @@ class Task:
         judge (so about one label in five goes against the score, like noisy raters)."""
         c = self.config
         prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
-        style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
+        style = [rng.random(n) * c.pair_style for _ in range(2)]   # each review's own share of style words
         raw = [_random_responses(rng, n, c.sentiment_rate, rate) for rate in style]
         a, b = (self._schooled(rng, r, None if c.pair_schools == "sft" else (1, 1, 1)) for r in raw)
         a_wins = torch.from_numpy(rng.random(n)) < judge_prob(a, b, c, c.length_bias, torch.float64)
