@@ -702,7 +702,7 @@ def save_exact(args, ex, metrics, start_time):
     save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
     game = (f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, trained "
             f"{metrics['exploitability']:.3f}; school shares (story, acting, craft): "
-            + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]) + "\n" if "school_shares" in metrics else "")
+            + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]) + "\n" if "exploitability" in metrics else "")
     return game + f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (no model.pt or log.jsonl: a table)"
 
 
