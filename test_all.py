@@ -77,14 +77,19 @@ import sppo
 t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
 softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
 sig = lambda z: 1.0 / (1.0 + math.exp(-z))
-NOT_MATCHED = "no mistake these tests know gives this: compare your code with the docstring and the derivation above it"
+NOT_MATCHED = ("no mistake these tests know gives this: compare your code with the docstring and the derivation "
+               "above it")
 NOT_FINITE = ("not finite: torch.log(torch.sigmoid(z)) is log(0) = -inf once z < -104 in float32, and its gradient "
               "is NaN; use F.logsigmoid(z), which is finite for any z")
+RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # dpo_loss's and simpo_loss's, each [B]
+SWAPPED = "chosen and rejected swapped (or the logit's sign flipped)"    # hints that several checks give
+NO_LOGSIGMOID = "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"
+MINUS = "the sign: the loss is MINUS log sigmoid(logits)"
+REWARDS_SWAPPED = "chosen and rejected rewards swapped"
 
 
 def attempt(test, fn, *args, returns=None):
-    """fn(*args), failing with a sentence instead of a traceback when fn is not written yet or returns
-    something else than the tuple `returns` names (e.g. ("losses", "chosen_rewards", "rejected_rewards"))."""
+    """fn(*args), failing with a sentence if fn is not written yet or does not return the tuple `returns` names."""
     try:
         out = fn(*args)
     except NotImplementedError:
@@ -93,8 +98,8 @@ def attempt(test, fn, *args, returns=None):
         test.fail(f"{fn.__name__} is not written yet (it raises NotImplementedError): write its body from its "
                   f"docstring and the derivation above it in {fn.__module__}.py")
     if returns is not None and not (isinstance(out, tuple) and len(out) == len(returns)):
-        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {type(out).__name__}"
-                  + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+        n = f" of {len(out)}" if isinstance(out, (tuple, list)) else ""
+        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {type(out).__name__}{n}")
     return out
 
 
@@ -110,12 +115,12 @@ def show(x):
 
 
 def expect_close(test, got, want, what, mistakes=(), atol=1e-4, rtol=1e-4):
-    """Assert got == want (up to float rounding); else fail with: what, expected, got, and the hint of
-    the first (value, hint) in `mistakes` whose value is what came."""
+    """got == want to rounding; else fail with what, expected, got, and the hint of the first (value, hint) that fits."""
     if not torch.is_tensor(got):
         test.fail(f"{what}: expected a tensor {show(want)}; got {type(got).__name__} {got!r}")
     got_d, want_d = got.detach().double(), torch.as_tensor(want).double()
-    if got_d.shape == want_d.shape and torch.allclose(got_d, want_d, rtol=rtol, atol=atol):
+    same = lambda value: torch.allclose(got_d, torch.as_tensor(value).double().expand_as(got_d), rtol=rtol, atol=atol)
+    if got_d.shape == want_d.shape and same(want_d):
         return
     if got_d.shape != want_d.shape:
         hint = (f"shape {tuple(got_d.shape)} instead of {tuple(want_d.shape)}: one value per example is expected"
@@ -123,7 +128,6 @@ def expect_close(test, got, want, what, mistakes=(), atol=1e-4, rtol=1e-4):
     elif not torch.isfinite(got_d).all():
         hint = NOT_FINITE
     else:
-        same = lambda value: torch.allclose(got_d, torch.as_tensor(value).double().expand_as(got_d), rtol=rtol, atol=atol)
         hint = next((h for value, h in mistakes if same(value)), NOT_MATCHED)
     test.fail(f"{what}: expected {show(want_d)}; got {show(got_d)}: {hint}")
 
@@ -141,40 +145,38 @@ def expect_detached(test, rewards, name):
         test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
                   f"the loss is optimised)")
 
-DPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # each [B]
-
 
 class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
     def test_equal_policy_and_reference_give_ln2(self):
-        g = torch.Generator().manual_seed(0)
+        g, beta = torch.Generator().manual_seed(0), 0.1
         pc, pr = -torch.rand(8, generator=g) * 30, -torch.rand(8, generator=g) * 30
         pc.requires_grad_(True)
-        beta = 0.1
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=DPO_RETURNS)
-        no_ref = -F.logsigmoid(beta * (pc - pr)).detach()
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=RETURNS)
         expect_close(self, losses, torch.full((8,), math.log(2)),
                      "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693", [
                          (0.0, "is the log-sigmoid missing? The loss is -log sigmoid(logits), not -logits"),
-                         (-math.log(2), "the sign: the loss is MINUS log sigmoid(logits)"),
+                         (-math.log(2), MINUS),
                          (0.5, "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
                          (-0.5, "the log is missing: the loss is -log sigmoid(logits)"),
-                         (no_ref, "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
-        expect_close(self, cr, torch.zeros(8), "chosen_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-            (beta * pc.detach(), "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
-        expect_close(self, rj, torch.zeros(8), "rejected_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-            (beta * pr, "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
+                         (-F.logsigmoid(beta * (pc - pr)).detach(),
+                          "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
+        for got, logps, name in ((cr, pc, "chosen"), (rj, pr, "rejected")):
+            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
+                (beta * logps.detach(),
+                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
         losses.sum().backward()
-        expect_grad(self, pc, torch.full((8,), -beta * 0.5), "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
-            (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
-            (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
+        expect_grad(self, pc, torch.full((8,), -beta * 0.5),
+                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
+                        (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
+                        (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
 
     def test_hand_computed_batch(self):
         pc, pr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0)
         rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
         beta = 0.5
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         # log-ratios: chosen 0.5, 0.5, -2.0; rejected -1.0, 0.5, 3.0
         # logits = beta * (chosen - rejected) = 0.75, 0.0, -2.5; loss = -log sigmoid(z) = log(1 + exp(-z))
         z = torch.tensor([0.75, 0.0, -2.5])
@@ -183,35 +185,35 @@ class TestDpoLoss(unittest.TestCase):
                          (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is "
                                          "beta (log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
                          (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
-                         (F.softplus(-beta * (pc - pr)), "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
-                         (F.softplus(-beta * ((pc + rc) - (pr + rr))), "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
-                         (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.logsigmoid(z), "the sign: the loss is MINUS log sigmoid(logits)"),
+                         (F.softplus(-beta * (pc - pr)),
+                          "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
+                         (F.softplus(-beta * ((pc + rc) - (pr + rr))),
+                          "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
+                         (-z, NO_LOGSIGMOID),
+                         (F.logsigmoid(z), MINUS),
                          (torch.sigmoid(-z), "sigmoid without the log: the loss is -log sigmoid(logits)")])
-        expect_close(self, cr, t(0.25, 0.25, -1.0), "chosen_rewards = beta (log pi_theta(y_w|x) - log pi_ref(y_w|x))", [
-            (pc - rc, "beta is missing from the reward: beta * log-ratio"),
-            (beta * pc, "the reference is not subtracted from the reward"),
-            (beta * (pr - rr), "chosen and rejected rewards swapped"),
-            (beta * (rc - pc), "the sign: policy minus reference, log pi_theta - log pi_ref")])
-        expect_close(self, rj, t(-0.5, 0.25, 1.5), "rejected_rewards = beta (log pi_theta(y_l|x) - log pi_ref(y_l|x))", [
-            (pr - rr, "beta is missing from the reward: beta * log-ratio"),
-            (beta * pr, "the reference is not subtracted from the reward"),
-            (beta * (pc - rc), "chosen and rejected rewards swapped"),
-            (beta * (rr - pr), "the sign: policy minus reference, log pi_theta - log pi_ref")])
+        sides = (("chosen", "y_w", cr, t(0.25, 0.25, -1.0), pc, rc, pr - rr),
+                 ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5), pr, rr, pc - rc))
+        for name, y, got, want, policy, ref, other in sides:
+            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", [
+                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
+                (beta * policy, "the reference is not subtracted from the reward"),
+                (beta * other, REWARDS_SWAPPED),
+                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")])
 
     def test_gradient_closed_form(self):
         pc, pr = t(-5.0, -3.0, -10.0, -1.0, grad=True), t(-6.0, -2.0, -4.0, -9.0, grad=True)
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         expect_detached(self, cr, "chosen_rewards")
         expect_detached(self, rj, "rejected_rewards")
         losses.sum().backward()
         # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
         logit = beta * ((pc - rc) - (pr - rr)).detach()
         weight = torch.sigmoid(-logit)
-        mistakes = [(-beta * torch.sigmoid(logit), "chosen and rejected swapped (or the logit's sign flipped)"),
-                    (beta * torch.sigmoid(logit), "chosen and rejected swapped (or the logit's sign flipped)"),
+        mistakes = [(-beta * torch.sigmoid(logit), SWAPPED),
+                    (beta * torch.sigmoid(logit), SWAPPED),
                     (-torch.sigmoid(-logit / beta), "beta is missing from the logits"),
                     (-beta * weight / 4, "a quarter of the right gradient for a batch of 4: the losses were averaged "
                                          "inside dpo_loss; return one loss per example"),
@@ -227,29 +229,26 @@ class TestDpoLoss(unittest.TestCase):
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
         zero = torch.zeros(4)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
         # logits +1000, -1000, 0, 0: losses ~0, 1000, log 2, log 2; d/dpc = -sigmoid(-logit) = 0, -1, -1/2, -1/2
         z = t(1000.0, -1000.0, 0.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
-                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite", [
-                         (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped)")])
+                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
+                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
         losses.sum().backward()
         expect_grad(self, pc, t(0.0, -1.0, -0.5, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0, 0")
 
 
-SIMPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")  # each [B]
-
-
 class TestSimpoLoss(unittest.TestCase):
-    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma) [SimPO-4]."""
+    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma)
+    [SimPO-4]."""
 
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
         lc, lr = t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
         beta, gamma = 2.0, 0.5
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=SIMPO_RETURNS)
+        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
         # rewards beta/|y| * logp: chosen 2*-6/3 = -4, 2*-4/2 = -4, 2*-3/6 = -1; rejected -6, -4, -6
         for got, logps, lengths, other, want, name in ((cr, pc, lc, pr / lr, t(-4.0, -4.0, -1.0), "chosen"),
                                                        (rj, pr, lr, pc / lc, t(-6.0, -4.0, -6.0), "rejected")):
@@ -257,7 +256,7 @@ class TestSimpoLoss(unittest.TestCase):
                 (beta * logps, "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
                 (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
                 (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
-                (beta * other, "chosen and rejected rewards swapped")])
+                (beta * other, REWARDS_SWAPPED)])
         # logits r_w - r_l - gamma = 1.5, -0.5, 4.5; loss = log(1 + exp(-z))
         margin = t(2.0, 0.0, 5.0)
         expect_close(self, losses, t(softplus(-1.5), softplus(0.5), softplus(-4.5)),
@@ -265,13 +264,16 @@ class TestSimpoLoss(unittest.TestCase):
                          (F.softplus(-(margin + gamma)), "gamma is added: the chosen reward must beat the rejected "
                                                          "one BY gamma, logits = r_w - r_l - gamma"),
                          (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
-                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is gamma "
-                                                                "itself (the official code's gamma_beta_ratio is gamma/beta)"),
-                         (F.softplus(-(margin - gamma / beta)), "gamma is divided by beta: the target margin is gamma itself"),
+                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is "
+                                                                "gamma itself (the official code's gamma_beta_ratio "
+                                                                "is gamma/beta)"),
+                         (F.softplus(-(margin - gamma / beta)),
+                          "gamma is divided by beta: the target margin is gamma itself"),
                          (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
-                         (F.softplus(margin - gamma), "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
-                         (-(margin - gamma), "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.logsigmoid(margin - gamma), "the sign: the loss is MINUS log sigmoid(logits)")])
+                         (F.softplus(margin - gamma),
+                          "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
+                         (-(margin - gamma), NO_LOGSIGMOID),
+                         (F.logsigmoid(margin - gamma), MINUS)])
 
     def test_equal_rewards_give_log_one_plus_exp_gamma(self):
         """SimPO does not start at ln 2: with equal rewards the logit is -gamma (README, "Reading your logs")."""
@@ -279,10 +281,11 @@ class TestSimpoLoss(unittest.TestCase):
         lengths = t(3.0, 5.0, 2.0)
         beta, gamma = 2.0, 1.0
         losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pc.detach().clone(), lengths, lengths, beta, gamma,
-                                 returns=SIMPO_RETURNS)
+                                 returns=RETURNS)
         expect_close(self, losses, torch.full((3,), softplus(gamma)),
                      "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", [
-                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give -log sigmoid(-gamma)"),
+                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give "
+                                       "-log sigmoid(-gamma)"),
                          (softplus(-gamma), "gamma is added instead of subtracted"),
                          (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
                          (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
@@ -290,29 +293,30 @@ class TestSimpoLoss(unittest.TestCase):
         expect_detached(self, rj, "rejected_rewards")
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
-        expect_grad(self, pc, -beta / lengths * sig(gamma), "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
-            (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's path"),
-            (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
-            (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
+        expect_grad(self, pc, -beta / lengths * sig(gamma),
+                    "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
+                        (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's "
+                                                             "path"),
+                        (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
+                        (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
 
     def test_reward_scales_as_one_over_length(self):
         pc, pr = t(-6.0, -4.0), t(-9.0, -2.0)
-        _, c1, r1 = attempt(self, simpo.simpo_loss, pc, pr, t(3.0, 2.0), t(3.0, 1.0), 2.5, 0.0, returns=SIMPO_RETURNS)
-        _, c2, r2 = attempt(self, simpo.simpo_loss, pc, pr, t(6.0, 4.0), t(6.0, 2.0), 2.5, 0.0, returns=SIMPO_RETURNS)
-        hint = [(c1, "the reward does not change with |y|: divide log pi_theta(y|x) by the length"),
-                (c1 * 4, "the reward grows with |y|: it must DIVIDE by the length")]
-        expect_close(self, c2, c1 / 2, "chosen_rewards with every length doubled: half of what they were", hint)
-        expect_close(self, r2, r1 / 2, "rejected_rewards with every length doubled: half of what they were",
-                     [(r1, hint[0][1]), (r1 * 4, hint[1][1])])
+        _, c1, r1 = attempt(self, simpo.simpo_loss, pc, pr, t(3.0, 2.0), t(3.0, 1.0), 2.5, 0.0, returns=RETURNS)
+        _, c2, r2 = attempt(self, simpo.simpo_loss, pc, pr, t(6.0, 4.0), t(6.0, 2.0), 2.5, 0.0, returns=RETURNS)
+        for name, before, after in (("chosen", c1, c2), ("rejected", r1, r2)):
+            expect_close(self, after, before / 2, f"{name}_rewards with every length doubled: half of what they were", [
+                (before, "the reward does not change with |y|: divide log pi_theta(y|x) by the length"),
+                (before * 4, "the reward grows with |y|: it must DIVIDE by the length")])
 
     def test_gamma_shifts_the_logit_by_exactly_gamma(self):
         pc, pr, lc, lr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0), t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
         beta = 2.0
         logit = lambda loss: -torch.log(torch.expm1(loss.double()))    # the logit, read back from -log sigmoid(z)
-        no_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, 0.0, returns=SIMPO_RETURNS)
+        no_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, 0.0, returns=RETURNS)
         for gamma in (0.3, 1.0, 2.5):
             with self.subTest(gamma=gamma):
-                with_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=SIMPO_RETURNS)
+                with_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
                 shift = logit(no_gamma) - logit(with_gamma)
                 expect_close(self, shift, torch.full((3,), gamma), f"how much gamma = {gamma} lowers every logit", [
                     (-gamma, "gamma is added: logits = r_w - r_l - gamma"),
@@ -324,11 +328,10 @@ class TestSimpoLoss(unittest.TestCase):
         """The --no-length-norm ablation: lengths all 1, the reward is beta * log pi(y|x), summed."""
         pc, pr = t(-6.0, -14.0), t(-9.0, -2.0)
         ones = torch.ones(2)
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=SIMPO_RETURNS)
-        expect_close(self, cr, 2.0 * pc, "chosen_rewards with lengths 1: beta log pi_theta(y_w|x)",
-                     [(pc, "beta is missing from the reward"), (2.0 * pr, "chosen and rejected rewards swapped")])
-        expect_close(self, rj, 2.0 * pr, "rejected_rewards with lengths 1: beta log pi_theta(y_l|x)",
-                     [(pr, "beta is missing from the reward"), (2.0 * pc, "chosen and rejected rewards swapped")])
+        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=RETURNS)
+        for name, y, got, logps, other in (("chosen", "y_w", cr, pc, pr), ("rejected", "y_l", rj, pr, pc)):
+            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)",
+                         [(logps, "beta is missing from the reward"), (2.0 * other, REWARDS_SWAPPED)])
         # margins 2*(-6+9) = 6 and 2*(-14+2) = -24; logits margin - gamma = 5 and -25
         margin = t(6.0, -24.0)
         expect_close(self, losses, t(softplus(-5.0), softplus(25.0)), "losses at margins 6 and -24, gamma 1 (lengths 1)", [
@@ -340,13 +343,13 @@ class TestSimpoLoss(unittest.TestCase):
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -3.0, grad=True), t(-1000.0, 0.0, -3.0, grad=True)
         ones = torch.ones(3)
-        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=SIMPO_RETURNS)
+        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=RETURNS)
         z = t(1000.0, -1000.0, 0.0)
-        expect_close(self, losses, t(0.0, 1000.0, math.log(2)), "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite", [
-            (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-            (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped)")])
-        losses.sum().backward()
-        expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")   # -beta/|y| sigmoid(-logit)
+        expect_close(self, losses, t(0.0, 1000.0, math.log(2)),
+                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite",
+                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+        losses.sum().backward()      # the gradients: -beta/|y| sigmoid(-logit) and its opposite
+        expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0")
 
 
@@ -355,28 +358,30 @@ class TestSppoLoss(unittest.TestCase):
 
     def mistakes(self, policy, ref, win, eta):
         """What the usual wrong versions return, each with its hint."""
-        logratio, target = (policy - ref).detach(), eta * (torch.as_tensor(win) - 0.5)
-        return [((logratio - (torch.as_tensor(win) - 0.5) / eta) ** 2,
-                 "the target is eta (P - 1/2), not (P - 1/2)/eta: the SPPO write-up's error (its 'eta' there is TRL's beta = 1/eta)"),
-                ((logratio - eta * torch.as_tensor(win)) ** 2,
-                 "the -1/2 is missing: log Z is replaced by eta/2, so the target is eta P - eta/2 = eta (P - 1/2)"),
-                ((-logratio - target) ** 2, "the log-ratio is reversed: log pi_theta(y|x) - log pi_ref(y|x), policy minus reference"),
-                ((logratio + target) ** 2, "the target's sign: a sample that wins (P > 1/2) gets a POSITIVE target log-ratio"),
+        logratio, win = (policy - ref).detach(), torch.as_tensor(win)
+        target = eta * (win - 0.5)
+        return [((logratio - (win - 0.5) / eta) ** 2, "the target is eta (P - 1/2), not (P - 1/2)/eta: the SPPO "
+                 "write-up's error (its 'eta' there is TRL's beta = 1/eta)"),
+                ((logratio - eta * win) ** 2, "the -1/2 is missing: log Z is replaced by eta/2, so the target is "
+                 "eta P - eta/2 = eta (P - 1/2)"),
+                ((-logratio - target) ** 2,
+                 "the log-ratio is reversed: log pi_theta(y|x) - log pi_ref(y|x), policy minus reference"),
+                ((logratio + target) ** 2,
+                 "the target's sign: a sample that wins (P > 1/2) gets a POSITIVE target log-ratio"),
                 (logratio - target, "not squared: the loss is (log-ratio - target)^2"),
                 ((logratio - target).abs(), "an absolute value: the loss is the square (log-ratio - target)^2"),
                 ((logratio - target) ** 2 / 2, "halved: [SPPO-6] is the plain square, no factor 1/2"),
-                ((policy.detach() - target) ** 2, "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
+                ((policy.detach() - target) ** 2,
+                 "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
 
     def test_hand_worked_values(self):
         policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
         win = t(0.9, 0.5, 0.2, 0.0)
-        eta = 4.0
-        losses = attempt(self, sppo.sppo_loss, policy, ref, win, eta)
+        losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
         # log-ratios 1, 0, -2, 0.5; targets eta (P - 1/2) = 1.6, 0, -1.2, -2
         # losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
-        expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25),
-                     "losses for log-ratios (1, 0, -2, 0.5), win rates (0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)",
-                     self.mistakes(policy, ref, win, eta))
+        expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
+                     "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
     def test_minimiser_is_eta_times_p_minus_half(self):
         ref = t(-4.0, -9.0, -2.5, -20.0)
@@ -385,7 +390,8 @@ class TestSppoLoss(unittest.TestCase):
             with self.subTest(eta=eta):
                 best = [r + eta * (p - 0.5) for r, p in zip(ref.tolist(), win.tolist())]
                 # the losses first, at the minimiser and half a nat either side of it; then the gradients
-                points = [(delta, torch.tensor([b + delta for b in best], requires_grad=True)) for delta in (0.0, -0.5, 0.5)]
+                points = [(delta, torch.tensor([b + delta for b in best], requires_grad=True))
+                          for delta in (0.0, -0.5, 0.5)]
                 for delta, at in points:
                     losses = attempt(self, sppo.sppo_loss, at, ref, win, eta)
                     expect_close(self, losses, torch.full((4,), delta ** 2),
@@ -394,16 +400,17 @@ class TestSppoLoss(unittest.TestCase):
                     losses.sum().backward()
                 for delta, at in points:   # the gradient is 2 (log-ratio - target)
                     expect_grad(self, at, torch.full((4,), 2 * delta),
-                                f"d loss / d log pi_theta at log-ratio = eta (P - 1/2) {delta:+} (eta {eta}): 2 x {delta}",
+                                f"d loss / d log pi_theta at log-ratio = eta (P - 1/2) {delta:+} (eta {eta}): "
+                                f"2 x {delta}",
                                 [(torch.full((4,), -2 * delta), "the log-ratio is reversed: policy minus reference"),
-                                 (torch.full((4,), delta), "halved: [SPPO-6] is the plain square, whose gradient is 2 (log-ratio - target)")])
+                                 (torch.full((4,), delta), "halved: [SPPO-6] is the plain square, whose gradient is "
+                                                           "2 (log-ratio - target)")])
 
     def test_win_prob_may_be_a_number(self):
         """sppo_hard_loss passes P = 1 and P = 0 as plain numbers: the function must take a float too."""
         policy, ref = t(-5.0, -3.0), t(-6.0, -3.0)
-        eta = 4.0
         try:
-            losses = sppo.sppo_loss(policy, ref, 1.0, eta)
+            losses = sppo.sppo_loss(policy, ref, 1.0, 4.0)
         except NotImplementedError:
             return self.fail("sppo_loss is not written yet (it raises NotImplementedError): write its body from "
                              "the derivation above it in sppo.py")
@@ -411,8 +418,8 @@ class TestSppoLoss(unittest.TestCase):
             return self.fail(f"sppo_loss(policy, ref, 1.0, eta) raised {type(e).__name__}: {e}: win_prob may be a "
                              f"number; torch.as_tensor(win_prob) turns it into a tensor")
         # log-ratios 1, 0; target eta (1 - 1/2) = 2
-        expect_close(self, losses, t(1.0, 4.0), "losses with P = 1 (a plain number), log-ratios (1, 0), eta 4: (1 - 2)^2, (0 - 2)^2",
-                     self.mistakes(policy, ref, torch.ones(2), eta))
+        expect_close(self, losses, t(1.0, 4.0), "losses with P = 1 (a plain number), log-ratios (1, 0), eta 4: "
+                     "(1 - 2)^2, (0 - 2)^2", self.mistakes(policy, ref, torch.ones(2), 4.0))
 
     def test_finite_at_extreme_inputs(self):
         policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
@@ -429,8 +436,7 @@ class TestSppoLoss(unittest.TestCase):
 
 
 def bt_prefs(scores, tau):
-    """[N, K, K] P(y_i > y_j | x) = sigmoid((s_i - s_j) / tau) for K responses per prompt scored `scores`
-    [N, K]: the Bradley-Terry judge asked about every pair, as self-play asks data.judge_prob."""
+    """[N, K, K] P(y_i > y_j | x) = sigmoid((s_i - s_j) / tau) of K responses per prompt scored `scores` [N, K]."""
     return torch.sigmoid((scores[:, :, None] - scores[:, None, :]) / tau)
 
 
@@ -440,8 +446,7 @@ class TestEstimateWinRates(unittest.TestCase):
 
     def mistakes(self, prefs):
         """What the usual wrong versions return for `prefs` [N, K, K], each with its hint."""
-        p = prefs.double()
-        K = p.shape[-1]
+        p, K = prefs.double(), prefs.shape[-1]
         eye = torch.eye(K, dtype=torch.bool)
         zero_diag, half_diag = p.masked_fill(eye, 0.0), p.masked_fill(eye, 0.5)
         return [(zero_diag.sum(-1) / (K - 1), "the tie with itself is left out: average over all K samples, the "
@@ -453,52 +458,46 @@ class TestEstimateWinRates(unittest.TestCase):
                                     "P(y_i > y_j), averaged over j, the last axis"),
                 (half_diag.sum(-1), "summed over j: the win rate is the MEAN over the K samples, (1/K) sum_j")]
 
-    def rates(self, prefs):
+    def check(self, prefs, want, what, mistakes=None):
+        """estimate_win_rates(prefs) == want, and the matrix it was given left as it was."""
         given = prefs.clone()
         out = attempt(self, sppo.estimate_win_rates, prefs)
         if not torch.equal(prefs, given):
             self.fail("estimate_win_rates changed the matrix it was given: set the diagonal of a copy "
                       "(prefs.clone()); the caller's matrix is the judge's answer")
+        expect_close(self, out, want, what, self.mistakes(given) if mistakes is None else mistakes)
         return out
 
     def test_constructed_case(self):
         # three responses scored 0, 0.2, -0.2 with tau 0.2: P(i > j) = sigmoid((s_i - s_j) / 0.2)
-        prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2]]), 0.2)
         want = [[(0.5 + sig(-1) + sig(1)) / 3,      # y_0: ties itself, loses to y_1, beats y_2
                  (sig(1) + 0.5 + sig(2)) / 3,
                  (sig(-1) + sig(-2) + 0.5) / 3]]
-        expect_close(self, self.rates(prefs), want, "win rates of three samples scored (0, 0.2, -0.2), tau 0.2",
-                     self.mistakes(prefs))
+        self.check(bt_prefs(torch.tensor([[0.0, 0.2, -0.2]]), 0.2), want,
+                   "win rates of three samples scored (0, 0.2, -0.2), tau 0.2")
 
     def test_self_tie_counts_one_half(self):
         # a certain winner and a certain loser: with the self-tie 0.5 in the mean, (1 + 0.5)/2 and (0 + 0.5)/2
         # (without it they would be 1 and 0)
-        prefs = bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3)
-        expect_close(self, self.rates(prefs), torch.tensor([[0.75, 0.25]]),
-                     "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2", self.mistakes(prefs))
+        self.check(bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3), torch.tensor([[0.75, 0.25]]),
+                   "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2")
 
     def test_the_diagonal_is_a_tie_whatever_the_matrix_holds(self):
         # a judge that answers 0.9 when asked about a response against itself: the estimate still counts 1/2
         prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2, 0.4]]), 0.2)
-        want = prefs.clone()
+        want = prefs.mean(-1)
         prefs.diagonal(dim1=1, dim2=2).fill_(0.9)
-        expect_close(self, self.rates(prefs), want.mean(-1),
-                     "win rates when the matrix holds 0.9 on its diagonal: the self-comparison counts 1/2",
-                     self.mistakes(prefs))
+        self.check(prefs, want, "win rates when the matrix holds 0.9 on its diagonal: the self-comparison counts 1/2")
 
     def test_loop_over_pairs_and_mean_one_half(self):
-        g = torch.Generator().manual_seed(1)
+        g, tau = torch.Generator().manual_seed(1), 0.3
         scores = torch.rand(5, 4, generator=g) * 2 - 1
-        tau = 0.3
-        prefs = bt_prefs(scores, tau)
-        p = self.rates(prefs)
         want = [[sum(0.5 if i == j else sig((scores[n, i] - scores[n, j]).item() / tau) for j in range(4)) / 4
                  for i in range(4)] for n in range(5)]
-        expect_close(self, p, want, "win rates [5 prompts, K = 4] against a loop over every pair", self.mistakes(prefs))
+        p = self.check(bt_prefs(scores, tau), want, "win rates [5 prompts, K = 4] against a loop over every pair")
         expect_close(self, p.mean(-1), torch.full((5,), 0.5),
                      "each prompt's K win rates average to exactly 1/2 (the 1/2 that replaces log Z / eta)")
-        expect_close(self, self.rates(bt_prefs(torch.zeros(2, 3), tau)), torch.full((2, 3), 0.5),
-                     "equal scores: every win rate 1/2")
+        self.check(bt_prefs(torch.zeros(2, 3), tau), torch.full((2, 3), 0.5), "equal scores: every win rate 1/2", ())
 
     def test_a_matrix_no_reward_can_make(self):
         # the cyclic judge (data.py): story beats acting beats craft beats story, 0.9 each
@@ -506,8 +505,8 @@ class TestEstimateWinRates(unittest.TestCase):
         prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :]).float()
         want = [[(0.5 + 0.9 + 0.1 + 0.5) / 4, (0.1 + 0.5 + 0.9 + 0.1) / 4, (0.9 + 0.1 + 0.5 + 0.9) / 4,
                  (0.5 + 0.9 + 0.1 + 0.5) / 4]]
-        expect_close(self, self.rates(prefs), want, "win rates of samples from the schools story, acting, craft, "
-                     "story under the cyclic judge", self.mistakes(prefs))
+        self.check(prefs, want, "win rates of samples from the schools story, acting, craft, story under the cyclic "
+                   "judge")
 
 
 class TestSequenceLogps(unittest.TestCase):
@@ -535,10 +534,11 @@ class TestSequenceLogps(unittest.TestCase):
         """What the usual wrong versions return for these rows, each with its hint."""
         with torch.no_grad():
             logits = self.m(ids).double()                                     # [B, T, V]
-        lsm = torch.log_softmax(logits, -1)
-        shifted = lsm[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)        # log pi(token t+1 | tokens <= t)
+        lsm, targets = torch.log_softmax(logits, -1), ids[:, 1:, None]
+        shifted = lsm[:, :-1].gather(-1, targets).squeeze(-1)                 # log pi(token t+1 | tokens <= t)
         right = (shifted * mask[:, 1:]).sum(-1)
-        raw = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        raw = logits[:, :-1].gather(-1, targets).squeeze(-1)
+        wrong_dim = torch.log_softmax(logits[:, :-1], 1).gather(-1, targets).squeeze(-1)
         not_pad = (ids[:, 1:] != data.PAD_ID).double()
         return [((lsm.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1),
                  "no shift: position t's logits predict token t+1, so compare logits[:, :-1] with input_ids[:, 1:]"),
@@ -546,13 +546,14 @@ class TestSequenceLogps(unittest.TestCase):
                                                    "so the first response token counts and the token after EOS does not"),
                 ((shifted * not_pad).sum(-1), "the prompt is counted: only response tokens (response_mask) count"),
                 (shifted.sum(-1), "the mask is missing: the prompt and the padding are counted"),
-                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| itself)"),
+                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| "
+                                       "itself)"),
                 ((raw * mask[:, 1:]).sum(-1), "raw logits: take log_softmax over the vocabulary first"),
-                ((torch.log_softmax(logits[:, :-1], 1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1),
+                ((wrong_dim * mask[:, 1:]).sum(-1),
                  "log_softmax over the wrong dimension: it normalises over the vocabulary, dim=-1")]
 
-    def logps(self, ids, mask):
-        return attempt(self, model.sequence_logps, self.m, ids, mask, returns=("logps", "lengths"))
+    def logps(self, ids, mask, m=None):
+        return attempt(self, model.sequence_logps, m or self.m, ids, mask, returns=("logps", "lengths"))
 
     def test_against_python_loop(self):
         self.assertTrue(len(set(self.mask.sum(1).tolist())) > 1, "want rows of different lengths")
@@ -566,7 +567,8 @@ class TestSequenceLogps(unittest.TestCase):
 
     def test_lengths_count_the_response_and_its_eos(self):
         prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        ids = torch.cat([prompt, responses_of("great acting", "the plot was dull and boring")[:, :8]], dim=1)   # 2, 6 words
+        reviews = responses_of("great acting", "the plot was dull and boring")[:, :8]      # 2 and 6 words
+        ids = torch.cat([prompt, reviews], dim=1)
         mask = torch.zeros_like(ids)
         mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
         with torch.no_grad():
@@ -599,7 +601,7 @@ class TestSequenceLogps(unittest.TestCase):
     def test_gradient_reaches_the_model(self):
         """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
         m = sharp_gpt(4)
-        logps, _ = attempt(self, model.sequence_logps, m, self.ids, self.mask, returns=("logps", "lengths"))
+        logps, _ = self.logps(self.ids, self.mask, m)
         if not logps.requires_grad:
             self.fail("the log-probs carry no gradient: no .detach(), .item() or torch.no_grad() inside sequence_logps")
         logps.sum().backward()
