@@ -625,23 +625,22 @@ METRIC_KEYS = ["method", "seed", "device", "steps", "win_rate_vs_sft", "score", 
 TIMING_KEYS = set(METRIC_KEYS[13:]) | {"sampling_seconds", "ref_precompute_seconds"}
 LOG_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected"]
+ZERO_RANKING = {"reward_accuracy": 0.0, "ranking_agreement": 0.0}   # a reward that ties every pair
 scratch = lambda name: tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
 
 
 def sharp_gpt(seed=0):
-    """The real network (two blocks, narrow) with next-token distributions far from uniform (a fresh one
-    predicts about log(1/90) everywhere, which would hide an off-by-one)."""
+    """The real network (two blocks, narrow), its next-token logits a few nats apart (a fresh one's are flat)."""
     torch.manual_seed(seed)
     m = model.GPT(model.GPTConfig(n_embd=32))
     with torch.no_grad():
-        m.wte.weight.mul_(20.0)    # tied with lm_head: logits of a few nats' spread
+        m.wte.weight.mul_(20.0)    # tied with lm_head
         m.wpe.weight.normal_(0.0, 0.5)
     return m.eval()
 
 
 class Bigram(nn.Module):
-    """The tests' stand-in language model: next-token logits `first` after SEP (the first response token) and
-    `rest` after any other token, so its log-probs, samples and KLs are known in closed form."""
+    """The stand-in language model: next-token logits `first` after SEP and `rest` after any other token."""
 
     def __init__(self, first, rest=None):
         super().__init__()
@@ -671,7 +670,12 @@ EITHER_WRITER = Bigram(logits_row(POS + NEG), logits_row(POS, eos=1.0))         
 writer_of = lambda word: Bigram(logits_row([data.STOI[word]]), logits_row(eos=1.0))   # the review "word", always
 small_task = lambda seed=0, **kw: data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
 weights = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
-state_equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_weights(a, b):
+    """Two state_dicts, or the models holding them, hold equal tensors under the same names."""
+    a, b = (x if isinstance(x, dict) else x.state_dict() for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def responses_of(*texts):
@@ -694,13 +698,19 @@ def logps_of(m, ids, mask):
         return model.sequence_logps(m, ids, mask)[0]
 
 
-def read_json(path, lines=False):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+def read_json(*path):
+    """A JSON file, or a JSON-lines file (.jsonl) as the list of its rows."""
+    text = pathlib.Path(*path).read_text()
+    if path[-1].endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
-def folder_bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
+def folder_state(folder):
+    """({name: bytes} of a folder's files, what a save leaves beside it: NAME.incoming, NAME.previous)."""
+    head, name = os.path.split(os.path.normpath(folder))
+    files = {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())} if os.path.isdir(folder) else None
+    return files, sorted(f for f in os.listdir(head) if f.startswith(f"{name}."))
 
 
 def write_previous_run(folder):
@@ -708,15 +718,8 @@ def write_previous_run(folder):
     os.makedirs(folder, exist_ok=True)
     files = {"metrics.json": b'{"previous": true}\n', "log.jsonl": b'{"step": 0}\n', "model.pt": b"previous weights"}
     for name, content in files.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(content)
+        pathlib.Path(folder, name).write_bytes(content)
     return files
-
-
-def siblings(out):
-    """What a save leaves beside a run folder: NAME.incoming, NAME.previous (none once it is done)."""
-    head, name = os.path.split(os.path.normpath(out))
-    return sorted(f for f in os.listdir(head) if f.startswith(f"{name}."))
 
 
 @contextlib.contextmanager
@@ -728,9 +731,9 @@ def quietly():
 
 
 class Spy:
-    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a),
-    its result, before(a) taken at call time (e.g. a copy of weights), the calling function (caller), and
-    when it began and ended among all spied calls (start, end)."""
+    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a), its
+    result, before(a) taken at call time, the calling function (caller), and its order among spied calls (start,
+    end)."""
     clock = itertools.count()
 
     def __init__(self, obj, name, before=None):
@@ -743,7 +746,8 @@ class Spy:
         def wrapper(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name, start=next(Spy.clock))
+            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name,
+                                      start=next(Spy.clock))
             call.before = self.before(call.a) if self.before else None
             call.result, call.end = original(*args, **kwargs), next(Spy.clock)
             self.calls.append(call)
@@ -761,12 +765,11 @@ class Spy:
 
 @contextlib.contextmanager
 def count_gpts():
-    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (how a frozen copy is made) skips
-    __init__ but restores the copy's state with __setstate__."""
+    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (a frozen copy) __setstate__."""
     count, init = [], model.GPT.__init__
+    setstate = lambda m, state: count.append(1) or nn.Module.__setstate__(m, state)
     with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
-            mock.patch.object(model.GPT, "__setstate__", lambda m, state: count.append(1) or nn.Module.__setstate__(m, state),
-                              create=True):
+            mock.patch.object(model.GPT, "__setstate__", setstate, create=True):
         yield count
 
 
@@ -774,20 +777,18 @@ _SFT = {}
 
 
 def sft(judge="bt"):
-    """(folder, SFT model): the SFT cache every run of these tests loads (the default task under `judge`, --seed 1,
-    --sft-steps 5, the SMALL model), trained once per test run, with the model it holds."""
+    """The folder of the SFT cache every run here loads (the default task under `judge`, --seed 1, --sft-steps 5,
+    the SMALL model), trained once per test run."""
     if judge not in _SFT:
-        folder = scratch(f"sft-{judge}")
+        _SFT[judge], task = scratch(f"sft-{judge}"), data.Task(data.TaskConfig(judge=judge), seed=SEED)
         with quietly():
-            m, _ = model.sft_model(data.Task(data.TaskConfig(judge=judge), seed=SEED), CPU, folder, SEED, 5, SMALL, quiet=True)
-        _SFT[judge] = (folder, m.eval())
+            model.sft_model(task, CPU, _SFT[judge], SEED, 5, SMALL, quiet=True)
     return _SFT[judge]
 
 
 def run_main(module, argv, spies=()):
-    """`python module.py argv` in this process: module.main() with sys.argv patched (inside model.run, as every
-    script runs it), stdout and stderr captured, from where a fresh process starts (model.progress reset),
-    torch's thread count put back after (the exact modes set 1). Returns (exit code, stdout, stderr)."""
+    """`python module.py argv` in this process, inside model.run as every script runs it, from where a fresh process
+    starts (model.progress reset), torch's thread count put back after: (exit code, stdout, stderr)."""
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
     with contextlib.ExitStack() as stack:
@@ -814,23 +815,25 @@ GPT_RUNS = {
              "cyclic"),
     "sppo_hard": (sppo, ["--variant", "hard", "--steps", "2", "--eta", "10"], "bt"),
 }
+SPIED = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
+         sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}
 _RUNS = {}
 
 
 def gpt_run(name):
-    """One of GPT_RUNS, made once per test run in this process with its connections spied on (where the data
-    goes, which model is evaluated against which, what each step's loss was given, when peak memory is
-    sampled): a Namespace of dir, out, err, metrics, log, trained (model.pt read back), task and policy (start_run's),
-    spy, the number of GPTs it built (gpts), its SFT folder and its SFT model (sft)."""
+    """One of GPT_RUNS, made once per test run in this process with its connections spied on: a Namespace of dir,
+    out, err, metrics, log, trained (model.pt read back), task and policy (start_run's), spy, gpts (how many GPTs it
+    built), sft_dir and sft (the SFT model)."""
     if name not in _RUNS:
         module, flags, judge = GPT_RUNS[name]
-        sft_dir, out, start = sft(judge)[0] if judge else scratch("sft-fresh"), os.path.join(scratch(name), "run"), Spy(data, "start_run")
+        sft_dir = sft(judge) if judge else scratch("sft-fresh")
+        out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
         spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
-               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])), "summary": Spy(data, "print_summary"),
-               "memory": Spy(module, "PeakMemory"), "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
+               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
+               "summary": Spy(data, "print_summary"), "memory": Spy(module, "PeakMemory"),
+               "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
                **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
-               **{n: Spy(module, n) for n in {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
-                                              sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}[module]}}
+               **{n: Spy(module, n) for n in SPIED[module]}}
         if module is sppo:
             spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
         with count_gpts() as gpts:
@@ -839,9 +842,9 @@ def gpt_run(name):
             raise AssertionError(f"{name}: exit {code}\n{err}")
         cache = torch.load(glob_one(sft_dir), weights_only=True)
         _RUNS[name] = argparse.Namespace(
-            dir=out, out=stdout, err=err, metrics=read_json(os.path.join(out, "metrics.json")), spy=spy, gpts=len(gpts),
-            log=read_json(os.path.join(out, "log.jsonl"), lines=True), sft_dir=sft_dir, task=start.calls[0].result[1],
-            policy=start.calls[0].result[2], trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+            dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
+            spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+            trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
             sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
     return _RUNS[name]
 
@@ -860,15 +863,19 @@ def with_weights(state, cfg=SMALL):
 
 
 class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
-    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
-    peak memory sampled in training only. A class per script mixes this in."""
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which data
+    trains and which evaluates, which model is compared with which, the numbers recomputed, the summary, peak memory
+    sampled in training only. A class per script mixes this in."""
     run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
+    reward_scale = None    # the reward: reward_scale * log pi_theta/pi_sft, or (None) SimPO's beta log pi / |y|
 
     @classmethod
     def setUpClass(cls):
         cls.r = gpt_run(cls.run_name)       # the run
         cls.sft = cls.r.sft
+
+    def sft_column(self):
+        return ZERO_RANKING    # DPO's and SPPO's reward of the SFT model itself: 0, all ties
 
     def test_files_of_the_run(self):
         m, r = self.r.metrics, self.r
@@ -886,8 +893,9 @@ class ScriptChecks:
         self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
                          ({"model", "config", "args"}, dict, SEED, r.dir))
         self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
-        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
-        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
+        self.assertTrue(same_weights(ckpt["model"], r.trained) and same_weights(ckpt["model"], r.policy))
+        files, beside = folder_state(r.dir)
+        self.assertEqual((sorted(files), beside), (["log.jsonl", "metrics.json", "model.pt"], []))
 
     def test_the_game_is_reported_under_the_cyclic_judge_only(self):
         m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
@@ -895,7 +903,8 @@ class ScriptChecks:
             return self.assertFalse(set(game) & set(m))
         self.assertLessEqual(set(game), set(m))
         self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
-        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
+        shares = torch.tensor(m["school_shares"])
+        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(shares), places=6)
         self.assertEqual("exploitability_last" in m, self.title == "SPPO")
 
     def test_training_sees_training_pairs_only(self):
@@ -903,38 +912,51 @@ class ScriptChecks:
         self.assertEqual(len(calls), self.r.metrics["steps"])
         for call in calls:                                  # the batches are the seeded draws, in order
             self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
-            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
+            draw = torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), draw))
 
     def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
         spy, r = self.r.spy, self.r
         self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
         side = spy["evaluate_sft"].calls[0]
-        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
+        self.assertTrue(same_weights(side.before, self.sft), "evaluate_sft must get the SFT model")
         call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
         self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
         self.assertIs(call.a["sft_side"], side.result)
         ids = r.task.heldout_pairs["chosen_ids"][:4]
         with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
+        self.assertTrue(same_weights(r.policy, r.trained))
         self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
 
     def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
         held = set(rows_of(self.r.task.heldout_prompts))
         self.assertTrue(self.r.spy["sample"].calls)
         self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
+        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
         self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
 
     def test_evaluation_numbers_match_a_recomputation(self):
-        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
+        """metrics.json's evaluation and held-out rewards, recomputed from model.pt and the SFT cache alone."""
         side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
-        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
+        e, m = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED), self.r.metrics
         for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
                     "exploitability", "sft_exploitability"):
-            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
+            self.assertAlmostEqual(m.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
         for key in ("school_shares", "sft_school_shares"):
-            self.assertEqual(self.r.metrics.get(key), e.get(key), key)
+            self.assertEqual(m.get(key), e.get(key), key)
+        # reward_accuracy: the share of held-out pairs whose reward puts y_w first; ranking_agreement: the share on
+        # which the reward's order (+1, 0, -1) is the average log-likelihood's
+        pc, pr, lc, lr = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
+        if self.reward_scale is None:
+            cr, rr = 3.0 * pc / lc, 3.0 * pr / lr                         # SimPO, --beta 3
+            self.assertEqual(m["ranking_agreement"], 1.0)                 # the reward IS the average log-likelihood
+        else:
+            sc, sr, _, _ = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
+            cr, rr = self.reward_scale * (pc - sc), self.reward_scale * (pr - sr)
+        self.assertAlmostEqual(m["reward_accuracy"], (cr > rr).double().mean().item(), places=6)
+        agree = torch.sign(cr - rr) == torch.sign(pc / lc - pr / lr)
+        self.assertAlmostEqual(m["ranking_agreement"], agree.double().mean().item(), places=6)
 
     def test_end_of_run_table_gets_this_runs_numbers(self):
         (call,) = self.r.spy["summary"].calls
@@ -942,8 +964,8 @@ class ScriptChecks:
         for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
             self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
         self.assertEqual(call.a["sft_ranking"], self.sft_column())
-        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
-        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
+        # an SFT column of 0 by definition (a reward that ties every pair) is said under the table
+        self.assertEqual(call.a["note"] is not None, self.sft_column() == ZERO_RANKING)
         self.assertIn(f"| wrote {self.r.dir}/", self.r.out.strip().splitlines()[-1])
 
     def test_peak_memory_is_sampled_at_every_training_forward_only(self):
@@ -959,26 +981,9 @@ class ScriptChecks:
         self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
 
 
-def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
-    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
-    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
-    (+1, 0, -1) equals the average log-likelihood's."""
-    pc, pr, lc, lr = policy_logps
-    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
-    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
-        pc / lc - pr / lr)).double().mean().item(), places=6)
-
-
-def log_ratio_rewards_check(test, run, scale):
-    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
-    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
-        run.sft, run.task.heldout_pairs, CPU)
-    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
-
-
 def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
-    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and y_l,
+    each computed alone, under the argument names of dpo_loss and sppo_hard_loss."""
     return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
             for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
 
@@ -989,7 +994,7 @@ def exact_run(module, *flags):
     code, _, err = run_main(module, ["--exact", "--out", out, *flags])
     if code != 0:
         raise AssertionError(f"exit {code}\n{err}")
-    return read_json(os.path.join(out, "metrics.json")), sorted(os.listdir(out))
+    return read_json(out, "metrics.json"), sorted(os.listdir(out))
 
 
 # ====================================================================================================
@@ -1396,7 +1401,7 @@ class TestStartRun(unittest.TestCase):
         self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, again_info["path"]))
         self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
         self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
-        self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
+        self.assertTrue(same_weights(policy.state_dict(), again.state_dict()))
         self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
         self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
 
@@ -1740,7 +1745,7 @@ class TestCurves(unittest.TestCase):
 
     def test_redraws_any_key_or_says_why_not(self):
         run_dir, d = gpt_run("dpo").dir, scratch("curves")
-        values = [r["logps/chosen"] for r in read_json(os.path.join(run_dir, "log.jsonl"), lines=True)]
+        values = [r["logps/chosen"] for r in read_json(run_dir, "log.jsonl")]
         code, out, err = run_main(data, ["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
         self.assertEqual(code, 0, err)
         self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  (3 values; min {min(values):.3g}, "
@@ -1771,8 +1776,8 @@ class TestDisplacement(unittest.TestCase):
             code, out, err = run_main(data, ["logps", run.dir])
         self.assertEqual(code, 0, err)
         (policy, sft_model, task, seed), = measured
-        self.assertTrue(state_equal(policy.state_dict(), run.trained.state_dict()))
-        self.assertTrue(state_equal(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
+        self.assertTrue(same_weights(policy.state_dict(), run.trained.state_dict()))
+        self.assertTrue(same_weights(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
         self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))   # its task
         table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
         self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"] for name, a, b in real(policy, sft_model, small, SEED, 16)})
@@ -1791,7 +1796,7 @@ class TestDisplacement(unittest.TestCase):
 # ====================================================================================================
 
 class TestDpoScript(ScriptChecks, unittest.TestCase):
-    run_name, title = "dpo", "DPO"
+    run_name, title, reward_scale = "dpo", "DPO", 0.5
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
         """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as the
@@ -1815,12 +1820,6 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
             self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
             self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 0.5)
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
 
 
 class TestPrecomputeRef(unittest.TestCase):
@@ -1967,11 +1966,6 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         self.assertGreater(gpt_run("dpo").gpts, 1)                  # DPO keeps a reference copy: the counter sees it
         self.assertTrue(model.GPT.__init__.__name__ == "__init__" and "__setstate__" not in vars(model.GPT))   # undone
 
-    def test_heldout_rewards_match_a_recomputation(self):
-        policy = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
-        heldout_rewards_check(self, self.r.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
-        self.assertEqual(self.r.metrics["ranking_agreement"], 1.0)   # the reward IS the average log-likelihood
-
     def sft_column(self):
         """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing everywhere."""
         pc, pr, lc, lr = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
@@ -2052,8 +2046,8 @@ class TestSelfPlayIteration(unittest.TestCase):
     def test_pi_t_frozen_while_policy_moves(self):
         self.assertIsNot(self.pi_t, self.policy)
         self.assertTrue(not any(p.requires_grad for p in self.pi_t.parameters()) and not self.pi_t.training)
-        self.assertTrue(state_equal(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
-        self.assertFalse(state_equal(self.policy.state_dict(), self.before))   # pi_theta moved
+        self.assertTrue(same_weights(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
+        self.assertFalse(same_weights(self.policy.state_dict(), self.before))   # pi_theta moved
         self.assertIs(self.spy["draws"].calls[0].a["model"], self.pi_t)     # the samples are pi_t's
         self.assertEqual([(r["step"], r["iteration"]) for r in self.log_rows], [(0, 1), (1, 1), (2, 1)])
         self.assertTrue(all(math.isfinite(r["loss"]) for r in self.log_rows))
@@ -2065,7 +2059,7 @@ class TestSelfPlayIteration(unittest.TestCase):
             sppo.self_play_iteration(again, self.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
                                      batch_size=8, lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0),
                                      batch_order=torch.Generator().manual_seed(0), log_rows=rows)
-        self.assertTrue(rows == self.log_rows and state_equal(again.state_dict(), self.policy.state_dict()))
+        self.assertTrue(rows == self.log_rows and same_weights(again.state_dict(), self.policy.state_dict()))
 
     def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
         self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
@@ -2129,6 +2123,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
     """sppo.py, self-play under --judge cyclic: two iterations of 2 steps (K = 2, eta 10, tau 0.5: not the
     defaults, so a default or a swap shows)."""
     run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
+    reward_scale = 1 / 10.0     # the implicit reward (1/eta) log pi_theta/pi_sft
 
     def test_training_sees_training_pairs_only(self):
         self.assertEqual(self.r.spy["hard_fit"].calls, [])          # self-play: prompts, no pairs (held-out ones only)
@@ -2149,8 +2144,8 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
             self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
         self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
         pi_1, pi_2 = (c.result[0] for c in calls)
-        self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
-        self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
+        self.assertTrue(same_weights(pi_1.state_dict(), self.sft.state_dict()))
+        self.assertFalse(same_weights(pi_2.state_dict(), self.sft.state_dict()))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
         m = run.metrics
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
@@ -2178,7 +2173,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
             iterates = call.before                           # the list as it was handed over: pi_1 .. pi_{t+1}
             self.assertEqual(len(iterates), t + 2)
             for got, want in zip(iterates, [self.sft] + pis[:t + 1]):
-                self.assertTrue(state_equal(got.state_dict(), want.state_dict()))
+                self.assertTrue(same_weights(got.state_dict(), want.state_dict()))
             self.assertTrue(call.a["result"] is evaluations[t].result and (call.a["n_samples"], call.a["seed"]) == (16, SEED))
             shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16),
                                                             torch.Generator().manual_seed(20_000 + SEED))[0])
@@ -2187,23 +2182,17 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
             self.assertEqual(m["school_shares_per_iteration"][t], evaluations[t].result["school_shares"])
             self.assertEqual(m["exploitability_last"][t], evaluations[t].result["exploitability"])
 
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 1 / 10.0)          # the implicit reward (1/eta) log pi_theta/pi_sft
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
-
 
 class TestHardFit(ScriptChecks, unittest.TestCase):
     """sppo.py --variant hard (sppo.hard_fit): [SPPO-9] on the offline pairs, pi_ref = the SFT model."""
-    run_name, title, training_forwards, trains_on = "sppo_hard", "SPPO", 2, "hard_fit"
+    run_name, title, training_forwards, trains_on, reward_scale = "sppo_hard", "SPPO", 2, "hard_fit", 1 / 10.0
 
     def test_every_step_is_its_batch_against_the_sft_model(self):
         """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
         places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
         (fit,) = self.r.spy["hard_fit"].calls
         self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy and fit.a["ref"] is not self.r.policy)
-        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertTrue(same_weights(fit.a["ref"].state_dict(), self.sft.state_dict()))
         self.assertEqual((fit.a["eta"], fit.a["steps"], self.r.metrics["variant"], self.r.metrics["iterations"],
                           self.r.metrics["k"]), (10.0, 2, "hard", 1, None))
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
@@ -2218,12 +2207,6 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
         first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
         self.assertAlmostEqual(first["loss"], 10.0 ** 2 / 2, places=3)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 1 / 10.0)
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}
 
 
 def mw_chain(ex, eta, iterations):
@@ -2377,7 +2360,7 @@ class TestFlags(unittest.TestCase):
         self.assertEqual([ckpt["config"][k] for k in ("n_layer", "n_head", "n_embd")], [1, 4, 32])
         self.assertEqual((run.trained.config.n_head, len(run.trained.blocks)), (4, 1))
         self.assertEqual(model.model_config(simpo.parser.parse_args([])), model.GPTConfig())   # the default size
-        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft()[0])))   # --n-head 2
+        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft())))   # --n-head 2
 
 
 class TestPickDevice(unittest.TestCase):
@@ -2413,10 +2396,10 @@ class TestRun(unittest.TestCase):
         out = os.path.join(scratch("fault"), "out")
         previous = write_previous_run(out)
         with patch or contextlib.nullcontext():
-            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()[0]])
+            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()])
         self.assertNotIn("Traceback", err)
         self.assertEqual(len([line for line in err.splitlines() if line.startswith(("error", "interrupted"))]), 1, err)
-        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))     # untouched
+        self.assertEqual(folder_state(out), (previous, []))     # untouched
         return code, err.strip().splitlines()[-1], out
 
     def test_ctrl_c_during_training_or_evaluation(self):
@@ -2442,7 +2425,7 @@ class TestRun(unittest.TestCase):
         self.assertTrue(code == 1 and "out of memory" in last and "--batch-size" in last, last)
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
                 self.assertRaisesRegex(RuntimeError, "a bug"):          # any other error stays a traceback
-            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()[0]])
+            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()])
 
     def test_non_finite_loss_or_weights(self):
         m = sharp_gpt()
@@ -2467,7 +2450,7 @@ class TestRun(unittest.TestCase):
         line = err.getvalue().strip()
         self.assertTrue(cm.exception.code == 130 and line.startswith("interrupted ") and "at step" not in line
                         and line.endswith(f"; the run was saved in {out}"), line)
-        self.assertEqual(folder_bytes(out), {"metrics.json": b"new"})
+        self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
 
     def test_a_reader_that_leaves_early(self):
         """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
@@ -2500,14 +2483,14 @@ class TestOutputFolder(unittest.TestCase):
         """The next run's prepare_out_dir: what it says, and the folder left whole with nothing beside it."""
         with quietly() as (_, err):
             model.prepare_out_dir(self.out)
-        self.assertEqual((err.getvalue(), siblings(self.out)), (note, []))
-        return folder_bytes(self.out)
+        self.assertEqual((err.getvalue(), folder_state(self.out)[1]), (note, []))
+        return folder_state(self.out)[0]
 
     def test_save_replaces_the_set(self):
         model.save_files(self.out, self.NEW)
-        self.assertEqual((folder_bytes(self.out), siblings(self.out), model.progress.phase), (self.NEW, [], "saved"))
+        self.assertEqual((folder_state(self.out)[0], folder_state(self.out)[1], model.progress.phase), (self.NEW, [], "saved"))
         model.save_files(self.out, {"metrics.json": b"m2"})     # a run with no model.pt (--exact) removes the rest too
-        self.assertEqual(folder_bytes(self.out), {"metrics.json": b"m2"})
+        self.assertEqual(folder_state(self.out)[0], {"metrics.json": b"m2"})
 
     def test_a_folder_holding_anything_else_is_refused_before_any_work(self):
         d = scratch("stranger")
@@ -2517,7 +2500,7 @@ class TestOutputFolder(unittest.TestCase):
             f.write("mine")
         code, _, err = run_main(dpo, TINY + ["--out", out, "--sft-dir", os.path.join(d, "sft")])
         self.assertIn(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt", err)
-        self.assertEqual((code, os.listdir(d), folder_bytes(out)), (2, ["notes"], {"thesis.tex": b"mine"}))
+        self.assertEqual((code, os.listdir(d), folder_state(out)[0]), (2, ["notes"], {"thesis.tex": b"mine"}))
         open(os.path.join(self.out, ".DS_Store"), "w").close()   # what Finder leaves is no stranger's file
         self.mended()
 
@@ -2538,7 +2521,7 @@ class TestOutputFolder(unittest.TestCase):
         killer = lambda p, c: (_ for _ in ()).throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
         with mock.patch.object(model, "write", killer), mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # (a killed process cleans nothing up)
-        self.assertEqual(siblings(self.out), ["run.incoming"])
+        self.assertEqual(folder_state(self.out)[1], ["run.incoming"])
         self.assertEqual(self.mended(), self.previous)
 
     def test_killed_between_the_two_renames_is_mended_by_the_next_run(self):
@@ -2546,14 +2529,14 @@ class TestOutputFolder(unittest.TestCase):
         rename = lambda src, dst: (_ for _ in ()).throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
         with mock.patch.object(os, "rename", rename), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # dies after the first rename
-        self.assertEqual((os.path.exists(self.out), siblings(self.out)), (False, ["run.incoming", "run.previous"]))
+        self.assertEqual((os.path.exists(self.out), folder_state(self.out)[1]), (False, ["run.incoming", "run.previous"]))
         self.assertEqual(self.mended(f"note: a save into {self.out} was cut short; the previous run is back in place\n"),
                          self.previous)
 
     def test_killed_after_the_swap_keeps_the_new_run(self):
         with mock.patch("shutil.rmtree", side_effect=self.Killed()), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # dies removing the previous run
-        self.assertEqual(siblings(self.out), ["run.previous"])
+        self.assertEqual(folder_state(self.out)[1], ["run.previous"])
         self.assertEqual(self.mended(), self.NEW)
 
     def test_full_disk_while_writing_leaves_the_previous_files(self):
@@ -2569,7 +2552,7 @@ class TestOutputFolder(unittest.TestCase):
             model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1), {"method": "x"}, [{"step": 0}]))
         self.assertEqual((cm.exception.code, err.getvalue()), (1, f"error: No space left on device writing {out}/model.pt; "
                                                                   f"nothing was saved, previous results in {out} untouched\n"))
-        self.assertEqual((folder_bytes(out), siblings(out)), (self.previous, []))
+        self.assertEqual(folder_state(out), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
         """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
@@ -2580,7 +2563,7 @@ class TestOutputFolder(unittest.TestCase):
         with mock.patch.object(os, "rename", lambda src, dst: os.kill(os.getpid(), signal.SIGINT) or real(src, dst)):
             model.save_files(self.out, self.NEW)                   # Ctrl-C arrives in the middle of the swap
         self.assertEqual((caught, signal.getsignal(signal.SIGINT)), ([], handler))
-        self.assertEqual((folder_bytes(self.out), siblings(self.out)), (self.NEW, []))
+        self.assertEqual(folder_state(self.out), (self.NEW, []))
 
 
 class TestCheckpoint(unittest.TestCase):
@@ -2596,7 +2579,7 @@ class TestCheckpoint(unittest.TestCase):
         self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None, "odd": "[1, 2]"})
         loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
         self.assertEqual((loaded_args["beta"], loaded.training), (0.1, False))
-        self.assertEqual((read_json(os.path.join(d, "metrics.json")), read_json(os.path.join(d, "log.jsonl"), lines=True)),
+        self.assertEqual((read_json(d, "metrics.json"), read_json(d, "log.jsonl")),
                          ({"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}]))
         ids = small_task(seed=14).sft_ids[:4]
         with torch.no_grad():
@@ -2632,7 +2615,7 @@ class TestSftCache(unittest.TestCase):
         # reused: loaded, not retrained (an optimiser would mean training), same weights
         m2, info2, _ = self.sft_model(task, d, Adam=mock.Mock(side_effect=AssertionError("retrained")))
         self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, info1["path"], info1["ce_after"]))
-        self.assertTrue(state_equal(m1.state_dict(), m2.state_dict()))
+        self.assertTrue(same_weights(m1.state_dict(), m2.state_dict()))
         # a cache whose stored key disagrees with this run's settings is rebuilt, the same weights again
         ckpt = torch.load(info1["path"], weights_only=True)
         ckpt["key"]["steps"] = 999
@@ -2640,7 +2623,7 @@ class TestSftCache(unittest.TestCase):
         m3, info3, err = self.sft_model(task, d)
         self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {info1['path']} is not an SFT cache of these "
                                                          f"settings (of this project); rebuilding it\n"))
-        self.assertTrue(state_equal(m1.state_dict(), m3.state_dict()))
+        self.assertTrue(same_weights(m1.state_dict(), m3.state_dict()))
         self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 3)
         # a different setting (steps, task, seed) is a different cache file; no .tmp left, the lock files stay
         info4 = self.sft_model(task, d, steps=2)[1]
@@ -2687,7 +2670,7 @@ class TestSftCache(unittest.TestCase):
         self.sft_model(task, d)                                       # now a writable folder: the cache is made
         with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
             m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied), Adam=mock.Mock(side_effect=AssertionError))
-        self.assertTrue(info2["cached"] and state_equal(m.state_dict(), m2.state_dict()))
+        self.assertTrue(info2["cached"] and same_weights(m.state_dict(), m2.state_dict()))
         full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # the file written, not moved in
         with mock.patch.object(os, "replace", full):
             _, info3, err = self.sft_model(task, d, steps=2)
@@ -2712,7 +2695,7 @@ class TestLock(unittest.TestCase):
         self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
         self.assertIn("note: another run is training this SFT model (lock", errors.getvalue())
         self.assertIn(".lock); waiting for it", errors.getvalue())
-        self.assertTrue(all(state_equal(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
+        self.assertTrue(all(same_weights(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
         name = os.path.basename(results[0][1]["path"])
         self.assertEqual(sorted(os.listdir(d)), [name, name + ".lock"])
 
@@ -2729,7 +2712,7 @@ class TestPeakMemory(unittest.TestCase):
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
             self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
-            self.assertTrue(state_equal(before, policy.state_dict()))     # leaves the weights and no gradients,
+            self.assertTrue(same_weights(before, policy.state_dict()))     # leaves the weights and no gradients,
             self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
             with torch.no_grad():
@@ -2837,7 +2820,7 @@ class TestReadme(unittest.TestCase):
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
         run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
-        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
+        rows = read_json(run_dir, "log.jsonl")
         self.assertIn('"out/dpo/log.jsonl"', recipe)
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
             exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
@@ -2899,7 +2882,7 @@ class ScriptProcess:
 
     def metrics(self):
         self.finish()
-        return read_json(os.path.join(self.out, "metrics.json"))
+        return read_json(self.out, "metrics.json")
 
 
 _PROCESSES = {}
@@ -2915,11 +2898,11 @@ def script_process(name):
             p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")], out,
                               PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
-            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()[0]], out,
+            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()], out,
                               PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
             previous = write_previous_run(out)
-            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()[0]], out, ctrl_c=True)
+            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()], out, ctrl_c=True)
             p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
@@ -2940,11 +2923,11 @@ class TestScriptProcesses(unittest.TestCase):
         m = proc.metrics()
         self.assertEqual(m.keys(), here.metrics.keys())
         self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS}, {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
-        self.assertEqual(read_json(os.path.join(proc.out, "log.jsonl"), lines=True), here.log)
-        self.assertTrue(state_equal(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
+        self.assertEqual(read_json(proc.out, "log.jsonl"), here.log)
+        self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
         self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual(siblings(proc.out), [])
+        self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
         """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
@@ -2954,7 +2937,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual(p.code, 0, p.err[-2000:])
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
                  if not line.startswith("note: another run is training")]   # it may start while the fixture trains
-        self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft()[0])}): loaded"])
+        self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft())}): loaded"])
         self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
         self.assertIn("logps/chosen and logps/rejected per step (batch means, nats)  (6 values; ", p.out)   # one scale
         self.assertIn("; w log pi(y_w|x); l log pi(y_l|x))", p.out)
@@ -2973,15 +2956,15 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
         self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
         self.same_numbers(proc, gpt_run("simpo"))
-        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic")[0])
+        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic"))
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
-        self.assertTrue(state_equal(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
+        self.assertTrue(same_weights(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
 
     def test_sppo_exact_cyclic(self):
         """python sppo.py --exact --judge cyclic (the README's command): metrics.json only (TestSppoExact reads it)."""
         proc = script_process("sppo_exact")
         self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
-        self.assertEqual((sorted(os.listdir(proc.out)), siblings(proc.out)), (["metrics.json"], []))
+        self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_a_reader_that_leaves_at_once(self):
         """Its stdout's reader gone before the first line, stdout block-buffered as on a pipe: exit 0, no message."""
@@ -2998,7 +2981,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertRegex(lines[-1], r"^interrupted at step \d+ of 1000000 \(training\); previous results in "
                                     + re.escape(proc.out) + " untouched$")
         self.assertNotIn("Traceback", p.err)
-        self.assertEqual((folder_bytes(proc.out), siblings(proc.out)), (proc.previous, []))
+        self.assertEqual(folder_state(proc.out), (proc.previous, []))
 
 
 def cleanup():
