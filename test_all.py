@@ -1003,13 +1003,13 @@ def exact_run(module, *flags):
 
 class TestGPT(unittest.TestCase):
     def test_size_tying_causal_mask_and_kv_cache(self):
-        m, g = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1)
+        m, g, V = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1), len(data.VOCAB)
         self.assertIs(m.lm_head.weight, m.wte.weight)                                     # weight tying
-        self.assertTrue(5e4 <= sum(p.numel() for p in m.parameters()) <= 1e6 and model.GPTConfig().vocab_size == len(data.VOCAB))
+        self.assertTrue(5e4 <= sum(p.numel() for p in m.parameters()) <= 1e6 and model.GPTConfig().vocab_size == V)
         # changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)
-        m, ids = sharp_gpt(0), torch.randint(4, len(data.VOCAB), (3, 15), generator=g)
+        m, ids = sharp_gpt(0), torch.randint(4, V, (3, 15), generator=g)
         changed = ids.clone()
-        changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
+        changed[:, 7] = (ids[:, 7] - 4 + 1) % (V - 4) + 4   # a different real token
         with torch.no_grad():
             a, b, caches = m(ids), m(changed), [dict() for _ in m.blocks]
             # the prompt through the key/value cache in one pass, then one token at a time: the full pass's logits
@@ -1025,11 +1025,10 @@ class TestPairLogps(unittest.TestCase):
         m, task = sharp_gpt(4), small_task(seed=5)
         chosen = model.trim(task.sft_ids[:3], task.sft_mask[:3])
         rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))   # another width
+        self.assertNotEqual(chosen[0].shape[1], rejected[0].shape[1])
         with torch.no_grad():
-            pc, pr, lc, lr = model.pair_logps(m, *chosen, *rejected)
             (sc, slc), (sr, slr) = model.sequence_logps(m, *chosen), model.sequence_logps(m, *rejected)
-        torch.testing.assert_close((pc, pr), (sc, sr), rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr) and chosen[0].shape[1] != rejected[0].shape[1])
+            torch.testing.assert_close(model.pair_logps(m, *chosen, *rejected), (sc, sr, slc, slr), rtol=0, atol=1e-4)
         ids, mask = F.pad(task.sft_heldout_ids, (0, 4)), F.pad(task.sft_heldout_mask, (0, 4))   # 4 PAD columns more
         logps, lengths = model.sequence_logps_all(m, ids, mask, batch_size=5)   # 16 rows: batches of 5, 5, 5, 1
         torch.testing.assert_close(logps, logps_of(m, ids, mask), rtol=0, atol=1e-4)
@@ -1051,31 +1050,26 @@ class TestSample(unittest.TestCase):
                             data.BANNED_IN_RESPONSE, generator=torch.Generator().manual_seed(seed), **kw)
 
     def test_reproducible_cache_or_not_and_the_global_rng_untouched(self):
-        self.assertTrue(torch.equal(self.a, self.b) and not torch.equal(self.a, self.c) and torch.equal(self.a, self.uncached))
+        a = self.a
+        self.assertTrue(torch.equal(a, self.b) and not torch.equal(a, self.c) and torch.equal(a, self.uncached))
         self.assertTrue(torch.equal(self.rng, self.rng_after))
-        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # batches: one stream
-
-    def check_rows(self, ys):
-        """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
-        ends = [row.index(data.EOS_ID) for row in ys.tolist()]
-        for row, e in zip(ys.tolist(), ends):
-            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]) and not set(row[:e]) & set(data.BANNED_IN_RESPONSE), row)
-        return torch.tensor(ends, dtype=torch.float64)
+        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # one stream
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
-        for ys in (self.a, self.c):
-            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
-            self.check_rows(ys)
         # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
         # of ending occur, EOS drawn early and EOS forced at the last position
         probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
         row[list(data.BANNED_IN_RESPONSE)] = 50.0
-        ends = self.check_rows(self.draw(0, m=Bigram(row)))
-        self.assertEqual((ends.min().item(), ends.max().item()), (0, data.MAX_RESPONSE - 1))
+        for ys in (self.a, self.c, self.draw(0, m=Bigram(row))):
+            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
+            ends = [r.index(data.EOS_ID) for r in ys.tolist()]    # allowed tokens, then EOS, then only PAD
+            for r, e in zip(ys.tolist(), ends):
+                self.assertTrue(set(r[e + 1:]) <= {data.PAD_ID} and not set(r[:e]) & set(data.BANNED_IN_RESPONSE), r)
+        self.assertEqual((min(ends), max(ends)), (0, data.MAX_RESPONSE - 1))
         # P(EOS drawn at step i) = 0.85^i * 0.15 for i < 16; the rest forced at 16: E[end] = sum_i 0.85^i, i<16
-        self.assertLess(abs(ends.mean().item() - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
+        self.assertLess(abs(sum(ends) / len(ends) - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
 
     def test_banned_ids_never_drawn_even_when_most_likely(self):
         good, bad = data.STOI["good"], data.STOI["bad"]
@@ -1084,10 +1078,11 @@ class TestSample(unittest.TestCase):
         row[good], row[bad] = math.log(0.75), math.log(0.25)
         draw = lambda **kw: self.draw(0, torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long), Bigram(row), 2, **kw)
         ys = draw()
-        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())   # forced EOS
+        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())
         # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
-        self.assertLess(abs((draw(temperature=0.5)[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
+        share = lambda ys: (ys[:, 0] == good).double().mean().item()
+        self.assertLess(abs(share(ys) - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
+        self.assertLess(abs(share(draw(temperature=0.5)) - 0.9), 5 * math.sqrt(0.09 / 4000))
 
 
 class TestAdam(unittest.TestCase):
@@ -1106,7 +1101,7 @@ class TestAdam(unittest.TestCase):
                     q.grad = p.grad.clone()
                 a.step(), b.step()
                 for p, q in zip(ours, theirs):
-                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: differs by {(p - q).abs().max().item():.3g}")
+                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: off by {(p - q).abs().max().item():.3g}")
             a.zero_grad()
             self.assertEqual((a.t, [p.grad for p in ours]), (6, [None, None]))
 
@@ -1114,7 +1109,7 @@ class TestAdam(unittest.TestCase):
 class TestSftModel(unittest.TestCase):
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
         """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
-        TestSftCache, in the run contract); sft_ce per response token, in float64 on the CPU."""
+        TestSftCache); sft_ce per response token, in float64 on the CPU."""
         task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
@@ -1129,9 +1124,11 @@ class TestSftModel(unittest.TestCase):
         self.assertLess(info["ce_after"], info["ce_before"])
         self.assertEqual((info["steps"], info["cached"], m.training), (steps, False, False))
         # a linear warm-up over 20 steps, then a cosine decay to 0
-        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
+        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+                               for s in range(steps)])
         ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
-        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item(), places=4)
+        ce = -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item()
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), ce, places=4)
         on_mps = mock.Mock(cpu=lambda: torch.tensor([-3.0, -5.0]),
                            double=mock.Mock(side_effect=AssertionError("float64 on the device: MPS has none")))
         with mock.patch.object(model, "sequence_logps_all", return_value=(on_mps, torch.tensor([2.0, 2.0]))):
@@ -1143,7 +1140,8 @@ class TestFrozenCopy(unittest.TestCase):
         m = sharp_gpt(15).train()
         ref = model.frozen_copy(m)
         self.assertEqual((ref.training, m.training), (False, True))
-        self.assertTrue(all(not p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in m.parameters()))
+        self.assertEqual({p.requires_grad for p in ref.parameters()} | {not p.requires_grad for p in m.parameters()},
+                         {False})
         with torch.no_grad():
             next(m.parameters()).add_(1.0)
         self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
@@ -1178,7 +1176,8 @@ class TestTablePolicy(unittest.TestCase):
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
         logps, _ = model.sequence_logps(self.table, *data.join(self.ex.prompts.expand(3, -1), off))
         self.assertTrue(logps[0].item() < -600 and logps[1].item() < -600)      # log 1e-300 for the token off the list
-        self.assertAlmostEqual(logps[2].item(), self.table.log_probs()[self.ex.texts.index("great plot")].item(), places=4)
+        want = self.table.log_probs()[self.ex.texts.index("great plot")].item()
+        self.assertAlmostEqual(logps[2].item(), want, places=4)
 
     def test_model_sample_draws_from_the_table(self):
         n, p = 6000, self.table.probs()
@@ -1193,10 +1192,11 @@ class TestTablePolicy(unittest.TestCase):
 
 class TestMinimise(unittest.TestCase):
     def test_newton_finds_known_minima(self):
-        x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        target, scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
-        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)   # a quadratic,
-        torch.testing.assert_close(x.detach(), target)          # ill-conditioned: Newton's first step lands on its minimum
+        x, target = nn.Parameter(torch.zeros(3, dtype=torch.float64)), torch.tensor([1.0, -2.0, 0.5]).double()
+        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+        # an ill-conditioned quadratic: Newton's first step lands on its minimum
+        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)
+        torch.testing.assert_close(x.detach(), target)
         # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
         # which H is singular), and the loss there is the entropy of p, whatever the weights span
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
@@ -1228,26 +1228,28 @@ class TestVocabulary(unittest.TestCase):
     def test_encode_decode_round_trip(self):
         ids = data.encode(EXAMPLE_A) + [data.EOS_ID, data.PAD_ID, data.PAD_ID]
         self.assertEqual((data.decode(ids), data.decode(torch.tensor(ids))), (EXAMPLE_A, EXAMPLE_A))
-        self.assertEqual(data.decode([data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]), "new horror film")
+        prompt = [data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]
+        self.assertEqual(data.decode(prompt), "new horror film")
 
 
 class TestScore(unittest.TestCase):
-    def test_worked_example_and_word_counts(self):
+    def test_worked_example_word_counts_and_length(self):
         # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2; the prompt changes nothing
-        self.assertEqual([round(data.score("classic comedy film", r), 6) for r in (EXAMPLE_A, EXAMPLE_B, "terrible boring script")],
-                         [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
+        reviews = (EXAMPLE_A, EXAMPLE_B, "terrible boring script")
+        scores = [round(data.score("classic comedy film", r), 6) for r in reviews]
+        self.assertEqual(scores, [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
         self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
         task, pos, neg = small_task(seed=7), set(data.POSITIVE), set(data.NEGATIVE)
         for side in ("chosen", "rejected"):      # score_responses and response_lengths against counting words
             for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
                 words = data.decode(row[data.PROMPT_LEN:]).split()
-                self.assertAlmostEqual(s.item(), (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words), places=6)
+                want = (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words)
+                self.assertAlmostEqual(s.item(), want, places=6)
                 self.assertEqual(data.response_lengths(row[None, data.PROMPT_LEN:]).item(), len(words))
-
-    def test_length_alone_does_not_raise_score(self):
+        # length alone does not raise the score: twice as long, neutral filler, padding
         base = data.score("", EXAMPLE_A)
-        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)   # twice as long
-        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)           # neutral filler
+        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)
+        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)
         self.assertLessEqual(data.score("", "great " + " ".join(["the"] * 15)), data.score("", "great"))
         ids = torch.tensor([data.encode(EXAMPLE_A) + [data.EOS_ID]])
         self.assertEqual(data.score_responses(ids).item(), data.score_responses(F.pad(ids, (0, 7))).item())
@@ -1256,15 +1258,15 @@ class TestScore(unittest.TestCase):
 
 class TestOracle(unittest.TestCase):
     def test_bradley_terry_symmetry_direction_and_worked_example(self):
-        g = torch.Generator().manual_seed(0)
+        g, prob = torch.Generator().manual_seed(0), data.preference_prob
         sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
         for tau in (0.05, 0.2, 1.0):
-            pab, pba = data.preference_prob(sa, sb, tau), data.preference_prob(sb, sa, tau)
-            torch.testing.assert_close(pab + pba, torch.ones(200), rtol=0, atol=1e-6)
-            self.assertTrue(torch.equal(pab > 0.5, sa > sb))
-        self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
-        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())   # sharper
-        self.assertAlmostEqual(data.oracle("x", EXAMPLE_A, EXAMPLE_B) + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
+            torch.testing.assert_close(prob(sa, sb, tau) + prob(sb, sa, tau), torch.ones(200), rtol=0, atol=1e-6)
+            self.assertTrue(torch.equal(prob(sa, sb, tau) > 0.5, sa > sb))
+        self.assertEqual(prob(0.3, 0.3, 0.2).item(), 0.5)
+        self.assertGreater(prob(0.3, 0.1, 0.1).item(), prob(0.3, 0.1, 0.5).item())   # sharper
+        a_b, b_a = data.oracle("x", EXAMPLE_A, EXAMPLE_B), data.oracle("x", EXAMPLE_B, EXAMPLE_A)
+        self.assertAlmostEqual(a_b + b_a, 1.0, places=6)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
@@ -1274,7 +1276,7 @@ class TestCyclicJudge(unittest.TestCase):
                  ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
                  ("characters characters plot", 1)]        # the school is the nouns a review uses most
         self.assertEqual(data.school_of(responses_of(*[c[0] for c in cases])).tolist(), [c[1] for c in cases])
-        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score changes
+        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score
         p, s = 0.9, torch.tensor([0, 1, 2, data.NO_SCHOOL])
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
         torch.testing.assert_close((prefs + prefs.T, prefs.diagonal()),           # constant-sum, ties with itself
@@ -1290,8 +1292,9 @@ class TestCyclicJudge(unittest.TestCase):
 
 class TestJudgeProb(unittest.TestCase):
     def test_the_one_judge_of_every_preference(self):
-        a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
-        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words against 2, 4
+        a = responses_of("great plot and lovely story", "dull music")
+        b = responses_of("the acting", "the story was fun")
+        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words vs 2, 4
         quality, got = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)], data.judge_prob(a, b, cfg)
         self.assertEqual(got.dtype, torch.float32)          # the evaluation's: quality only
         torch.testing.assert_close(got, torch.tensor(quality))
@@ -1304,31 +1307,34 @@ class TestJudgeProb(unittest.TestCase):
 
 class TestExploitability(unittest.TestCase):
     def test_zero_exactly_at_the_equilibrium(self):
-        p, s, g, v = 0.9, torch.arange(3), torch.Generator().manual_seed(0), lambda *x: torch.tensor(x, dtype=torch.float64)
+        p, s, g = 0.9, torch.arange(3), torch.Generator().manual_seed(0)
+        v = lambda *x: torch.tensor(x, dtype=torch.float64)
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
-        self.assertAlmostEqual(data.exploitability(v(1 / 3, 1 / 3, 1 / 3), prefs), 0.0, places=12)
-        # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
-        self.assertAlmostEqual(data.exploitability([0.6, 0.3, 0.1], prefs), 0.62 - 0.5, places=12)
-        self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
+        # the SFT table's shares, by hand: craft beats them with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
+        for shares, want in ((v(1 / 3, 1 / 3, 1 / 3), 0.0), ([0.6, 0.3, 0.1], 0.62 - 0.5), ([1.0, 0.0, 0.0], p - 0.5)):
+            self.assertAlmostEqual(data.exploitability(shares, prefs), want, places=12)
         for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
             self.assertGreater(data.exploitability(torch.softmax(torch.randn(3, generator=g), 0), prefs), 1e-4)
         # from school shares (story, acting, craft, none); a review with no school loses to all
         self.assertAlmostEqual(data.school_exploitability(v(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
         self.assertAlmostEqual(data.school_exploitability(v(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
         self.assertGreater(data.school_exploitability(v(0.3, 0.3, 0.3, 0.1)), 0.0)
-        torch.testing.assert_close(data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting")),
-                                   v(0.2, 0.2, 0.2, 0.4))
+        reviews = responses_of("great plot", "the cast", "music", "fun", "plot acting")
+        torch.testing.assert_close(data.school_shares(reviews), v(0.2, 0.2, 0.2, 0.4))
 
 
 class TestTask(unittest.TestCase):
     def test_reproducible_and_heldout_prompts_disjoint(self):
-        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask, task.sft_heldout_ids,
-                                task.sft_heldout_mask, *task.pairs.values(), *task.heldout_pairs.values()]
+        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask,
+                                task.sft_heldout_ids, task.sft_heldout_mask, *task.pairs.values(),
+                                *task.heldout_pairs.values()]
         a, b, c = (tensors(small_task(seed=s)) for s in (3, 3, 4))
-        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)) and not any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
+        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)))
+        self.assertFalse(any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
         task, P, rows = small_task(seed=8), data.PROMPT_LEN, lambda t: {tuple(r.tolist()) for r in t}
         train, held = rows(task.train_prompts), rows(task.heldout_prompts)
-        self.assertEqual((len(train & held), len(train) + len(held)), (0, len(data.DECADES) * len(data.GENRES) * len(data.NOUNS)))
+        self.assertEqual(len(train & held), 0)
+        self.assertEqual(len(train) + len(held), len(data.DECADES) * len(data.GENRES) * len(data.NOUNS))
         for ids, pool in ((task.sft_ids, train), (task.pairs["chosen_ids"], train), (task.sft_heldout_ids, held),
                           (task.heldout_pairs["chosen_ids"], held), (task.eval_prompts(50), held)):
             self.assertLessEqual(rows(ids[:, :P]), pool)
@@ -1336,8 +1342,8 @@ class TestTask(unittest.TestCase):
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not at
-        chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
+        """The higher-scoring response is chosen at the rate the oracle predicts, mean sigmoid(|s_a - s_b| / tau):
+        not always (noisy raters), not at chance."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
@@ -1348,34 +1354,34 @@ class TestTask(unittest.TestCase):
 
     def test_length_bias_and_pair_style_knobs(self):
         words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
-        plain, biased = (data.Task(data.TaskConfig(n_demos=8, n_pairs=2000, n_heldout=8, length_bias=b), seed=10).pairs
-                         for b in (0.0, 0.5))
+        config = lambda n_demos, n_pairs, **kw: data.TaskConfig(n_demos=n_demos, n_pairs=n_pairs, n_heldout=8, **kw)
+        plain, biased = (data.Task(config(8, 2000, length_bias=b), seed=10).pairs for b in (0.0, 0.5))
         gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
         self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
         self.assertTrue(gap(biased) > 2.0 and abs(gap(plain)) < 1.0)     # unbiased raters: no systematic length gap
         style = torch.as_tensor(data.STYLE_IDS)
         share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum() / words(ids).sum()).item()
-        plain, styled = (data.Task(data.TaskConfig(n_demos=500, n_pairs=1000, n_heldout=8, pair_style=s), seed=11)
-                         for s in (0.0, 1.0))
-        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT data: its own style
+        plain, styled = (data.Task(config(500, 1000, pair_style=s), seed=11) for s in (0.0, 1.0))
+        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT: its own style
         self.assertGreater(min(share(styled.pairs["chosen_ids"]), share(styled.pairs["rejected_ids"])), 0.05)
-        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge ignores style
+        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge: no style
             self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
 
     def test_the_cyclic_task(self):
         task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=8), seed=0)
         responses = task.sft_ids[:, data.PROMPT_LEN:]              # every demonstration has a school, in unequal shares
         self.assertTrue((data.school_of(responses) >= 0).all())
-        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0))))
+        shares = data.school_shares(responses).tolist()
+        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(shares, (0.6, 0.3, 0.1, 0.0))), shares)
         # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
         rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
         plain = data._random_responses(rng_a, 200, 0.5, 0.0)
         schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
         self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
         nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
-        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())    # only nouns and one more word change
         # the pairs are labelled by the cyclic oracle
-        chosen, rejected = (data.school_of(task.pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
+        chosen, rejected = (data.school_of(task.pairs[f"{s}_ids"][:, data.PROMPT_LEN:]) for s in ("chosen", "rejected"))
         count = lambda w, l: ((chosen == w) & (rejected == l)).sum().item()
         n = count(0, 1) + count(1, 0)
         self.assertGreater(n, 500)
@@ -1396,12 +1402,12 @@ class TestStartRun(unittest.TestCase):
             # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
             # trained with this seed, these steps, these demonstrations and this size
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
-                again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
+                again, cached = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
         self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
-        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, again_info["path"]))
+        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, cached["path"]))
         self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
         self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
-        self.assertTrue(same_weights(policy.state_dict(), again.state_dict()))
+        self.assertTrue(same_weights(policy, again))
         self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
         self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
 
@@ -1426,13 +1432,13 @@ class TestPairBatch(unittest.TestCase):
             width = batch[f"{side}_ids"].shape[1]
             self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
             self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
+        sides = [full[f"{side}_{part}"] for side in ("chosen", "rejected") for part in ("ids", "mask")]
         with torch.no_grad():
-            torch.testing.assert_close(model.pair_logps(m, **batch), model.pair_logps(
-                m, full["chosen_ids"][idx], full["chosen_mask"][idx], full["rejected_ids"][idx], full["rejected_mask"][idx]),
-                rtol=0, atol=1e-4)
-        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), (   # pair_logps_all: 16 pairs, by 5
-            logps_of(m, full["chosen_ids"], full["chosen_mask"]), logps_of(m, full["rejected_ids"], full["rejected_mask"]),
-            full["chosen_mask"][:, 1:].sum(1).float(), full["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
+            trimmed, untrimmed = model.pair_logps(m, **batch), model.pair_logps(m, *(x[idx] for x in sides))
+        torch.testing.assert_close(trimmed, untrimmed, rtol=0, atol=1e-4)
+        want = (logps_of(m, *sides[:2]), logps_of(m, *sides[2:]), sides[1][:, 1:].sum(1).float(),
+                sides[3][:, 1:].sum(1).float())
+        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), want, rtol=0, atol=1e-4)   # by 5
 
 
 class TestEvaluate(unittest.TestCase):
@@ -1449,30 +1455,29 @@ class TestEvaluate(unittest.TestCase):
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
             _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
-            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy review > SFT review), tau")
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy > SFT review), tau")
             self.assertEqual((r["score"], r["sft_score"], r["length"], r["sft_win_rate_vs_sft"]), (1.0, -1.0, 1.0, 0.5))
-            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it cannot write positive ones
-            self.assertAlmostEqual(self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)[1]["win_rate_vs_sft"],
-                                   sig(-2 / tau), places=5)
+            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it writes no positive ones
+            _, r = self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(-2 / tau), places=5)
         task, g = small_task(seed=21), torch.Generator().manual_seed(0)
         kl = lambda a, b, n=64: self.both(a, b, task, n, 4)[1]["kl_to_sft"]
         self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
         self.assertGreater(kl(EITHER_WRITER, POSITIVE_WRITER), 1e6)   # negative words the SFT model never writes
         allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
-
-        def random_writer():   # samples what it scores (no mass on banned tokens), stops after a few words
+        writers = []
+        for _ in range(2):   # random writers: they sample what they score (none of the banned tokens), a few words
             first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
-            first[allowed], rest[allowed] = torch.randn(len(allowed), generator=g) * 2, torch.randn(len(allowed), generator=g) * 2
+            first[allowed], rest[allowed] = (torch.randn(len(allowed), generator=g) * 2 for _ in range(2))
             first[data.EOS_ID], rest[data.EOS_ID] = IMPOSSIBLE, 3.0
-            return Bigram(first, rest)
-
-        a, b = random_writer(), random_writer()
+            writers.append(Bigram(first, rest))
+        a, b = writers
         self.assertGreater(min(kl(a, b, 128), kl(b, a, 128)), 1.0)   # positive both ways round
         self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
-        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy meets),
-        the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
+        meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
@@ -1481,35 +1486,40 @@ class TestEvaluate(unittest.TestCase):
         self.assertTrue(all(torch.equal(c.a["prompts"], task.eval_prompts(n)) for c in spy.calls))   # held-out prompts
         own, reviews, samples = (c.result for c in spy.calls)
         self.assertTrue(torch.equal(r["sft_samples"], reviews) and torch.equal(r["samples"], samples))
-        win = lambda a, b: torch.sigmoid((data.score_responses(a) - data.score_responses(b)) / task.config.tau).mean().item()
+        score = data.score_responses
+        win = lambda a, b: torch.sigmoid((score(a) - score(b)) / task.config.tau).mean().item()
         self.assertAlmostEqual(side["sft_win_rate_vs_sft"], win(own, reviews), places=6)
         self.assertAlmostEqual(r["win_rate_vs_sft"], win(samples, reviews), places=6)
-        self.assertAlmostEqual(r["sft_score"], data.score_responses(reviews).mean().item(), places=6)
+        self.assertAlmostEqual(r["sft_score"], score(reviews).mean().item(), places=6)
         ids, mask = data.join(task.eval_prompts(n), samples)
-        self.assertAlmostEqual(r["kl_to_sft"], (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item(), places=4)
+        kl = (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item()
+        self.assertAlmostEqual(r["kl_to_sft"], kl, places=4)
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
     def test_the_sft_side_and_the_game(self):
-        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and every
-        policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
+        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and
+        every policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
         self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
         r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
-        self.assertTrue(r["sft_win_rate_vs_sft"] == side["sft_win_rate_vs_sft"] and torch.equal(r["sft_samples"], side["sft_samples"]))
+        self.assertEqual(r["sft_win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
+        self.assertTrue(torch.equal(r["sft_samples"], side["sft_samples"]))
         self.assertFalse({"exploitability", "sft_exploitability"} & set(r))    # the default judge: no game
         side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
-        self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(
-            data.school_of(r["samples"]), data.school_of(r["sft_samples"])).mean().item(), places=6)
+        schools = data.school_of(r["samples"]), data.school_of(r["sft_samples"])
+        self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(*schools).mean().item(), places=6)
         for prefix, samples in (("", r["samples"]), ("sft_", r["sft_samples"])):
-            self.assertEqual(r[f"{prefix}school_shares"], data.school_shares(samples).tolist())
-            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(data.school_shares(samples)), places=12)
+            shares = data.school_shares(samples)
+            self.assertEqual(r[f"{prefix}school_shares"], shares.tolist())
+            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(shares), places=12)
 
 
 class TestPairLogRow(unittest.TestCase):
     def test_puts_each_number_under_its_name(self):
-        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0), t(-8.0, -10.0))
+        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0),
+                                t(-8.0, -10.0))
         self.assertEqual((row["step"], row["loss"], row["logps/chosen"], row["logps/rejected"]), (7, 0.25, -4.0, -9.0))
         for key, want in (("rewards/chosen", 2.5 / 4), ("rewards/rejected", 0.5 / 4), ("rewards/margins", 2.0 / 4),
                           ("rewards/accuracies", 2 / 4)):   # 1 > 0, 3 > 1; -2 < -1; a tie is not
@@ -1518,21 +1528,22 @@ class TestPairLogRow(unittest.TestCase):
 
 class TestRankingMetrics(unittest.TestCase):
     def test_constructed_cases_and_ties(self):
-        cr, rr = t(1.0, 2.0, 3.0, 4.0), t(0.0, 3.0, 2.0, 5.0)       # the reward puts y_w first: T F T F -> 0.5
-        # average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F; agreement with T F T F: 3 of 4 (the SUMMED
-        # log-probs, F F F F, would give 2 of 4)
-        m = data.ranking_metrics(cr, rr, t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0), t(2.0, 3.0, 2.0, 1.0))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (2 / 4, 3 / 4))
+        cr, ones, four = t(1.0, 2.0, 3.0, 4.0), torch.ones(4), lambda x: torch.full((4,), x)
+        cases = [  # rewards (chosen, rejected), log-probs (chosen, rejected), lengths: accuracy, agreement
+            # the reward puts y_w first T F T F; average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F;
+            # agreement 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
+            (cr, t(0.0, 3.0, 2.0, 5.0), t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0),
+             t(2.0, 3.0, 2.0, 1.0), 2 / 4, 3 / 4),
+            # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); TTTF vs TTTT
+            (cr, t(0.0, 1.0, 2.0, 5.0), four(-4.0), four(-3.0), four(4.0), ones, 3 / 4, 3 / 4),
+            # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
+            # pair and agrees with the likelihood only where the likelihood ties too (the third pair)
+            (four(0.0), four(0.0), t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), ones, ones, 0.0, 1 / 4)]
+        for *args, accuracy, agreement in cases:
+            m = data.ranking_metrics(*args)
+            self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (accuracy, agreement))
         m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
         self.assertEqual(m["reward_accuracy"], 1 / 2)              # a tie in reward is not a correct ordering
-        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); T T T F against T T T T
-        m = data.ranking_metrics(cr, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0), torch.full((4,), 4.0), torch.ones(4))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (3 / 4, 3 / 4))
-        # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no pair
-        # and agrees with the likelihood only where the likelihood ties too (the third pair)
-        zero = torch.zeros(4)
-        m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))
 
 
 class TestPrintSummary(unittest.TestCase):
@@ -1540,26 +1551,27 @@ class TestPrintSummary(unittest.TestCase):
         empty = torch.zeros(4, 3, dtype=torch.long)
         metrics = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486, "win_rate_vs_sft": 0.93,
                    "score": 0.7, "length": 6.5, "kl_to_sft": 4.25, "reward_accuracy": 0.8, "ranking_agreement": 0.85,
-                   "seconds_per_step": 0.05, "peak_memory_mb": 48.0, "prompts": torch.zeros(4, data.PROMPT_LEN, dtype=torch.long),
-                   "samples": empty, "sft_samples": empty, "wall_seconds": 6.54, "startup_seconds": 2.5, "train_seconds": 3.0,
-                   "eval_seconds": 1.0, **more}
+                   "seconds_per_step": 0.05, "peak_memory_mb": 48.0, "samples": empty, "sft_samples": empty,
+                   "prompts": torch.zeros(4, data.PROMPT_LEN, dtype=torch.long), "wall_seconds": 6.54,
+                   "startup_seconds": 2.5, "train_seconds": 3.0, "eval_seconds": 1.0, **more}
         with quietly() as (out, _):
-            data.print_summary("DPO", metrics, {"reward_accuracy": 0.0, "ranking_agreement": 0.0}, "out/x", note)
+            data.print_summary("DPO", metrics, ZERO_RANKING, "out/x", note)
         text = out.getvalue()
         return {line.split("  ")[0]: line.split()[-2:] for line in text.split("\n\nHeld-out")[0].splitlines()[2:]}, text
 
     def test_the_sft_column_as_measured_beside_the_policy(self):
         rows, text = self.table()
         self.assertEqual(text.splitlines()[0].split(), ["SFT", "DPO"])
-        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT vs itself
+        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],
                                 "length (words)": ["9.50", "6.50"], "KL to SFT (nats)": ["0.00", "4.25"],
                                 "reward accuracy": ["0.000", "0.800"], "ranking agreement": ["0.000", "0.850"],
-                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})   # costs it never paid
-        self.assertNotIn("SFT column", text)
-        self.assertEqual(text.splitlines()[-1], "win rate vs SFT 0.930 | reward accuracy 0.800 | ranking agreement 0.850 | "
-                                                "6.5 s (start-up 2.5, training 3.0, evaluation 1.0) | wrote out/x/")
+                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})
+        self.assertNotIn("SFT column", text)        # the SFT model against itself; costs it never paid: "-"
+        self.assertEqual(text.splitlines()[-1], "win rate vs SFT 0.930 | reward accuracy 0.800 | "
+                         "ranking agreement 0.850 | 6.5 s (start-up 2.5, training 3.0, evaluation 1.0) | wrote out/x/")
         text = self.table(note="beta log pi_theta/pi_ref")[1]
-        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(text[text.index("SFT column"):].split()))
+        note = " ".join(text[text.index("SFT column"):].split())
+        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", note)
         rows, text = self.table(exploitability=0.2, sft_exploitability=0.12, school_shares=[0.5, 0.2, 0.2, 0.1],
                                 sft_school_shares=[0.6, 0.3, 0.1, 0.0])
         self.assertEqual(rows["exploitability"], ["0.120", "0.200"])
@@ -1570,6 +1582,7 @@ class TestChart(unittest.TestCase):
     """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs, data.scatter."""
 
     def rows(self, lines, height, ch="█"):
+        """The row (0: the top) of each column's highest `ch` or "*", and the grid."""
         grid = [line.split("│", 1)[1] for line in lines[1:1 + height]]
         return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))], grid
 
@@ -1579,7 +1592,7 @@ class TestChart(unittest.TestCase):
             many = data.chart([x * x for x in range(200)], "t", width=20, height=3)
             falling = data.chart(list(range(10, 0, -1)), "falling", width=60, height=2)
         r = self.rows(rising, 4)[0]
-        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)   # top: max
+        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)
         self.assertEqual(rising[0], "rising  (12 values; min 0, max 11)")
         # more values than columns: averaged into `width` columns, still rising; the title gives the data's range
         r = self.rows(many, 3)[0]
@@ -1594,9 +1607,10 @@ class TestChart(unittest.TestCase):
                                 ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
             shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
                                 "t", height=3, lo=0.0, hi=1.0)
-            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score", width=41, height=11)
+            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
+                                  width=41, height=11)
             self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
-        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # one scale, a row a nat
+        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # a row a nat
         self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")            # both start at 0, the top: they meet
         self.assertEqual(lines[0], "t  (8 values; min -9, max 0; w falls slowly; l falls fast)")
         grid = self.rows(shares, 3, "s")[1]                                   # lo and hi fixed: shares 0 to 1
@@ -1605,7 +1619,7 @@ class TestChart(unittest.TestCase):
         self.assertEqual({ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"},
                          {"B": (0, 40), "C": (5, 20), "A": (10, 0)})          # score 1, 0.5, 0; KL 4, 2, 0
         self.assertTrue(any(line.strip().startswith("B = high") for line in points))
-        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal without Unicode
+        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal, no Unicode
             self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
             self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
 
@@ -1618,17 +1632,19 @@ class TestExactTask(unittest.TestCase):
         cls.ex, cls.cyclic = data.ExactTask(), data.ExactTask(data.TaskConfig(judge="cyclic"))
 
     def test_the_listed_reviews(self):
-        ex = self.ex
+        ex, f64 = self.ex, torch.float64
         self.assertEqual((ex.n, len(set(ex.texts)), ex.best().sum().item()), (27, 27, 9))   # best: score +0.5, 3 x 3
         cells = {(s, sc, w) for s, sc, w in zip(ex.schools.tolist(), ex.scores.tolist(), ex.words.tolist())}
         self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
         torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
-        self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(), [-1, ex.texts.index("great plot")])
-        torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
-        torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
+        index = ex.index_of(responses_of("great plot lovely", "great plot")).tolist()
+        self.assertEqual(index, [-1, ex.texts.index("great plot")])
+        torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=f64))
+        torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=f64))
         self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
-        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)), (ex.sft_probs, ex.prefs @ ex.sft_probs))
-        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in the matrix and the reward
+        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)),
+                                   (ex.sft_probs, ex.prefs @ ex.sft_probs))
+        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in matrix and reward
         a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")    # same score, 2 words longer
         self.assertAlmostEqual(biased.prefs[a, b].item(), sig(0.3 * 2), places=12)
         self.assertAlmostEqual((biased.reward[a] - biased.reward[b]).item(), 0.3 * 2, places=12)
@@ -1640,27 +1656,29 @@ class TestExactTask(unittest.TestCase):
         self.assertAlmostEqual(weights.sum().item(), 1.0, places=12)
         self.assertFalse((chosen == rejected).any())
         # one entry by hand: "great plot" chosen over "the plot": 2 pi pi P / (1 - sum pi^2)
-        w, l = ex.texts.index("great plot"), ex.texts.index("the plot")
-        want = 2 * 0.075 * 0.15 * sig(0.5 / 0.2) / (1 - (ex.sft_probs ** 2).sum().item())
-        self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(), want, places=12)
+        w, l, no_ties = ex.texts.index("great plot"), ex.texts.index("the plot"), 1 - (ex.sft_probs ** 2).sum()
+        self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(),
+                               2 * 0.075 * 0.15 * sig(0.5 / 0.2) / no_ties.item(), places=12)
         c, r, sw = ex.sampled_pairs(200_000, seed=1)     # many sampled pairs approach the population weights
         self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
         sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw).fill_diagonal_(0)
         population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
-        self.assertLess((sampled / (1 - (ex.sft_probs ** 2).sum()) - population).abs().max().item(), 3e-3)
+        self.assertLess((sampled / no_ties - population).abs().max().item(), 3e-3)
         uniform = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))   # --pair-schools uniform
         torch.testing.assert_close((uniform.school_shares(uniform.pair_probs), uniform.sft_probs),
                                    (torch.full((3,), 1 / 3, dtype=torch.float64), self.cyclic.sft_probs))
 
     def test_closed_forms_and_exploitability(self):
         ex, g = self.ex, torch.Generator().manual_seed(0)
+        a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
         for beta in (0.5, 2.0):       # [DPO-opt]: pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            pi_star, a, b = ex.dpo_optimum(beta), ex.texts.index("great plot"), ex.texts.index("the acting and cast")
+            pi_star = ex.dpo_optimum(beta)
             self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
-            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
+            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
         self.assertIsNone(self.cyclic.reward)                  # no reward under the cyclic judge: no pi*
         self.assertRaises(TypeError, self.cyclic.dpo_optimum, 1.0)
-        pi = ex.simpo_optimum_gamma0(2.0)                      # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
+        pi = ex.simpo_optimum_gamma0(2.0)               # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
         shift = 2.0 * pi.log() / (ex.words.double() + 1) - ex.reward
         self.assertTrue(abs(pi.sum().item() - 1) < 1e-12 and (shift - shift[0]).abs().max().item() < 1e-9)
         inside = torch.rand(ex.n, generator=g, dtype=torch.float64)   # shares 1/3: an equilibrium, whatever inside
@@ -1673,8 +1691,9 @@ class TestExactTask(unittest.TestCase):
         self.assertGreater(ex.exploitability(ex.sft_probs), 0.1)
 
 
-def assert_one_line_error(test, code, err, *fragments):
-    """Exit 2 and one line on stderr, `error: ...`, holding each fragment."""
+def refused(test, command, *fragments):
+    """python data.py command... in this process: exit 2 and one line on stderr, `error: ...`, holding each fragment."""
+    code, _, err = run_main(data, command)
     lines = err.strip().splitlines()
     test.assertEqual((code, len(lines)), (2, 1), err)
     test.assertTrue(lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), (lines[0], fragments))
@@ -1684,28 +1703,29 @@ class TestFrontier(unittest.TestCase):
     """python data.py frontier DIR...: score against KL for finished runs, or one line per folder that is not one."""
 
     def test_plots_finished_runs_and_refuses_what_is_not_one(self):
-        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}
-        cases = {"a_list": "[]", "a_number": "3", "kl_null": {**good, "kl_to_sft": None}, "kl_nan": {**good, "kl_to_sft": math.nan},
-                 "kl_text": {**good, "kl_to_sft": "3"}, "no_score": {k: v for k, v in good.items() if k != "score"},
-                 "not_json": "{", "run_a": good, "run_b": {**good, "kl_to_sft": 3.0, "score": 0.8}}
-        expect = {"a_list": "kl_to_sft is null", "a_number": "kl_to_sft is null", "kl_null": "kl_to_sft is null",
-                  "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "score is null",
-                  "not_json": "no readable metrics.json (JSONDecodeError)"}
-        d = scratch("frontier")
-        for name, content in cases.items():
+        good, d = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}, scratch("frontier")
+        cases = {"a_list": ("[]", "kl_to_sft is null"), "a_number": ("3", "kl_to_sft is null"),
+                 "kl_null": ({**good, "kl_to_sft": None}, "kl_to_sft is null"),
+                 "kl_nan": ({**good, "kl_to_sft": math.nan}, "kl_to_sft is NaN"),
+                 "kl_text": ({**good, "kl_to_sft": "3"}, 'kl_to_sft is "3"'),
+                 "no_score": ({k: v for k, v in good.items() if k != "score"}, "score is null"),
+                 "not_json": ("{", "no readable metrics.json (JSONDecodeError)"),
+                 "run_a": (good, None), "run_b": ({**good, "kl_to_sft": 3.0, "score": 0.8}, None)}
+        for name, (content, fragment) in cases.items():
             os.makedirs(os.path.join(d, name))
-            with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                f.write(content if isinstance(content, str) else json.dumps(content))
-        for name, fragment in expect.items():
-            assert_one_line_error(self, *run_main(data, ["frontier", os.path.join(d, name)])[::2], name, fragment)
+            text = content if isinstance(content, str) else json.dumps(content)
+            pathlib.Path(d, name, "metrics.json").write_text(text)
+            if fragment:
+                refused(self, ["frontier", os.path.join(d, name)], name, fragment)
         code, out, err = run_main(data, ["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
-        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", len(expect)))   # no chart from a partial set
+        bad = sum(fragment is not None for _, fragment in cases.values())
+        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", bad))   # no chart from a partial set
         code, out, err = run_main(data, ["frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")])
         self.assertEqual(code, 0, err)
         for line in ("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800",
                      "S = the SFT model: KL(policy || SFT) 0.00, score 0.000"):
             self.assertIn(line, out)
-        assert_one_line_error(self, *run_main(data, ["frontier"])[::2], "frontier takes some run folder(s), got 0")
+        refused(self, ["frontier"], "frontier takes some run folder(s), got 0")
 
 
 class TestSampleCommand(unittest.TestCase):
@@ -1719,25 +1739,21 @@ class TestSampleCommand(unittest.TestCase):
         for line in lines[:5]:                              # "[+0.25] review text": the judge's score of the text
             self.assertEqual((line[0], line[6:8], line[1:6]), ("[", "] ", f"{data.score('', line[8:]):+.2f}"))
         self.assertIn("ignore the prompt", lines[5])
-        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)          # seeded: the same again
         self.assertNotEqual(run_main(data, ["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
-        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # -n: more, not others
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # the first 3
 
     def test_errors(self):
         run_dir, d = gpt_run("dpo").dir, scratch("sample")
         for prompt in ("new horrror film", "new horror"):
-            assert_one_line_error(self, *run_main(data, ["sample", run_dir, "--prompt", prompt])[::2], f"got {prompt!r}",
-                                  "genres: horror comedy")
-        assert_one_line_error(self, *run_main(data, ["sample"])[::2], "sample takes 1 run folder(s), got 0")
-        path = os.path.join(d, "model.pt")
-        assert_one_line_error(self, *run_main(data, ["sample", d])[::2], path, "no such file")
-        with open(os.path.join(run_dir, "model.pt"), "rb") as f:
-            truncated, foreign = f.read()[:1000], io.BytesIO()
+            refused(self, ["sample", run_dir, "--prompt", prompt], f"got {prompt!r}", "genres: horror comedy")
+        refused(self, ["sample"], "sample takes 1 run folder(s), got 0")
+        path, foreign = os.path.join(d, "model.pt"), io.BytesIO()
+        refused(self, ["sample", d], path, "no such file")
         torch.save({"weights": torch.zeros(2)}, foreign)
-        for content in (b"not a checkpoint", truncated, foreign.getvalue()):
-            with open(path, "wb") as f:
-                f.write(content)
-            assert_one_line_error(self, *run_main(data, ["sample", d])[::2], f"cannot load checkpoint {path!r}")
+        for content in (b"not a checkpoint", pathlib.Path(run_dir, "model.pt").read_bytes()[:1000], foreign.getvalue()):
+            pathlib.Path(path).write_bytes(content)
+            refused(self, ["sample", d], f"cannot load checkpoint {path!r}")
 
 
 class TestCurves(unittest.TestCase):
@@ -1751,15 +1767,15 @@ class TestCurves(unittest.TestCase):
         self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  (3 values; min {min(values):.3g}, "
                                               f"max {max(values):.3g})")
         self.assertIn(f"loss per step ({run_dir})", out)
-        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
-        assert_one_line_error(self, *run_main(data, ["curves", run_dir, "--key", "logp/chosen"])[::2],
-                              "no numbers under 'logp/chosen'", "logps/chosen, logps/rejected, loss")
-        assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "no readable log.jsonl (FileNotFoundError)")
+        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value "
+                      f"{values[-1]:.4g}", out)
+        refused(self, ["curves", run_dir, "--key", "logp/chosen"], "no numbers under 'logp/chosen'",
+                "logps/chosen, logps/rejected, loss")
+        refused(self, ["curves", d], "no readable log.jsonl (FileNotFoundError)")
         for content, words in (("", "no numbers under 'loss' (a run with --steps 0?)"),
                                ('{"loss": 1.0}\n{"loss": \n', "no readable log.jsonl (JSONDecodeError)")):
-            with open(os.path.join(d, "log.jsonl"), "w") as f:
-                f.write(content)
-            assert_one_line_error(self, *run_main(data, ["curves", d])[::2], words)
+            pathlib.Path(d, "log.jsonl").write_text(content)
+            refused(self, ["curves", d], words)
 
 
 class TestDisplacement(unittest.TestCase):
@@ -1776,13 +1792,14 @@ class TestDisplacement(unittest.TestCase):
             code, out, err = run_main(data, ["logps", run.dir])
         self.assertEqual(code, 0, err)
         (policy, sft_model, task, seed), = measured
-        self.assertTrue(same_weights(policy.state_dict(), run.trained.state_dict()))
-        self.assertTrue(same_weights(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
-        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))   # its task
+        self.assertTrue(same_weights(policy, run.trained) and same_weights(sft_model, run.sft))   # the run's SFT cache
+        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))
         table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
-        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"] for name, a, b in real(policy, sft_model, small, SEED, 16)})
-        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs", "the policy's own samples",
-                                       "the SFT model's samples", "5 positive words, in no pair"])
+        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+                                 for name, a, b in real(policy, sft_model, small, SEED, 16)})
+        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs",
+                                       "the policy's own samples", "the SFT model's samples",
+                                       "5 positive words, in no pair"])
         # each row is a plain mean of summed log-probs; against itself, no change
         rows = real(policy, sft_model, small, 0, 16)
         self.assertAlmostEqual(rows[0][1], data.pair_logps_all(sft_model, small.pairs, CPU)[0].mean().item(), places=4)
@@ -1799,8 +1816,8 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
     run_name, title, reward_scale = "dpo", "DPO", 0.5
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as the
-        reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
+        """Step by step: the policy's log-probs of the batch (its weights then), the SFT model's as the reference,
+        --beta, chosen and rejected in their places, the logged loss [DPO-1] of those: ln 2 at step 0 only."""
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
@@ -1809,13 +1826,12 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
                 torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
             self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
                              (True, False, 0.5))
-            margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (want["policy_rejected_logps"] - want["ref_rejected_logps"])
+            ratio = lambda side: want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"]
+            margin = ratio("chosen") - ratio("rejected")
             self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
-
-    def test_reference_changes_the_loss_after_step_0(self):
-        """With the reference = the policy itself, every step's rewards would be 0 and its loss ln 2."""
-        first = self.r.log[0]                                                  # step 0: pi_theta = pi_ref
-        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]), (round(math.log(2), 6), 0.0, 0.0))
+        first = self.r.log[0]                   # step 0: pi_theta = pi_ref; were the reference the policy, always
+        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]),
+                         (round(math.log(2), 6), 0.0, 0.0))
         for row in self.r.log[1:]:
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
             self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
@@ -1825,18 +1841,16 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
 class TestPrecomputeRef(unittest.TestCase):
     """dpo.py --precompute-ref: log pi_ref of every pair once, before the loop, and the same numbers."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.plain, cls.pre = gpt_run("dpo"), gpt_run("dpo_precompute")
-
-    def test_same_numbers_with_and_without(self):
-        for ra, rb in zip(self.plain.log, self.pre.log):      # every step's loss, rewards and log-probs, to rounding
+    def test_same_numbers_and_no_reference_pass_in_the_loop(self):
+        plain, pre = gpt_run("dpo"), gpt_run("dpo_precompute")
+        for ra, rb in zip(plain.log, pre.log):      # every step's loss, rewards and log-probs, to rounding
             self.assertEqual(ra.keys(), rb.keys())
             for key in ra:
                 self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(self.plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
-        ma, mb = self.plain.metrics, self.pre.metrics
-        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]), (False, True, None))
+        self.assertNotEqual(plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
+        ma, mb = plain.metrics, pre.metrics
+        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]),
+                         (False, True, None))
         self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
         self.assertEqual(ma.keys(), mb.keys())
         for key in ma.keys() - TIMING_KEYS - {"precompute_ref"}:
@@ -1844,13 +1858,11 @@ class TestPrecomputeRef(unittest.TestCase):
                 self.assertAlmostEqual(ma[key], mb[key], delta=1e-4 * max(1.0, abs(ma[key])), msg=key)
             else:
                 self.assertEqual(ma[key], mb[key], key)
-
-    def test_no_reference_forward_pass_in_the_loop(self):
         frozen = lambda m: not any(p.requires_grad for p in m.parameters())
-        for run, in_loop, whole_set in ((self.plain, 3, 0), (self.pre, 0, 1)):     # one per step, or once up front
+        for run, in_loop, whole_set in ((plain, 3, 0), (pre, 0, 1)):     # one per step, or once up front
             self.assertEqual(sum(frozen(c.a["model"]) for c in run.spy["pair_logps"].by("main")), in_loop)
-            self.assertEqual(sum(frozen(c.a["model"]) and c.a["pairs"] is run.task.pairs for c in run.spy["pair_logps_all"].calls),
-                             whole_set)
+            up_front = [c for c in run.spy["pair_logps_all"].calls if c.a["pairs"] is run.task.pairs]
+            self.assertEqual(sum(frozen(c.a["model"]) for c in up_front), whole_set)
 
     def test_refused_with_reference_free(self):
         d = scratch("refused")
@@ -1863,18 +1875,13 @@ class TestPrecomputeRef(unittest.TestCase):
 class TestDpoExact(unittest.TestCase):
     """python dpo.py --exact: [DPO-opt] and [IPO-4.2] on the table, and DPO on cyclic labels."""
 
-    @classmethod
-    def setUpClass(cls):
-        (cls.bt, cls.bt_files), (cls.cyclic, _) = exact_run(dpo), exact_run(dpo, "--judge", "cyclic")
-        cls.ex = data.ExactTask()
-
-    def test_population_minimum_is_pi_star(self):
-        m, ex = self.bt, self.ex
-        self.assertEqual(self.bt_files, ["metrics.json"])                # a table: no model.pt
+    def test_population_minimum_is_pi_star_and_beta_matters_only_with_noisy_labels(self):
+        (m, files), ex, f64 = exact_run(dpo), data.ExactTask(), torch.float64
+        self.assertEqual(files, ["metrics.json"])                # a table: no model.pt
         self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"], m["seed"]), ("dpo", True, "bt", 1.0, 0))
         self.assertLess(m["kl_to_optimum"], 1e-6)                        # goal: 1e-3
         pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))     # pi* by hand: pi_ref exp(s / (tau beta)) / Z
-        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=torch.float64), ex.best()
+        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=f64), ex.best()
         self.assertLess(data.kl(pi, pi_star), 1e-6)
         self.assertAlmostEqual(m["best_mass"], m["best_mass_optimum"], places=6)
         for key, want in (("best_mass_optimum", pi_star[best].sum().item()), ("best_mass", pi[best].sum().item()),
@@ -1885,21 +1892,19 @@ class TestDpoExact(unittest.TestCase):
         finite = dpo.fit_exact(ex, ex.sampled_pairs(m["n_pairs"], 0), 1.0, dpo.EXACT_DEFAULTS["steps"])
         self.assertAlmostEqual(m["kl_to_optimum_finite_data"], data.kl(finite, pi_star), places=9)
         self.assertTrue(100 * m["kl_to_optimum"] < m["kl_to_optimum_finite_data"] < 0.1)
-
-    def test_beta_matters_only_with_noisy_labels(self):
-        m = self.bt
+        # [IPO-4.2]: the best reviews' mass under noisy labels, for each beta, against its optimum by hand
         self.assertEqual(m["ipo_betas"], list(dpo.IPO_BETAS))
         for beta, trained, optimum in zip(m["ipo_betas"], m["best_mass_noisy"], m["best_mass_noisy_optimum"]):
-            ref = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)     # the SFT table's mass by score level
-            weight = ref * torch.exp(torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64) / (0.2 * beta))
+            ref = torch.tensor([0.25, 0.5, 0.25], dtype=f64)     # the SFT table's mass by score level
+            weight = ref * torch.exp(torch.tensor([0.5, 0.0, -0.5], dtype=f64) / (0.2 * beta))
             self.assertAlmostEqual(optimum, (weight[0] / weight.sum()).item(), places=9)
             self.assertAlmostEqual(trained, optimum, places=5)
         noisy = m["best_mass_noisy"]
-        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: closer to pi_ref
+        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: nearer pi_ref
         self.assertTrue(all(d > 0.999 for d in m["best_mass_deterministic"]), m["best_mass_deterministic"])
 
     def test_cyclic_labels_are_fit_with_a_line(self):
-        m, ex = self.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))
+        (m, _), ex = exact_run(dpo, "--judge", "cyclic"), data.ExactTask(data.TaskConfig(judge="cyclic"))
         self.assertNotIn("kl_to_optimum", m)                             # no reward, no pi*
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
@@ -1928,7 +1933,9 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
 
     def simpo_losses(self, m, b, length_norm=True):
         pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm else (1, 1)
+        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float())
+        if not length_norm:
+            lc, lr = 1, 1
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
@@ -1939,10 +1946,10 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
             b, a, current = batch_call.result, loss_call.a, with_weights(batch_call.before)
             self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
-            self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
-            self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
-            torch.testing.assert_close(a["policy_chosen_logps"].detach(), logps_of(current, b["chosen_ids"], b["chosen_mask"]),
-                                       rtol=0, atol=1e-3)
+            for side in ("chosen", "rejected"):
+                self.assertTrue(torch.equal(a[f"{side}_lengths"], b[f"{side}_mask"][:, 1:].sum(1).float()))
+            want = logps_of(current, b["chosen_ids"], b["chosen_mask"])
+            torch.testing.assert_close(a["policy_chosen_logps"].detach(), want, rtol=0, atol=1e-3)
             self.assertAlmostEqual(self.r.log[step]["loss"], self.simpo_losses(current, b).mean().item(), places=4)
 
     def test_no_length_norm_sums_the_log_probs(self):
@@ -1961,13 +1968,13 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         (side,) = spy["evaluate_sft"].calls
         first_step = min(c.start for c in spy["memory_sample"].calls)
         self.assertTrue(side.a["sft"] is self.r.policy and side.end < first_step)
-        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # its held-out rewards
-        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model loaded or trained IS the policy
-        self.assertGreater(gpt_run("dpo").gpts, 1)                  # DPO keeps a reference copy: the counter sees it
+        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # held-out rewards
+        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model, loaded or trained, IS
+        self.assertGreater(gpt_run("dpo").gpts, 1)                  # the policy; DPO keeps a reference copy
         self.assertTrue(model.GPT.__init__.__name__ == "__init__" and "__setstate__" not in vars(model.GPT))   # undone
 
     def sft_column(self):
-        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing everywhere."""
+        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing always."""
         pc, pr, lc, lr = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
         return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
 
@@ -1978,7 +1985,8 @@ class TestSimpoExact(unittest.TestCase):
     def test_where_simpo_ends(self):
         (m, files), ex = exact_run(simpo), data.ExactTask()
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
-        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]), (["metrics.json"], "simpo", 2.0, 1.0, True))
+        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]),
+                         (["metrics.json"], "simpo", 2.0, 1.0, True))
         self.assertLess(max(m["start_gap"], m["kl_to_closed_form_gamma0"]), 1e-8)    # one end, whatever the start
         # reviews that differ only in length: mass falls with length (equal reward per token)
         for school in range(3):
@@ -2018,75 +2026,65 @@ class TestSelfPlayIteration(unittest.TestCase):
     """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
     K, and the regression [SPPO-6] fitted on them."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.prompts = small_task(seed=29).train_prompts[:6]
-        torch.manual_seed(1)
-        cls.policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
-        cls.before, cls.log_rows = weights(cls.policy), []
-        cls.spy = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        with contextlib.ExitStack() as stack:
-            for context in (*cls.spy.values(), quietly()):
-                stack.enter_context(context)
-            cls.pi_t, cls.stats = sppo.self_play_iteration(
-                cls.policy, cls.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3, batch_size=8,
-                lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0), batch_order=torch.Generator().manual_seed(0),
-                log_rows=cls.log_rows)
-        (draw,) = cls.spy["draws"].calls
-        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
-        cls.samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
-        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME PROMPT
-        # of P(y_i > y_j | x), its tie with itself (1/2) included
-        prompt_of = [tuple(r) for r in rows.tolist()]
-        cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
-        cls.expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
-                                         for j in cls.groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
-        cls.win_prob = [c for c in cls.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
-
-    def test_pi_t_frozen_while_policy_moves(self):
-        self.assertIsNot(self.pi_t, self.policy)
-        self.assertTrue(not any(p.requires_grad for p in self.pi_t.parameters()) and not self.pi_t.training)
-        self.assertTrue(same_weights(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
-        self.assertFalse(same_weights(self.policy.state_dict(), self.before))   # pi_theta moved
-        self.assertIs(self.spy["draws"].calls[0].a["model"], self.pi_t)     # the samples are pi_t's
-        self.assertEqual([(r["step"], r["iteration"]) for r in self.log_rows], [(0, 1), (1, 1), (2, 1)])
-        self.assertTrue(all(math.isfinite(r["loss"]) for r in self.log_rows))
-        self.assertEqual(self.stats["samples"], 18)
-        self.assertAlmostEqual(self.stats["win_prob_mean"], 0.5, places=5)
-        self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
-        again, rows = with_weights(self.before), []                  # same seeds, same start: the same fit, bit for bit
+    def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
+        """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
         with quietly():
-            sppo.self_play_iteration(again, self.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
-                                     batch_size=8, lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0),
-                                     batch_order=torch.Generator().manual_seed(0), log_rows=rows)
-        self.assertTrue(rows == self.log_rows and same_weights(again.state_dict(), self.policy.state_dict()))
+            return sppo.self_play_iteration(policy, prompts, iteration=1, k=k, eta=eta, steps=steps,
+                                            config=config or data.TaskConfig(tau=0.3), batch_size=batch_size, lr=lr,
+                                            device=CPU, sampler=torch.Generator().manual_seed(0),
+                                            batch_order=torch.Generator().manual_seed(0), log_rows=log_rows)
 
-    def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
-        self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
-        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
-        for group in self.groups.values():
-            self.assertAlmostEqual(self.win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
-        self.assertGreater(self.win_prob.std().item(), 0.05)         # and they are not all 1/2
-
-    def test_each_win_rate_is_attached_to_its_own_sample(self):
-        torch.testing.assert_close(self.win_prob, self.expected, rtol=0, atol=1e-5)
+    def test_pi_t_frozen_k_samples_per_prompt_and_each_win_rate_on_its_own_sample(self):
+        prompts, log_rows = small_task(seed=29).train_prompts[:6], []
+        torch.manual_seed(1)
+        policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
+        before = weights(policy)
+        spies = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
+        with spies["draws"] as draws, spies["batch"] as batches, spies["loss"] as losses:
+            pi_t, stats = self.play(policy, prompts, log_rows)
+        self.assertIsNot(pi_t, policy)
+        self.assertTrue(not any(p.requires_grad for p in pi_t.parameters()) and not pi_t.training)
+        self.assertTrue(same_weights(pi_t, before))       # pi_t is the policy as it was, untouched
+        self.assertFalse(same_weights(policy, before))    # pi_theta moved
+        (draw,) = draws.calls
+        self.assertIs(draw.a["model"], pi_t)              # the samples are pi_t's
+        self.assertEqual([(r["step"], r["iteration"]) for r in log_rows], [(0, 1), (1, 1), (2, 1)])
+        self.assertTrue(all(math.isfinite(r["loss"]) for r in log_rows))
+        self.assertEqual(stats["samples"], 18)
+        self.assertAlmostEqual(stats["win_prob_mean"], 0.5, places=5)
+        self.assertEqual(log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
+        again, rows = with_weights(before), []                  # same seeds, same start: the same fit, bit for bit
+        self.play(again, prompts, rows)
+        self.assertTrue(rows == log_rows and same_weights(again, policy))
+        # K = 3 samples for every prompt; the win rate of sample i, from its definition [SPPO-5]: the mean over the
+        # K samples OF THE SAME PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
+        samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
+        prompt_of = [tuple(r) for r in rows.tolist()]
+        groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
+        self.assertEqual(set(groups), set(rows_of(prompts)))
+        self.assertEqual(sorted(len(g) for g in groups.values()), [3] * 6)
+        expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
+                                     for j in groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
+        win_prob = [c for c in losses.calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
+        for group in groups.values():
+            self.assertAlmostEqual(win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
+        self.assertGreater(win_prob.std().item(), 0.05)         # and they are not all 1/2
+        torch.testing.assert_close(win_prob, expected, rtol=0, atol=1e-5)
         # and in every training batch: the row fitted, its target's win rate, its reference log-prob
-        self.assertEqual(len(self.spy["batch"].calls), 3)
-        for batch_call, loss_call in zip(self.spy["batch"].calls, self.spy["loss"].calls[:3]):
+        self.assertEqual(len(batches.calls), 3)
+        for batch_call, loss_call in zip(batches.calls, losses.calls[:3]):
             ids, mask = batch_call.result
-            want = [self.expected[self.samples.index(row)] for row in rows_of(ids)]
+            want = [expected[samples.index(row)] for row in rows_of(ids)]
             torch.testing.assert_close(loss_call.a["win_prob"], torch.stack(want), rtol=0, atol=1e-5)
-            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
+            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(pi_t, ids, mask), rtol=0, atol=1e-4)
             self.assertEqual(loss_call.a["eta"], 8.0)
 
     def test_fit_lowers_the_regression_loss(self):
         task = small_task(seed=0)
         torch.manual_seed(0)
-        with quietly():
-            _, stats = sppo.self_play_iteration(
-                model.GPT(SMALL), task.train_prompts[:8], iteration=1, k=2, eta=10.0, config=task.config, steps=30,
-                batch_size=16, lr=3e-3, device=CPU, sampler=torch.Generator().manual_seed(0),
-                batch_order=torch.Generator().manual_seed(0), log_rows=[])
+        _, stats = self.play(model.GPT(SMALL), task.train_prompts[:8], [], k=2, eta=10.0, config=task.config,
+                             steps=30, batch_size=16, lr=3e-3)
         # loss_before is (eta (P - 1/2))^2 averaged: the loss at pi_theta = pi_t
         self.assertTrue(stats["loss_before"] > 0.5 and stats["loss_after"] < 0.5 * stats["loss_before"], stats)
 
@@ -2106,8 +2104,9 @@ class TestGameStats(unittest.TestCase):
         """Three iterates that write one school each: their average plays every school a third of the time
         (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
         task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
+        last = {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}
         with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
-            stats = sppo.game_stats(iterates, {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}, task, CPU, 3000, 7)
+            stats = sppo.game_stats(iterates, last, task, CPU, 3000, 7)
         (call,) = spy.calls
         self.assertTrue(call.before == 20_000 + 7 and call.a["models"] is iterates)
         self.assertTrue(torch.equal(call.a["prompts"], task.eval_prompts(3000)))
@@ -2136,47 +2135,45 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
         for c in calls:
-            self.assertTrue(c.a["policy"] is run.policy and c.a["config"] is run.task.config)
-            self.assertTrue(torch.equal(c.a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
-            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed(),
-                              c.a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
-            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's samples, K per prompt
+            a = c.a
+            self.assertTrue(a["policy"] is run.policy and a["config"] is run.task.config)
+            self.assertTrue(torch.equal(a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
+            self.assertEqual((a["k"], a["eta"], a["steps"], a["batch_size"], a["lr"], a["sampler"].initial_seed(),
+                              a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
+            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's: K per prompt
             self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
         self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
         pi_1, pi_2 = (c.result[0] for c in calls)
-        self.assertTrue(same_weights(pi_1.state_dict(), self.sft.state_dict()))
-        self.assertFalse(same_weights(pi_2.state_dict(), self.sft.state_dict()))
+        self.assertTrue(same_weights(pi_1, self.sft) and not same_weights(pi_2, self.sft))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
         m = run.metrics
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
-    def test_each_iteration_is_compared_with_the_one_before(self):
+    def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
         """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
-        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed)."""
-        pi_2, m = self.r.spy["self_play_iteration"].calls[1].result[0], self.r.metrics
-        (prev,) = self.r.spy["heldout_reviews"].by("main")
-        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pi_2, 16, SEED + 1))
-        ours = data.heldout_reviews(self.r.trained, self.r.task, CPU, 16, SEED)[1]
-        theirs = data.heldout_reviews(pi_2, self.r.task, CPU, 16, SEED + 1)[1]
-        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], data.win_rate(ours, theirs, self.r.task.config), places=6)
-        self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1 = SFT
-        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
-
-    def test_the_average_of_the_iterates(self):
-        """Each iteration's game: the average of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed
-        20_000 + seed), its school shares and exploitability; the last iterate's are the evaluation's."""
-        calls, m, run = self.r.spy["game_stats"].calls, self.r.metrics, self.r
+        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed). Each iteration's game: the average
+        of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed 20_000 + seed), its school shares and
+        exploitability; the last iterate's are the evaluation's."""
+        run, m = self.r, self.r.metrics
         pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
-        evaluations = run.spy["evaluate"].calls
+        (prev,) = run.spy["heldout_reviews"].by("main")
+        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pis[0], 16, SEED + 1))
+        ours = data.heldout_reviews(run.trained, run.task, CPU, 16, SEED)[1]
+        theirs = data.heldout_reviews(pis[0], run.task, CPU, 16, SEED + 1)[1]
+        win = data.win_rate(ours, theirs, run.task.config)
+        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], win, places=6)
+        self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1: SFT
+        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
+        calls, evaluations = run.spy["game_stats"].calls, run.spy["evaluate"].calls
         self.assertEqual(len(calls), 2)
         for t, call in enumerate(calls):
             iterates = call.before                           # the list as it was handed over: pi_1 .. pi_{t+1}
             self.assertEqual(len(iterates), t + 2)
-            for got, want in zip(iterates, [self.sft] + pis[:t + 1]):
-                self.assertTrue(same_weights(got.state_dict(), want.state_dict()))
-            self.assertTrue(call.a["result"] is evaluations[t].result and (call.a["n_samples"], call.a["seed"]) == (16, SEED))
-            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16),
-                                                            torch.Generator().manual_seed(20_000 + SEED))[0])
+            self.assertTrue(all(same_weights(got, want) for got, want in zip(iterates, [self.sft] + pis[:t + 1])))
+            self.assertIs(call.a["result"], evaluations[t].result)
+            self.assertEqual((call.a["n_samples"], call.a["seed"]), (16, SEED))
+            seed = torch.Generator().manual_seed(20_000 + SEED)
+            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16), seed)[0])
             self.assertEqual(m["school_shares_average_per_iteration"][t], shares.tolist())
             self.assertAlmostEqual(m["exploitability_average"][t], data.school_exploitability(shares), places=12)
             self.assertEqual(m["school_shares_per_iteration"][t], evaluations[t].result["school_shares"])
@@ -2191,8 +2188,8 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
         """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
         places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
         (fit,) = self.r.spy["hard_fit"].calls
-        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy and fit.a["ref"] is not self.r.policy)
-        self.assertTrue(same_weights(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy)
+        self.assertTrue(fit.a["ref"] is not self.r.policy and same_weights(fit.a["ref"], self.sft))
         self.assertEqual((fit.a["eta"], fit.a["steps"], self.r.metrics["variant"], self.r.metrics["iterations"],
                           self.r.metrics["k"]), (10.0, 2, "hard", 1, None))
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
@@ -2203,8 +2200,9 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
                 torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
             a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
             self.assertEqual(lc.a["eta"], 10.0)
-            self.assertAlmostEqual(self.r.log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
-        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
+            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()
+            self.assertAlmostEqual(self.r.log[step]["loss"], want, places=3)
+        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
         self.assertAlmostEqual(first["loss"], 10.0 ** 2 / 2, places=3)
 
@@ -2234,16 +2232,16 @@ class TestSppoExact(unittest.TestCase):
         c = self.cyclic
         self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
         for m, ex in self.runs:
-            chain = mw_chain(ex, m["eta"], m["iterations"])
+            chain, fits = mw_chain(ex, m["eta"], m["iterations"]), m["mw_kl_exact_logz_per_iteration"]
             self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
             self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
             self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
-            for t, (fit, no_step) in enumerate(zip(m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])):
+            for t, (fit, no_step) in enumerate(zip(fits, m["mw_kl_no_step"])):
                 self.assertAlmostEqual(no_step, data.kl(chain[t], chain[t + 1]), delta=1e-9 * max(no_step, 1e-12))
                 self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
-            self.assertEqual(m["mw_kl_exact_logz"], max(m["mw_kl_exact_logz_per_iteration"]))
-            self.assertAlmostEqual(m["mw_kl_ratio"], max([f / n for f, n in zip(m["mw_kl_exact_logz_per_iteration"],
-                                                                                 m["mw_kl_no_step"]) if f >= 1e-13], default=0.0), places=12)
+            self.assertEqual(m["mw_kl_exact_logz"], max(fits))
+            ratio = max([f / n for f, n in zip(fits, m["mw_kl_no_step"]) if f >= 1e-13], default=0.0)
+            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)
             self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
 
     def test_the_game_numbers_of_every_iteration(self):
@@ -2259,11 +2257,12 @@ class TestSppoExact(unittest.TestCase):
                        *m["school_shares"][t], *m["school_shares_average"][t]]
                 want = [ex.exploitability(last), ex.exploitability(average), last[best].sum().item(),
                         *ex.school_shares(last).tolist(), *ex.school_shares(average).tolist()]
-                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0, msg=f"{m['judge']}, t {t + 1}")
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0,
+                                           msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per prompt
-        drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per
+        prompt drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
         for m, _ in self.runs:
             self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
@@ -2273,8 +2272,8 @@ class TestSppoExact(unittest.TestCase):
         half = sppo.fit_exact(ex, pi_1, torch.arange(ex.n), ex.prefs @ ex.sft_probs, ex.sft_probs, eta, 50)
         self.assertAlmostEqual(m["mw_kl_half"][0], data.kl(half, mw), delta=1e-6 * m["mw_kl_half"][0])
         prompts = ex.prompts.expand(sppo.EXACT_SAMPLE_PROMPTS * k, -1)
-        draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                             generator=torch.Generator().manual_seed(m["seed"]), batch_size=prompts.shape[0], use_cache=False)
+        draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE, use_cache=False,
+                             generator=torch.Generator().manual_seed(m["seed"]), batch_size=prompts.shape[0])
         index = ex.index_of(draws).view(-1, k)                           # prompt i's K samples: rows i*K .. i*K+K-1
         prefs = ex.prefs[index[:, :, None], index[:, None, :]]
         win_k = (prefs.sum(-1) - prefs.diagonal(dim1=1, dim2=2) + 0.5) / k
