@@ -98,8 +98,8 @@ def attempt(test, fn, *args, returns=None):
         test.fail(f"{fn.__name__} is not written yet (it raises NotImplementedError): write its body from its "
                   f"docstring and the derivation above it in {fn.__module__}.py")
     if returns is not None and not (isinstance(out, tuple) and len(out) == len(returns)):
-        n = f" of {len(out)}" if isinstance(out, (tuple, list)) else ""
-        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {type(out).__name__}{n}")
+        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {got}")
     return out
 
 
@@ -115,7 +115,7 @@ def show(x):
 
 
 def expect_close(test, got, want, what, mistakes=(), atol=1e-4, rtol=1e-4):
-    """got == want to rounding; else fail with what, expected, got, and the hint of the first (value, hint) that fits."""
+    """got == want to rounding; else fail: what, expected, got, and the hint of the first (value, hint) that fits."""
     if not torch.is_tensor(got):
         test.fail(f"{what}: expected a tensor {show(want)}; got {type(got).__name__} {got!r}")
     got_d, want_d = got.detach().double(), torch.as_tensor(want).double()
@@ -182,8 +182,8 @@ class TestDpoLoss(unittest.TestCase):
         z = torch.tensor([0.75, 0.0, -2.5])
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
                      "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is "
-                                         "beta (log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
+                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
+                                         "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
                          (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
                          (F.softplus(-beta * (pc - pr)),
                           "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
@@ -334,7 +334,8 @@ class TestSimpoLoss(unittest.TestCase):
                          [(logps, "beta is missing from the reward"), (2.0 * other, REWARDS_SWAPPED)])
         # margins 2*(-6+9) = 6 and 2*(-14+2) = -24; logits margin - gamma = 5 and -25
         margin = t(6.0, -24.0)
-        expect_close(self, losses, t(softplus(-5.0), softplus(25.0)), "losses at margins 6 and -24, gamma 1 (lengths 1)", [
+        expect_close(self, losses, t(softplus(-5.0), softplus(25.0)),
+                     "losses at margins 6 and -24, gamma 1 (lengths 1)", [
             (F.softplus(-(margin + 1)), "gamma is added: logits = r_w - r_l - gamma"),
             (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma"),
             (F.softplus(-(margin - 2)), "gamma is multiplied by beta: the target margin is gamma itself"),
@@ -542,8 +543,9 @@ class TestSequenceLogps(unittest.TestCase):
         not_pad = (ids[:, 1:] != data.PAD_ID).double()
         return [((lsm.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1),
                  "no shift: position t's logits predict token t+1, so compare logits[:, :-1] with input_ids[:, 1:]"),
-                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use response_mask[:, 1:], "
-                                                   "so the first response token counts and the token after EOS does not"),
+                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use "
+                                                   "response_mask[:, 1:], so the first response token counts and the "
+                                                   "token after EOS does not"),
                 ((shifted * not_pad).sum(-1), "the prompt is counted: only response tokens (response_mask) count"),
                 (shifted.sum(-1), "the mask is missing: the prompt and the padding are counted"),
                 (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| "
@@ -573,7 +575,8 @@ class TestSequenceLogps(unittest.TestCase):
         mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
         with torch.no_grad():
             logps, lengths = self.logps(ids, mask)
-        expect_close(self, lengths, t(3.0, 7.0), "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
+        expect_close(self, lengths, t(3.0, 7.0),
+                     "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
             (t(2.0, 6.0), "the closing EOS is not counted: |y| is the number of response tokens, EOS included"),
             (t(8.0, 12.0), "the prompt is counted: |y| counts response tokens only"),
             (t(12.0, 12.0), "the padding and the prompt are counted: |y| is the sum of the response mask")])
@@ -722,6 +725,11 @@ def write_previous_run(folder):
     return files
 
 
+def throw(error):
+    """raise error, in a lambda."""
+    raise error
+
+
 @contextlib.contextmanager
 def quietly():
     """stdout and stderr captured: `with quietly() as (out, err):`."""
@@ -807,13 +815,12 @@ def run_main(module, argv, spies=()):
 # The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
 # beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
 GPT_RUNS = {
-    "dpo": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"], "bt"),
-    "dpo_precompute": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2", "--precompute-ref"], "bt"),
-    "simpo": (simpo, ["--judge", "cyclic", "--steps", "3", "--beta", "3", "--gamma", "0.6", "--lr", "1e-2"], "cyclic"),
-    "simpo_small": (simpo, ["--steps", "1", "--beta", "3", "--gamma", "0.6", "--no-length-norm", "--n-head", "4"], None),
-    "sppo": (sppo, ["--judge", "cyclic", "--tau", "0.5", "--steps", "2", "--k", "2", "--iterations", "2", "--eta", "10"],
-             "cyclic"),
-    "sppo_hard": (sppo, ["--variant", "hard", "--steps", "2", "--eta", "10"], "bt"),
+    "dpo": (dpo, "--steps 3 --beta 0.5 --lr 1e-2".split(), "bt"),
+    "dpo_precompute": (dpo, "--steps 3 --beta 0.5 --lr 1e-2 --precompute-ref".split(), "bt"),
+    "simpo": (simpo, "--judge cyclic --steps 3 --beta 3 --gamma 0.6 --lr 1e-2".split(), "cyclic"),
+    "simpo_small": (simpo, "--steps 1 --beta 3 --gamma 0.6 --no-length-norm --n-head 4".split(), None),
+    "sppo": (sppo, "--judge cyclic --tau 0.5 --steps 2 --k 2 --iterations 2 --eta 10".split(), "cyclic"),
+    "sppo_hard": (sppo, "--variant hard --steps 2 --eta 10".split(), "bt"),
 }
 SPIED = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
          sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}
@@ -835,9 +842,11 @@ def gpt_run(name):
                **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
                **{n: Spy(module, n) for n in SPIED[module]}}
         if module is sppo:
-            spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+            spy.update(play_sample=Spy(sppo, "sample"),
+                       game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
         with count_gpts() as gpts:
-            code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+            argv = TINY + flags + ["--out", out, "--sft-dir", sft_dir]
+            code, stdout, err = run_main(module, argv, spies=spy.values())
         if code != 0:
             raise AssertionError(f"{name}: exit {code}\n{err}")
         cache = torch.load(glob_one(sft_dir), weights_only=True)
@@ -883,8 +892,9 @@ class ScriptChecks:
         self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
         self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
         self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
-        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
-        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        times = ("startup_seconds", "train_seconds", "eval_seconds")
+        self.assertTrue(all(m[k] >= 0.0 for k in (*times, "peak_memory_mb")))
+        self.assertLessEqual(sum(m[k] for k in times), m["wall_seconds"] + 1e-6)
         self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
         self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
         self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
@@ -973,7 +983,8 @@ class ScriptChecks:
         (meter,) = spy["memory"].calls
         self.assertIs(meter.a["policy"], self.r.policy)
         built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
-        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
+        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds "
+                                               "anything")
         samples = [s.start for s in spy["memory_sample"].calls]
         self.assertEqual(len(samples), self.training_forwards)
         for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
@@ -2303,6 +2314,16 @@ class TestSppoExact(unittest.TestCase):
 # checkpoints, the SFT cache, memory; the README; each script as a process)
 # ====================================================================================================
 
+def exits(fn):
+    """(the code of the SystemExit fn() ends in, what it wrote on stderr); it must end in one."""
+    with quietly() as (_, err):
+        try:
+            fn()
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    raise AssertionError(f"no SystemExit; stderr: {err.getvalue()!r}")
+
+
 class TestFlags(unittest.TestCase):
     def test_number_parsers_defaults_and_help(self):
         for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
@@ -2312,13 +2333,15 @@ class TestFlags(unittest.TestCase):
             for text in bad:
                 self.assertRaises(argparse.ArgumentTypeError, parse, text)
             self.assertEqual([parse(text) for text, _ in good], [value for _, value in good])
-        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$", model.bounded_int(0, 10), "11")
+        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$",
+                               model.bounded_int(0, 10), "11")
         for module in (dpo, simpo, sppo):
             args = module.parser.parse_args([])
-            self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{module.__name__}", "out/sft", "auto", 0))
+            self.assertEqual((args.out, args.sft_dir, args.device, args.seed),
+                             (f"out/{module.__name__}", "out/sft", "auto", 0))
             for action in module.parser._actions:      # every flag says what it does, and the optimiser's their default
-                self.assertTrue(action.help and ("default" in action.help or action.dest not in ("steps", "batch_size", "lr")),
-                                (module.__name__, action.dest))
+                needs_default = action.dest in ("steps", "batch_size", "lr")
+                self.assertTrue(action.help and ("default" in action.help or not needs_default), action.dest)
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
@@ -2327,17 +2350,19 @@ class TestFlags(unittest.TestCase):
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--batch-size", "0"], "--batch-size"),
-                 (dpo, ["--steps", "-1"], "--steps"), (dpo, ["--lr", "abc"], "--lr"), (simpo, ["--gamma", "-1"], "--gamma"),
-                 (simpo, ["--beta", "0"], "--beta"), (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
+        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--steps", "-1"], "--steps"),
+                 (dpo, ["--batch-size", "0"], "--batch-size"), (dpo, ["--lr", "abc"], "--lr"),
+                 (simpo, ["--gamma", "-1"], "--gamma"), (simpo, ["--beta", "0"], "--beta"),
+                 (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
                  (dpo, ["--tau", "0"], "--tau"), (dpo, ["--tau", "nan"], "--tau"), (dpo, ["--tau", "inf"], "--tau"),
                  (simpo, ["--pair-style", "2"], "--pair-style"), (simpo, ["--length-bias", "inf"], "--length-bias"),
                  (dpo, ["--eval-samples", "0"], "--eval-samples"), (dpo, ["--sft-steps", "0"], "--sft-steps"),
-                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"), (simpo, ["--device", "tpu"], "--device"),
-                 (simpo, ["--batch-size", "1000000000"], "4096"), (dpo, ["--eval-samples", "1000000000"], "65536"),
-                 (sppo, ["--k", "1000000000"], "64"), (simpo, ["--seed", str(2**64)], str(2**32 - 1)),
-                 (dpo, ["--seed", str(2**64 - 1)], "--seed"), (simpo, ["--seed", str(2**32)], "--seed"),
-                 (simpo, ["--n-layer", "1000"], "--n-layer"), (simpo, ["--n-embd", "100000"], "--n-embd"),
+                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"),
+                 (simpo, ["--device", "tpu"], "--device"), (simpo, ["--batch-size", "1000000000"], "4096"),
+                 (dpo, ["--eval-samples", "1000000000"], "65536"), (sppo, ["--k", "1000000000"], "64"),
+                 (simpo, ["--seed", str(2**64)], str(2**32 - 1)), (dpo, ["--seed", str(2**64 - 1)], "--seed"),
+                 (simpo, ["--seed", str(2**32)], "--seed"), (simpo, ["--n-layer", "1000"], "--n-layer"),
+                 (simpo, ["--n-embd", "100000"], "--n-embd"),
                  (simpo, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be a multiple of --n-head (4)"),
                  (sppo, ["--eta", "0"], "--eta"), (sppo, ["--k", "1"], "--k must be at least 2"),
                  (sppo, ["--iterations", "abc"], "--iterations"), (dpo, ["--judge", "linear"], "--judge")]
@@ -2347,11 +2372,8 @@ class TestFlags(unittest.TestCase):
             code, _, err = run_main(module, safe + args)
             self.assertEqual(code, 2, err)
             self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+        self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
-
-    def test_sppo_exact_checks_k_before_any_folder(self):
-        d = scratch("flags")
-        self.assertEqual((run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], os.listdir(d)), (2, []))
 
     def test_model_size_flags_reach_the_checkpoint_and_key_the_cache(self):
         run = gpt_run("simpo_small")        # --n-layer 1 --n-head 4 --n-embd 32, its own SFT folder
@@ -2381,47 +2403,41 @@ class TestPickDevice(unittest.TestCase):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
             self.assertEqual(model.pick_device("cuda"), torch.device("cuda"))
             self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
-        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout is the run's
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout: the run's
         self.assertEqual(sorted(calls), [("cudnn", (False,), {}), ("det", (True,), {"warn_only": True}),
                                          ("flash", (False,), {}), ("mem", (False,), {})])
-        self.assertEqual(len({cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}), 3)
+        paths = {cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}
+        self.assertEqual(len(paths), 3)
 
 
 class TestRun(unittest.TestCase):
     """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
 
-    def run_into_a_previous_run(self, module, *flags, sft_dir=None, patch=None):
-        """(exit code, stderr, out, what the previous run held) of a run into a folder that holds a previous run."""
-        out = os.path.join(scratch("fault"), "out")
-        previous = write_previous_run(out)
-        with patch or contextlib.nullcontext():
-            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()])
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(len([line for line in err.splitlines() if line.startswith(("error", "interrupted"))]), 1, err)
-        self.assertEqual(folder_state(out), (previous, []))     # untouched
-        return code, err.strip().splitlines()[-1], out
-
-    def test_ctrl_c_during_training_or_evaluation(self):
+    def test_ctrl_c_divergence_and_out_of_memory_in_a_run(self):
+        """Ctrl-C in training and in the evaluation, a real divergence (--lr 10, on a model wide enough to blow up
+        within a few steps, n_embd 64), out of memory: each one line, its exit code, the previous run untouched."""
         real, calls = data.pair_batch, []
-        interrupt = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else (_ for _ in ()).throw(KeyboardInterrupt))
-        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "pair_batch", interrupt))
-        self.assertEqual((code, last), (130, f"interrupted at step 1 of 3 (training); previous results in {out} untouched"))
-        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "evaluate", side_effect=KeyboardInterrupt))
-        self.assertEqual((code, last), (130, f"interrupted during evaluation; previous results in {out} untouched"))
-
-    def test_divergence_stops_with_one_line(self):
-        """A real divergence: --lr 10 (on a model wide enough to blow up within a few steps, n_embd 64)."""
-        code, last, out = self.run_into_a_previous_run(dpo, "--lr", "10", "--steps", "200", "--n-embd", "64",
-                                                       sft_dir=scratch("sft-64"))
-        self.assertEqual(code, 1)
-        self.assertRegex(last, r"^error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower "
-                               r"the learning rate \(--lr is 10; try 1\); nothing was saved, previous results in "
-                               + re.escape(out) + " untouched$")
-
-    def test_out_of_memory_is_one_line(self):
+        third_batch = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else throw(KeyboardInterrupt))
         oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
-        code, last, _ = self.run_into_a_previous_run(dpo, patch=mock.patch.object(dpo, "pair_logps", side_effect=oom))
-        self.assertTrue(code == 1 and "out of memory" in last and "--batch-size" in last, last)
+        cases = [(mock.patch.object(data, "pair_batch", third_batch), [], 130,
+                  r"interrupted at step 1 of 3 \(training\); "),
+                 (mock.patch.object(data, "evaluate", side_effect=KeyboardInterrupt), [], 130,
+                  "interrupted during evaluation; "),
+                 (contextlib.nullcontext(), ["--lr", "10", "--steps", "200", "--n-embd", "64"], 1,
+                  r"error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower the "
+                  r"learning rate \(--lr is 10; try 1\); nothing was saved, "),
+                 (mock.patch.object(dpo, "pair_logps", side_effect=oom), [], 1,
+                  "error: out of memory .*--batch-size.*; ")]
+        for patch, flags, want, line in cases:
+            out = os.path.join(scratch("fault"), "out")
+            previous, sft_dir = write_previous_run(out), scratch("sft-64") if flags else sft()   # (another size)
+            with patch:
+                code, _, err = run_main(dpo, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir])
+            self.assertEqual(code, want, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len([l for l in err.splitlines() if l.startswith(("error", "interrupted"))]), 1, err)
+            self.assertRegex(err.strip().splitlines()[-1], f"^{line}previous results in {re.escape(out)} untouched$")
+            self.assertEqual(folder_state(out), (previous, []))     # untouched
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
                 self.assertRaisesRegex(RuntimeError, "a bug"):          # any other error stays a traceback
             run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()])
@@ -2435,19 +2451,18 @@ class TestRun(unittest.TestCase):
         self.assertRaises(FloatingPointError, model.check_weights, m)
         self.assertRaises(FloatingPointError, model.check_loss, torch.tensor(float("nan")), 4, 10)
         model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # the SFT model diverging names the model
-            model.run(lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training"))
-        self.assertEqual((cm.exception.code, err.getvalue()), (1, "error: the loss is nan at step 3 of 5 (SFT training): the "
-                         "run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; nothing was saved, "
-                         "previous results in out/x untouched\n"))
+        nan_in_sft = lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training")
+        self.assertEqual(exits(lambda: model.run(nan_in_sft)), (1, "error: the loss is nan at step 3 of 5 (SFT "
+                         "training): the run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; "
+                         "nothing was saved, previous results in out/x untouched\n"))    # the SFT model's divergence
 
     def test_ctrl_c_after_the_save_says_the_run_was_saved(self):
         out = os.path.join(scratch("fault"), "out")
         model.progress.__dict__.update(out=out, phase="setup", step=2, total=3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # Ctrl-C while the charts print
-            model.run(lambda: model.save_files(out, {"metrics.json": b"new"}) or (_ for _ in ()).throw(KeyboardInterrupt))
-        line = err.getvalue().strip()
-        self.assertTrue(cm.exception.code == 130 and line.startswith("interrupted ") and "at step" not in line
+        saved_then_ctrl_c = lambda: model.save_files(out, {"metrics.json": b"new"}) or throw(KeyboardInterrupt)
+        code, err = exits(lambda: model.run(saved_then_ctrl_c))   # Ctrl-C while the charts print
+        line = err.strip()
+        self.assertTrue(code == 130 and line.startswith("interrupted ") and "at step" not in line
                         and line.endswith(f"; the run was saved in {out}"), line)
         self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
 
@@ -2487,7 +2502,7 @@ class TestOutputFolder(unittest.TestCase):
 
     def test_save_replaces_the_set(self):
         model.save_files(self.out, self.NEW)
-        self.assertEqual((folder_state(self.out)[0], folder_state(self.out)[1], model.progress.phase), (self.NEW, [], "saved"))
+        self.assertEqual((folder_state(self.out), model.progress.phase), ((self.NEW, []), "saved"))
         model.save_files(self.out, {"metrics.json": b"m2"})     # a run with no model.pt (--exact) removes the rest too
         self.assertEqual(folder_state(self.out)[0], {"metrics.json": b"m2"})
 
@@ -2495,29 +2510,28 @@ class TestOutputFolder(unittest.TestCase):
         d = scratch("stranger")
         out = os.path.join(d, "notes")
         os.makedirs(out)
-        with open(os.path.join(out, "thesis.tex"), "w") as f:
-            f.write("mine")
+        pathlib.Path(out, "thesis.tex").write_text("mine")
         code, _, err = run_main(dpo, TINY + ["--out", out, "--sft-dir", os.path.join(d, "sft")])
         self.assertIn(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt", err)
         self.assertEqual((code, os.listdir(d), folder_state(out)[0]), (2, ["notes"], {"thesis.tex": b"mine"}))
-        open(os.path.join(self.out, ".DS_Store"), "w").close()   # what Finder leaves is no stranger's file
+        pathlib.Path(self.out, ".DS_Store").touch()   # what Finder leaves is no stranger's file
         self.mended()
 
     def test_cannot_write_is_one_line_exit_2(self):
         d = scratch("blocked")
         blocker = os.path.join(d, "a-file")
-        open(blocker, "w").close()
+        pathlib.Path(blocker).touch()
         for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
-            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-                call()
-            self.assertTrue(cm.exception.code == 2 and err.getvalue().startswith("error:"), err.getvalue())
-        code, _, err = run_main(dpo, TINY + ["--out", os.path.join(blocker, "sub"), "--sft-dir", os.path.join(d, "sft")])
-        self.assertIn(f"cannot write to output folder {os.path.join(blocker, 'sub')!r}", err.strip().splitlines()[-1])
+            code, err = exits(call)
+            self.assertTrue(code == 2 and err.startswith("error:"), err)
+        sub = os.path.join(blocker, "sub")
+        code, _, err = run_main(dpo, TINY + ["--out", sub, "--sft-dir", os.path.join(d, "sft")])
+        self.assertIn(f"cannot write to output folder {sub!r}", err.strip().splitlines()[-1])
         self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
 
     def test_killed_while_writing_leaves_the_previous_run(self):
         real = model.write
-        killer = lambda p, c: (_ for _ in ()).throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
+        killer = lambda p, c: throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
         with mock.patch.object(model, "write", killer), mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # (a killed process cleans nothing up)
         self.assertEqual(folder_state(self.out)[1], ["run.incoming"])
@@ -2525,12 +2539,12 @@ class TestOutputFolder(unittest.TestCase):
 
     def test_killed_between_the_two_renames_is_mended_by_the_next_run(self):
         real, renames = os.rename, []
-        rename = lambda src, dst: (_ for _ in ()).throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
+        rename = lambda src, dst: throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
         with mock.patch.object(os, "rename", rename), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # dies after the first rename
-        self.assertEqual((os.path.exists(self.out), folder_state(self.out)[1]), (False, ["run.incoming", "run.previous"]))
-        self.assertEqual(self.mended(f"note: a save into {self.out} was cut short; the previous run is back in place\n"),
-                         self.previous)
+        self.assertEqual(folder_state(self.out), (None, ["run.incoming", "run.previous"]))
+        note = f"note: a save into {self.out} was cut short; the previous run is back in place\n"
+        self.assertEqual(self.mended(note), self.previous)
 
     def test_killed_after_the_swap_keeps_the_new_run(self):
         with mock.patch("shutil.rmtree", side_effect=self.Killed()), self.assertRaises(self.Killed):
@@ -2540,17 +2554,14 @@ class TestOutputFolder(unittest.TestCase):
 
     def test_full_disk_while_writing_leaves_the_previous_files(self):
         real, out = model.write, self.out
-
-        def write(path, content):        # metrics.json and log.jsonl are written by now
-            if path.endswith("model.pt"):
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-            return real(path, content)
-
+        full = lambda path: OSError(errno.ENOSPC, "No space left on device", path)
+        write = lambda path, content: throw(full(path)) if path.endswith("model.pt") else real(path, content)
         model.progress.out = out
-        with mock.patch.object(model, "write", write), quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1), {"method": "x"}, [{"step": 0}]))
-        self.assertEqual((cm.exception.code, err.getvalue()), (1, f"error: No space left on device writing {out}/model.pt; "
-                                                                  f"nothing was saved, previous results in {out} untouched\n"))
+        with mock.patch.object(model, "write", write):       # metrics.json and log.jsonl are written by now
+            code, err = exits(lambda: model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1),
+                                                                       {"method": "x"}, [{"step": 0}])))
+        self.assertEqual((code, err), (1, f"error: No space left on device writing {out}/model.pt; nothing was saved, "
+                                          f"previous results in {out} untouched\n"))
         self.assertEqual(folder_state(out), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
@@ -2575,7 +2586,8 @@ class TestCheckpoint(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
         ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
         self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
-        self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None, "odd": "[1, 2]"})
+        self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None,
+                                        "odd": "[1, 2]"})
         loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
         self.assertEqual((loaded_args["beta"], loaded.training), (0.1, False))
         self.assertEqual((read_json(d, "metrics.json"), read_json(d, "log.jsonl")),
@@ -2586,14 +2598,13 @@ class TestCheckpoint(unittest.TestCase):
 
     def test_a_file_that_is_no_checkpoint_is_one_line_exit_2(self):
         d = scratch("ckpt")                       # (model.load's reasons in words: TestSftCache)
-        with open(os.path.join(d, "x.pt"), "wb") as f:
-            f.write(b"garbage" * 20)
-        for path, words in ((os.path.join(d, "x.pt"), "not a PyTorch file"), (os.path.join(d, "no.pt"), "no such file")):
-            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-                model.load_checkpoint(path)
-            lines = err.getvalue().strip().splitlines()
-            self.assertEqual((cm.exception.code, len(lines)), (2, 1))
-            self.assertTrue(lines[0].startswith(f"error: cannot load checkpoint {path!r}: ") and words in lines[0], lines)
+        pathlib.Path(d, "x.pt").write_bytes(b"garbage" * 20)
+        for name, words in (("x.pt", "not a PyTorch file"), ("no.pt", "no such file")):
+            path = os.path.join(d, name)
+            code, err = exits(lambda: model.load_checkpoint(path))
+            line = err.strip()
+            self.assertEqual((code, len(line.splitlines())), (2, 1))
+            self.assertTrue(line.startswith(f"error: cannot load checkpoint {path!r}: ") and words in line, line)
 
 
 class TestSftCache(unittest.TestCase):
@@ -2609,21 +2620,22 @@ class TestSftCache(unittest.TestCase):
     def test_reused_rebuilt_and_keyed(self):
         task, d = small_task(seed=13), scratch("cache")
         m1, info1, err = self.sft_model(task, d)
-        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {info1['path']}; training the SFT model "
+        path = info1["path"]
+        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {path}; training the SFT model "
                                                          f"(3 steps, once)\n"))
         # reused: loaded, not retrained (an optimiser would mean training), same weights
         m2, info2, _ = self.sft_model(task, d, Adam=mock.Mock(side_effect=AssertionError("retrained")))
-        self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, info1["path"], info1["ce_after"]))
-        self.assertTrue(same_weights(m1.state_dict(), m2.state_dict()))
+        self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, path, info1["ce_after"]))
+        self.assertTrue(same_weights(m1, m2))
         # a cache whose stored key disagrees with this run's settings is rebuilt, the same weights again
-        ckpt = torch.load(info1["path"], weights_only=True)
+        ckpt = torch.load(path, weights_only=True)
         ckpt["key"]["steps"] = 999
-        torch.save(ckpt, info1["path"])
+        torch.save(ckpt, path)
         m3, info3, err = self.sft_model(task, d)
-        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {info1['path']} is not an SFT cache of these "
+        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {path} is not an SFT cache of these "
                                                          f"settings (of this project); rebuilding it\n"))
-        self.assertTrue(same_weights(m1.state_dict(), m3.state_dict()))
-        self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 3)
+        self.assertTrue(same_weights(m1, m3))
+        self.assertEqual(torch.load(path, weights_only=True)["key"]["steps"], 3)
         # a different setting (steps, task, seed) is a different cache file; no .tmp left, the lock files stay
         info4 = self.sft_model(task, d, steps=2)[1]
         names = [os.path.basename(info["path"]) for info in (info1, info4)]
@@ -2631,21 +2643,18 @@ class TestSftCache(unittest.TestCase):
 
     def test_corrupt_cache_notes_say_what_is_wrong(self):
         task, d = small_task(seed=24), scratch("cache")
-        _, info, _ = self.sft_model(task, d)
-        with open(info["path"], "rb") as f:
-            good = f.read()
-        foreign, plain = io.BytesIO(), io.BytesIO()
+        path = self.sft_model(task, d)[1]["path"]
+        good, foreign, plain = pathlib.Path(path).read_bytes(), io.BytesIO(), io.BytesIO()
         torch.save(nn.Linear(2, 2), foreign)
         torch.save({"weights": torch.zeros(2)}, plain)
         for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
                                (b"this is not a checkpoint\x00\xff" * 10, "not a PyTorch file (unreadable or corrupt)"),
                                (foreign.getvalue(), "not a file of this project"),
                                (plain.getvalue(), "not an SFT cache of these settings (of this project)")]:
-            with open(info["path"], "wb") as f:
-                f.write(content)
+            pathlib.Path(path).write_bytes(content)
             _, again, err = self.sft_model(task, d)
             self.assertFalse(again["cached"])
-            self.assertTrue(err.startswith(f"note: SFT cache {info['path']} is ") and err.endswith("; rebuilding it\n"), err)
+            self.assertTrue(err.startswith(f"note: SFT cache {path} is ") and err.endswith("; rebuilding it\n"), err)
             self.assertTrue(words in err and len(err.splitlines()) == 1 and "weights_only" not in err, err)
         self.assertTrue(self.sft_model(task, d)[1]["cached"])
 
@@ -2653,9 +2662,7 @@ class TestSftCache(unittest.TestCase):
         task, d = small_task(seed=23), scratch("cache")
         with quietly(), model.sft_cache(task, CPU, d, 0, 3, SMALL) as cache:
             os.makedirs(cache.path)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            self.sft_model(task, d)
-        self.assertEqual(cm.exception.code, 2)
+        self.assertEqual(exits(lambda: self.sft_model(task, d))[0], 2)
 
     def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
         task, d = small_task(seed=22), scratch("cache")
@@ -2663,14 +2670,15 @@ class TestSftCache(unittest.TestCase):
         with mock.patch.object(os, "open", side_effect=denied):       # no lock file can be made: runs unlocked
             m, info, err = self.sft_model(task, d, write=mock.Mock(side_effect=denied))
         self.assertFalse(info["cached"])
-        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the model "
-                      f"just trained", err)
+        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the "
+                      f"model just trained", err)
         self.assertEqual(os.listdir(d), [])
         self.sft_model(task, d)                                       # now a writable folder: the cache is made
         with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
-            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied), Adam=mock.Mock(side_effect=AssertionError))
-        self.assertTrue(info2["cached"] and same_weights(m.state_dict(), m2.state_dict()))
-        full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # the file written, not moved in
+            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied),
+                                          Adam=mock.Mock(side_effect=AssertionError))
+        self.assertTrue(info2["cached"] and same_weights(m, m2))
+        full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # written, not moved in
         with mock.patch.object(os, "replace", full):
             _, info3, err = self.sft_model(task, d, steps=2)
         self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
@@ -2681,10 +2689,11 @@ class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
         """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
         arrive), the others wait for its lock, then load what it saved. The lock file stays."""
-        task, d, real, trained, results, errors = small_task(seed=21), scratch("lock"), model.Adam, [], [], io.StringIO()
+        task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
+        errors = io.StringIO()
         slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
-        threads = [threading.Thread(target=lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)))
-                   for _ in range(3)]
+        train = lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True))
+        threads = [threading.Thread(target=train) for _ in range(3)]
         with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
             for thread in threads:
                 thread.start()
@@ -2694,7 +2703,7 @@ class TestLock(unittest.TestCase):
         self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
         self.assertIn("note: another run is training this SFT model (lock", errors.getvalue())
         self.assertIn(".lock); waiting for it", errors.getvalue())
-        self.assertTrue(all(same_weights(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
+        self.assertTrue(all(same_weights(results[0][0], m) for m, _ in results[1:]))
         name = os.path.basename(results[0][1]["path"])
         self.assertEqual(sorted(os.listdir(d)), [name, name + ".lock"])
 
@@ -2711,7 +2720,7 @@ class TestPeakMemory(unittest.TestCase):
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
             self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
-            self.assertTrue(same_weights(before, policy.state_dict()))     # leaves the weights and no gradients,
+            self.assertTrue(same_weights(before, policy))                  # leaves the weights and no gradients,
             self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
             with torch.no_grad():
@@ -2725,8 +2734,8 @@ class TestPeakMemory(unittest.TestCase):
         import resource
         meter = model.PeakMemory.__new__(model.PeakMemory)
         meter.device = torch.device("cuda")
-        with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:
-            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))   # CUDA: allocated bytes
+        with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:   # CUDA: allocated
+            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))
         meter.device = CPU
         with mock.patch("ctypes.CDLL", side_effect=OSError("not glibc")), \
                 mock.patch.object(resource, "getrusage", return_value=mock.Mock(ru_maxrss=1000)):
@@ -2748,19 +2757,14 @@ class TestPeakMemory(unittest.TestCase):
 CODE_FILES = ("model", "data", "dpo", "simpo", "sppo")
 CITATION = re.compile(r"`(model|data|dpo|simpo|sppo)\.py:([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)`")   # `dpo.py:dpo_loss`
 LABEL = re.compile(r"\[([A-Z][A-Za-z]+(?:-[A-Za-z0-9.]+)?)\](?![(\[])")     # [DPO-1], [Nash]; not a link's [text](...)
-
-
-def read(path):
-    with open(os.path.join(REPO, path)) as f:
-        return f.read()
+read = lambda path: pathlib.Path(REPO, path).read_text()
 
 
 def defined_names(file):
     """What a source file defines at its top level (functions, classes, constants) and Class.member."""
     names = set()
     for node in ast.parse(read(f"{file}.py")).body:
-        members = [node] + (node.body if isinstance(node, ast.ClassDef) else [])
-        for item in members:
+        for item in [node] + (node.body if isinstance(node, ast.ClassDef) else []):
             prefix = f"{node.name}." if item is not node else ""
             if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
                 names.add(prefix + item.name)
@@ -2795,7 +2799,8 @@ class TestReadme(unittest.TestCase):
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
                                            "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
                                            "[DPO-99], [Results](#results)"),
-                         ["`sppo.py:nothing_here` names nothing defined in sppo.py", "[DPO-99] appears in no source file"])
+                         ["`sppo.py:nothing_here` names nothing defined in sppo.py",
+                          "[DPO-99] appears in no source file"])
 
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_no_line_number_citations(self):
@@ -2804,7 +2809,8 @@ class TestReadme(unittest.TestCase):
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_the_commands_it_gives_name_these_classes(self):
         named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
-        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates", "TestSequenceLogps"}, named)
+        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates",
+                              "TestSequenceLogps"}, named)
         self.assertTrue(all(isinstance(globals().get(name), type) for name in named), named)
 
     @unittest.expectedFailure   # remove when the README rewrite lands (the command samples in batches of 64)
@@ -2814,7 +2820,8 @@ class TestReadme(unittest.TestCase):
         self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
         with quietly() as (printed, _):
             exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
-        self.assertEqual(printed.getvalue().splitlines(), run_main(data, ["sample", run_dir, "-n", "5"])[1].splitlines()[:5])
+        command = run_main(data, ["sample", run_dir, "-n", "5"])[1]
+        self.assertEqual(printed.getvalue().splitlines(), command.splitlines()[:5])
 
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
@@ -2824,7 +2831,8 @@ class TestReadme(unittest.TestCase):
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
             exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
         drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
-        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows]) for k in ("logps/chosen", "logps/rejected")})
+        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows])
+                                 for k in ("logps/chosen", "logps/rejected")})
         plt.savefig.assert_called_once()
 
 
@@ -2833,19 +2841,21 @@ class TestReadme(unittest.TestCase):
 # whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout block-buffered:
-    no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's reader is gone
-    before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar draws), and Ctrl-C
-    comes once the bar shows a training step."""
+    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout
+    block-buffered: no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's
+    reader is gone before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar
+    draws), and Ctrl-C comes once the bar shows a training step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
-        self.out, self.ctrl_c, self.result, self.seen, self.signalled, stderr = out, ctrl_c, None, b"", False, subprocess.PIPE
+        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
+        stderr = subprocess.PIPE
         if ctrl_c:
             import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                                     env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env})
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=stderr)
         if reader_leaves:
             self.proc.stdout.close()
         if ctrl_c:
@@ -2875,8 +2885,9 @@ class ScriptProcess:
                 out, err = self.proc.communicate()
             if self.ctrl_c:
                 self.watcher.join()
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), raw=out or b"",
-                                             err=(self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n"))
+            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
+            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"),
+                                             raw=out or b"", err=err)
         return self.result
 
     def metrics(self):
@@ -2894,14 +2905,15 @@ def script_process(name):
         if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
             p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
         elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
-            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")], out,
-                              PYTHONIOENCODING="ascii")
+            argv = ["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")]
+            p = ScriptProcess(argv, out, PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
             p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()], out,
                               PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
             previous = write_previous_run(out)
-            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()], out, ctrl_c=True)
+            argv = ["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()]
+            p = ScriptProcess(argv, out, ctrl_c=True)
             p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
@@ -2919,11 +2931,12 @@ class TestScriptProcesses(unittest.TestCase):
             script_process(name)
 
     def same_numbers(self, proc, here):
-        m = proc.metrics()
+        m, without_timing = proc.metrics(), lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}
         self.assertEqual(m.keys(), here.metrics.keys())
-        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS}, {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
+        self.assertEqual(without_timing(m), without_timing(here.metrics))
         self.assertEqual(read_json(proc.out, "log.jsonl"), here.log)
-        self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
+        self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"],
+                                     here.trained))
         self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
         self.assertEqual(folder_state(proc.out)[1], [])
@@ -2937,7 +2950,7 @@ class TestScriptProcesses(unittest.TestCase):
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
                  if not line.startswith("note: another run is training")]   # it may start while the fixture trains
         self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft())}): loaded"])
-        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
+        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # UTF-8: Unicode charts
         self.assertIn("logps/chosen and logps/rejected per step (batch means, nats)  (6 values; ", p.out)   # one scale
         self.assertIn("; w log pi(y_w|x); l log pi(y_l|x))", p.out)
         self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
@@ -2957,18 +2970,17 @@ class TestScriptProcesses(unittest.TestCase):
         self.same_numbers(proc, gpt_run("simpo"))
         cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic"))
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
-        self.assertTrue(same_weights(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
+        cached = lambda path: torch.load(path, weights_only=True)["model"]
+        self.assertTrue(same_weights(cached(cold), cached(warm)))
 
-    def test_sppo_exact_cyclic(self):
-        """python sppo.py --exact --judge cyclic (the README's command): metrics.json only (TestSppoExact reads it)."""
+    def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
+        """python sppo.py --exact --judge cyclic (the README's command), its stdout's reader gone before the first
+        line, stdout block-buffered as on a pipe: exit 0, no message, metrics.json only (TestSppoExact reads it)."""
         proc = script_process("sppo_exact")
+        p = proc.finish()
+        self.assertEqual((p.code, p.err), (0, ""))
         self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
-
-    def test_a_reader_that_leaves_at_once(self):
-        """Its stdout's reader gone before the first line, stdout block-buffered as on a pipe: exit 0, no message."""
-        p = script_process("sppo_exact").finish()
-        self.assertEqual((p.code, p.err), (0, ""))
 
     def test_ctrl_c_on_a_terminal(self):
         """A real SIGINT while the progress bar runs: exit 130, one line saying where, the previous run untouched."""
