@@ -77,14 +77,19 @@ import sppo
 t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
 softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
 sig = lambda z: 1.0 / (1.0 + math.exp(-z))
-NOT_MATCHED = "no mistake these tests know gives this: compare your code with the docstring and the derivation above it"
+NOT_MATCHED = ("no mistake these tests know gives this: compare your code with the docstring and the derivation "
+               "above it")
 NOT_FINITE = ("not finite: torch.log(torch.sigmoid(z)) is log(0) = -inf once z < -104 in float32, and its gradient "
               "is NaN; use F.logsigmoid(z), which is finite for any z")
+RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # dpo_loss's and simpo_loss's, each [B]
+SWAPPED = "chosen and rejected swapped (or the logit's sign flipped)"    # hints that several checks give
+NO_LOGSIGMOID = "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"
+MINUS = "the sign: the loss is MINUS log sigmoid(logits)"
+REWARDS_SWAPPED = "chosen and rejected rewards swapped"
 
 
 def attempt(test, fn, *args, returns=None):
-    """fn(*args), failing with a sentence instead of a traceback when fn is not written yet or returns
-    something else than the tuple `returns` names (e.g. ("losses", "chosen_rewards", "rejected_rewards"))."""
+    """fn(*args), failing with a sentence if fn is not written yet or does not return the tuple `returns` names."""
     try:
         out = fn(*args)
     except NotImplementedError:
@@ -93,8 +98,8 @@ def attempt(test, fn, *args, returns=None):
         test.fail(f"{fn.__name__} is not written yet (it raises NotImplementedError): write its body from its "
                   f"docstring and the derivation above it in {fn.__module__}.py")
     if returns is not None and not (isinstance(out, tuple) and len(out) == len(returns)):
-        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {type(out).__name__}"
-                  + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+        test.fail(f"{fn.__name__} must return {len(returns)} values, ({', '.join(returns)}); got {got}")
     return out
 
 
@@ -110,12 +115,12 @@ def show(x):
 
 
 def expect_close(test, got, want, what, mistakes=(), atol=1e-4, rtol=1e-4):
-    """Assert got == want (up to float rounding); else fail with: what, expected, got, and the hint of
-    the first (value, hint) in `mistakes` whose value is what came."""
+    """got == want to rounding; else fail: what, expected, got, and the hint of the first (value, hint) that fits."""
     if not torch.is_tensor(got):
         test.fail(f"{what}: expected a tensor {show(want)}; got {type(got).__name__} {got!r}")
     got_d, want_d = got.detach().double(), torch.as_tensor(want).double()
-    if got_d.shape == want_d.shape and torch.allclose(got_d, want_d, rtol=rtol, atol=atol):
+    same = lambda value: torch.allclose(got_d, torch.as_tensor(value).double().expand_as(got_d), rtol=rtol, atol=atol)
+    if got_d.shape == want_d.shape and same(want_d):
         return
     if got_d.shape != want_d.shape:
         hint = (f"shape {tuple(got_d.shape)} instead of {tuple(want_d.shape)}: one value per example is expected"
@@ -123,7 +128,6 @@ def expect_close(test, got, want, what, mistakes=(), atol=1e-4, rtol=1e-4):
     elif not torch.isfinite(got_d).all():
         hint = NOT_FINITE
     else:
-        same = lambda value: torch.allclose(got_d, torch.as_tensor(value).double().expand_as(got_d), rtol=rtol, atol=atol)
         hint = next((h for value, h in mistakes if same(value)), NOT_MATCHED)
     test.fail(f"{what}: expected {show(want_d)}; got {show(got_d)}: {hint}")
 
@@ -141,77 +145,75 @@ def expect_detached(test, rewards, name):
         test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
                   f"the loss is optimised)")
 
-DPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # each [B]
-
 
 class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
     def test_equal_policy_and_reference_give_ln2(self):
-        g = torch.Generator().manual_seed(0)
+        g, beta = torch.Generator().manual_seed(0), 0.1
         pc, pr = -torch.rand(8, generator=g) * 30, -torch.rand(8, generator=g) * 30
         pc.requires_grad_(True)
-        beta = 0.1
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=DPO_RETURNS)
-        no_ref = -F.logsigmoid(beta * (pc - pr)).detach()
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=RETURNS)
         expect_close(self, losses, torch.full((8,), math.log(2)),
                      "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693", [
                          (0.0, "is the log-sigmoid missing? The loss is -log sigmoid(logits), not -logits"),
-                         (-math.log(2), "the sign: the loss is MINUS log sigmoid(logits)"),
+                         (-math.log(2), MINUS),
                          (0.5, "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
                          (-0.5, "the log is missing: the loss is -log sigmoid(logits)"),
-                         (no_ref, "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
-        expect_close(self, cr, torch.zeros(8), "chosen_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-            (beta * pc.detach(), "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
-        expect_close(self, rj, torch.zeros(8), "rejected_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-            (beta * pr, "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
+                         (-F.logsigmoid(beta * (pc - pr)).detach(),
+                          "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
+        for got, logps, name in ((cr, pc, "chosen"), (rj, pr, "rejected")):
+            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
+                (beta * logps.detach(),
+                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
         losses.sum().backward()
-        expect_grad(self, pc, torch.full((8,), -beta * 0.5), "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
-            (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
-            (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
+        expect_grad(self, pc, torch.full((8,), -beta * 0.5),
+                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
+                        (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
+                        (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
 
     def test_hand_computed_batch(self):
         pc, pr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0)
         rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
         beta = 0.5
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         # log-ratios: chosen 0.5, 0.5, -2.0; rejected -1.0, 0.5, 3.0
         # logits = beta * (chosen - rejected) = 0.75, 0.0, -2.5; loss = -log sigmoid(z) = log(1 + exp(-z))
         z = torch.tensor([0.75, 0.0, -2.5])
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
                      "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is "
-                                         "beta (log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
+                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
+                                         "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
                          (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
-                         (F.softplus(-beta * (pc - pr)), "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
-                         (F.softplus(-beta * ((pc + rc) - (pr + rr))), "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
-                         (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.logsigmoid(z), "the sign: the loss is MINUS log sigmoid(logits)"),
+                         (F.softplus(-beta * (pc - pr)),
+                          "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
+                         (F.softplus(-beta * ((pc + rc) - (pr + rr))),
+                          "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
+                         (-z, NO_LOGSIGMOID),
+                         (F.logsigmoid(z), MINUS),
                          (torch.sigmoid(-z), "sigmoid without the log: the loss is -log sigmoid(logits)")])
-        expect_close(self, cr, t(0.25, 0.25, -1.0), "chosen_rewards = beta (log pi_theta(y_w|x) - log pi_ref(y_w|x))", [
-            (pc - rc, "beta is missing from the reward: beta * log-ratio"),
-            (beta * pc, "the reference is not subtracted from the reward"),
-            (beta * (pr - rr), "chosen and rejected rewards swapped"),
-            (beta * (rc - pc), "the sign: policy minus reference, log pi_theta - log pi_ref")])
-        expect_close(self, rj, t(-0.5, 0.25, 1.5), "rejected_rewards = beta (log pi_theta(y_l|x) - log pi_ref(y_l|x))", [
-            (pr - rr, "beta is missing from the reward: beta * log-ratio"),
-            (beta * pr, "the reference is not subtracted from the reward"),
-            (beta * (pc - rc), "chosen and rejected rewards swapped"),
-            (beta * (rr - pr), "the sign: policy minus reference, log pi_theta - log pi_ref")])
+        sides = (("chosen", "y_w", cr, t(0.25, 0.25, -1.0), pc, rc, pr - rr),
+                 ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5), pr, rr, pc - rc))
+        for name, y, got, want, policy, ref, other in sides:
+            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", [
+                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
+                (beta * policy, "the reference is not subtracted from the reward"),
+                (beta * other, REWARDS_SWAPPED),
+                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")])
 
     def test_gradient_closed_form(self):
         pc, pr = t(-5.0, -3.0, -10.0, -1.0, grad=True), t(-6.0, -2.0, -4.0, -9.0, grad=True)
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         expect_detached(self, cr, "chosen_rewards")
         expect_detached(self, rj, "rejected_rewards")
         losses.sum().backward()
         # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
         logit = beta * ((pc - rc) - (pr - rr)).detach()
         weight = torch.sigmoid(-logit)
-        mistakes = [(-beta * torch.sigmoid(logit), "chosen and rejected swapped (or the logit's sign flipped)"),
-                    (beta * torch.sigmoid(logit), "chosen and rejected swapped (or the logit's sign flipped)"),
+        mistakes = [(-beta * torch.sigmoid(logit), SWAPPED),
+                    (beta * torch.sigmoid(logit), SWAPPED),
                     (-torch.sigmoid(-logit / beta), "beta is missing from the logits"),
                     (-beta * weight / 4, "a quarter of the right gradient for a batch of 4: the losses were averaged "
                                          "inside dpo_loss; return one loss per example"),
@@ -227,29 +229,26 @@ class TestDpoLoss(unittest.TestCase):
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
         zero = torch.zeros(4)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=DPO_RETURNS)
+        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
         # logits +1000, -1000, 0, 0: losses ~0, 1000, log 2, log 2; d/dpc = -sigmoid(-logit) = 0, -1, -1/2, -1/2
         z = t(1000.0, -1000.0, 0.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
-                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite", [
-                         (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped)")])
+                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
+                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
         losses.sum().backward()
         expect_grad(self, pc, t(0.0, -1.0, -0.5, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0, 0")
 
 
-SIMPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")  # each [B]
-
-
 class TestSimpoLoss(unittest.TestCase):
-    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma) [SimPO-4]."""
+    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma)
+    [SimPO-4]."""
 
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
         lc, lr = t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
         beta, gamma = 2.0, 0.5
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=SIMPO_RETURNS)
+        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
         # rewards beta/|y| * logp: chosen 2*-6/3 = -4, 2*-4/2 = -4, 2*-3/6 = -1; rejected -6, -4, -6
         for got, logps, lengths, other, want, name in ((cr, pc, lc, pr / lr, t(-4.0, -4.0, -1.0), "chosen"),
                                                        (rj, pr, lr, pc / lc, t(-6.0, -4.0, -6.0), "rejected")):
@@ -257,7 +256,7 @@ class TestSimpoLoss(unittest.TestCase):
                 (beta * logps, "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
                 (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
                 (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
-                (beta * other, "chosen and rejected rewards swapped")])
+                (beta * other, REWARDS_SWAPPED)])
         # logits r_w - r_l - gamma = 1.5, -0.5, 4.5; loss = log(1 + exp(-z))
         margin = t(2.0, 0.0, 5.0)
         expect_close(self, losses, t(softplus(-1.5), softplus(0.5), softplus(-4.5)),
@@ -265,13 +264,16 @@ class TestSimpoLoss(unittest.TestCase):
                          (F.softplus(-(margin + gamma)), "gamma is added: the chosen reward must beat the rejected "
                                                          "one BY gamma, logits = r_w - r_l - gamma"),
                          (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
-                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is gamma "
-                                                                "itself (the official code's gamma_beta_ratio is gamma/beta)"),
-                         (F.softplus(-(margin - gamma / beta)), "gamma is divided by beta: the target margin is gamma itself"),
+                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is "
+                                                                "gamma itself (the official code's gamma_beta_ratio "
+                                                                "is gamma/beta)"),
+                         (F.softplus(-(margin - gamma / beta)),
+                          "gamma is divided by beta: the target margin is gamma itself"),
                          (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
-                         (F.softplus(margin - gamma), "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
-                         (-(margin - gamma), "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-                         (F.logsigmoid(margin - gamma), "the sign: the loss is MINUS log sigmoid(logits)")])
+                         (F.softplus(margin - gamma),
+                          "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
+                         (-(margin - gamma), NO_LOGSIGMOID),
+                         (F.logsigmoid(margin - gamma), MINUS)])
 
     def test_equal_rewards_give_log_one_plus_exp_gamma(self):
         """SimPO does not start at ln 2: with equal rewards the logit is -gamma (README, "Reading your logs")."""
@@ -279,10 +281,11 @@ class TestSimpoLoss(unittest.TestCase):
         lengths = t(3.0, 5.0, 2.0)
         beta, gamma = 2.0, 1.0
         losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pc.detach().clone(), lengths, lengths, beta, gamma,
-                                 returns=SIMPO_RETURNS)
+                                 returns=RETURNS)
         expect_close(self, losses, torch.full((3,), softplus(gamma)),
                      "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", [
-                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give -log sigmoid(-gamma)"),
+                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give "
+                                       "-log sigmoid(-gamma)"),
                          (softplus(-gamma), "gamma is added instead of subtracted"),
                          (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
                          (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
@@ -290,29 +293,30 @@ class TestSimpoLoss(unittest.TestCase):
         expect_detached(self, rj, "rejected_rewards")
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
-        expect_grad(self, pc, -beta / lengths * sig(gamma), "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
-            (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's path"),
-            (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
-            (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
+        expect_grad(self, pc, -beta / lengths * sig(gamma),
+                    "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
+                        (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's "
+                                                             "path"),
+                        (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
+                        (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
 
     def test_reward_scales_as_one_over_length(self):
         pc, pr = t(-6.0, -4.0), t(-9.0, -2.0)
-        _, c1, r1 = attempt(self, simpo.simpo_loss, pc, pr, t(3.0, 2.0), t(3.0, 1.0), 2.5, 0.0, returns=SIMPO_RETURNS)
-        _, c2, r2 = attempt(self, simpo.simpo_loss, pc, pr, t(6.0, 4.0), t(6.0, 2.0), 2.5, 0.0, returns=SIMPO_RETURNS)
-        hint = [(c1, "the reward does not change with |y|: divide log pi_theta(y|x) by the length"),
-                (c1 * 4, "the reward grows with |y|: it must DIVIDE by the length")]
-        expect_close(self, c2, c1 / 2, "chosen_rewards with every length doubled: half of what they were", hint)
-        expect_close(self, r2, r1 / 2, "rejected_rewards with every length doubled: half of what they were",
-                     [(r1, hint[0][1]), (r1 * 4, hint[1][1])])
+        _, c1, r1 = attempt(self, simpo.simpo_loss, pc, pr, t(3.0, 2.0), t(3.0, 1.0), 2.5, 0.0, returns=RETURNS)
+        _, c2, r2 = attempt(self, simpo.simpo_loss, pc, pr, t(6.0, 4.0), t(6.0, 2.0), 2.5, 0.0, returns=RETURNS)
+        for name, before, after in (("chosen", c1, c2), ("rejected", r1, r2)):
+            expect_close(self, after, before / 2, f"{name}_rewards with every length doubled: half of what they were", [
+                (before, "the reward does not change with |y|: divide log pi_theta(y|x) by the length"),
+                (before * 4, "the reward grows with |y|: it must DIVIDE by the length")])
 
     def test_gamma_shifts_the_logit_by_exactly_gamma(self):
         pc, pr, lc, lr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0), t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
         beta = 2.0
         logit = lambda loss: -torch.log(torch.expm1(loss.double()))    # the logit, read back from -log sigmoid(z)
-        no_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, 0.0, returns=SIMPO_RETURNS)
+        no_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, 0.0, returns=RETURNS)
         for gamma in (0.3, 1.0, 2.5):
             with self.subTest(gamma=gamma):
-                with_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=SIMPO_RETURNS)
+                with_gamma, _, _ = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
                 shift = logit(no_gamma) - logit(with_gamma)
                 expect_close(self, shift, torch.full((3,), gamma), f"how much gamma = {gamma} lowers every logit", [
                     (-gamma, "gamma is added: logits = r_w - r_l - gamma"),
@@ -324,14 +328,14 @@ class TestSimpoLoss(unittest.TestCase):
         """The --no-length-norm ablation: lengths all 1, the reward is beta * log pi(y|x), summed."""
         pc, pr = t(-6.0, -14.0), t(-9.0, -2.0)
         ones = torch.ones(2)
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=SIMPO_RETURNS)
-        expect_close(self, cr, 2.0 * pc, "chosen_rewards with lengths 1: beta log pi_theta(y_w|x)",
-                     [(pc, "beta is missing from the reward"), (2.0 * pr, "chosen and rejected rewards swapped")])
-        expect_close(self, rj, 2.0 * pr, "rejected_rewards with lengths 1: beta log pi_theta(y_l|x)",
-                     [(pr, "beta is missing from the reward"), (2.0 * pc, "chosen and rejected rewards swapped")])
+        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=RETURNS)
+        for name, y, got, logps, other in (("chosen", "y_w", cr, pc, pr), ("rejected", "y_l", rj, pr, pc)):
+            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)",
+                         [(logps, "beta is missing from the reward"), (2.0 * other, REWARDS_SWAPPED)])
         # margins 2*(-6+9) = 6 and 2*(-14+2) = -24; logits margin - gamma = 5 and -25
         margin = t(6.0, -24.0)
-        expect_close(self, losses, t(softplus(-5.0), softplus(25.0)), "losses at margins 6 and -24, gamma 1 (lengths 1)", [
+        expect_close(self, losses, t(softplus(-5.0), softplus(25.0)),
+                     "losses at margins 6 and -24, gamma 1 (lengths 1)", [
             (F.softplus(-(margin + 1)), "gamma is added: logits = r_w - r_l - gamma"),
             (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma"),
             (F.softplus(-(margin - 2)), "gamma is multiplied by beta: the target margin is gamma itself"),
@@ -340,13 +344,13 @@ class TestSimpoLoss(unittest.TestCase):
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -3.0, grad=True), t(-1000.0, 0.0, -3.0, grad=True)
         ones = torch.ones(3)
-        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=SIMPO_RETURNS)
+        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=RETURNS)
         z = t(1000.0, -1000.0, 0.0)
-        expect_close(self, losses, t(0.0, 1000.0, math.log(2)), "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite", [
-            (-z, "the log-sigmoid is missing: the loss is -log sigmoid(logits), not -logits"),
-            (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped)")])
-        losses.sum().backward()
-        expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")   # -beta/|y| sigmoid(-logit)
+        expect_close(self, losses, t(0.0, 1000.0, math.log(2)),
+                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite",
+                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+        losses.sum().backward()      # the gradients: -beta/|y| sigmoid(-logit) and its opposite
+        expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0")
 
 
@@ -355,28 +359,30 @@ class TestSppoLoss(unittest.TestCase):
 
     def mistakes(self, policy, ref, win, eta):
         """What the usual wrong versions return, each with its hint."""
-        logratio, target = (policy - ref).detach(), eta * (torch.as_tensor(win) - 0.5)
-        return [((logratio - (torch.as_tensor(win) - 0.5) / eta) ** 2,
-                 "the target is eta (P - 1/2), not (P - 1/2)/eta: the SPPO write-up's error (its 'eta' there is TRL's beta = 1/eta)"),
-                ((logratio - eta * torch.as_tensor(win)) ** 2,
-                 "the -1/2 is missing: log Z is replaced by eta/2, so the target is eta P - eta/2 = eta (P - 1/2)"),
-                ((-logratio - target) ** 2, "the log-ratio is reversed: log pi_theta(y|x) - log pi_ref(y|x), policy minus reference"),
-                ((logratio + target) ** 2, "the target's sign: a sample that wins (P > 1/2) gets a POSITIVE target log-ratio"),
+        logratio, win = (policy - ref).detach(), torch.as_tensor(win)
+        target = eta * (win - 0.5)
+        return [((logratio - (win - 0.5) / eta) ** 2, "the target is eta (P - 1/2), not (P - 1/2)/eta: the SPPO "
+                 "write-up's error (its 'eta' there is TRL's beta = 1/eta)"),
+                ((logratio - eta * win) ** 2, "the -1/2 is missing: log Z is replaced by eta/2, so the target is "
+                 "eta P - eta/2 = eta (P - 1/2)"),
+                ((-logratio - target) ** 2,
+                 "the log-ratio is reversed: log pi_theta(y|x) - log pi_ref(y|x), policy minus reference"),
+                ((logratio + target) ** 2,
+                 "the target's sign: a sample that wins (P > 1/2) gets a POSITIVE target log-ratio"),
                 (logratio - target, "not squared: the loss is (log-ratio - target)^2"),
                 ((logratio - target).abs(), "an absolute value: the loss is the square (log-ratio - target)^2"),
                 ((logratio - target) ** 2 / 2, "halved: [SPPO-6] is the plain square, no factor 1/2"),
-                ((policy.detach() - target) ** 2, "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
+                ((policy.detach() - target) ** 2,
+                 "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
 
     def test_hand_worked_values(self):
         policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
         win = t(0.9, 0.5, 0.2, 0.0)
-        eta = 4.0
-        losses = attempt(self, sppo.sppo_loss, policy, ref, win, eta)
+        losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
         # log-ratios 1, 0, -2, 0.5; targets eta (P - 1/2) = 1.6, 0, -1.2, -2
         # losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
-        expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25),
-                     "losses for log-ratios (1, 0, -2, 0.5), win rates (0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)",
-                     self.mistakes(policy, ref, win, eta))
+        expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
+                     "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
     def test_minimiser_is_eta_times_p_minus_half(self):
         ref = t(-4.0, -9.0, -2.5, -20.0)
@@ -385,7 +391,8 @@ class TestSppoLoss(unittest.TestCase):
             with self.subTest(eta=eta):
                 best = [r + eta * (p - 0.5) for r, p in zip(ref.tolist(), win.tolist())]
                 # the losses first, at the minimiser and half a nat either side of it; then the gradients
-                points = [(delta, torch.tensor([b + delta for b in best], requires_grad=True)) for delta in (0.0, -0.5, 0.5)]
+                points = [(delta, torch.tensor([b + delta for b in best], requires_grad=True))
+                          for delta in (0.0, -0.5, 0.5)]
                 for delta, at in points:
                     losses = attempt(self, sppo.sppo_loss, at, ref, win, eta)
                     expect_close(self, losses, torch.full((4,), delta ** 2),
@@ -394,16 +401,17 @@ class TestSppoLoss(unittest.TestCase):
                     losses.sum().backward()
                 for delta, at in points:   # the gradient is 2 (log-ratio - target)
                     expect_grad(self, at, torch.full((4,), 2 * delta),
-                                f"d loss / d log pi_theta at log-ratio = eta (P - 1/2) {delta:+} (eta {eta}): 2 x {delta}",
+                                f"d loss / d log pi_theta at log-ratio = eta (P - 1/2) {delta:+} (eta {eta}): "
+                                f"2 x {delta}",
                                 [(torch.full((4,), -2 * delta), "the log-ratio is reversed: policy minus reference"),
-                                 (torch.full((4,), delta), "halved: [SPPO-6] is the plain square, whose gradient is 2 (log-ratio - target)")])
+                                 (torch.full((4,), delta), "halved: [SPPO-6] is the plain square, whose gradient is "
+                                                           "2 (log-ratio - target)")])
 
     def test_win_prob_may_be_a_number(self):
         """sppo_hard_loss passes P = 1 and P = 0 as plain numbers: the function must take a float too."""
         policy, ref = t(-5.0, -3.0), t(-6.0, -3.0)
-        eta = 4.0
         try:
-            losses = sppo.sppo_loss(policy, ref, 1.0, eta)
+            losses = sppo.sppo_loss(policy, ref, 1.0, 4.0)
         except NotImplementedError:
             return self.fail("sppo_loss is not written yet (it raises NotImplementedError): write its body from "
                              "the derivation above it in sppo.py")
@@ -411,8 +419,8 @@ class TestSppoLoss(unittest.TestCase):
             return self.fail(f"sppo_loss(policy, ref, 1.0, eta) raised {type(e).__name__}: {e}: win_prob may be a "
                              f"number; torch.as_tensor(win_prob) turns it into a tensor")
         # log-ratios 1, 0; target eta (1 - 1/2) = 2
-        expect_close(self, losses, t(1.0, 4.0), "losses with P = 1 (a plain number), log-ratios (1, 0), eta 4: (1 - 2)^2, (0 - 2)^2",
-                     self.mistakes(policy, ref, torch.ones(2), eta))
+        expect_close(self, losses, t(1.0, 4.0), "losses with P = 1 (a plain number), log-ratios (1, 0), eta 4: "
+                     "(1 - 2)^2, (0 - 2)^2", self.mistakes(policy, ref, torch.ones(2), 4.0))
 
     def test_finite_at_extreme_inputs(self):
         policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
@@ -429,8 +437,7 @@ class TestSppoLoss(unittest.TestCase):
 
 
 def bt_prefs(scores, tau):
-    """[N, K, K] P(y_i > y_j | x) = sigmoid((s_i - s_j) / tau) for K responses per prompt scored `scores`
-    [N, K]: the Bradley-Terry judge asked about every pair, as self-play asks data.judge_prob."""
+    """[N, K, K] P(y_i > y_j | x) = sigmoid((s_i - s_j) / tau) of K responses per prompt scored `scores` [N, K]."""
     return torch.sigmoid((scores[:, :, None] - scores[:, None, :]) / tau)
 
 
@@ -440,8 +447,7 @@ class TestEstimateWinRates(unittest.TestCase):
 
     def mistakes(self, prefs):
         """What the usual wrong versions return for `prefs` [N, K, K], each with its hint."""
-        p = prefs.double()
-        K = p.shape[-1]
+        p, K = prefs.double(), prefs.shape[-1]
         eye = torch.eye(K, dtype=torch.bool)
         zero_diag, half_diag = p.masked_fill(eye, 0.0), p.masked_fill(eye, 0.5)
         return [(zero_diag.sum(-1) / (K - 1), "the tie with itself is left out: average over all K samples, the "
@@ -453,52 +459,46 @@ class TestEstimateWinRates(unittest.TestCase):
                                     "P(y_i > y_j), averaged over j, the last axis"),
                 (half_diag.sum(-1), "summed over j: the win rate is the MEAN over the K samples, (1/K) sum_j")]
 
-    def rates(self, prefs):
+    def check(self, prefs, want, what, mistakes=None):
+        """estimate_win_rates(prefs) == want, and the matrix it was given left as it was."""
         given = prefs.clone()
         out = attempt(self, sppo.estimate_win_rates, prefs)
         if not torch.equal(prefs, given):
             self.fail("estimate_win_rates changed the matrix it was given: set the diagonal of a copy "
                       "(prefs.clone()); the caller's matrix is the judge's answer")
+        expect_close(self, out, want, what, self.mistakes(given) if mistakes is None else mistakes)
         return out
 
     def test_constructed_case(self):
         # three responses scored 0, 0.2, -0.2 with tau 0.2: P(i > j) = sigmoid((s_i - s_j) / 0.2)
-        prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2]]), 0.2)
         want = [[(0.5 + sig(-1) + sig(1)) / 3,      # y_0: ties itself, loses to y_1, beats y_2
                  (sig(1) + 0.5 + sig(2)) / 3,
                  (sig(-1) + sig(-2) + 0.5) / 3]]
-        expect_close(self, self.rates(prefs), want, "win rates of three samples scored (0, 0.2, -0.2), tau 0.2",
-                     self.mistakes(prefs))
+        self.check(bt_prefs(torch.tensor([[0.0, 0.2, -0.2]]), 0.2), want,
+                   "win rates of three samples scored (0, 0.2, -0.2), tau 0.2")
 
     def test_self_tie_counts_one_half(self):
         # a certain winner and a certain loser: with the self-tie 0.5 in the mean, (1 + 0.5)/2 and (0 + 0.5)/2
         # (without it they would be 1 and 0)
-        prefs = bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3)
-        expect_close(self, self.rates(prefs), torch.tensor([[0.75, 0.25]]),
-                     "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2", self.mistakes(prefs))
+        self.check(bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3), torch.tensor([[0.75, 0.25]]),
+                   "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2")
 
     def test_the_diagonal_is_a_tie_whatever_the_matrix_holds(self):
         # a judge that answers 0.9 when asked about a response against itself: the estimate still counts 1/2
         prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2, 0.4]]), 0.2)
-        want = prefs.clone()
+        want = prefs.mean(-1)
         prefs.diagonal(dim1=1, dim2=2).fill_(0.9)
-        expect_close(self, self.rates(prefs), want.mean(-1),
-                     "win rates when the matrix holds 0.9 on its diagonal: the self-comparison counts 1/2",
-                     self.mistakes(prefs))
+        self.check(prefs, want, "win rates when the matrix holds 0.9 on its diagonal: the self-comparison counts 1/2")
 
     def test_loop_over_pairs_and_mean_one_half(self):
-        g = torch.Generator().manual_seed(1)
+        g, tau = torch.Generator().manual_seed(1), 0.3
         scores = torch.rand(5, 4, generator=g) * 2 - 1
-        tau = 0.3
-        prefs = bt_prefs(scores, tau)
-        p = self.rates(prefs)
         want = [[sum(0.5 if i == j else sig((scores[n, i] - scores[n, j]).item() / tau) for j in range(4)) / 4
                  for i in range(4)] for n in range(5)]
-        expect_close(self, p, want, "win rates [5 prompts, K = 4] against a loop over every pair", self.mistakes(prefs))
+        p = self.check(bt_prefs(scores, tau), want, "win rates [5 prompts, K = 4] against a loop over every pair")
         expect_close(self, p.mean(-1), torch.full((5,), 0.5),
                      "each prompt's K win rates average to exactly 1/2 (the 1/2 that replaces log Z / eta)")
-        expect_close(self, self.rates(bt_prefs(torch.zeros(2, 3), tau)), torch.full((2, 3), 0.5),
-                     "equal scores: every win rate 1/2")
+        self.check(bt_prefs(torch.zeros(2, 3), tau), torch.full((2, 3), 0.5), "equal scores: every win rate 1/2", ())
 
     def test_a_matrix_no_reward_can_make(self):
         # the cyclic judge (data.py): story beats acting beats craft beats story, 0.9 each
@@ -506,8 +506,8 @@ class TestEstimateWinRates(unittest.TestCase):
         prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :]).float()
         want = [[(0.5 + 0.9 + 0.1 + 0.5) / 4, (0.1 + 0.5 + 0.9 + 0.1) / 4, (0.9 + 0.1 + 0.5 + 0.9) / 4,
                  (0.5 + 0.9 + 0.1 + 0.5) / 4]]
-        expect_close(self, self.rates(prefs), want, "win rates of samples from the schools story, acting, craft, "
-                     "story under the cyclic judge", self.mistakes(prefs))
+        self.check(prefs, want, "win rates of samples from the schools story, acting, craft, story under the cyclic "
+                   "judge")
 
 
 class TestSequenceLogps(unittest.TestCase):
@@ -535,24 +535,27 @@ class TestSequenceLogps(unittest.TestCase):
         """What the usual wrong versions return for these rows, each with its hint."""
         with torch.no_grad():
             logits = self.m(ids).double()                                     # [B, T, V]
-        lsm = torch.log_softmax(logits, -1)
-        shifted = lsm[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)        # log pi(token t+1 | tokens <= t)
+        lsm, targets = torch.log_softmax(logits, -1), ids[:, 1:, None]
+        shifted = lsm[:, :-1].gather(-1, targets).squeeze(-1)                 # log pi(token t+1 | tokens <= t)
         right = (shifted * mask[:, 1:]).sum(-1)
-        raw = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        raw = logits[:, :-1].gather(-1, targets).squeeze(-1)
+        wrong_dim = torch.log_softmax(logits[:, :-1], 1).gather(-1, targets).squeeze(-1)
         not_pad = (ids[:, 1:] != data.PAD_ID).double()
         return [((lsm.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1),
                  "no shift: position t's logits predict token t+1, so compare logits[:, :-1] with input_ids[:, 1:]"),
-                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use response_mask[:, 1:], "
-                                                   "so the first response token counts and the token after EOS does not"),
+                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use "
+                                                   "response_mask[:, 1:], so the first response token counts and the "
+                                                   "token after EOS does not"),
                 ((shifted * not_pad).sum(-1), "the prompt is counted: only response tokens (response_mask) count"),
                 (shifted.sum(-1), "the mask is missing: the prompt and the padding are counted"),
-                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| itself)"),
+                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| "
+                                       "itself)"),
                 ((raw * mask[:, 1:]).sum(-1), "raw logits: take log_softmax over the vocabulary first"),
-                ((torch.log_softmax(logits[:, :-1], 1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1),
+                ((wrong_dim * mask[:, 1:]).sum(-1),
                  "log_softmax over the wrong dimension: it normalises over the vocabulary, dim=-1")]
 
-    def logps(self, ids, mask):
-        return attempt(self, model.sequence_logps, self.m, ids, mask, returns=("logps", "lengths"))
+    def logps(self, ids, mask, m=None):
+        return attempt(self, model.sequence_logps, m or self.m, ids, mask, returns=("logps", "lengths"))
 
     def test_against_python_loop(self):
         self.assertTrue(len(set(self.mask.sum(1).tolist())) > 1, "want rows of different lengths")
@@ -566,12 +569,14 @@ class TestSequenceLogps(unittest.TestCase):
 
     def test_lengths_count_the_response_and_its_eos(self):
         prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        ids = torch.cat([prompt, responses_of("great acting", "the plot was dull and boring")[:, :8]], dim=1)   # 2, 6 words
+        reviews = responses_of("great acting", "the plot was dull and boring")[:, :8]      # 2 and 6 words
+        ids = torch.cat([prompt, reviews], dim=1)
         mask = torch.zeros_like(ids)
         mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
         with torch.no_grad():
             logps, lengths = self.logps(ids, mask)
-        expect_close(self, lengths, t(3.0, 7.0), "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
+        expect_close(self, lengths, t(3.0, 7.0),
+                     "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
             (t(2.0, 6.0), "the closing EOS is not counted: |y| is the number of response tokens, EOS included"),
             (t(8.0, 12.0), "the prompt is counted: |y| counts response tokens only"),
             (t(12.0, 12.0), "the padding and the prompt are counted: |y| is the sum of the response mask")])
@@ -599,7 +604,7 @@ class TestSequenceLogps(unittest.TestCase):
     def test_gradient_reaches_the_model(self):
         """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
         m = sharp_gpt(4)
-        logps, _ = attempt(self, model.sequence_logps, m, self.ids, self.mask, returns=("logps", "lengths"))
+        logps, _ = self.logps(self.ids, self.mask, m)
         if not logps.requires_grad:
             self.fail("the log-probs carry no gradient: no .detach(), .item() or torch.no_grad() inside sequence_logps")
         logps.sum().backward()
@@ -623,23 +628,22 @@ METRIC_KEYS = ["method", "seed", "device", "steps", "win_rate_vs_sft", "score", 
 TIMING_KEYS = set(METRIC_KEYS[13:]) | {"sampling_seconds", "ref_precompute_seconds"}
 LOG_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected"]
+ZERO_RANKING = {"reward_accuracy": 0.0, "ranking_agreement": 0.0}   # a reward that ties every pair
 scratch = lambda name: tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
 
 
 def sharp_gpt(seed=0):
-    """The real network (two blocks, narrow) with next-token distributions far from uniform (a fresh one
-    predicts about log(1/90) everywhere, which would hide an off-by-one)."""
+    """The real network (two blocks, narrow), its next-token logits a few nats apart (a fresh one's are flat)."""
     torch.manual_seed(seed)
     m = model.GPT(model.GPTConfig(n_embd=32))
     with torch.no_grad():
-        m.wte.weight.mul_(20.0)    # tied with lm_head: logits of a few nats' spread
+        m.wte.weight.mul_(20.0)    # tied with lm_head
         m.wpe.weight.normal_(0.0, 0.5)
     return m.eval()
 
 
 class Bigram(nn.Module):
-    """The tests' stand-in language model: next-token logits `first` after SEP (the first response token) and
-    `rest` after any other token, so its log-probs, samples and KLs are known in closed form."""
+    """The stand-in language model: next-token logits `first` after SEP and `rest` after any other token."""
 
     def __init__(self, first, rest=None):
         super().__init__()
@@ -669,7 +673,12 @@ EITHER_WRITER = Bigram(logits_row(POS + NEG), logits_row(POS, eos=1.0))         
 writer_of = lambda word: Bigram(logits_row([data.STOI[word]]), logits_row(eos=1.0))   # the review "word", always
 small_task = lambda seed=0, **kw: data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
 weights = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
-state_equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_weights(a, b):
+    """Two state_dicts, or the models holding them, hold equal tensors under the same names."""
+    a, b = (x if isinstance(x, dict) else x.state_dict() for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def responses_of(*texts):
@@ -692,13 +701,19 @@ def logps_of(m, ids, mask):
         return model.sequence_logps(m, ids, mask)[0]
 
 
-def read_json(path, lines=False):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+def read_json(*path):
+    """A JSON file, or a JSON-lines file (.jsonl) as the list of its rows."""
+    text = pathlib.Path(*path).read_text()
+    if path[-1].endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
-def folder_bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
+def folder_state(folder):
+    """({name: bytes} of a folder's files, what a save leaves beside it: NAME.incoming, NAME.previous)."""
+    head, name = os.path.split(os.path.normpath(folder))
+    files = {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())} if os.path.exists(folder) else None
+    return files, sorted(f for f in os.listdir(head) if f.startswith(f"{name}."))
 
 
 def write_previous_run(folder):
@@ -706,15 +721,13 @@ def write_previous_run(folder):
     os.makedirs(folder, exist_ok=True)
     files = {"metrics.json": b'{"previous": true}\n', "log.jsonl": b'{"step": 0}\n', "model.pt": b"previous weights"}
     for name, content in files.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(content)
+        pathlib.Path(folder, name).write_bytes(content)
     return files
 
 
-def siblings(out):
-    """What a save leaves beside a run folder: NAME.incoming, NAME.previous (none once it is done)."""
-    head, name = os.path.split(os.path.normpath(out))
-    return sorted(f for f in os.listdir(head) if f.startswith(f"{name}."))
+def throw(error):
+    """raise error, in a lambda."""
+    raise error
 
 
 @contextlib.contextmanager
@@ -726,9 +739,9 @@ def quietly():
 
 
 class Spy:
-    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a),
-    its result, before(a) taken at call time (e.g. a copy of weights), the calling function (caller), and
-    when it began and ended among all spied calls (start, end)."""
+    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a), its
+    result, before(a) taken at call time, the calling function (caller), and its order among spied calls (start,
+    end)."""
     clock = itertools.count()
 
     def __init__(self, obj, name, before=None):
@@ -741,7 +754,8 @@ class Spy:
         def wrapper(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name, start=next(Spy.clock))
+            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name,
+                                      start=next(Spy.clock))
             call.before = self.before(call.a) if self.before else None
             call.result, call.end = original(*args, **kwargs), next(Spy.clock)
             self.calls.append(call)
@@ -759,12 +773,11 @@ class Spy:
 
 @contextlib.contextmanager
 def count_gpts():
-    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (how a frozen copy is made) skips
-    __init__ but restores the copy's state with __setstate__."""
+    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (a frozen copy) __setstate__."""
     count, init = [], model.GPT.__init__
+    setstate = lambda m, state: count.append(1) or nn.Module.__setstate__(m, state)
     with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
-            mock.patch.object(model.GPT, "__setstate__", lambda m, state: count.append(1) or nn.Module.__setstate__(m, state),
-                              create=True):
+            mock.patch.object(model.GPT, "__setstate__", setstate, create=True):
         yield count
 
 
@@ -772,20 +785,18 @@ _SFT = {}
 
 
 def sft(judge="bt"):
-    """(folder, SFT model): the SFT cache every run of these tests loads (the default task under `judge`, --seed 1,
-    --sft-steps 5, the SMALL model), trained once per test run, with the model it holds."""
+    """The folder of the SFT cache every run here loads (the default task under `judge`, --seed 1, --sft-steps 5,
+    the SMALL model), trained once per test run."""
     if judge not in _SFT:
-        folder = scratch(f"sft-{judge}")
+        _SFT[judge], task = scratch(f"sft-{judge}"), data.Task(data.TaskConfig(judge=judge), seed=SEED)
         with quietly():
-            m, _ = model.sft_model(data.Task(data.TaskConfig(judge=judge), seed=SEED), CPU, folder, SEED, 5, SMALL, quiet=True)
-        _SFT[judge] = (folder, m.eval())
+            model.sft_model(task, CPU, _SFT[judge], SEED, 5, SMALL, quiet=True)
     return _SFT[judge]
 
 
 def run_main(module, argv, spies=()):
-    """`python module.py argv` in this process: module.main() with sys.argv patched (inside model.run, as every
-    script runs it), stdout and stderr captured, from where a fresh process starts (model.progress reset),
-    torch's thread count put back after (the exact modes set 1). Returns (exit code, stdout, stderr)."""
+    """`python module.py argv` in this process, inside model.run as every script runs it, from where a fresh process
+    starts (model.progress reset), torch's thread count put back after: (exit code, stdout, stderr)."""
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
     with contextlib.ExitStack() as stack:
@@ -804,42 +815,45 @@ def run_main(module, argv, spies=()):
 # The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
 # beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
 GPT_RUNS = {
-    "dpo": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"], "bt"),
-    "dpo_precompute": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2", "--precompute-ref"], "bt"),
-    "simpo": (simpo, ["--judge", "cyclic", "--steps", "3", "--beta", "3", "--gamma", "0.6", "--lr", "1e-2"], "cyclic"),
-    "simpo_small": (simpo, ["--steps", "1", "--beta", "3", "--gamma", "0.6", "--no-length-norm", "--n-head", "4"], None),
-    "sppo": (sppo, ["--judge", "cyclic", "--tau", "0.5", "--steps", "2", "--k", "2", "--iterations", "2", "--eta", "10"],
-             "cyclic"),
-    "sppo_hard": (sppo, ["--variant", "hard", "--steps", "2", "--eta", "10"], "bt"),
+    "dpo": (dpo, "--steps 3 --beta 0.5 --lr 1e-2".split(), "bt"),
+    "dpo_precompute": (dpo, "--steps 3 --beta 0.5 --lr 1e-2 --precompute-ref".split(), "bt"),
+    "simpo": (simpo, "--judge cyclic --steps 3 --beta 3 --gamma 0.6 --lr 1e-2".split(), "cyclic"),
+    "simpo_small": (simpo, "--steps 1 --beta 3 --gamma 0.6 --no-length-norm --n-head 4".split(), None),
+    "sppo": (sppo, "--judge cyclic --tau 0.5 --steps 2 --k 2 --iterations 2 --eta 10".split(), "cyclic"),
+    "sppo_hard": (sppo, "--variant hard --steps 2 --eta 10".split(), "bt"),
 }
+SPIED = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
+         sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}
 _RUNS = {}
 
 
 def gpt_run(name):
-    """One of GPT_RUNS, made once per test run in this process with its connections spied on (where the data
-    goes, which model is evaluated against which, what each step's loss was given, when peak memory is
-    sampled): a Namespace of dir, out, err, metrics, log, trained (model.pt read back), task and policy (start_run's),
-    spy, the number of GPTs it built (gpts), its SFT folder and its SFT model (sft)."""
+    """One of GPT_RUNS, made once per test run in this process with its connections spied on: a Namespace of dir,
+    out, err, metrics, log, trained (model.pt read back), task and policy (start_run's), spy, gpts (how many GPTs it
+    built), sft_dir and sft (the SFT model)."""
     if name not in _RUNS:
         module, flags, judge = GPT_RUNS[name]
-        sft_dir, out, start = sft(judge)[0] if judge else scratch("sft-fresh"), os.path.join(scratch(name), "run"), Spy(data, "start_run")
+        sft_dir = sft(judge) if judge else scratch("sft-fresh")
+        out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
         spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
-               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])), "summary": Spy(data, "print_summary"),
-               "memory": Spy(module, "PeakMemory"), "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
+               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
+               "summary": Spy(data, "print_summary"), "memory": Spy(module, "PeakMemory"),
+               "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
                **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
-               **{n: Spy(module, n) for n in {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
-                                              sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}[module]}}
+               **{n: Spy(module, n) for n in SPIED[module]}}
         if module is sppo:
-            spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+            spy.update(play_sample=Spy(sppo, "sample"),
+                       game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
         with count_gpts() as gpts:
-            code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+            argv = TINY + flags + ["--out", out, "--sft-dir", sft_dir]
+            code, stdout, err = run_main(module, argv, spies=spy.values())
         if code != 0:
             raise AssertionError(f"{name}: exit {code}\n{err}")
         cache = torch.load(glob_one(sft_dir), weights_only=True)
         _RUNS[name] = argparse.Namespace(
-            dir=out, out=stdout, err=err, metrics=read_json(os.path.join(out, "metrics.json")), spy=spy, gpts=len(gpts),
-            log=read_json(os.path.join(out, "log.jsonl"), lines=True), sft_dir=sft_dir, task=start.calls[0].result[1],
-            policy=start.calls[0].result[2], trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+            dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
+            spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+            trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
             sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
     return _RUNS[name]
 
@@ -858,15 +872,19 @@ def with_weights(state, cfg=SMALL):
 
 
 class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
-    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
-    peak memory sampled in training only. A class per script mixes this in."""
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which data
+    trains and which evaluates, which model is compared with which, the numbers recomputed, the summary, peak memory
+    sampled in training only. A class per script mixes this in."""
     run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
+    reward_scale = None    # the reward: reward_scale * log pi_theta/pi_sft, or (None) SimPO's beta log pi / |y|
 
     @classmethod
     def setUpClass(cls):
         cls.r = gpt_run(cls.run_name)       # the run
         cls.sft = cls.r.sft
+
+    def sft_column(self):
+        return ZERO_RANKING    # DPO's and SPPO's reward of the SFT model itself: 0, all ties
 
     def test_files_of_the_run(self):
         m, r = self.r.metrics, self.r
@@ -874,8 +892,9 @@ class ScriptChecks:
         self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
         self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
         self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
-        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
-        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        times = ("startup_seconds", "train_seconds", "eval_seconds")
+        self.assertTrue(all(m[k] >= 0.0 for k in (*times, "peak_memory_mb")))
+        self.assertLessEqual(sum(m[k] for k in times), m["wall_seconds"] + 1e-6)
         self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
         self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
         self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
@@ -884,8 +903,9 @@ class ScriptChecks:
         self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
                          ({"model", "config", "args"}, dict, SEED, r.dir))
         self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
-        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
-        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
+        self.assertTrue(same_weights(ckpt["model"], r.trained) and same_weights(ckpt["model"], r.policy))
+        files, beside = folder_state(r.dir)
+        self.assertEqual((sorted(files), beside), (["log.jsonl", "metrics.json", "model.pt"], []))
 
     def test_the_game_is_reported_under_the_cyclic_judge_only(self):
         m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
@@ -893,7 +913,8 @@ class ScriptChecks:
             return self.assertFalse(set(game) & set(m))
         self.assertLessEqual(set(game), set(m))
         self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
-        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
+        shares = torch.tensor(m["school_shares"])
+        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(shares), places=6)
         self.assertEqual("exploitability_last" in m, self.title == "SPPO")
 
     def test_training_sees_training_pairs_only(self):
@@ -901,38 +922,51 @@ class ScriptChecks:
         self.assertEqual(len(calls), self.r.metrics["steps"])
         for call in calls:                                  # the batches are the seeded draws, in order
             self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
-            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
+            draw = torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), draw))
 
     def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
         spy, r = self.r.spy, self.r
         self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
         side = spy["evaluate_sft"].calls[0]
-        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
+        self.assertTrue(same_weights(side.before, self.sft), "evaluate_sft must get the SFT model")
         call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
         self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
         self.assertIs(call.a["sft_side"], side.result)
         ids = r.task.heldout_pairs["chosen_ids"][:4]
         with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
+        self.assertTrue(same_weights(r.policy, r.trained))
         self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
 
     def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
         held = set(rows_of(self.r.task.heldout_prompts))
         self.assertTrue(self.r.spy["sample"].calls)
         self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
+        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
         self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
 
     def test_evaluation_numbers_match_a_recomputation(self):
-        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
+        """metrics.json's evaluation and held-out rewards, recomputed from model.pt and the SFT cache alone."""
         side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
-        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
+        e, m = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED), self.r.metrics
         for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
                     "exploitability", "sft_exploitability"):
-            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
+            self.assertAlmostEqual(m.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
         for key in ("school_shares", "sft_school_shares"):
-            self.assertEqual(self.r.metrics.get(key), e.get(key), key)
+            self.assertEqual(m.get(key), e.get(key), key)
+        # reward_accuracy: the share of held-out pairs whose reward puts y_w first; ranking_agreement: the share on
+        # which the reward's order (+1, 0, -1) is the average log-likelihood's
+        pc, pr, lc, lr = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
+        if self.reward_scale is None:
+            cr, rr = 3.0 * pc / lc, 3.0 * pr / lr                         # SimPO, --beta 3
+            self.assertEqual(m["ranking_agreement"], 1.0)                 # the reward IS the average log-likelihood
+        else:
+            sc, sr, _, _ = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
+            cr, rr = self.reward_scale * (pc - sc), self.reward_scale * (pr - sr)
+        self.assertAlmostEqual(m["reward_accuracy"], (cr > rr).double().mean().item(), places=6)
+        agree = torch.sign(cr - rr) == torch.sign(pc / lc - pr / lr)
+        self.assertAlmostEqual(m["ranking_agreement"], agree.double().mean().item(), places=6)
 
     def test_end_of_run_table_gets_this_runs_numbers(self):
         (call,) = self.r.spy["summary"].calls
@@ -940,8 +974,8 @@ class ScriptChecks:
         for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
             self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
         self.assertEqual(call.a["sft_ranking"], self.sft_column())
-        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
-        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
+        # an SFT column of 0 by definition (a reward that ties every pair) is said under the table
+        self.assertEqual(call.a["note"] is not None, self.sft_column() == ZERO_RANKING)
         self.assertIn(f"| wrote {self.r.dir}/", self.r.out.strip().splitlines()[-1])
 
     def test_peak_memory_is_sampled_at_every_training_forward_only(self):
@@ -949,7 +983,8 @@ class ScriptChecks:
         (meter,) = spy["memory"].calls
         self.assertIs(meter.a["policy"], self.r.policy)
         built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
-        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
+        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds "
+                                               "anything")
         samples = [s.start for s in spy["memory_sample"].calls]
         self.assertEqual(len(samples), self.training_forwards)
         for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
@@ -957,26 +992,9 @@ class ScriptChecks:
         self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
 
 
-def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
-    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
-    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
-    (+1, 0, -1) equals the average log-likelihood's."""
-    pc, pr, lc, lr = policy_logps
-    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
-    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
-        pc / lc - pr / lr)).double().mean().item(), places=6)
-
-
-def log_ratio_rewards_check(test, run, scale):
-    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
-    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
-        run.sft, run.task.heldout_pairs, CPU)
-    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
-
-
 def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
-    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and y_l,
+    each computed alone, under the argument names of dpo_loss and sppo_hard_loss."""
     return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
             for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
 
@@ -987,7 +1005,7 @@ def exact_run(module, *flags):
     code, _, err = run_main(module, ["--exact", "--out", out, *flags])
     if code != 0:
         raise AssertionError(f"exit {code}\n{err}")
-    return read_json(os.path.join(out, "metrics.json")), sorted(os.listdir(out))
+    return read_json(out, "metrics.json"), sorted(os.listdir(out))
 
 
 # ====================================================================================================
@@ -996,13 +1014,13 @@ def exact_run(module, *flags):
 
 class TestGPT(unittest.TestCase):
     def test_size_tying_causal_mask_and_kv_cache(self):
-        m, g = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1)
+        m, g, V = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1), len(data.VOCAB)
         self.assertIs(m.lm_head.weight, m.wte.weight)                                     # weight tying
-        self.assertTrue(5e4 <= sum(p.numel() for p in m.parameters()) <= 1e6 and model.GPTConfig().vocab_size == len(data.VOCAB))
+        self.assertTrue(5e4 <= sum(p.numel() for p in m.parameters()) <= 1e6 and model.GPTConfig().vocab_size == V)
         # changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)
-        m, ids = sharp_gpt(0), torch.randint(4, len(data.VOCAB), (3, 15), generator=g)
+        m, ids = sharp_gpt(0), torch.randint(4, V, (3, 15), generator=g)
         changed = ids.clone()
-        changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
+        changed[:, 7] = (ids[:, 7] - 4 + 1) % (V - 4) + 4   # a different real token
         with torch.no_grad():
             a, b, caches = m(ids), m(changed), [dict() for _ in m.blocks]
             # the prompt through the key/value cache in one pass, then one token at a time: the full pass's logits
@@ -1018,11 +1036,10 @@ class TestPairLogps(unittest.TestCase):
         m, task = sharp_gpt(4), small_task(seed=5)
         chosen = model.trim(task.sft_ids[:3], task.sft_mask[:3])
         rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))   # another width
+        self.assertNotEqual(chosen[0].shape[1], rejected[0].shape[1])
         with torch.no_grad():
-            pc, pr, lc, lr = model.pair_logps(m, *chosen, *rejected)
             (sc, slc), (sr, slr) = model.sequence_logps(m, *chosen), model.sequence_logps(m, *rejected)
-        torch.testing.assert_close((pc, pr), (sc, sr), rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr) and chosen[0].shape[1] != rejected[0].shape[1])
+            torch.testing.assert_close(model.pair_logps(m, *chosen, *rejected), (sc, sr, slc, slr), rtol=0, atol=1e-4)
         ids, mask = F.pad(task.sft_heldout_ids, (0, 4)), F.pad(task.sft_heldout_mask, (0, 4))   # 4 PAD columns more
         logps, lengths = model.sequence_logps_all(m, ids, mask, batch_size=5)   # 16 rows: batches of 5, 5, 5, 1
         torch.testing.assert_close(logps, logps_of(m, ids, mask), rtol=0, atol=1e-4)
@@ -1044,31 +1061,26 @@ class TestSample(unittest.TestCase):
                             data.BANNED_IN_RESPONSE, generator=torch.Generator().manual_seed(seed), **kw)
 
     def test_reproducible_cache_or_not_and_the_global_rng_untouched(self):
-        self.assertTrue(torch.equal(self.a, self.b) and not torch.equal(self.a, self.c) and torch.equal(self.a, self.uncached))
+        a = self.a
+        self.assertTrue(torch.equal(a, self.b) and not torch.equal(a, self.c) and torch.equal(a, self.uncached))
         self.assertTrue(torch.equal(self.rng, self.rng_after))
-        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # batches: one stream
-
-    def check_rows(self, ys):
-        """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
-        ends = [row.index(data.EOS_ID) for row in ys.tolist()]
-        for row, e in zip(ys.tolist(), ends):
-            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]) and not set(row[:e]) & set(data.BANNED_IN_RESPONSE), row)
-        return torch.tensor(ends, dtype=torch.float64)
+        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # one stream
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
-        for ys in (self.a, self.c):
-            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
-            self.check_rows(ys)
         # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
         # of ending occur, EOS drawn early and EOS forced at the last position
         probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
         row[list(data.BANNED_IN_RESPONSE)] = 50.0
-        ends = self.check_rows(self.draw(0, m=Bigram(row)))
-        self.assertEqual((ends.min().item(), ends.max().item()), (0, data.MAX_RESPONSE - 1))
+        for ys in (self.a, self.c, self.draw(0, m=Bigram(row))):
+            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
+            ends = [r.index(data.EOS_ID) for r in ys.tolist()]    # allowed tokens, then EOS, then only PAD
+            for r, e in zip(ys.tolist(), ends):
+                self.assertTrue(set(r[e + 1:]) <= {data.PAD_ID} and not set(r[:e]) & set(data.BANNED_IN_RESPONSE), r)
+        self.assertEqual((min(ends), max(ends)), (0, data.MAX_RESPONSE - 1))
         # P(EOS drawn at step i) = 0.85^i * 0.15 for i < 16; the rest forced at 16: E[end] = sum_i 0.85^i, i<16
-        self.assertLess(abs(ends.mean().item() - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
+        self.assertLess(abs(sum(ends) / len(ends) - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
 
     def test_banned_ids_never_drawn_even_when_most_likely(self):
         good, bad = data.STOI["good"], data.STOI["bad"]
@@ -1077,10 +1089,11 @@ class TestSample(unittest.TestCase):
         row[good], row[bad] = math.log(0.75), math.log(0.25)
         draw = lambda **kw: self.draw(0, torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long), Bigram(row), 2, **kw)
         ys = draw()
-        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())   # forced EOS
+        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())
         # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
-        self.assertLess(abs((draw(temperature=0.5)[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
+        share = lambda ys: (ys[:, 0] == good).double().mean().item()
+        self.assertLess(abs(share(ys) - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
+        self.assertLess(abs(share(draw(temperature=0.5)) - 0.9), 5 * math.sqrt(0.09 / 4000))
 
 
 class TestAdam(unittest.TestCase):
@@ -1099,7 +1112,7 @@ class TestAdam(unittest.TestCase):
                     q.grad = p.grad.clone()
                 a.step(), b.step()
                 for p, q in zip(ours, theirs):
-                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: differs by {(p - q).abs().max().item():.3g}")
+                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: off by {(p - q).abs().max().item():.3g}")
             a.zero_grad()
             self.assertEqual((a.t, [p.grad for p in ours]), (6, [None, None]))
 
@@ -1107,7 +1120,7 @@ class TestAdam(unittest.TestCase):
 class TestSftModel(unittest.TestCase):
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
         """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
-        TestSftCache, in the run contract); sft_ce per response token, in float64 on the CPU."""
+        TestSftCache); sft_ce per response token, in float64 on the CPU."""
         task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
@@ -1122,9 +1135,11 @@ class TestSftModel(unittest.TestCase):
         self.assertLess(info["ce_after"], info["ce_before"])
         self.assertEqual((info["steps"], info["cached"], m.training), (steps, False, False))
         # a linear warm-up over 20 steps, then a cosine decay to 0
-        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
+        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+                               for s in range(steps)])
         ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
-        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item(), places=4)
+        ce = -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item()
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), ce, places=4)
         on_mps = mock.Mock(cpu=lambda: torch.tensor([-3.0, -5.0]),
                            double=mock.Mock(side_effect=AssertionError("float64 on the device: MPS has none")))
         with mock.patch.object(model, "sequence_logps_all", return_value=(on_mps, torch.tensor([2.0, 2.0]))):
@@ -1136,7 +1151,8 @@ class TestFrozenCopy(unittest.TestCase):
         m = sharp_gpt(15).train()
         ref = model.frozen_copy(m)
         self.assertEqual((ref.training, m.training), (False, True))
-        self.assertTrue(all(not p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in m.parameters()))
+        self.assertFalse(any(p.requires_grad for p in ref.parameters()))
+        self.assertTrue(all(p.requires_grad for p in m.parameters()))
         with torch.no_grad():
             next(m.parameters()).add_(1.0)
         self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
@@ -1171,7 +1187,8 @@ class TestTablePolicy(unittest.TestCase):
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
         logps, _ = model.sequence_logps(self.table, *data.join(self.ex.prompts.expand(3, -1), off))
         self.assertTrue(logps[0].item() < -600 and logps[1].item() < -600)      # log 1e-300 for the token off the list
-        self.assertAlmostEqual(logps[2].item(), self.table.log_probs()[self.ex.texts.index("great plot")].item(), places=4)
+        want = self.table.log_probs()[self.ex.texts.index("great plot")].item()
+        self.assertAlmostEqual(logps[2].item(), want, places=4)
 
     def test_model_sample_draws_from_the_table(self):
         n, p = 6000, self.table.probs()
@@ -1186,10 +1203,11 @@ class TestTablePolicy(unittest.TestCase):
 
 class TestMinimise(unittest.TestCase):
     def test_newton_finds_known_minima(self):
-        x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        target, scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
-        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)   # a quadratic,
-        torch.testing.assert_close(x.detach(), target)          # ill-conditioned: Newton's first step lands on its minimum
+        x, target = nn.Parameter(torch.zeros(3, dtype=torch.float64)), torch.tensor([1.0, -2.0, 0.5]).double()
+        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+        # an ill-conditioned quadratic: Newton's first step lands on its minimum
+        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)
+        torch.testing.assert_close(x.detach(), target)
         # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
         # which H is singular), and the loss there is the entropy of p, whatever the weights span
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
@@ -1221,26 +1239,28 @@ class TestVocabulary(unittest.TestCase):
     def test_encode_decode_round_trip(self):
         ids = data.encode(EXAMPLE_A) + [data.EOS_ID, data.PAD_ID, data.PAD_ID]
         self.assertEqual((data.decode(ids), data.decode(torch.tensor(ids))), (EXAMPLE_A, EXAMPLE_A))
-        self.assertEqual(data.decode([data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]), "new horror film")
+        prompt = [data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]
+        self.assertEqual(data.decode(prompt), "new horror film")
 
 
 class TestScore(unittest.TestCase):
-    def test_worked_example_and_word_counts(self):
+    def test_worked_example_word_counts_and_length(self):
         # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2; the prompt changes nothing
-        self.assertEqual([round(data.score("classic comedy film", r), 6) for r in (EXAMPLE_A, EXAMPLE_B, "terrible boring script")],
-                         [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
+        reviews = (EXAMPLE_A, EXAMPLE_B, "terrible boring script")
+        scores = [round(data.score("classic comedy film", r), 6) for r in reviews]
+        self.assertEqual(scores, [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
         self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
         task, pos, neg = small_task(seed=7), set(data.POSITIVE), set(data.NEGATIVE)
         for side in ("chosen", "rejected"):      # score_responses and response_lengths against counting words
             for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
                 words = data.decode(row[data.PROMPT_LEN:]).split()
-                self.assertAlmostEqual(s.item(), (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words), places=6)
+                want = (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words)
+                self.assertAlmostEqual(s.item(), want, places=6)
                 self.assertEqual(data.response_lengths(row[None, data.PROMPT_LEN:]).item(), len(words))
-
-    def test_length_alone_does_not_raise_score(self):
+        # length alone does not raise the score: twice as long, neutral filler, padding
         base = data.score("", EXAMPLE_A)
-        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)   # twice as long
-        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)           # neutral filler
+        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)
+        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)
         self.assertLessEqual(data.score("", "great " + " ".join(["the"] * 15)), data.score("", "great"))
         ids = torch.tensor([data.encode(EXAMPLE_A) + [data.EOS_ID]])
         self.assertEqual(data.score_responses(ids).item(), data.score_responses(F.pad(ids, (0, 7))).item())
@@ -1249,15 +1269,15 @@ class TestScore(unittest.TestCase):
 
 class TestOracle(unittest.TestCase):
     def test_bradley_terry_symmetry_direction_and_worked_example(self):
-        g = torch.Generator().manual_seed(0)
+        g, prob = torch.Generator().manual_seed(0), data.preference_prob
         sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
         for tau in (0.05, 0.2, 1.0):
-            pab, pba = data.preference_prob(sa, sb, tau), data.preference_prob(sb, sa, tau)
-            torch.testing.assert_close(pab + pba, torch.ones(200), rtol=0, atol=1e-6)
-            self.assertTrue(torch.equal(pab > 0.5, sa > sb))
-        self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
-        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())   # sharper
-        self.assertAlmostEqual(data.oracle("x", EXAMPLE_A, EXAMPLE_B) + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
+            torch.testing.assert_close(prob(sa, sb, tau) + prob(sb, sa, tau), torch.ones(200), rtol=0, atol=1e-6)
+            self.assertTrue(torch.equal(prob(sa, sb, tau) > 0.5, sa > sb))
+        self.assertEqual(prob(0.3, 0.3, 0.2).item(), 0.5)
+        self.assertGreater(prob(0.3, 0.1, 0.1).item(), prob(0.3, 0.1, 0.5).item())   # sharper
+        a_b, b_a = data.oracle("x", EXAMPLE_A, EXAMPLE_B), data.oracle("x", EXAMPLE_B, EXAMPLE_A)
+        self.assertAlmostEqual(a_b + b_a, 1.0, places=6)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
@@ -1267,7 +1287,7 @@ class TestCyclicJudge(unittest.TestCase):
                  ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
                  ("characters characters plot", 1)]        # the school is the nouns a review uses most
         self.assertEqual(data.school_of(responses_of(*[c[0] for c in cases])).tolist(), [c[1] for c in cases])
-        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score changes
+        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score
         p, s = 0.9, torch.tensor([0, 1, 2, data.NO_SCHOOL])
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
         torch.testing.assert_close((prefs + prefs.T, prefs.diagonal()),           # constant-sum, ties with itself
@@ -1283,8 +1303,9 @@ class TestCyclicJudge(unittest.TestCase):
 
 class TestJudgeProb(unittest.TestCase):
     def test_the_one_judge_of_every_preference(self):
-        a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
-        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words against 2, 4
+        a = responses_of("great plot and lovely story", "dull music")
+        b = responses_of("the acting", "the story was fun")
+        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words vs 2, 4
         quality, got = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)], data.judge_prob(a, b, cfg)
         self.assertEqual(got.dtype, torch.float32)          # the evaluation's: quality only
         torch.testing.assert_close(got, torch.tensor(quality))
@@ -1297,31 +1318,34 @@ class TestJudgeProb(unittest.TestCase):
 
 class TestExploitability(unittest.TestCase):
     def test_zero_exactly_at_the_equilibrium(self):
-        p, s, g, v = 0.9, torch.arange(3), torch.Generator().manual_seed(0), lambda *x: torch.tensor(x, dtype=torch.float64)
+        p, s, g = 0.9, torch.arange(3), torch.Generator().manual_seed(0)
+        v = lambda *x: torch.tensor(x, dtype=torch.float64)
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
-        self.assertAlmostEqual(data.exploitability(v(1 / 3, 1 / 3, 1 / 3), prefs), 0.0, places=12)
-        # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
-        self.assertAlmostEqual(data.exploitability([0.6, 0.3, 0.1], prefs), 0.62 - 0.5, places=12)
-        self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
+        # the SFT table's shares, by hand: craft beats them with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
+        for shares, want in ((v(1 / 3, 1 / 3, 1 / 3), 0.0), ([0.6, 0.3, 0.1], 0.62 - 0.5), ([1.0, 0.0, 0.0], p - 0.5)):
+            self.assertAlmostEqual(data.exploitability(shares, prefs), want, places=12)
         for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
             self.assertGreater(data.exploitability(torch.softmax(torch.randn(3, generator=g), 0), prefs), 1e-4)
         # from school shares (story, acting, craft, none); a review with no school loses to all
         self.assertAlmostEqual(data.school_exploitability(v(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
         self.assertAlmostEqual(data.school_exploitability(v(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
         self.assertGreater(data.school_exploitability(v(0.3, 0.3, 0.3, 0.1)), 0.0)
-        torch.testing.assert_close(data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting")),
-                                   v(0.2, 0.2, 0.2, 0.4))
+        reviews = responses_of("great plot", "the cast", "music", "fun", "plot acting")
+        torch.testing.assert_close(data.school_shares(reviews), v(0.2, 0.2, 0.2, 0.4))
 
 
 class TestTask(unittest.TestCase):
     def test_reproducible_and_heldout_prompts_disjoint(self):
-        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask, task.sft_heldout_ids,
-                                task.sft_heldout_mask, *task.pairs.values(), *task.heldout_pairs.values()]
+        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask,
+                                task.sft_heldout_ids, task.sft_heldout_mask, *task.pairs.values(),
+                                *task.heldout_pairs.values()]
         a, b, c = (tensors(small_task(seed=s)) for s in (3, 3, 4))
-        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)) and not any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
+        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)))
+        self.assertFalse(any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
         task, P, rows = small_task(seed=8), data.PROMPT_LEN, lambda t: {tuple(r.tolist()) for r in t}
         train, held = rows(task.train_prompts), rows(task.heldout_prompts)
-        self.assertEqual((len(train & held), len(train) + len(held)), (0, len(data.DECADES) * len(data.GENRES) * len(data.NOUNS)))
+        self.assertEqual(len(train & held), 0)
+        self.assertEqual(len(train) + len(held), len(data.DECADES) * len(data.GENRES) * len(data.NOUNS))
         for ids, pool in ((task.sft_ids, train), (task.pairs["chosen_ids"], train), (task.sft_heldout_ids, held),
                           (task.heldout_pairs["chosen_ids"], held), (task.eval_prompts(50), held)):
             self.assertLessEqual(rows(ids[:, :P]), pool)
@@ -1329,8 +1353,8 @@ class TestTask(unittest.TestCase):
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not at
-        chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
+        """The higher-scoring response is chosen at the rate the oracle predicts, mean sigmoid(|s_a - s_b| / tau):
+        not always (noisy raters), not at chance."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
@@ -1341,34 +1365,34 @@ class TestTask(unittest.TestCase):
 
     def test_length_bias_and_pair_style_knobs(self):
         words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
-        plain, biased = (data.Task(data.TaskConfig(n_demos=8, n_pairs=2000, n_heldout=8, length_bias=b), seed=10).pairs
-                         for b in (0.0, 0.5))
+        config = lambda n_demos, n_pairs, **kw: data.TaskConfig(n_demos=n_demos, n_pairs=n_pairs, n_heldout=8, **kw)
+        plain, biased = (data.Task(config(8, 2000, length_bias=b), seed=10).pairs for b in (0.0, 0.5))
         gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
         self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
         self.assertTrue(gap(biased) > 2.0 and abs(gap(plain)) < 1.0)     # unbiased raters: no systematic length gap
         style = torch.as_tensor(data.STYLE_IDS)
         share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum() / words(ids).sum()).item()
-        plain, styled = (data.Task(data.TaskConfig(n_demos=500, n_pairs=1000, n_heldout=8, pair_style=s), seed=11)
-                         for s in (0.0, 1.0))
-        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT data: its own style
+        plain, styled = (data.Task(config(500, 1000, pair_style=s), seed=11) for s in (0.0, 1.0))
+        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT: its own style
         self.assertGreater(min(share(styled.pairs["chosen_ids"]), share(styled.pairs["rejected_ids"])), 0.05)
-        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge ignores style
+        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge: no style
             self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
 
     def test_the_cyclic_task(self):
         task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=8), seed=0)
         responses = task.sft_ids[:, data.PROMPT_LEN:]              # every demonstration has a school, in unequal shares
         self.assertTrue((data.school_of(responses) >= 0).all())
-        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0))))
+        shares = data.school_shares(responses).tolist()
+        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(shares, (0.6, 0.3, 0.1, 0.0))), shares)
         # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
         rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
         plain = data._random_responses(rng_a, 200, 0.5, 0.0)
         schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
         self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
         nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
-        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())    # only nouns and one more word change
         # the pairs are labelled by the cyclic oracle
-        chosen, rejected = (data.school_of(task.pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
+        chosen, rejected = (data.school_of(task.pairs[f"{s}_ids"][:, data.PROMPT_LEN:]) for s in ("chosen", "rejected"))
         count = lambda w, l: ((chosen == w) & (rejected == l)).sum().item()
         n = count(0, 1) + count(1, 0)
         self.assertGreater(n, 500)
@@ -1389,12 +1413,12 @@ class TestStartRun(unittest.TestCase):
             # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
             # trained with this seed, these steps, these demonstrations and this size
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
-                again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
+                again, cached = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
         self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
-        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, again_info["path"]))
+        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, cached["path"]))
         self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
         self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
-        self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
+        self.assertTrue(same_weights(policy, again))
         self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
         self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
 
@@ -1419,13 +1443,13 @@ class TestPairBatch(unittest.TestCase):
             width = batch[f"{side}_ids"].shape[1]
             self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
             self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
+        sides = [full[f"{side}_{part}"] for side in ("chosen", "rejected") for part in ("ids", "mask")]
         with torch.no_grad():
-            torch.testing.assert_close(model.pair_logps(m, **batch), model.pair_logps(
-                m, full["chosen_ids"][idx], full["chosen_mask"][idx], full["rejected_ids"][idx], full["rejected_mask"][idx]),
-                rtol=0, atol=1e-4)
-        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), (   # pair_logps_all: 16 pairs, by 5
-            logps_of(m, full["chosen_ids"], full["chosen_mask"]), logps_of(m, full["rejected_ids"], full["rejected_mask"]),
-            full["chosen_mask"][:, 1:].sum(1).float(), full["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
+            trimmed, untrimmed = model.pair_logps(m, **batch), model.pair_logps(m, *(x[idx] for x in sides))
+        torch.testing.assert_close(trimmed, untrimmed, rtol=0, atol=1e-4)
+        want = (logps_of(m, *sides[:2]), logps_of(m, *sides[2:]), sides[1][:, 1:].sum(1).float(),
+                sides[3][:, 1:].sum(1).float())
+        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), want, rtol=0, atol=1e-4)   # by 5
 
 
 class TestEvaluate(unittest.TestCase):
@@ -1442,30 +1466,29 @@ class TestEvaluate(unittest.TestCase):
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
             _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
-            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy review > SFT review), tau")
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy > SFT review), tau")
             self.assertEqual((r["score"], r["sft_score"], r["length"], r["sft_win_rate_vs_sft"]), (1.0, -1.0, 1.0, 0.5))
-            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it cannot write positive ones
-            self.assertAlmostEqual(self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)[1]["win_rate_vs_sft"],
-                                   sig(-2 / tau), places=5)
+            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it writes no positive ones
+            _, r = self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(-2 / tau), places=5)
         task, g = small_task(seed=21), torch.Generator().manual_seed(0)
         kl = lambda a, b, n=64: self.both(a, b, task, n, 4)[1]["kl_to_sft"]
         self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
         self.assertGreater(kl(EITHER_WRITER, POSITIVE_WRITER), 1e6)   # negative words the SFT model never writes
         allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
-
-        def random_writer():   # samples what it scores (no mass on banned tokens), stops after a few words
+        writers = []
+        for _ in range(2):   # random writers: they sample what they score (none of the banned tokens), a few words
             first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
-            first[allowed], rest[allowed] = torch.randn(len(allowed), generator=g) * 2, torch.randn(len(allowed), generator=g) * 2
+            first[allowed], rest[allowed] = (torch.randn(len(allowed), generator=g) * 2 for _ in range(2))
             first[data.EOS_ID], rest[data.EOS_ID] = IMPOSSIBLE, 3.0
-            return Bigram(first, rest)
-
-        a, b = random_writer(), random_writer()
+            writers.append(Bigram(first, rest))
+        a, b = writers
         self.assertGreater(min(kl(a, b, 128), kl(b, a, 128)), 1.0)   # positive both ways round
         self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
-        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy meets),
-        the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
+        meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
@@ -1474,35 +1497,40 @@ class TestEvaluate(unittest.TestCase):
         self.assertTrue(all(torch.equal(c.a["prompts"], task.eval_prompts(n)) for c in spy.calls))   # held-out prompts
         own, reviews, samples = (c.result for c in spy.calls)
         self.assertTrue(torch.equal(r["sft_samples"], reviews) and torch.equal(r["samples"], samples))
-        win = lambda a, b: torch.sigmoid((data.score_responses(a) - data.score_responses(b)) / task.config.tau).mean().item()
+        score = data.score_responses
+        win = lambda a, b: torch.sigmoid((score(a) - score(b)) / task.config.tau).mean().item()
         self.assertAlmostEqual(side["sft_win_rate_vs_sft"], win(own, reviews), places=6)
         self.assertAlmostEqual(r["win_rate_vs_sft"], win(samples, reviews), places=6)
-        self.assertAlmostEqual(r["sft_score"], data.score_responses(reviews).mean().item(), places=6)
+        self.assertAlmostEqual(r["sft_score"], score(reviews).mean().item(), places=6)
         ids, mask = data.join(task.eval_prompts(n), samples)
-        self.assertAlmostEqual(r["kl_to_sft"], (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item(), places=4)
+        kl = (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item()
+        self.assertAlmostEqual(r["kl_to_sft"], kl, places=4)
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
     def test_the_sft_side_and_the_game(self):
-        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and every
-        policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
+        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and
+        every policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
         self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
         r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
-        self.assertTrue(r["sft_win_rate_vs_sft"] == side["sft_win_rate_vs_sft"] and torch.equal(r["sft_samples"], side["sft_samples"]))
+        self.assertEqual(r["sft_win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
+        self.assertTrue(torch.equal(r["sft_samples"], side["sft_samples"]))
         self.assertFalse({"exploitability", "sft_exploitability"} & set(r))    # the default judge: no game
         side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
-        self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(
-            data.school_of(r["samples"]), data.school_of(r["sft_samples"])).mean().item(), places=6)
+        schools = data.school_of(r["samples"]), data.school_of(r["sft_samples"])
+        self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(*schools).mean().item(), places=6)
         for prefix, samples in (("", r["samples"]), ("sft_", r["sft_samples"])):
-            self.assertEqual(r[f"{prefix}school_shares"], data.school_shares(samples).tolist())
-            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(data.school_shares(samples)), places=12)
+            shares = data.school_shares(samples)
+            self.assertEqual(r[f"{prefix}school_shares"], shares.tolist())
+            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(shares), places=12)
 
 
 class TestPairLogRow(unittest.TestCase):
     def test_puts_each_number_under_its_name(self):
-        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0), t(-8.0, -10.0))
+        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0),
+                                t(-8.0, -10.0))
         self.assertEqual((row["step"], row["loss"], row["logps/chosen"], row["logps/rejected"]), (7, 0.25, -4.0, -9.0))
         for key, want in (("rewards/chosen", 2.5 / 4), ("rewards/rejected", 0.5 / 4), ("rewards/margins", 2.0 / 4),
                           ("rewards/accuracies", 2 / 4)):   # 1 > 0, 3 > 1; -2 < -1; a tie is not
@@ -1511,21 +1539,22 @@ class TestPairLogRow(unittest.TestCase):
 
 class TestRankingMetrics(unittest.TestCase):
     def test_constructed_cases_and_ties(self):
-        cr, rr = t(1.0, 2.0, 3.0, 4.0), t(0.0, 3.0, 2.0, 5.0)       # the reward puts y_w first: T F T F -> 0.5
-        # average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F; agreement with T F T F: 3 of 4 (the SUMMED
-        # log-probs, F F F F, would give 2 of 4)
-        m = data.ranking_metrics(cr, rr, t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0), t(2.0, 3.0, 2.0, 1.0))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (2 / 4, 3 / 4))
+        cr, ones, four = t(1.0, 2.0, 3.0, 4.0), torch.ones(4), lambda x: torch.full((4,), x)
+        cases = [  # rewards (chosen, rejected), log-probs (chosen, rejected), lengths: accuracy, agreement
+            # the reward puts y_w first T F T F; average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F;
+            # agreement 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
+            (cr, t(0.0, 3.0, 2.0, 5.0), t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0),
+             t(2.0, 3.0, 2.0, 1.0), 2 / 4, 3 / 4),
+            # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); TTTF vs TTTT
+            (cr, t(0.0, 1.0, 2.0, 5.0), four(-4.0), four(-3.0), four(4.0), ones, 3 / 4, 3 / 4),
+            # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
+            # pair and agrees with the likelihood only where the likelihood ties too (the third pair)
+            (four(0.0), four(0.0), t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), ones, ones, 0.0, 1 / 4)]
+        for *args, accuracy, agreement in cases:
+            m = data.ranking_metrics(*args)
+            self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (accuracy, agreement))
         m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
         self.assertEqual(m["reward_accuracy"], 1 / 2)              # a tie in reward is not a correct ordering
-        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); T T T F against T T T T
-        m = data.ranking_metrics(cr, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0), torch.full((4,), 4.0), torch.ones(4))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (3 / 4, 3 / 4))
-        # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no pair
-        # and agrees with the likelihood only where the likelihood ties too (the third pair)
-        zero = torch.zeros(4)
-        m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
-        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))
 
 
 class TestPrintSummary(unittest.TestCase):
@@ -1533,26 +1562,27 @@ class TestPrintSummary(unittest.TestCase):
         empty = torch.zeros(4, 3, dtype=torch.long)
         metrics = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486, "win_rate_vs_sft": 0.93,
                    "score": 0.7, "length": 6.5, "kl_to_sft": 4.25, "reward_accuracy": 0.8, "ranking_agreement": 0.85,
-                   "seconds_per_step": 0.05, "peak_memory_mb": 48.0, "prompts": torch.zeros(4, data.PROMPT_LEN, dtype=torch.long),
-                   "samples": empty, "sft_samples": empty, "wall_seconds": 6.54, "startup_seconds": 2.5, "train_seconds": 3.0,
-                   "eval_seconds": 1.0, **more}
+                   "seconds_per_step": 0.05, "peak_memory_mb": 48.0, "samples": empty, "sft_samples": empty,
+                   "prompts": torch.zeros(4, data.PROMPT_LEN, dtype=torch.long), "wall_seconds": 6.54,
+                   "startup_seconds": 2.5, "train_seconds": 3.0, "eval_seconds": 1.0, **more}
         with quietly() as (out, _):
-            data.print_summary("DPO", metrics, {"reward_accuracy": 0.0, "ranking_agreement": 0.0}, "out/x", note)
+            data.print_summary("DPO", metrics, ZERO_RANKING, "out/x", note)
         text = out.getvalue()
         return {line.split("  ")[0]: line.split()[-2:] for line in text.split("\n\nHeld-out")[0].splitlines()[2:]}, text
 
     def test_the_sft_column_as_measured_beside_the_policy(self):
         rows, text = self.table()
         self.assertEqual(text.splitlines()[0].split(), ["SFT", "DPO"])
-        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT vs itself
+        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],
                                 "length (words)": ["9.50", "6.50"], "KL to SFT (nats)": ["0.00", "4.25"],
                                 "reward accuracy": ["0.000", "0.800"], "ranking agreement": ["0.000", "0.850"],
-                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})   # costs it never paid
-        self.assertNotIn("SFT column", text)
-        self.assertEqual(text.splitlines()[-1], "win rate vs SFT 0.930 | reward accuracy 0.800 | ranking agreement 0.850 | "
-                                                "6.5 s (start-up 2.5, training 3.0, evaluation 1.0) | wrote out/x/")
+                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})
+        self.assertNotIn("SFT column", text)        # the SFT model against itself; costs it never paid: "-"
+        self.assertEqual(text.splitlines()[-1], "win rate vs SFT 0.930 | reward accuracy 0.800 | "
+                         "ranking agreement 0.850 | 6.5 s (start-up 2.5, training 3.0, evaluation 1.0) | wrote out/x/")
         text = self.table(note="beta log pi_theta/pi_ref")[1]
-        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(text[text.index("SFT column"):].split()))
+        note = " ".join(text[text.index("SFT column"):].split())
+        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", note)
         rows, text = self.table(exploitability=0.2, sft_exploitability=0.12, school_shares=[0.5, 0.2, 0.2, 0.1],
                                 sft_school_shares=[0.6, 0.3, 0.1, 0.0])
         self.assertEqual(rows["exploitability"], ["0.120", "0.200"])
@@ -1563,6 +1593,7 @@ class TestChart(unittest.TestCase):
     """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs, data.scatter."""
 
     def rows(self, lines, height, ch="█"):
+        """The row (0: the top) of each column's highest `ch` or "*", and the grid."""
         grid = [line.split("│", 1)[1] for line in lines[1:1 + height]]
         return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))], grid
 
@@ -1572,7 +1603,7 @@ class TestChart(unittest.TestCase):
             many = data.chart([x * x for x in range(200)], "t", width=20, height=3)
             falling = data.chart(list(range(10, 0, -1)), "falling", width=60, height=2)
         r = self.rows(rising, 4)[0]
-        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)   # top: max
+        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)
         self.assertEqual(rising[0], "rising  (12 values; min 0, max 11)")
         # more values than columns: averaged into `width` columns, still rising; the title gives the data's range
         r = self.rows(many, 3)[0]
@@ -1587,9 +1618,10 @@ class TestChart(unittest.TestCase):
                                 ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
             shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
                                 "t", height=3, lo=0.0, hi=1.0)
-            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score", width=41, height=11)
+            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
+                                  width=41, height=11)
             self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
-        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # one scale, a row a nat
+        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # a row a nat
         self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")            # both start at 0, the top: they meet
         self.assertEqual(lines[0], "t  (8 values; min -9, max 0; w falls slowly; l falls fast)")
         grid = self.rows(shares, 3, "s")[1]                                   # lo and hi fixed: shares 0 to 1
@@ -1598,7 +1630,7 @@ class TestChart(unittest.TestCase):
         self.assertEqual({ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"},
                          {"B": (0, 40), "C": (5, 20), "A": (10, 0)})          # score 1, 0.5, 0; KL 4, 2, 0
         self.assertTrue(any(line.strip().startswith("B = high") for line in points))
-        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal without Unicode
+        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal, no Unicode
             self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
             self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
 
@@ -1611,17 +1643,19 @@ class TestExactTask(unittest.TestCase):
         cls.ex, cls.cyclic = data.ExactTask(), data.ExactTask(data.TaskConfig(judge="cyclic"))
 
     def test_the_listed_reviews(self):
-        ex = self.ex
+        ex, f64 = self.ex, torch.float64
         self.assertEqual((ex.n, len(set(ex.texts)), ex.best().sum().item()), (27, 27, 9))   # best: score +0.5, 3 x 3
         cells = {(s, sc, w) for s, sc, w in zip(ex.schools.tolist(), ex.scores.tolist(), ex.words.tolist())}
         self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
         torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
-        self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(), [-1, ex.texts.index("great plot")])
-        torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
-        torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
+        index = ex.index_of(responses_of("great plot lovely", "great plot")).tolist()
+        self.assertEqual(index, [-1, ex.texts.index("great plot")])
+        torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=f64))
+        torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=f64))
         self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
-        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)), (ex.sft_probs, ex.prefs @ ex.sft_probs))
-        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in the matrix and the reward
+        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)),
+                                   (ex.sft_probs, ex.prefs @ ex.sft_probs))
+        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in matrix and reward
         a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")    # same score, 2 words longer
         self.assertAlmostEqual(biased.prefs[a, b].item(), sig(0.3 * 2), places=12)
         self.assertAlmostEqual((biased.reward[a] - biased.reward[b]).item(), 0.3 * 2, places=12)
@@ -1633,27 +1667,29 @@ class TestExactTask(unittest.TestCase):
         self.assertAlmostEqual(weights.sum().item(), 1.0, places=12)
         self.assertFalse((chosen == rejected).any())
         # one entry by hand: "great plot" chosen over "the plot": 2 pi pi P / (1 - sum pi^2)
-        w, l = ex.texts.index("great plot"), ex.texts.index("the plot")
-        want = 2 * 0.075 * 0.15 * sig(0.5 / 0.2) / (1 - (ex.sft_probs ** 2).sum().item())
-        self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(), want, places=12)
+        w, l, no_ties = ex.texts.index("great plot"), ex.texts.index("the plot"), 1 - (ex.sft_probs ** 2).sum()
+        self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(),
+                               2 * 0.075 * 0.15 * sig(0.5 / 0.2) / no_ties.item(), places=12)
         c, r, sw = ex.sampled_pairs(200_000, seed=1)     # many sampled pairs approach the population weights
         self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
         sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw).fill_diagonal_(0)
         population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
-        self.assertLess((sampled / (1 - (ex.sft_probs ** 2).sum()) - population).abs().max().item(), 3e-3)
+        self.assertLess((sampled / no_ties - population).abs().max().item(), 3e-3)
         uniform = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))   # --pair-schools uniform
         torch.testing.assert_close((uniform.school_shares(uniform.pair_probs), uniform.sft_probs),
                                    (torch.full((3,), 1 / 3, dtype=torch.float64), self.cyclic.sft_probs))
 
     def test_closed_forms_and_exploitability(self):
         ex, g = self.ex, torch.Generator().manual_seed(0)
+        a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
         for beta in (0.5, 2.0):       # [DPO-opt]: pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            pi_star, a, b = ex.dpo_optimum(beta), ex.texts.index("great plot"), ex.texts.index("the acting and cast")
+            pi_star = ex.dpo_optimum(beta)
             self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
-            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
+            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
         self.assertIsNone(self.cyclic.reward)                  # no reward under the cyclic judge: no pi*
         self.assertRaises(TypeError, self.cyclic.dpo_optimum, 1.0)
-        pi = ex.simpo_optimum_gamma0(2.0)                      # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
+        pi = ex.simpo_optimum_gamma0(2.0)               # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
         shift = 2.0 * pi.log() / (ex.words.double() + 1) - ex.reward
         self.assertTrue(abs(pi.sum().item() - 1) < 1e-12 and (shift - shift[0]).abs().max().item() < 1e-9)
         inside = torch.rand(ex.n, generator=g, dtype=torch.float64)   # shares 1/3: an equilibrium, whatever inside
@@ -1666,8 +1702,9 @@ class TestExactTask(unittest.TestCase):
         self.assertGreater(ex.exploitability(ex.sft_probs), 0.1)
 
 
-def assert_one_line_error(test, code, err, *fragments):
-    """Exit 2 and one line on stderr, `error: ...`, holding each fragment."""
+def refused(test, command, *fragments):
+    """python data.py command... in this process: exit 2 and one line on stderr, `error: ...`, holding each fragment."""
+    code, _, err = run_main(data, command)
     lines = err.strip().splitlines()
     test.assertEqual((code, len(lines)), (2, 1), err)
     test.assertTrue(lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), (lines[0], fragments))
@@ -1677,28 +1714,29 @@ class TestFrontier(unittest.TestCase):
     """python data.py frontier DIR...: score against KL for finished runs, or one line per folder that is not one."""
 
     def test_plots_finished_runs_and_refuses_what_is_not_one(self):
-        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}
-        cases = {"a_list": "[]", "a_number": "3", "kl_null": {**good, "kl_to_sft": None}, "kl_nan": {**good, "kl_to_sft": math.nan},
-                 "kl_text": {**good, "kl_to_sft": "3"}, "no_score": {k: v for k, v in good.items() if k != "score"},
-                 "not_json": "{", "run_a": good, "run_b": {**good, "kl_to_sft": 3.0, "score": 0.8}}
-        expect = {"a_list": "kl_to_sft is null", "a_number": "kl_to_sft is null", "kl_null": "kl_to_sft is null",
-                  "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "score is null",
-                  "not_json": "no readable metrics.json (JSONDecodeError)"}
-        d = scratch("frontier")
-        for name, content in cases.items():
+        good, d = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}, scratch("frontier")
+        cases = {"a_list": ("[]", "kl_to_sft is null"), "a_number": ("3", "kl_to_sft is null"),
+                 "kl_null": ({**good, "kl_to_sft": None}, "kl_to_sft is null"),
+                 "kl_nan": ({**good, "kl_to_sft": math.nan}, "kl_to_sft is NaN"),
+                 "kl_text": ({**good, "kl_to_sft": "3"}, 'kl_to_sft is "3"'),
+                 "no_score": ({k: v for k, v in good.items() if k != "score"}, "score is null"),
+                 "not_json": ("{", "no readable metrics.json (JSONDecodeError)"),
+                 "run_a": (good, None), "run_b": ({**good, "kl_to_sft": 3.0, "score": 0.8}, None)}
+        for name, (content, fragment) in cases.items():
             os.makedirs(os.path.join(d, name))
-            with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                f.write(content if isinstance(content, str) else json.dumps(content))
-        for name, fragment in expect.items():
-            assert_one_line_error(self, *run_main(data, ["frontier", os.path.join(d, name)])[::2], name, fragment)
+            text = content if isinstance(content, str) else json.dumps(content)
+            pathlib.Path(d, name, "metrics.json").write_text(text)
+            if fragment:
+                refused(self, ["frontier", os.path.join(d, name)], name, fragment)
         code, out, err = run_main(data, ["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
-        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", len(expect)))   # no chart from a partial set
+        bad = sum(fragment is not None for _, fragment in cases.values())
+        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", bad))   # no chart from a partial set
         code, out, err = run_main(data, ["frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")])
         self.assertEqual(code, 0, err)
         for line in ("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800",
                      "S = the SFT model: KL(policy || SFT) 0.00, score 0.000"):
             self.assertIn(line, out)
-        assert_one_line_error(self, *run_main(data, ["frontier"])[::2], "frontier takes some run folder(s), got 0")
+        refused(self, ["frontier"], "frontier takes some run folder(s), got 0")
 
 
 class TestSampleCommand(unittest.TestCase):
@@ -1712,25 +1750,21 @@ class TestSampleCommand(unittest.TestCase):
         for line in lines[:5]:                              # "[+0.25] review text": the judge's score of the text
             self.assertEqual((line[0], line[6:8], line[1:6]), ("[", "] ", f"{data.score('', line[8:]):+.2f}"))
         self.assertIn("ignore the prompt", lines[5])
-        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)          # seeded: the same again
         self.assertNotEqual(run_main(data, ["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
-        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # -n: more, not others
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # the first 3
 
     def test_errors(self):
         run_dir, d = gpt_run("dpo").dir, scratch("sample")
         for prompt in ("new horrror film", "new horror"):
-            assert_one_line_error(self, *run_main(data, ["sample", run_dir, "--prompt", prompt])[::2], f"got {prompt!r}",
-                                  "genres: horror comedy")
-        assert_one_line_error(self, *run_main(data, ["sample"])[::2], "sample takes 1 run folder(s), got 0")
-        path = os.path.join(d, "model.pt")
-        assert_one_line_error(self, *run_main(data, ["sample", d])[::2], path, "no such file")
-        with open(os.path.join(run_dir, "model.pt"), "rb") as f:
-            truncated, foreign = f.read()[:1000], io.BytesIO()
+            refused(self, ["sample", run_dir, "--prompt", prompt], f"got {prompt!r}", "genres: horror comedy")
+        refused(self, ["sample"], "sample takes 1 run folder(s), got 0")
+        path, foreign = os.path.join(d, "model.pt"), io.BytesIO()
+        refused(self, ["sample", d], path, "no such file")
         torch.save({"weights": torch.zeros(2)}, foreign)
-        for content in (b"not a checkpoint", truncated, foreign.getvalue()):
-            with open(path, "wb") as f:
-                f.write(content)
-            assert_one_line_error(self, *run_main(data, ["sample", d])[::2], f"cannot load checkpoint {path!r}")
+        for content in (b"not a checkpoint", pathlib.Path(run_dir, "model.pt").read_bytes()[:1000], foreign.getvalue()):
+            pathlib.Path(path).write_bytes(content)
+            refused(self, ["sample", d], f"cannot load checkpoint {path!r}")
 
 
 class TestCurves(unittest.TestCase):
@@ -1738,21 +1772,21 @@ class TestCurves(unittest.TestCase):
 
     def test_redraws_any_key_or_says_why_not(self):
         run_dir, d = gpt_run("dpo").dir, scratch("curves")
-        values = [r["logps/chosen"] for r in read_json(os.path.join(run_dir, "log.jsonl"), lines=True)]
+        values = [r["logps/chosen"] for r in read_json(run_dir, "log.jsonl")]
         code, out, err = run_main(data, ["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
         self.assertEqual(code, 0, err)
         self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  (3 values; min {min(values):.3g}, "
                                               f"max {max(values):.3g})")
         self.assertIn(f"loss per step ({run_dir})", out)
-        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
-        assert_one_line_error(self, *run_main(data, ["curves", run_dir, "--key", "logp/chosen"])[::2],
-                              "no numbers under 'logp/chosen'", "logps/chosen, logps/rejected, loss")
-        assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "no readable log.jsonl (FileNotFoundError)")
+        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value "
+                      f"{values[-1]:.4g}", out)
+        refused(self, ["curves", run_dir, "--key", "logp/chosen"], "no numbers under 'logp/chosen'",
+                "logps/chosen, logps/rejected, loss")
+        refused(self, ["curves", d], "no readable log.jsonl (FileNotFoundError)")
         for content, words in (("", "no numbers under 'loss' (a run with --steps 0?)"),
                                ('{"loss": 1.0}\n{"loss": \n', "no readable log.jsonl (JSONDecodeError)")):
-            with open(os.path.join(d, "log.jsonl"), "w") as f:
-                f.write(content)
-            assert_one_line_error(self, *run_main(data, ["curves", d])[::2], words)
+            pathlib.Path(d, "log.jsonl").write_text(content)
+            refused(self, ["curves", d], words)
 
 
 class TestDisplacement(unittest.TestCase):
@@ -1769,13 +1803,14 @@ class TestDisplacement(unittest.TestCase):
             code, out, err = run_main(data, ["logps", run.dir])
         self.assertEqual(code, 0, err)
         (policy, sft_model, task, seed), = measured
-        self.assertTrue(state_equal(policy.state_dict(), run.trained.state_dict()))
-        self.assertTrue(state_equal(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
-        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))   # its task
+        self.assertTrue(same_weights(policy, run.trained) and same_weights(sft_model, run.sft))   # the run's SFT cache
+        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))
         table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
-        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"] for name, a, b in real(policy, sft_model, small, SEED, 16)})
-        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs", "the policy's own samples",
-                                       "the SFT model's samples", "5 positive words, in no pair"])
+        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+                                 for name, a, b in real(policy, sft_model, small, SEED, 16)})
+        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs",
+                                       "the policy's own samples", "the SFT model's samples",
+                                       "5 positive words, in no pair"])
         # each row is a plain mean of summed log-probs; against itself, no change
         rows = real(policy, sft_model, small, 0, 16)
         self.assertAlmostEqual(rows[0][1], data.pair_logps_all(sft_model, small.pairs, CPU)[0].mean().item(), places=4)
@@ -1789,11 +1824,11 @@ class TestDisplacement(unittest.TestCase):
 # ====================================================================================================
 
 class TestDpoScript(ScriptChecks, unittest.TestCase):
-    run_name, title = "dpo", "DPO"
+    run_name, title, reward_scale = "dpo", "DPO", 0.5
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as the
-        reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
+        """Step by step: the policy's log-probs of the batch (its weights then), the SFT model's as the reference,
+        --beta, chosen and rejected in their places, the logged loss [DPO-1] of those: ln 2 at step 0 only."""
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
@@ -1802,40 +1837,31 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
                 torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
             self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
                              (True, False, 0.5))
-            margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (want["policy_rejected_logps"] - want["ref_rejected_logps"])
+            ratio = lambda side: want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"]
+            margin = ratio("chosen") - ratio("rejected")
             self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
-
-    def test_reference_changes_the_loss_after_step_0(self):
-        """With the reference = the policy itself, every step's rewards would be 0 and its loss ln 2."""
-        first = self.r.log[0]                                                  # step 0: pi_theta = pi_ref
-        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]), (round(math.log(2), 6), 0.0, 0.0))
+        first = self.r.log[0]                   # step 0: pi_theta = pi_ref; were the reference the policy, always
+        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]),
+                         (round(math.log(2), 6), 0.0, 0.0))
         for row in self.r.log[1:]:
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
             self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
             self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
 
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 0.5)
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
-
 
 class TestPrecomputeRef(unittest.TestCase):
     """dpo.py --precompute-ref: log pi_ref of every pair once, before the loop, and the same numbers."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.plain, cls.pre = gpt_run("dpo"), gpt_run("dpo_precompute")
-
-    def test_same_numbers_with_and_without(self):
-        for ra, rb in zip(self.plain.log, self.pre.log):      # every step's loss, rewards and log-probs, to rounding
+    def test_same_numbers_and_no_reference_pass_in_the_loop(self):
+        plain, pre = gpt_run("dpo"), gpt_run("dpo_precompute")
+        for ra, rb in zip(plain.log, pre.log):      # every step's loss, rewards and log-probs, to rounding
             self.assertEqual(ra.keys(), rb.keys())
             for key in ra:
                 self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(self.plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
-        ma, mb = self.plain.metrics, self.pre.metrics
-        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]), (False, True, None))
+        self.assertNotEqual(plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
+        ma, mb = plain.metrics, pre.metrics
+        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]),
+                         (False, True, None))
         self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
         self.assertEqual(ma.keys(), mb.keys())
         for key in ma.keys() - TIMING_KEYS - {"precompute_ref"}:
@@ -1843,13 +1869,11 @@ class TestPrecomputeRef(unittest.TestCase):
                 self.assertAlmostEqual(ma[key], mb[key], delta=1e-4 * max(1.0, abs(ma[key])), msg=key)
             else:
                 self.assertEqual(ma[key], mb[key], key)
-
-    def test_no_reference_forward_pass_in_the_loop(self):
         frozen = lambda m: not any(p.requires_grad for p in m.parameters())
-        for run, in_loop, whole_set in ((self.plain, 3, 0), (self.pre, 0, 1)):     # one per step, or once up front
+        for run, in_loop, whole_set in ((plain, 3, 0), (pre, 0, 1)):     # one per step, or once up front
             self.assertEqual(sum(frozen(c.a["model"]) for c in run.spy["pair_logps"].by("main")), in_loop)
-            self.assertEqual(sum(frozen(c.a["model"]) and c.a["pairs"] is run.task.pairs for c in run.spy["pair_logps_all"].calls),
-                             whole_set)
+            up_front = [c for c in run.spy["pair_logps_all"].calls if c.a["pairs"] is run.task.pairs]
+            self.assertEqual(sum(frozen(c.a["model"]) for c in up_front), whole_set)
 
     def test_refused_with_reference_free(self):
         d = scratch("refused")
@@ -1862,18 +1886,13 @@ class TestPrecomputeRef(unittest.TestCase):
 class TestDpoExact(unittest.TestCase):
     """python dpo.py --exact: [DPO-opt] and [IPO-4.2] on the table, and DPO on cyclic labels."""
 
-    @classmethod
-    def setUpClass(cls):
-        (cls.bt, cls.bt_files), (cls.cyclic, _) = exact_run(dpo), exact_run(dpo, "--judge", "cyclic")
-        cls.ex = data.ExactTask()
-
-    def test_population_minimum_is_pi_star(self):
-        m, ex = self.bt, self.ex
-        self.assertEqual(self.bt_files, ["metrics.json"])                # a table: no model.pt
+    def test_population_minimum_is_pi_star_and_beta_matters_only_with_noisy_labels(self):
+        (m, files), ex, f64 = exact_run(dpo), data.ExactTask(), torch.float64
+        self.assertEqual(files, ["metrics.json"])                # a table: no model.pt
         self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"], m["seed"]), ("dpo", True, "bt", 1.0, 0))
         self.assertLess(m["kl_to_optimum"], 1e-6)                        # goal: 1e-3
         pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))     # pi* by hand: pi_ref exp(s / (tau beta)) / Z
-        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=torch.float64), ex.best()
+        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=f64), ex.best()
         self.assertLess(data.kl(pi, pi_star), 1e-6)
         self.assertAlmostEqual(m["best_mass"], m["best_mass_optimum"], places=6)
         for key, want in (("best_mass_optimum", pi_star[best].sum().item()), ("best_mass", pi[best].sum().item()),
@@ -1884,21 +1903,19 @@ class TestDpoExact(unittest.TestCase):
         finite = dpo.fit_exact(ex, ex.sampled_pairs(m["n_pairs"], 0), 1.0, dpo.EXACT_DEFAULTS["steps"])
         self.assertAlmostEqual(m["kl_to_optimum_finite_data"], data.kl(finite, pi_star), places=9)
         self.assertTrue(100 * m["kl_to_optimum"] < m["kl_to_optimum_finite_data"] < 0.1)
-
-    def test_beta_matters_only_with_noisy_labels(self):
-        m = self.bt
+        # [IPO-4.2]: the best reviews' mass under noisy labels, for each beta, against its optimum by hand
         self.assertEqual(m["ipo_betas"], list(dpo.IPO_BETAS))
         for beta, trained, optimum in zip(m["ipo_betas"], m["best_mass_noisy"], m["best_mass_noisy_optimum"]):
-            ref = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)     # the SFT table's mass by score level
-            weight = ref * torch.exp(torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64) / (0.2 * beta))
+            ref = torch.tensor([0.25, 0.5, 0.25], dtype=f64)     # the SFT table's mass by score level
+            weight = ref * torch.exp(torch.tensor([0.5, 0.0, -0.5], dtype=f64) / (0.2 * beta))
             self.assertAlmostEqual(optimum, (weight[0] / weight.sum()).item(), places=9)
             self.assertAlmostEqual(trained, optimum, places=5)
         noisy = m["best_mass_noisy"]
-        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: closer to pi_ref
+        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: nearer pi_ref
         self.assertTrue(all(d > 0.999 for d in m["best_mass_deterministic"]), m["best_mass_deterministic"])
 
     def test_cyclic_labels_are_fit_with_a_line(self):
-        m, ex = self.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))
+        (m, _), ex = exact_run(dpo, "--judge", "cyclic"), data.ExactTask(data.TaskConfig(judge="cyclic"))
         self.assertNotIn("kl_to_optimum", m)                             # no reward, no pi*
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
@@ -1927,7 +1944,9 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
 
     def simpo_losses(self, m, b, length_norm=True):
         pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm else (1, 1)
+        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float())
+        if not length_norm:
+            lc, lr = 1, 1
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
@@ -1938,10 +1957,10 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
             b, a, current = batch_call.result, loss_call.a, with_weights(batch_call.before)
             self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
-            self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
-            self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
-            torch.testing.assert_close(a["policy_chosen_logps"].detach(), logps_of(current, b["chosen_ids"], b["chosen_mask"]),
-                                       rtol=0, atol=1e-3)
+            for side in ("chosen", "rejected"):
+                self.assertTrue(torch.equal(a[f"{side}_lengths"], b[f"{side}_mask"][:, 1:].sum(1).float()))
+            want = logps_of(current, b["chosen_ids"], b["chosen_mask"])
+            torch.testing.assert_close(a["policy_chosen_logps"].detach(), want, rtol=0, atol=1e-3)
             self.assertAlmostEqual(self.r.log[step]["loss"], self.simpo_losses(current, b).mean().item(), places=4)
 
     def test_no_length_norm_sums_the_log_probs(self):
@@ -1960,18 +1979,13 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         (side,) = spy["evaluate_sft"].calls
         first_step = min(c.start for c in spy["memory_sample"].calls)
         self.assertTrue(side.a["sft"] is self.r.policy and side.end < first_step)
-        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # its held-out rewards
-        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model loaded or trained IS the policy
-        self.assertGreater(gpt_run("dpo").gpts, 1)                  # DPO keeps a reference copy: the counter sees it
+        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # held-out rewards
+        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model, loaded or trained, IS
+        self.assertGreater(gpt_run("dpo").gpts, 1)                  # the policy; DPO keeps a reference copy
         self.assertTrue(model.GPT.__init__.__name__ == "__init__" and "__setstate__" not in vars(model.GPT))   # undone
 
-    def test_heldout_rewards_match_a_recomputation(self):
-        policy = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
-        heldout_rewards_check(self, self.r.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
-        self.assertEqual(self.r.metrics["ranking_agreement"], 1.0)   # the reward IS the average log-likelihood
-
     def sft_column(self):
-        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing everywhere."""
+        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing always."""
         pc, pr, lc, lr = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
         return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
 
@@ -1982,7 +1996,8 @@ class TestSimpoExact(unittest.TestCase):
     def test_where_simpo_ends(self):
         (m, files), ex = exact_run(simpo), data.ExactTask()
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
-        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]), (["metrics.json"], "simpo", 2.0, 1.0, True))
+        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]),
+                         (["metrics.json"], "simpo", 2.0, 1.0, True))
         self.assertLess(max(m["start_gap"], m["kl_to_closed_form_gamma0"]), 1e-8)    # one end, whatever the start
         # reviews that differ only in length: mass falls with length (equal reward per token)
         for school in range(3):
@@ -2022,75 +2037,65 @@ class TestSelfPlayIteration(unittest.TestCase):
     """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
     K, and the regression [SPPO-6] fitted on them."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.prompts = small_task(seed=29).train_prompts[:6]
-        torch.manual_seed(1)
-        cls.policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
-        cls.before, cls.log_rows = weights(cls.policy), []
-        cls.spy = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        with contextlib.ExitStack() as stack:
-            for context in (*cls.spy.values(), quietly()):
-                stack.enter_context(context)
-            cls.pi_t, cls.stats = sppo.self_play_iteration(
-                cls.policy, cls.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3, batch_size=8,
-                lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0), batch_order=torch.Generator().manual_seed(0),
-                log_rows=cls.log_rows)
-        (draw,) = cls.spy["draws"].calls
-        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
-        cls.samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
-        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME PROMPT
-        # of P(y_i > y_j | x), its tie with itself (1/2) included
-        prompt_of = [tuple(r) for r in rows.tolist()]
-        cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
-        cls.expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
-                                         for j in cls.groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
-        cls.win_prob = [c for c in cls.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
-
-    def test_pi_t_frozen_while_policy_moves(self):
-        self.assertIsNot(self.pi_t, self.policy)
-        self.assertTrue(not any(p.requires_grad for p in self.pi_t.parameters()) and not self.pi_t.training)
-        self.assertTrue(state_equal(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
-        self.assertFalse(state_equal(self.policy.state_dict(), self.before))   # pi_theta moved
-        self.assertIs(self.spy["draws"].calls[0].a["model"], self.pi_t)     # the samples are pi_t's
-        self.assertEqual([(r["step"], r["iteration"]) for r in self.log_rows], [(0, 1), (1, 1), (2, 1)])
-        self.assertTrue(all(math.isfinite(r["loss"]) for r in self.log_rows))
-        self.assertEqual(self.stats["samples"], 18)
-        self.assertAlmostEqual(self.stats["win_prob_mean"], 0.5, places=5)
-        self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
-        again, rows = with_weights(self.before), []                  # same seeds, same start: the same fit, bit for bit
+    def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
+        """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
         with quietly():
-            sppo.self_play_iteration(again, self.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
-                                     batch_size=8, lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0),
-                                     batch_order=torch.Generator().manual_seed(0), log_rows=rows)
-        self.assertTrue(rows == self.log_rows and state_equal(again.state_dict(), self.policy.state_dict()))
+            return sppo.self_play_iteration(policy, prompts, iteration=1, k=k, eta=eta, steps=steps,
+                                            config=config or data.TaskConfig(tau=0.3), batch_size=batch_size, lr=lr,
+                                            device=CPU, sampler=torch.Generator().manual_seed(0),
+                                            batch_order=torch.Generator().manual_seed(0), log_rows=log_rows)
 
-    def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
-        self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
-        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
-        for group in self.groups.values():
-            self.assertAlmostEqual(self.win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
-        self.assertGreater(self.win_prob.std().item(), 0.05)         # and they are not all 1/2
-
-    def test_each_win_rate_is_attached_to_its_own_sample(self):
-        torch.testing.assert_close(self.win_prob, self.expected, rtol=0, atol=1e-5)
+    def test_pi_t_frozen_k_samples_per_prompt_and_each_win_rate_on_its_own_sample(self):
+        prompts, log_rows = small_task(seed=29).train_prompts[:6], []
+        torch.manual_seed(1)
+        policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
+        before = weights(policy)
+        spies = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
+        with spies["draws"] as draws, spies["batch"] as batches, spies["loss"] as losses:
+            pi_t, stats = self.play(policy, prompts, log_rows)
+        self.assertIsNot(pi_t, policy)
+        self.assertTrue(not any(p.requires_grad for p in pi_t.parameters()) and not pi_t.training)
+        self.assertTrue(same_weights(pi_t, before))       # pi_t is the policy as it was, untouched
+        self.assertFalse(same_weights(policy, before))    # pi_theta moved
+        (draw,) = draws.calls
+        self.assertIs(draw.a["model"], pi_t)              # the samples are pi_t's
+        self.assertEqual([(r["step"], r["iteration"]) for r in log_rows], [(0, 1), (1, 1), (2, 1)])
+        self.assertTrue(all(math.isfinite(r["loss"]) for r in log_rows))
+        self.assertEqual(stats["samples"], 18)
+        self.assertAlmostEqual(stats["win_prob_mean"], 0.5, places=5)
+        self.assertEqual(log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
+        again, rows = with_weights(before), []                  # same seeds, same start: the same fit, bit for bit
+        self.play(again, prompts, rows)
+        self.assertTrue(rows == log_rows and same_weights(again, policy))
+        # K = 3 samples for every prompt; the win rate of sample i, from its definition [SPPO-5]: the mean over the
+        # K samples OF THE SAME PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
+        samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
+        prompt_of = [tuple(r) for r in rows.tolist()]
+        groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
+        self.assertEqual(set(groups), set(rows_of(prompts)))
+        self.assertEqual(sorted(len(g) for g in groups.values()), [3] * 6)
+        expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
+                                     for j in groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
+        win_prob = [c for c in losses.calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
+        for group in groups.values():
+            self.assertAlmostEqual(win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
+        self.assertGreater(win_prob.std().item(), 0.05)         # and they are not all 1/2
+        torch.testing.assert_close(win_prob, expected, rtol=0, atol=1e-5)
         # and in every training batch: the row fitted, its target's win rate, its reference log-prob
-        self.assertEqual(len(self.spy["batch"].calls), 3)
-        for batch_call, loss_call in zip(self.spy["batch"].calls, self.spy["loss"].calls[:3]):
+        self.assertEqual(len(batches.calls), 3)
+        for batch_call, loss_call in zip(batches.calls, losses.calls[:3]):
             ids, mask = batch_call.result
-            want = [self.expected[self.samples.index(row)] for row in rows_of(ids)]
+            want = [expected[samples.index(row)] for row in rows_of(ids)]
             torch.testing.assert_close(loss_call.a["win_prob"], torch.stack(want), rtol=0, atol=1e-5)
-            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
+            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(pi_t, ids, mask), rtol=0, atol=1e-4)
             self.assertEqual(loss_call.a["eta"], 8.0)
 
     def test_fit_lowers_the_regression_loss(self):
         task = small_task(seed=0)
         torch.manual_seed(0)
-        with quietly():
-            _, stats = sppo.self_play_iteration(
-                model.GPT(SMALL), task.train_prompts[:8], iteration=1, k=2, eta=10.0, config=task.config, steps=30,
-                batch_size=16, lr=3e-3, device=CPU, sampler=torch.Generator().manual_seed(0),
-                batch_order=torch.Generator().manual_seed(0), log_rows=[])
+        _, stats = self.play(model.GPT(SMALL), task.train_prompts[:8], [], k=2, eta=10.0, config=task.config,
+                             steps=30, batch_size=16, lr=3e-3)
         # loss_before is (eta (P - 1/2))^2 averaged: the loss at pi_theta = pi_t
         self.assertTrue(stats["loss_before"] > 0.5 and stats["loss_after"] < 0.5 * stats["loss_before"], stats)
 
@@ -2110,8 +2115,9 @@ class TestGameStats(unittest.TestCase):
         """Three iterates that write one school each: their average plays every school a third of the time
         (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
         task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
+        last = {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}
         with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
-            stats = sppo.game_stats(iterates, {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}, task, CPU, 3000, 7)
+            stats = sppo.game_stats(iterates, last, task, CPU, 3000, 7)
         (call,) = spy.calls
         self.assertTrue(call.before == 20_000 + 7 and call.a["models"] is iterates)
         self.assertTrue(torch.equal(call.a["prompts"], task.eval_prompts(3000)))
@@ -2127,6 +2133,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
     """sppo.py, self-play under --judge cyclic: two iterations of 2 steps (K = 2, eta 10, tau 0.5: not the
     defaults, so a default or a swap shows)."""
     run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
+    reward_scale = 1 / 10.0     # the implicit reward (1/eta) log pi_theta/pi_sft
 
     def test_training_sees_training_pairs_only(self):
         self.assertEqual(self.r.spy["hard_fit"].calls, [])          # self-play: prompts, no pairs (held-out ones only)
@@ -2139,69 +2146,61 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
         for c in calls:
-            self.assertTrue(c.a["policy"] is run.policy and c.a["config"] is run.task.config)
-            self.assertTrue(torch.equal(c.a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
-            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed(),
-                              c.a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
-            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's samples, K per prompt
+            a = c.a
+            self.assertTrue(a["policy"] is run.policy and a["config"] is run.task.config)
+            self.assertTrue(torch.equal(a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
+            self.assertEqual((a["k"], a["eta"], a["steps"], a["batch_size"], a["lr"], a["sampler"].initial_seed(),
+                              a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
+            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's: K per prompt
             self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
         self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
         pi_1, pi_2 = (c.result[0] for c in calls)
-        self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
-        self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
+        self.assertTrue(same_weights(pi_1, self.sft) and not same_weights(pi_2, self.sft))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
         m = run.metrics
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
-    def test_each_iteration_is_compared_with_the_one_before(self):
+    def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
         """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
-        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed)."""
-        pi_2, m = self.r.spy["self_play_iteration"].calls[1].result[0], self.r.metrics
-        (prev,) = self.r.spy["heldout_reviews"].by("main")
-        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pi_2, 16, SEED + 1))
-        ours = data.heldout_reviews(self.r.trained, self.r.task, CPU, 16, SEED)[1]
-        theirs = data.heldout_reviews(pi_2, self.r.task, CPU, 16, SEED + 1)[1]
-        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], data.win_rate(ours, theirs, self.r.task.config), places=6)
-        self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1 = SFT
-        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
-
-    def test_the_average_of_the_iterates(self):
-        """Each iteration's game: the average of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed
-        20_000 + seed), its school shares and exploitability; the last iterate's are the evaluation's."""
-        calls, m, run = self.r.spy["game_stats"].calls, self.r.metrics, self.r
+        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed). Each iteration's game: the average
+        of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed 20_000 + seed), its school shares and
+        exploitability; the last iterate's are the evaluation's."""
+        run, m = self.r, self.r.metrics
         pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
-        evaluations = run.spy["evaluate"].calls
+        (prev,) = run.spy["heldout_reviews"].by("main")
+        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pis[0], 16, SEED + 1))
+        ours = data.heldout_reviews(run.trained, run.task, CPU, 16, SEED)[1]
+        theirs = data.heldout_reviews(pis[0], run.task, CPU, 16, SEED + 1)[1]
+        win = data.win_rate(ours, theirs, run.task.config)
+        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], win, places=6)
+        self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1: SFT
+        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
+        calls, evaluations = run.spy["game_stats"].calls, run.spy["evaluate"].calls
         self.assertEqual(len(calls), 2)
         for t, call in enumerate(calls):
             iterates = call.before                           # the list as it was handed over: pi_1 .. pi_{t+1}
             self.assertEqual(len(iterates), t + 2)
-            for got, want in zip(iterates, [self.sft] + pis[:t + 1]):
-                self.assertTrue(state_equal(got.state_dict(), want.state_dict()))
-            self.assertTrue(call.a["result"] is evaluations[t].result and (call.a["n_samples"], call.a["seed"]) == (16, SEED))
-            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16),
-                                                            torch.Generator().manual_seed(20_000 + SEED))[0])
+            self.assertTrue(all(same_weights(got, want) for got, want in zip(iterates, [self.sft] + pis[:t + 1])))
+            self.assertIs(call.a["result"], evaluations[t].result)
+            self.assertEqual((call.a["n_samples"], call.a["seed"]), (16, SEED))
+            seed = torch.Generator().manual_seed(20_000 + SEED)
+            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16), seed)[0])
             self.assertEqual(m["school_shares_average_per_iteration"][t], shares.tolist())
             self.assertAlmostEqual(m["exploitability_average"][t], data.school_exploitability(shares), places=12)
             self.assertEqual(m["school_shares_per_iteration"][t], evaluations[t].result["school_shares"])
             self.assertEqual(m["exploitability_last"][t], evaluations[t].result["exploitability"])
 
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 1 / 10.0)          # the implicit reward (1/eta) log pi_theta/pi_sft
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
-
 
 class TestHardFit(ScriptChecks, unittest.TestCase):
     """sppo.py --variant hard (sppo.hard_fit): [SPPO-9] on the offline pairs, pi_ref = the SFT model."""
-    run_name, title, training_forwards, trains_on = "sppo_hard", "SPPO", 2, "hard_fit"
+    run_name, title, training_forwards, trains_on, reward_scale = "sppo_hard", "SPPO", 2, "hard_fit", 1 / 10.0
 
     def test_every_step_is_its_batch_against_the_sft_model(self):
         """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
         places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
         (fit,) = self.r.spy["hard_fit"].calls
-        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy and fit.a["ref"] is not self.r.policy)
-        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy)
+        self.assertTrue(fit.a["ref"] is not self.r.policy and same_weights(fit.a["ref"], self.sft))
         self.assertEqual((fit.a["eta"], fit.a["steps"], self.r.metrics["variant"], self.r.metrics["iterations"],
                           self.r.metrics["k"]), (10.0, 2, "hard", 1, None))
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
@@ -2212,16 +2211,11 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
                 torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
             a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
             self.assertEqual(lc.a["eta"], 10.0)
-            self.assertAlmostEqual(self.r.log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
-        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
+            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()
+            self.assertAlmostEqual(self.r.log[step]["loss"], want, places=3)
+        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
         self.assertAlmostEqual(first["loss"], 10.0 ** 2 / 2, places=3)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        log_ratio_rewards_check(self, self.r, 1 / 10.0)
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}
 
 
 def mw_chain(ex, eta, iterations):
@@ -2249,16 +2243,16 @@ class TestSppoExact(unittest.TestCase):
         c = self.cyclic
         self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
         for m, ex in self.runs:
-            chain = mw_chain(ex, m["eta"], m["iterations"])
+            chain, fits = mw_chain(ex, m["eta"], m["iterations"]), m["mw_kl_exact_logz_per_iteration"]
             self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
             self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
             self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
-            for t, (fit, no_step) in enumerate(zip(m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])):
+            for t, (fit, no_step) in enumerate(zip(fits, m["mw_kl_no_step"])):
                 self.assertAlmostEqual(no_step, data.kl(chain[t], chain[t + 1]), delta=1e-9 * max(no_step, 1e-12))
                 self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
-            self.assertEqual(m["mw_kl_exact_logz"], max(m["mw_kl_exact_logz_per_iteration"]))
-            self.assertAlmostEqual(m["mw_kl_ratio"], max([f / n for f, n in zip(m["mw_kl_exact_logz_per_iteration"],
-                                                                                 m["mw_kl_no_step"]) if f >= 1e-13], default=0.0), places=12)
+            self.assertEqual(m["mw_kl_exact_logz"], max(fits))
+            ratio = max([f / n for f, n in zip(fits, m["mw_kl_no_step"]) if f >= 1e-13], default=0.0)
+            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)
             self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
 
     def test_the_game_numbers_of_every_iteration(self):
@@ -2274,11 +2268,12 @@ class TestSppoExact(unittest.TestCase):
                        *m["school_shares"][t], *m["school_shares_average"][t]]
                 want = [ex.exploitability(last), ex.exploitability(average), last[best].sum().item(),
                         *ex.school_shares(last).tolist(), *ex.school_shares(average).tolist()]
-                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0, msg=f"{m['judge']}, t {t + 1}")
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0,
+                                           msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per prompt
-        drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per
+        prompt drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
         for m, _ in self.runs:
             self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
@@ -2288,8 +2283,8 @@ class TestSppoExact(unittest.TestCase):
         half = sppo.fit_exact(ex, pi_1, torch.arange(ex.n), ex.prefs @ ex.sft_probs, ex.sft_probs, eta, 50)
         self.assertAlmostEqual(m["mw_kl_half"][0], data.kl(half, mw), delta=1e-6 * m["mw_kl_half"][0])
         prompts = ex.prompts.expand(sppo.EXACT_SAMPLE_PROMPTS * k, -1)
-        draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                             generator=torch.Generator().manual_seed(m["seed"]), batch_size=prompts.shape[0], use_cache=False)
+        draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE, use_cache=False,
+                             generator=torch.Generator().manual_seed(m["seed"]), batch_size=prompts.shape[0])
         index = ex.index_of(draws).view(-1, k)                           # prompt i's K samples: rows i*K .. i*K+K-1
         prefs = ex.prefs[index[:, :, None], index[:, None, :]]
         win_k = (prefs.sum(-1) - prefs.diagonal(dim1=1, dim2=2) + 0.5) / k
@@ -2319,6 +2314,16 @@ class TestSppoExact(unittest.TestCase):
 # checkpoints, the SFT cache, memory; the README; each script as a process)
 # ====================================================================================================
 
+def exits(fn):
+    """(the code of the SystemExit fn() ends in, what it wrote on stderr); it must end in one."""
+    with quietly() as (_, err):
+        try:
+            fn()
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    raise AssertionError(f"no SystemExit; stderr: {err.getvalue()!r}")
+
+
 class TestFlags(unittest.TestCase):
     def test_number_parsers_defaults_and_help(self):
         for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
@@ -2328,13 +2333,15 @@ class TestFlags(unittest.TestCase):
             for text in bad:
                 self.assertRaises(argparse.ArgumentTypeError, parse, text)
             self.assertEqual([parse(text) for text, _ in good], [value for _, value in good])
-        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$", model.bounded_int(0, 10), "11")
+        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$",
+                               model.bounded_int(0, 10), "11")
         for module in (dpo, simpo, sppo):
             args = module.parser.parse_args([])
-            self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{module.__name__}", "out/sft", "auto", 0))
+            self.assertEqual((args.out, args.sft_dir, args.device, args.seed),
+                             (f"out/{module.__name__}", "out/sft", "auto", 0))
             for action in module.parser._actions:      # every flag says what it does, and the optimiser's their default
-                self.assertTrue(action.help and ("default" in action.help or action.dest not in ("steps", "batch_size", "lr")),
-                                (module.__name__, action.dest))
+                needs_default = action.dest in ("steps", "batch_size", "lr")
+                self.assertTrue(action.help and ("default" in action.help or not needs_default), action.dest)
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
@@ -2343,17 +2350,19 @@ class TestFlags(unittest.TestCase):
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--batch-size", "0"], "--batch-size"),
-                 (dpo, ["--steps", "-1"], "--steps"), (dpo, ["--lr", "abc"], "--lr"), (simpo, ["--gamma", "-1"], "--gamma"),
-                 (simpo, ["--beta", "0"], "--beta"), (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
+        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--steps", "-1"], "--steps"),
+                 (dpo, ["--batch-size", "0"], "--batch-size"), (dpo, ["--lr", "abc"], "--lr"),
+                 (simpo, ["--gamma", "-1"], "--gamma"), (simpo, ["--beta", "0"], "--beta"),
+                 (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
                  (dpo, ["--tau", "0"], "--tau"), (dpo, ["--tau", "nan"], "--tau"), (dpo, ["--tau", "inf"], "--tau"),
                  (simpo, ["--pair-style", "2"], "--pair-style"), (simpo, ["--length-bias", "inf"], "--length-bias"),
                  (dpo, ["--eval-samples", "0"], "--eval-samples"), (dpo, ["--sft-steps", "0"], "--sft-steps"),
-                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"), (simpo, ["--device", "tpu"], "--device"),
-                 (simpo, ["--batch-size", "1000000000"], "4096"), (dpo, ["--eval-samples", "1000000000"], "65536"),
-                 (sppo, ["--k", "1000000000"], "64"), (simpo, ["--seed", str(2**64)], str(2**32 - 1)),
-                 (dpo, ["--seed", str(2**64 - 1)], "--seed"), (simpo, ["--seed", str(2**32)], "--seed"),
-                 (simpo, ["--n-layer", "1000"], "--n-layer"), (simpo, ["--n-embd", "100000"], "--n-embd"),
+                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"),
+                 (simpo, ["--device", "tpu"], "--device"), (simpo, ["--batch-size", "1000000000"], "4096"),
+                 (dpo, ["--eval-samples", "1000000000"], "65536"), (sppo, ["--k", "1000000000"], "64"),
+                 (simpo, ["--seed", str(2**64)], str(2**32 - 1)), (dpo, ["--seed", str(2**64 - 1)], "--seed"),
+                 (simpo, ["--seed", str(2**32)], "--seed"), (simpo, ["--n-layer", "1000"], "--n-layer"),
+                 (simpo, ["--n-embd", "100000"], "--n-embd"),
                  (simpo, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be a multiple of --n-head (4)"),
                  (sppo, ["--eta", "0"], "--eta"), (sppo, ["--k", "1"], "--k must be at least 2"),
                  (sppo, ["--iterations", "abc"], "--iterations"), (dpo, ["--judge", "linear"], "--judge")]
@@ -2363,11 +2372,8 @@ class TestFlags(unittest.TestCase):
             code, _, err = run_main(module, safe + args)
             self.assertEqual(code, 2, err)
             self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+        self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
-
-    def test_sppo_exact_checks_k_before_any_folder(self):
-        d = scratch("flags")
-        self.assertEqual((run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], os.listdir(d)), (2, []))
 
     def test_model_size_flags_reach_the_checkpoint_and_key_the_cache(self):
         run = gpt_run("simpo_small")        # --n-layer 1 --n-head 4 --n-embd 32, its own SFT folder
@@ -2375,7 +2381,7 @@ class TestFlags(unittest.TestCase):
         self.assertEqual([ckpt["config"][k] for k in ("n_layer", "n_head", "n_embd")], [1, 4, 32])
         self.assertEqual((run.trained.config.n_head, len(run.trained.blocks)), (4, 1))
         self.assertEqual(model.model_config(simpo.parser.parse_args([])), model.GPTConfig())   # the default size
-        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft()[0])))   # --n-head 2
+        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft())))   # --n-head 2
 
 
 class TestPickDevice(unittest.TestCase):
@@ -2397,50 +2403,44 @@ class TestPickDevice(unittest.TestCase):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
             self.assertEqual(model.pick_device("cuda"), torch.device("cuda"))
             self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
-        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout is the run's
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout: the run's
         self.assertEqual(sorted(calls), [("cudnn", (False,), {}), ("det", (True,), {"warn_only": True}),
                                          ("flash", (False,), {}), ("mem", (False,), {})])
-        self.assertEqual(len({cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}), 3)
+        paths = {cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}
+        self.assertEqual(len(paths), 3)
 
 
 class TestRun(unittest.TestCase):
     """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
 
-    def run_into_a_previous_run(self, module, *flags, sft_dir=None, patch=None):
-        """(exit code, stderr, out, what the previous run held) of a run into a folder that holds a previous run."""
-        out = os.path.join(scratch("fault"), "out")
-        previous = write_previous_run(out)
-        with patch or contextlib.nullcontext():
-            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()[0]])
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(len([line for line in err.splitlines() if line.startswith(("error", "interrupted"))]), 1, err)
-        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))     # untouched
-        return code, err.strip().splitlines()[-1], out
-
-    def test_ctrl_c_during_training_or_evaluation(self):
+    def test_ctrl_c_divergence_and_out_of_memory_in_a_run(self):
+        """Ctrl-C in training and in the evaluation, a real divergence (--lr 10, on a model wide enough to blow up
+        within a few steps, n_embd 64), out of memory: each one line, its exit code, the previous run untouched."""
         real, calls = data.pair_batch, []
-        interrupt = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else (_ for _ in ()).throw(KeyboardInterrupt))
-        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "pair_batch", interrupt))
-        self.assertEqual((code, last), (130, f"interrupted at step 1 of 3 (training); previous results in {out} untouched"))
-        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "evaluate", side_effect=KeyboardInterrupt))
-        self.assertEqual((code, last), (130, f"interrupted during evaluation; previous results in {out} untouched"))
-
-    def test_divergence_stops_with_one_line(self):
-        """A real divergence: --lr 10 (on a model wide enough to blow up within a few steps, n_embd 64)."""
-        code, last, out = self.run_into_a_previous_run(dpo, "--lr", "10", "--steps", "200", "--n-embd", "64",
-                                                       sft_dir=scratch("sft-64"))
-        self.assertEqual(code, 1)
-        self.assertRegex(last, r"^error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower "
-                               r"the learning rate \(--lr is 10; try 1\); nothing was saved, previous results in "
-                               + re.escape(out) + " untouched$")
-
-    def test_out_of_memory_is_one_line(self):
+        third_batch = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else throw(KeyboardInterrupt))
         oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
-        code, last, _ = self.run_into_a_previous_run(dpo, patch=mock.patch.object(dpo, "pair_logps", side_effect=oom))
-        self.assertTrue(code == 1 and "out of memory" in last and "--batch-size" in last, last)
+        cases = [(mock.patch.object(data, "pair_batch", third_batch), [], 130,
+                  r"interrupted at step 1 of 3 \(training\); "),
+                 (mock.patch.object(data, "evaluate", side_effect=KeyboardInterrupt), [], 130,
+                  "interrupted during evaluation; "),
+                 (contextlib.nullcontext(), ["--lr", "10", "--steps", "200", "--n-embd", "64"], 1,
+                  r"error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower the "
+                  r"learning rate \(--lr is 10; try 1\); nothing was saved, "),
+                 (mock.patch.object(dpo, "pair_logps", side_effect=oom), [], 1,
+                  "error: out of memory .*--batch-size.*; ")]
+        for patch, flags, want, line in cases:
+            out = os.path.join(scratch("fault"), "out")
+            previous, sft_dir = write_previous_run(out), scratch("sft-64") if flags else sft()   # (another size)
+            with patch:
+                code, _, err = run_main(dpo, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir])
+            self.assertEqual(code, want, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len([l for l in err.splitlines() if l.startswith(("error", "interrupted"))]), 1, err)
+            self.assertRegex(err.strip().splitlines()[-1], f"^{line}previous results in {re.escape(out)} untouched$")
+            self.assertEqual(folder_state(out), (previous, []))     # untouched
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
                 self.assertRaisesRegex(RuntimeError, "a bug"):          # any other error stays a traceback
-            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()[0]])
+            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()])
 
     def test_non_finite_loss_or_weights(self):
         m = sharp_gpt()
@@ -2451,21 +2451,20 @@ class TestRun(unittest.TestCase):
         self.assertRaises(FloatingPointError, model.check_weights, m)
         self.assertRaises(FloatingPointError, model.check_loss, torch.tensor(float("nan")), 4, 10)
         model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # the SFT model diverging names the model
-            model.run(lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training"))
-        self.assertEqual((cm.exception.code, err.getvalue()), (1, "error: the loss is nan at step 3 of 5 (SFT training): the "
-                         "run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; nothing was saved, "
-                         "previous results in out/x untouched\n"))
+        nan_in_sft = lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training")
+        self.assertEqual(exits(lambda: model.run(nan_in_sft)), (1, "error: the loss is nan at step 3 of 5 (SFT "
+                         "training): the run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; "
+                         "nothing was saved, previous results in out/x untouched\n"))    # the SFT model's divergence
 
     def test_ctrl_c_after_the_save_says_the_run_was_saved(self):
         out = os.path.join(scratch("fault"), "out")
         model.progress.__dict__.update(out=out, phase="setup", step=2, total=3)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # Ctrl-C while the charts print
-            model.run(lambda: model.save_files(out, {"metrics.json": b"new"}) or (_ for _ in ()).throw(KeyboardInterrupt))
-        line = err.getvalue().strip()
-        self.assertTrue(cm.exception.code == 130 and line.startswith("interrupted ") and "at step" not in line
+        saved_then_ctrl_c = lambda: model.save_files(out, {"metrics.json": b"new"}) or throw(KeyboardInterrupt)
+        code, err = exits(lambda: model.run(saved_then_ctrl_c))   # Ctrl-C while the charts print
+        line = err.strip()
+        self.assertTrue(code == 130 and line.startswith("interrupted ") and "at step" not in line
                         and line.endswith(f"; the run was saved in {out}"), line)
-        self.assertEqual(folder_bytes(out), {"metrics.json": b"new"})
+        self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
 
     def test_a_reader_that_leaves_early(self):
         """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
@@ -2498,76 +2497,72 @@ class TestOutputFolder(unittest.TestCase):
         """The next run's prepare_out_dir: what it says, and the folder left whole with nothing beside it."""
         with quietly() as (_, err):
             model.prepare_out_dir(self.out)
-        self.assertEqual((err.getvalue(), siblings(self.out)), (note, []))
-        return folder_bytes(self.out)
+        self.assertEqual((err.getvalue(), folder_state(self.out)[1]), (note, []))
+        return folder_state(self.out)[0]
 
     def test_save_replaces_the_set(self):
         model.save_files(self.out, self.NEW)
-        self.assertEqual((folder_bytes(self.out), siblings(self.out), model.progress.phase), (self.NEW, [], "saved"))
+        self.assertEqual((folder_state(self.out), model.progress.phase), ((self.NEW, []), "saved"))
         model.save_files(self.out, {"metrics.json": b"m2"})     # a run with no model.pt (--exact) removes the rest too
-        self.assertEqual(folder_bytes(self.out), {"metrics.json": b"m2"})
+        self.assertEqual(folder_state(self.out)[0], {"metrics.json": b"m2"})
 
     def test_a_folder_holding_anything_else_is_refused_before_any_work(self):
         d = scratch("stranger")
         out = os.path.join(d, "notes")
         os.makedirs(out)
-        with open(os.path.join(out, "thesis.tex"), "w") as f:
-            f.write("mine")
+        pathlib.Path(out, "thesis.tex").write_text("mine")
         code, _, err = run_main(dpo, TINY + ["--out", out, "--sft-dir", os.path.join(d, "sft")])
         self.assertIn(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt", err)
-        self.assertEqual((code, os.listdir(d), folder_bytes(out)), (2, ["notes"], {"thesis.tex": b"mine"}))
-        open(os.path.join(self.out, ".DS_Store"), "w").close()   # what Finder leaves is no stranger's file
+        self.assertEqual((code, os.listdir(d), folder_state(out)[0]), (2, ["notes"], {"thesis.tex": b"mine"}))
+        pathlib.Path(self.out, ".DS_Store").touch()   # what Finder leaves is no stranger's file
         self.mended()
 
     def test_cannot_write_is_one_line_exit_2(self):
         d = scratch("blocked")
         blocker = os.path.join(d, "a-file")
-        open(blocker, "w").close()
+        pathlib.Path(blocker).touch()
         for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
-            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-                call()
-            self.assertTrue(cm.exception.code == 2 and err.getvalue().startswith("error:"), err.getvalue())
-        code, _, err = run_main(dpo, TINY + ["--out", os.path.join(blocker, "sub"), "--sft-dir", os.path.join(d, "sft")])
-        self.assertIn(f"cannot write to output folder {os.path.join(blocker, 'sub')!r}", err.strip().splitlines()[-1])
+            code, err = exits(call)
+            self.assertTrue(code == 2 and err.startswith("error:"), err)
+        sub = os.path.join(blocker, "sub")
+        code, _, err = run_main(dpo, TINY + ["--out", sub, "--sft-dir", os.path.join(d, "sft")])
+        self.assertIn(f"cannot write to output folder {sub!r}", err.strip().splitlines()[-1])
         self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
 
     def test_killed_while_writing_leaves_the_previous_run(self):
         real = model.write
-        killer = lambda p, c: (_ for _ in ()).throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
+        killer = lambda p, c: throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
         with mock.patch.object(model, "write", killer), mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # (a killed process cleans nothing up)
-        self.assertEqual(siblings(self.out), ["run.incoming"])
+        self.assertEqual(folder_state(self.out)[1], ["run.incoming"])
         self.assertEqual(self.mended(), self.previous)
 
     def test_killed_between_the_two_renames_is_mended_by_the_next_run(self):
         real, renames = os.rename, []
-        rename = lambda src, dst: (_ for _ in ()).throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
+        rename = lambda src, dst: throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
         with mock.patch.object(os, "rename", rename), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # dies after the first rename
-        self.assertEqual((os.path.exists(self.out), siblings(self.out)), (False, ["run.incoming", "run.previous"]))
-        self.assertEqual(self.mended(f"note: a save into {self.out} was cut short; the previous run is back in place\n"),
-                         self.previous)
+        self.assertEqual(folder_state(self.out), (None, ["run.incoming", "run.previous"]))
+        note = f"note: a save into {self.out} was cut short; the previous run is back in place\n"
+        self.assertEqual(self.mended(note), self.previous)
 
     def test_killed_after_the_swap_keeps_the_new_run(self):
         with mock.patch("shutil.rmtree", side_effect=self.Killed()), self.assertRaises(self.Killed):
             model.save_files(self.out, self.NEW)                   # dies removing the previous run
-        self.assertEqual(siblings(self.out), ["run.previous"])
+        self.assertEqual(folder_state(self.out)[1], ["run.previous"])
         self.assertEqual(self.mended(), self.NEW)
 
     def test_full_disk_while_writing_leaves_the_previous_files(self):
         real, out = model.write, self.out
-
-        def write(path, content):        # metrics.json and log.jsonl are written by now
-            if path.endswith("model.pt"):
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-            return real(path, content)
-
+        full = lambda path: OSError(errno.ENOSPC, "No space left on device", path)
+        write = lambda path, content: throw(full(path)) if path.endswith("model.pt") else real(path, content)
         model.progress.out = out
-        with mock.patch.object(model, "write", write), quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1), {"method": "x"}, [{"step": 0}]))
-        self.assertEqual((cm.exception.code, err.getvalue()), (1, f"error: No space left on device writing {out}/model.pt; "
-                                                                  f"nothing was saved, previous results in {out} untouched\n"))
-        self.assertEqual((folder_bytes(out), siblings(out)), (self.previous, []))
+        with mock.patch.object(model, "write", write):       # metrics.json and log.jsonl are written by now
+            code, err = exits(lambda: model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1),
+                                                                       {"method": "x"}, [{"step": 0}])))
+        self.assertEqual((code, err), (1, f"error: No space left on device writing {out}/model.pt; nothing was saved, "
+                                          f"previous results in {out} untouched\n"))
+        self.assertEqual(folder_state(out), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
         """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
@@ -2578,7 +2573,7 @@ class TestOutputFolder(unittest.TestCase):
         with mock.patch.object(os, "rename", lambda src, dst: os.kill(os.getpid(), signal.SIGINT) or real(src, dst)):
             model.save_files(self.out, self.NEW)                   # Ctrl-C arrives in the middle of the swap
         self.assertEqual((caught, signal.getsignal(signal.SIGINT)), ([], handler))
-        self.assertEqual((folder_bytes(self.out), siblings(self.out)), (self.NEW, []))
+        self.assertEqual(folder_state(self.out), (self.NEW, []))
 
 
 class TestCheckpoint(unittest.TestCase):
@@ -2591,10 +2586,11 @@ class TestCheckpoint(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
         ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
         self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
-        self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None, "odd": "[1, 2]"})
+        self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None,
+                                        "odd": "[1, 2]"})
         loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
         self.assertEqual((loaded_args["beta"], loaded.training), (0.1, False))
-        self.assertEqual((read_json(os.path.join(d, "metrics.json")), read_json(os.path.join(d, "log.jsonl"), lines=True)),
+        self.assertEqual((read_json(d, "metrics.json"), read_json(d, "log.jsonl")),
                          ({"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}]))
         ids = small_task(seed=14).sft_ids[:4]
         with torch.no_grad():
@@ -2602,14 +2598,13 @@ class TestCheckpoint(unittest.TestCase):
 
     def test_a_file_that_is_no_checkpoint_is_one_line_exit_2(self):
         d = scratch("ckpt")                       # (model.load's reasons in words: TestSftCache)
-        with open(os.path.join(d, "x.pt"), "wb") as f:
-            f.write(b"garbage" * 20)
-        for path, words in ((os.path.join(d, "x.pt"), "not a PyTorch file"), (os.path.join(d, "no.pt"), "no such file")):
-            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-                model.load_checkpoint(path)
-            lines = err.getvalue().strip().splitlines()
-            self.assertEqual((cm.exception.code, len(lines)), (2, 1))
-            self.assertTrue(lines[0].startswith(f"error: cannot load checkpoint {path!r}: ") and words in lines[0], lines)
+        pathlib.Path(d, "x.pt").write_bytes(b"garbage" * 20)
+        for name, words in (("x.pt", "not a PyTorch file"), ("no.pt", "no such file")):
+            path = os.path.join(d, name)
+            code, err = exits(lambda: model.load_checkpoint(path))
+            line = err.strip()
+            self.assertEqual((code, len(line.splitlines())), (2, 1))
+            self.assertTrue(line.startswith(f"error: cannot load checkpoint {path!r}: ") and words in line, line)
 
 
 class TestSftCache(unittest.TestCase):
@@ -2625,21 +2620,22 @@ class TestSftCache(unittest.TestCase):
     def test_reused_rebuilt_and_keyed(self):
         task, d = small_task(seed=13), scratch("cache")
         m1, info1, err = self.sft_model(task, d)
-        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {info1['path']}; training the SFT model "
+        path = info1["path"]
+        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {path}; training the SFT model "
                                                          f"(3 steps, once)\n"))
         # reused: loaded, not retrained (an optimiser would mean training), same weights
         m2, info2, _ = self.sft_model(task, d, Adam=mock.Mock(side_effect=AssertionError("retrained")))
-        self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, info1["path"], info1["ce_after"]))
-        self.assertTrue(state_equal(m1.state_dict(), m2.state_dict()))
+        self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, path, info1["ce_after"]))
+        self.assertTrue(same_weights(m1, m2))
         # a cache whose stored key disagrees with this run's settings is rebuilt, the same weights again
-        ckpt = torch.load(info1["path"], weights_only=True)
+        ckpt = torch.load(path, weights_only=True)
         ckpt["key"]["steps"] = 999
-        torch.save(ckpt, info1["path"])
+        torch.save(ckpt, path)
         m3, info3, err = self.sft_model(task, d)
-        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {info1['path']} is not an SFT cache of these "
+        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {path} is not an SFT cache of these "
                                                          f"settings (of this project); rebuilding it\n"))
-        self.assertTrue(state_equal(m1.state_dict(), m3.state_dict()))
-        self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 3)
+        self.assertTrue(same_weights(m1, m3))
+        self.assertEqual(torch.load(path, weights_only=True)["key"]["steps"], 3)
         # a different setting (steps, task, seed) is a different cache file; no .tmp left, the lock files stay
         info4 = self.sft_model(task, d, steps=2)[1]
         names = [os.path.basename(info["path"]) for info in (info1, info4)]
@@ -2647,21 +2643,18 @@ class TestSftCache(unittest.TestCase):
 
     def test_corrupt_cache_notes_say_what_is_wrong(self):
         task, d = small_task(seed=24), scratch("cache")
-        _, info, _ = self.sft_model(task, d)
-        with open(info["path"], "rb") as f:
-            good = f.read()
-        foreign, plain = io.BytesIO(), io.BytesIO()
+        path = self.sft_model(task, d)[1]["path"]
+        good, foreign, plain = pathlib.Path(path).read_bytes(), io.BytesIO(), io.BytesIO()
         torch.save(nn.Linear(2, 2), foreign)
         torch.save({"weights": torch.zeros(2)}, plain)
         for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
                                (b"this is not a checkpoint\x00\xff" * 10, "not a PyTorch file (unreadable or corrupt)"),
                                (foreign.getvalue(), "not a file of this project"),
                                (plain.getvalue(), "not an SFT cache of these settings (of this project)")]:
-            with open(info["path"], "wb") as f:
-                f.write(content)
+            pathlib.Path(path).write_bytes(content)
             _, again, err = self.sft_model(task, d)
             self.assertFalse(again["cached"])
-            self.assertTrue(err.startswith(f"note: SFT cache {info['path']} is ") and err.endswith("; rebuilding it\n"), err)
+            self.assertTrue(err.startswith(f"note: SFT cache {path} is ") and err.endswith("; rebuilding it\n"), err)
             self.assertTrue(words in err and len(err.splitlines()) == 1 and "weights_only" not in err, err)
         self.assertTrue(self.sft_model(task, d)[1]["cached"])
 
@@ -2669,9 +2662,7 @@ class TestSftCache(unittest.TestCase):
         task, d = small_task(seed=23), scratch("cache")
         with quietly(), model.sft_cache(task, CPU, d, 0, 3, SMALL) as cache:
             os.makedirs(cache.path)
-        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
-            self.sft_model(task, d)
-        self.assertEqual(cm.exception.code, 2)
+        self.assertEqual(exits(lambda: self.sft_model(task, d))[0], 2)
 
     def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
         task, d = small_task(seed=22), scratch("cache")
@@ -2679,14 +2670,15 @@ class TestSftCache(unittest.TestCase):
         with mock.patch.object(os, "open", side_effect=denied):       # no lock file can be made: runs unlocked
             m, info, err = self.sft_model(task, d, write=mock.Mock(side_effect=denied))
         self.assertFalse(info["cached"])
-        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the model "
-                      f"just trained", err)
+        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the "
+                      f"model just trained", err)
         self.assertEqual(os.listdir(d), [])
         self.sft_model(task, d)                                       # now a writable folder: the cache is made
         with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
-            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied), Adam=mock.Mock(side_effect=AssertionError))
-        self.assertTrue(info2["cached"] and state_equal(m.state_dict(), m2.state_dict()))
-        full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # the file written, not moved in
+            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied),
+                                          Adam=mock.Mock(side_effect=AssertionError))
+        self.assertTrue(info2["cached"] and same_weights(m, m2))
+        full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # written, not moved in
         with mock.patch.object(os, "replace", full):
             _, info3, err = self.sft_model(task, d, steps=2)
         self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
@@ -2697,10 +2689,11 @@ class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
         """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
         arrive), the others wait for its lock, then load what it saved. The lock file stays."""
-        task, d, real, trained, results, errors = small_task(seed=21), scratch("lock"), model.Adam, [], [], io.StringIO()
+        task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
+        errors = io.StringIO()
         slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
-        threads = [threading.Thread(target=lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)))
-                   for _ in range(3)]
+        train = lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True))
+        threads = [threading.Thread(target=train) for _ in range(3)]
         with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
             for thread in threads:
                 thread.start()
@@ -2710,7 +2703,7 @@ class TestLock(unittest.TestCase):
         self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
         self.assertIn("note: another run is training this SFT model (lock", errors.getvalue())
         self.assertIn(".lock); waiting for it", errors.getvalue())
-        self.assertTrue(all(state_equal(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
+        self.assertTrue(all(same_weights(results[0][0], m) for m, _ in results[1:]))
         name = os.path.basename(results[0][1]["path"])
         self.assertEqual(sorted(os.listdir(d)), [name, name + ".lock"])
 
@@ -2727,7 +2720,7 @@ class TestPeakMemory(unittest.TestCase):
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
             self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
-            self.assertTrue(state_equal(before, policy.state_dict()))     # leaves the weights and no gradients,
+            self.assertTrue(same_weights(before, policy))                  # leaves the weights and no gradients,
             self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
             with torch.no_grad():
@@ -2741,8 +2734,8 @@ class TestPeakMemory(unittest.TestCase):
         import resource
         meter = model.PeakMemory.__new__(model.PeakMemory)
         meter.device = torch.device("cuda")
-        with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:
-            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))   # CUDA: allocated bytes
+        with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:   # CUDA: allocated
+            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))
         meter.device = CPU
         with mock.patch("ctypes.CDLL", side_effect=OSError("not glibc")), \
                 mock.patch.object(resource, "getrusage", return_value=mock.Mock(ru_maxrss=1000)):
@@ -2764,19 +2757,14 @@ class TestPeakMemory(unittest.TestCase):
 CODE_FILES = ("model", "data", "dpo", "simpo", "sppo")
 CITATION = re.compile(r"`(model|data|dpo|simpo|sppo)\.py:([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)`")   # `dpo.py:dpo_loss`
 LABEL = re.compile(r"\[([A-Z][A-Za-z]+(?:-[A-Za-z0-9.]+)?)\](?![(\[])")     # [DPO-1], [Nash]; not a link's [text](...)
-
-
-def read(path):
-    with open(os.path.join(REPO, path)) as f:
-        return f.read()
+read = lambda path: pathlib.Path(REPO, path).read_text()
 
 
 def defined_names(file):
     """What a source file defines at its top level (functions, classes, constants) and Class.member."""
     names = set()
     for node in ast.parse(read(f"{file}.py")).body:
-        members = [node] + (node.body if isinstance(node, ast.ClassDef) else [])
-        for item in members:
+        for item in [node] + (node.body if isinstance(node, ast.ClassDef) else []):
             prefix = f"{node.name}." if item is not node else ""
             if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
                 names.add(prefix + item.name)
@@ -2811,7 +2799,8 @@ class TestReadme(unittest.TestCase):
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
                                            "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
                                            "[DPO-99], [Results](#results)"),
-                         ["`sppo.py:nothing_here` names nothing defined in sppo.py", "[DPO-99] appears in no source file"])
+                         ["`sppo.py:nothing_here` names nothing defined in sppo.py",
+                          "[DPO-99] appears in no source file"])
 
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_no_line_number_citations(self):
@@ -2820,7 +2809,8 @@ class TestReadme(unittest.TestCase):
     @unittest.expectedFailure   # remove when the README rewrite lands
     def test_the_commands_it_gives_name_these_classes(self):
         named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
-        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates", "TestSequenceLogps"}, named)
+        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates",
+                              "TestSequenceLogps"}, named)
         self.assertTrue(all(isinstance(globals().get(name), type) for name in named), named)
 
     @unittest.expectedFailure   # remove when the README rewrite lands (the command samples in batches of 64)
@@ -2830,17 +2820,19 @@ class TestReadme(unittest.TestCase):
         self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
         with quietly() as (printed, _):
             exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
-        self.assertEqual(printed.getvalue().splitlines(), run_main(data, ["sample", run_dir, "-n", "5"])[1].splitlines()[:5])
+        command = run_main(data, ["sample", run_dir, "-n", "5"])[1]
+        self.assertEqual(printed.getvalue().splitlines(), command.splitlines()[:5])
 
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
         run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
-        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
+        rows = read_json(run_dir, "log.jsonl")
         self.assertIn('"out/dpo/log.jsonl"', recipe)
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
             exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
         drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
-        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows]) for k in ("logps/chosen", "logps/rejected")})
+        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows])
+                                 for k in ("logps/chosen", "logps/rejected")})
         plt.savefig.assert_called_once()
 
 
@@ -2849,19 +2841,21 @@ class TestReadme(unittest.TestCase):
 # whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout block-buffered:
-    no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's reader is gone
-    before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar draws), and Ctrl-C
-    comes once the bar shows a training step."""
+    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout
+    block-buffered: no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's
+    reader is gone before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar
+    draws), and Ctrl-C comes once the bar shows a training step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
-        self.out, self.ctrl_c, self.result, self.seen, self.signalled, stderr = out, ctrl_c, None, b"", False, subprocess.PIPE
+        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
+        stderr = subprocess.PIPE
         if ctrl_c:
             import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                                     env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env})
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=stderr)
         if reader_leaves:
             self.proc.stdout.close()
         if ctrl_c:
@@ -2891,13 +2885,14 @@ class ScriptProcess:
                 out, err = self.proc.communicate()
             if self.ctrl_c:
                 self.watcher.join()
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), raw=out or b"",
-                                             err=(self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n"))
+            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
+            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"),
+                                             raw=out or b"", err=err)
         return self.result
 
     def metrics(self):
         self.finish()
-        return read_json(os.path.join(self.out, "metrics.json"))
+        return read_json(self.out, "metrics.json")
 
 
 _PROCESSES = {}
@@ -2910,14 +2905,15 @@ def script_process(name):
         if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
             p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
         elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
-            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")], out,
-                              PYTHONIOENCODING="ascii")
+            argv = ["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")]
+            p = ScriptProcess(argv, out, PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
-            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()[0]], out,
+            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()], out,
                               PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
             previous = write_previous_run(out)
-            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()[0]], out, ctrl_c=True)
+            argv = ["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()]
+            p = ScriptProcess(argv, out, ctrl_c=True)
             p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
@@ -2935,14 +2931,15 @@ class TestScriptProcesses(unittest.TestCase):
             script_process(name)
 
     def same_numbers(self, proc, here):
-        m = proc.metrics()
+        m, without_timing = proc.metrics(), lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}
         self.assertEqual(m.keys(), here.metrics.keys())
-        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS}, {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
-        self.assertEqual(read_json(os.path.join(proc.out, "log.jsonl"), lines=True), here.log)
-        self.assertTrue(state_equal(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
+        self.assertEqual(without_timing(m), without_timing(here.metrics))
+        self.assertEqual(read_json(proc.out, "log.jsonl"), here.log)
+        self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"],
+                                     here.trained))
         self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
         self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual(siblings(proc.out), [])
+        self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
         """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
@@ -2952,8 +2949,8 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual(p.code, 0, p.err[-2000:])
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
                  if not line.startswith("note: another run is training")]   # it may start while the fixture trains
-        self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft()[0])}): loaded"])
-        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
+        self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft())}): loaded"])
+        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # UTF-8: Unicode charts
         self.assertIn("logps/chosen and logps/rejected per step (batch means, nats)  (6 values; ", p.out)   # one scale
         self.assertIn("; w log pi(y_w|x); l log pi(y_l|x))", p.out)
         self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
@@ -2971,20 +2968,19 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
         self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
         self.same_numbers(proc, gpt_run("simpo"))
-        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic")[0])
+        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic"))
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
-        self.assertTrue(state_equal(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
+        cached = lambda path: torch.load(path, weights_only=True)["model"]
+        self.assertTrue(same_weights(cached(cold), cached(warm)))
 
-    def test_sppo_exact_cyclic(self):
-        """python sppo.py --exact --judge cyclic (the README's command): metrics.json only (TestSppoExact reads it)."""
+    def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
+        """python sppo.py --exact --judge cyclic (the README's command), its stdout's reader gone before the first
+        line, stdout block-buffered as on a pipe: exit 0, no message, metrics.json only (TestSppoExact reads it)."""
         proc = script_process("sppo_exact")
-        self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
-        self.assertEqual((sorted(os.listdir(proc.out)), siblings(proc.out)), (["metrics.json"], []))
-
-    def test_a_reader_that_leaves_at_once(self):
-        """Its stdout's reader gone before the first line, stdout block-buffered as on a pipe: exit 0, no message."""
-        p = script_process("sppo_exact").finish()
+        p = proc.finish()
         self.assertEqual((p.code, p.err), (0, ""))
+        self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
+        self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_ctrl_c_on_a_terminal(self):
         """A real SIGINT while the progress bar runs: exit 130, one line saying where, the previous run untouched."""
@@ -2996,7 +2992,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertRegex(lines[-1], r"^interrupted at step \d+ of 1000000 \(training\); previous results in "
                                     + re.escape(proc.out) + " untouched$")
         self.assertNotIn("Traceback", p.err)
-        self.assertEqual((folder_bytes(proc.out), siblings(proc.out)), (proc.previous, []))
+        self.assertEqual(folder_state(proc.out), (proc.previous, []))
 
 
 def cleanup():
