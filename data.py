@@ -41,12 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import (TablePolicy, fail, make_generator, model_config, number, pair_logps, pick_device, positive_float,
-                   prepare_out_dir, progress, sample, save_files, sequence_logps_all, sft_model, trim)
+from model import (TablePolicy, fail, model_config, number, pair_logps, pick_device, positive_float, prepare_out_dir,
+                   progress, run, sample, save_files, sequence_logps_all, sft_model, trim)
 
-# ----------------------------------------------------------------------------------------------------
-# Vocabulary and tokenizer
-# ----------------------------------------------------------------------------------------------------
+# --- Vocabulary and tokenizer -------------------------------------------------------------------------------
 
 PAD, BOS, SEP, EOS = "<pad>", "<bos>", "<sep>", "<eos>"
 DECADES = "new old classic recent cult modern".split()                               # prompt word 1
@@ -90,9 +88,7 @@ def decode(ids):
     return " ".join(words)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The judge: the hidden score, and the preferences every method meets
-# ----------------------------------------------------------------------------------------------------
+# --- The judge: the hidden score, and the preferences every method meets ------------------------------------
 
 def score_responses(responses):
     """Hidden ground-truth reward of each response [N, L] (token ids, EOS then PAD): the mean word
@@ -174,14 +170,14 @@ def judge_prob(responses_a, responses_b, config, length_bias=0.0, dtype=torch.fl
     if config.judge == "cyclic":
         return cyclic_preference_prob(school_of(responses_a), school_of(responses_b), config.cycle_prob).to(dtype)
     logit = (score_responses(responses_a).to(dtype) - score_responses(responses_b).to(dtype)) / config.tau
-    return torch.sigmoid(logit + length_bias * (response_lengths(responses_a) - response_lengths(responses_b)).to(dtype))
+    words = (response_lengths(responses_a) - response_lengths(responses_b)).to(dtype)
+    return torch.sigmoid(logit + length_bias * words)
 
 
 def exploitability(policy_probs, prefs):
-    """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y')                                [Nash]
-    policy_probs [C], a distribution over C responses (or schools); prefs [C, C], prefs[y, y'] = P(y > y').
-    In a game where P(y > y') + P(y' > y) = 1, pi ties with itself, so the best reply to pi wins at least
-    half the time: exploitability >= 0, and it is 0 exactly at a Nash equilibrium [SPPO-1]."""
+    """max_y P(y > pi) - 1/2, with P(y > pi) = sum_y' P(y > y') pi(y'), for policy_probs [C] and prefs [C, C]
+    (prefs[y, y'] = P(y > y')). As P(y > y') + P(y' > y) = 1, pi ties with itself, so the best reply wins at least
+    half the time: exploitability >= 0, and 0 exactly at a Nash equilibrium [SPPO-1].                    [Nash]"""
     policy_probs = torch.as_tensor(policy_probs, dtype=torch.float64)
     return (torch.as_tensor(prefs, dtype=torch.float64) @ policy_probs).max().item() - 0.5
 
@@ -199,9 +195,7 @@ def school_exploitability(shares, cycle_prob=0.9):
     return exploitability(shares, cyclic_preference_prob(cats[:, None], cats[None, :], cycle_prob))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The task: prompts, SFT demonstrations, preference pairs
-# ----------------------------------------------------------------------------------------------------
+# --- The task: prompts, SFT demonstrations, preference pairs ------------------------------------------------
 
 @dataclass
 class TaskConfig:
@@ -213,7 +207,6 @@ class TaskConfig:
     heldout_fraction: float = 0.2  # share of the 360 prompts kept for evaluation
     length_bias: float = 0.0       # > 0: raters prefer the longer review beyond what the score warrants
     pair_style: float = 0.0        # > 0: pair reviews use a foreign style (see the module docstring)
-    demo_style_rate: float = 0.0   # how often SFT reviews use a style word
     judge: str = "bt"              # "bt": Bradley-Terry on the score; "cyclic": the schools' circle (--judge)
     cycle_prob: float = 0.9        # cyclic judge: how often a school's review beats the next school's
     school_shares: tuple = (0.6, 0.3, 0.1)   # cyclic judge: the schools' shares in the SFT data and the pairs
@@ -221,10 +214,9 @@ class TaskConfig:
 
 
 def _random_responses(rng, n, sentiment_rate, style_rate):
-    """n SFT-like reviews [n, MAX_RESPONSE] with a broad mix of quality: each review draws its own
-    propensity p ~ U(0, 1); each word is a sentiment word with probability sentiment_rate, positive
-    with probability p; otherwise neutral, and a neutral word is a style word with probability
-    style_rate (a scalar or one rate per review). Vectorised: no Python loop over reviews."""
+    """n SFT-like reviews [n, MAX_RESPONSE] of every quality: each draws its own propensity p ~ U(0, 1); each
+    word is a sentiment word with probability sentiment_rate, positive with probability p; else neutral, and a
+    neutral word is a style word with probability style_rate (a scalar or one rate per review)."""
     lengths = rng.integers(3, MAX_WORDS + 1, size=n)
     p = rng.random((n, 1))
     sentiment = rng.random((n, MAX_WORDS)) < sentiment_rate
@@ -234,17 +226,14 @@ def _random_responses(rng, n, sentiment_rate, style_rate):
                      np.where(positive, rng.choice(POS_IDS, (n, MAX_WORDS)), rng.choice(NEG_IDS, (n, MAX_WORDS))),
                      np.where(style, rng.choice(STYLE_IDS, (n, MAX_WORDS)), rng.choice(NEU_IDS, (n, MAX_WORDS))))
     out = np.full((n, MAX_RESPONSE), PAD_ID, dtype=np.int64)
-    pos = np.arange(MAX_RESPONSE)[None, :]
-    out[:, :MAX_WORDS] = np.where(pos[:, :MAX_WORDS] < lengths[:, None], words, PAD_ID)
+    out[:, :MAX_WORDS] = np.where(np.arange(MAX_WORDS) < lengths[:, None], words, PAD_ID)
     out[np.arange(n), lengths] = EOS_ID
     return torch.from_numpy(out)
 
 
 def _with_schools(rng, responses, shares):
     """--judge cyclic: give each review [n, L] a school, drawn with probabilities `shares`: every school noun it
-    has becomes one of its own school's nouns, and one word at a random position becomes one too, so its
-    school (school_of) is the one drawn. The sentiment words and the length are kept (one word may be lost
-    to the noun)."""
+    has becomes one of its school's nouns, and so does one word at random, so school_of gives the school drawn."""
     out = responses.numpy().copy()
     n, L = out.shape
     schools = rng.choice(len(SCHOOLS), size=n, p=np.asarray(shares, dtype=float) / sum(shares))
@@ -279,7 +268,7 @@ class Task:
         # SFT demonstrations: a broad mix of good and bad reviews, so the SFT model has room to improve;
         # under --judge cyclic each review also gets a school, in the unequal shares c.school_shares.
         prompts_for = lambda pool, n: pool[torch.from_numpy(rng.integers(0, len(pool), n))]
-        demos = lambda n: self._schooled(rng, _random_responses(rng, n, c.sentiment_rate, c.demo_style_rate))
+        demos = lambda n: self._schooled(rng, _random_responses(rng, n, c.sentiment_rate, 0.0))
         # (arguments are evaluated left to right: the prompts are drawn first, then the reviews)
         self.sft_ids, self.sft_mask = join(prompts_for(self.train_prompts, c.n_demos), demos(c.n_demos))
         self.sft_heldout_ids, self.sft_heldout_mask = join(prompts_for(self.heldout_prompts, c.n_heldout),
@@ -290,14 +279,16 @@ class Task:
     def _schooled(self, rng, reviews, shares=None):
         """Under --judge cyclic each review gets a school (_with_schools), in the SFT data's unequal shares
         unless other `shares` are given; under the Bradley-Terry judge the reviews stay as they are."""
-        return _with_schools(rng, reviews, shares or self.config.school_shares) if self.config.judge == "cyclic" else reviews
+        if self.config.judge != "cyclic":
+            return reviews
+        return _with_schools(rng, reviews, shares or self.config.school_shares)
 
     def _make_pairs(self, rng, pool, n):
         """n preference pairs (x, y_w, y_l): two SFT-like reviews of one prompt, labelled by SAMPLING the
         judge (so about one label in five goes against the score, like noisy raters)."""
         c = self.config
         prompts = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
-        style = [c.demo_style_rate + rng.random(n) * c.pair_style for _ in range(2)]
+        style = [rng.random(n) * c.pair_style for _ in range(2)]   # each review's own share of style words
         raw = [_random_responses(rng, n, c.sentiment_rate, rate) for rate in style]
         a, b = (self._schooled(rng, r, None if c.pair_schools == "sft" else (1, 1, 1)) for r in raw)
         a_wins = torch.from_numpy(rng.random(n)) < judge_prob(a, b, c, c.length_bias, torch.float64)
@@ -318,7 +309,7 @@ def add_task_args(parser):
     g.add_argument("--tau", type=positive_float, default=TaskConfig.tau,
                    help="oracle temperature in P(a > b) = sigmoid((s_a - s_b)/tau); smaller: less label noise "
                         "(default: %(default)s)")
-    g.add_argument("--length-bias", type=number(float, lambda v: True, "a finite number"), default=TaskConfig.length_bias,
+    g.add_argument("--length-bias", type=number(float, lambda v: True, "a finite number"), default=0.0,
                    help="raters prefer longer reviews by this many logits per extra word (default: %(default)s)")
     g.add_argument("--pair-style", type=number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1"), default=0.0,
                    help="0..1: pairs written in a foreign style the judge ignores (default: %(default)s)")
@@ -348,9 +339,8 @@ def start_run(args):
     torch.manual_seed(args.seed)
     task = Task(task_config(args), seed=args.seed)
     policy, sft_info = sft_model(task, device, args.sft_dir, args.seed, args.sft_steps, cfg)
-    print(f"SFT model: {'loaded from' if sft_info['cached'] else 'trained and saved to'} {sft_info['path']} "
-          f"(held-out cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token)",
-          file=sys.stderr)
+    print(f"SFT model (cache {sft_info['path']}): {'loaded' if sft_info['cached'] else 'trained'}; held-out "
+          f"cross-entropy {sft_info['ce_before']:.3f} -> {sft_info['ce_after']:.3f} nats/token", file=sys.stderr)
     return device, task, policy, sft_info
 
 
@@ -373,9 +363,7 @@ def pair_logps_all(model, pairs, device, batch_size=512):
     return tuple(torch.cat([p[i] for p in parts]).cpu() for i in range(4))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: sample on held-out prompts and let the judge compare
-# ----------------------------------------------------------------------------------------------------
+# --- Evaluation: sample on held-out prompts and let the judge compare ---------------------------------------
 #
 # Every run samples one review per held-out prompt from the trained policy (seed 10,000 + --seed) and one
 # from the SFT model (seed 10,001 + --seed), at temperature 1, and reports:
@@ -390,7 +378,7 @@ def heldout_reviews(model, task, device, n_samples, seed):
     """One review per held-out prompt (n_samples of them, cycling), at temperature 1: (prompts, reviews)."""
     prompts = task.eval_prompts(n_samples).to(device)
     return prompts, sample(model, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE,
-                           generator=make_generator(device, 10_000 + seed))
+                           generator=torch.Generator(device).manual_seed(10_000 + seed))
 
 
 def win_rate(responses, baseline_responses, config):
@@ -403,7 +391,8 @@ def evaluate_sft(sft, task, device, n_samples, seed):
     prompts, own = heldout_reviews(sft, task, device, n_samples, seed)
     _, reviews = heldout_reviews(sft, task, device, n_samples, seed + 1)
     return {"sft_win_rate_vs_sft": win_rate(own, reviews, task.config), "sft_samples": reviews.cpu(),
-            "sft_score": score_responses(reviews).mean().item(), "sft_length": response_lengths(reviews).float().mean().item(),
+            "sft_score": score_responses(reviews).mean().item(),
+            "sft_length": response_lengths(reviews).float().mean().item(),
             **{f"sft_{k}": v for k, v in game(reviews, task.config).items()}}
 
 
@@ -416,7 +405,8 @@ def evaluate(policy, sft, sft_side, task, device, n_samples, seed):
     kl = sequence_logps_all(policy, ids, mask)[0] - sequence_logps_all(sft, ids, mask)[0]
     return {**sft_side, "win_rate_vs_sft": win_rate(samples, sft_side["sft_samples"], task.config),
             "score": score_responses(samples).mean().item(), "length": response_lengths(samples).float().mean().item(),
-            "kl_to_sft": kl.mean().item(), "samples": samples.cpu(), "prompts": prompts.cpu(), **game(samples, task.config)}
+            "kl_to_sft": kl.mean().item(), "samples": samples.cpu(), "prompts": prompts.cpu(),
+            **game(samples, task.config)}
 
 
 def game(samples, config):
@@ -450,13 +440,12 @@ def ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_log
             "ranking_agreement": (reward_order == likelihood_order).float().mean().item()}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Summary: tables, completions and charts in the terminal (no plotting dependency)
-# ----------------------------------------------------------------------------------------------------
+# --- Summary: tables, completions and charts in the terminal (no plotting dependency) -----------------------
 
 def print_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
     print(line(header))
     print("  ".join("-" * w for w in widths))
     for r in rows:
@@ -470,9 +459,10 @@ SUMMARY_ROWS = [("win rate vs SFT", "win_rate_vs_sft", "{:.3f}"), ("score (judge
                 ("seconds per step", "seconds_per_step", "{:.4f}"), ("peak memory (MB)", "peak_memory_mb", "{:.2f}")]
 
 
-def print_summary(method, metrics, sft_ranking, note=None):
-    """The end-of-run table (the SFT model on the left, as the evaluation measured it, and the trained policy;
-    a row neither side has is left out, one the SFT model never paid prints as '-'), then held-out reviews."""
+def print_summary(method, metrics, sft_ranking, out, note=None):
+    """The end of a run: a table (the SFT model on the left, as the evaluation measured it, and the trained
+    policy; a row neither has is left out, a cost the SFT model never paid is '-'), held-out reviews, the
+    last line."""
     sft = {"win_rate_vs_sft": metrics["sft_win_rate_vs_sft"], "score": metrics["sft_score"],
            "length": metrics["sft_length"], "kl_to_sft": 0.0, "exploitability": metrics.get("sft_exploitability"),
            **sft_ranking}
@@ -492,13 +482,12 @@ def print_summary(method, metrics, sft_ranking, note=None):
     s_sft, s_policy = score_responses(metrics["sft_samples"]), score_responses(metrics["samples"])
     for i in range(4):
         print(f"  prompt: {decode(metrics['prompts'][i])}\n    {'SFT':>8} [{s_sft[i]:+.2f}] "
-              f"{decode(metrics['sft_samples'][i])}\n    {method:>8} [{s_policy[i]:+.2f}] {decode(metrics['samples'][i])}")
-
-
-def timings(metrics):
-    """Where a run's seconds went, for its last line (the whole run: from before torch is imported)."""
-    return (f"{metrics['wall_seconds']:.1f} s (start-up {metrics['startup_seconds']:.1f}, training "
-            f"{metrics['train_seconds']:.1f}, evaluation {metrics['eval_seconds']:.1f})")
+              f"{decode(metrics['sft_samples'][i])}\n    {method:>8} [{s_policy[i]:+.2f}] "
+              f"{decode(metrics['samples'][i])}")
+    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
+          f"ranking agreement {metrics['ranking_agreement']:.3f} | {metrics['wall_seconds']:.1f} s (start-up "
+          f"{metrics['startup_seconds']:.1f}, training {metrics['train_seconds']:.1f}, evaluation "
+          f"{metrics['eval_seconds']:.1f}) | wrote {out}/")
 
 
 def chart(series, title, width=60, height=8, lo=None, hi=None):
@@ -522,16 +511,20 @@ def chart(series, title, width=60, height=8, lo=None, hi=None):
     for char, columns in curves:
         for col, v in enumerate(columns):
             row = round((hi - v) / ((hi - lo) or 1.0) * (height - 1))   # the top row holds hi
-            grid[row][col] = char if grid[row][col] in (" ", char) else "*"
+            for r in range(row, height if len(curves) == 1 else row + 1):   # one curve: filled down to the axis
+                grid[r][col] = char if grid[r][col] in (" ", char) else "*"
     names = "".join(f"; {char} {name}" for char, name, _ in series if name)
-    return [f"{title}  ({len(data)} values, min {min(data):.3g}, max {max(data):.3g}{names})", *frame(grid, hi, lo)]
+    means = f" in {len(grid[0])} columns of means" if len(grid[0]) < max(len(v) for _, _, v in series) else ""
+    return [f"{title}  ({len(data)} values{means}; min {min(data):.3g}, max {max(data):.3g}{names})",
+            *frame(grid, hi, lo)]
 
 
 def frame(grid, top, bottom):
     """The rows of a character grid beside a y-axis labelled `top` and `bottom`, and an x-axis below."""
     _, bar, corner, rule = glyphs()
     labels = [f"{top:9.3g}"] + [" " * 9] * (len(grid) - 2) + [f"{bottom:9.3g}"]
-    return [f"{label} {bar}" + "".join(cells) for label, cells in zip(labels, grid)] + [" " * 10 + corner + rule * len(grid[0])]
+    return [f"{label} {bar}" + "".join(cells) for label, cells in zip(labels, grid)] + \
+        [" " * 10 + corner + rule * len(grid[0])]
 
 
 def glyphs():
@@ -554,14 +547,13 @@ def scatter(points, x_title, y_title, width=56, height=14):
     grid = [[" "] * width for _ in range(height)]
     for label, x, y in points:
         grid[round((y1 - y) / (y1 - y0) * (height - 1))][round((x - x0) / ((x1 - x0) or 1.0) * (width - 1))] = label[0]
-    return ([f"{y_title} against {x_title}", *frame(grid, y1, y0), f"           {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}"]
+    return ([f"{y_title} against {x_title}", *frame(grid, y1, y0),
+             f"           {x0:<10.2f}{x_title:^{width - 20}}{x1:>10.2f}"]
             + [f"  {label[0]} = {label[2:] if label[1:2] == ':' else label}: {x_title} {x:.2f}, {y_title} {y:.3f}"
                for label, x, y in points])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Exact mode (--exact): every response listed, a table for the policy, every expectation a finite sum
-# ----------------------------------------------------------------------------------------------------
+# --- Exact mode (--exact): every response listed, a table for the policy, every expectation a finite sum ----
 #
 # The responses: 27 reviews, one per (school, sentiment, length), with N1 N2 N3 a school's three nouns:
 #     score +0.5   "great N1"    "great N1 lovely N2"    "great N1 lovely N2 fun N3"
@@ -614,7 +606,7 @@ class ExactTask:
         # table with its school shares set to 1/3 each
         self.pair_probs = self.sft_probs
         if self.config.pair_schools == "uniform":
-            self.pair_probs = self.sft_probs / torch.tensor(SFT_SCHOOL, dtype=torch.float64)[self.schools] / len(SCHOOLS)
+            self.pair_probs = self.sft_probs / torch.tensor(SFT_SCHOOL, dtype=torch.float64)[self.schools] / 3
         # prefs[a, b] = P(y_a > y_b | x), the judge on every pair (the raters': with their length bias): [C, C]
         self.prefs = judge_prob(self.responses[:, None, :], self.responses[None, :, :], self.config,
                                 self.config.length_bias, torch.float64)
@@ -696,17 +688,22 @@ class ExactTask:
 
 def start_exact(parser, defaults):
     """What every script's --exact does first: the flags (those not given take `defaults`: a table is not a
-    GPT), the output folder, and the task. Returns (args, ExactTask, start time)."""
+    GPT), the output folder, and the task. Returns (args, ExactTask)."""
     args = parser.parse_args(namespace=argparse.Namespace(**defaults))
     prepare_out_dir(args.out)
     torch.set_num_threads(1)                # a table's tensors are tiny: a second thread only waits
-    return args, ExactTask(task_config(args)), time.time()
+    return args, ExactTask(task_config(args))
 
 
 def save_exact(args, ex, metrics, start_time):
-    """metrics.json of an exact run (no GPT: no model.pt, no log.jsonl), with the table's responses."""
+    """metrics.json of an exact run (no GPT: no model.pt, no log.jsonl), with the table's responses. Returns
+    the run's last line (its seconds counted from start_time, the script's START)."""
     metrics.update(responses=ex.texts, sft_probs=ex.sft_probs.tolist(), wall_seconds=time.time() - start_time)
     save_files(args.out, {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
+    game = (f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, trained "
+            f"{metrics['exploitability']:.3f}; school shares (story, acting, craft): "
+            + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]) + "\n" if "school_shares" in metrics else "")
+    return game + f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (no model.pt or log.jsonl: a table)"
 
 
 def print_exact_groups(ex, named_probs, by="school"):
@@ -721,24 +718,10 @@ def print_exact_groups(ex, named_probs, by="school"):
     print_table([f"responses (by {by})", *named_probs], rows)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: python data.py [show | frontier | sample | curves | logps]
-# ----------------------------------------------------------------------------------------------------
-
-def read_json(path, lines=False):
-    """The JSON of a run's file (one object per line if `lines`), or one clear line and exit 2."""
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
-    except FileNotFoundError:
-        fail(f"no {os.path.basename(path)} in {os.path.dirname(path) or '.'!r}: is it a run folder? "
-             f"(train one first, e.g. python dpo.py --out {os.path.dirname(path)})")
-    except (OSError, ValueError) as e:
-        fail(f"{path} is unreadable ({type(e).__name__}: {str(e)[:100]})")
-
+# --- Command line: python data.py [show | frontier | sample | curves | logps] -------------------------------
 
 def frontier_point(run_dir):
-    """(label, KL to SFT, score, SFT score) of a finished run, or one line saying what is wrong with it."""
+    """(label, KL to SFT, score, SFT score) of a finished run, or one line that says what is wrong with it."""
     try:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             m = json.load(f)
@@ -747,9 +730,10 @@ def frontier_point(run_dir):
     for key in ("kl_to_sft", "score", "sft_score"):
         v = m.get(key) if isinstance(m, dict) else None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"{run_dir}/metrics.json: {key} is {json.dumps(v)}, not a finite number (an --exact run, or one that diverged?)"
+            return f"{run_dir}/metrics.json: {key} is {json.dumps(v)}, not a finite number (an --exact run?)"
     beta = f", beta {m['beta']}" if m.get("beta") is not None else ""
-    return f"{os.path.basename(os.path.normpath(run_dir))} ({m.get('method', 'run')}{beta})", m["kl_to_sft"], m["score"], m["sft_score"]
+    label = f"{os.path.basename(os.path.normpath(run_dir))} ({m.get('method', 'run')}{beta})"
+    return label, m["kl_to_sft"], m["score"], m["sft_score"]
 
 
 def displacement(policy, sft, task, seed=0, n_samples=512):
@@ -765,10 +749,12 @@ def displacement(policy, sft, task, seed=0, n_samples=512):
     # reviews of five positive words (the judge's favourite kind), kept only if no pair holds them
     g = torch.Generator().manual_seed(seed)
     best = torch.full((n_samples, MAX_RESPONSE), PAD_ID)
-    best[:, :5], best[:, 5] = torch.as_tensor(POS_IDS)[torch.randint(0, len(POS_IDS), (n_samples, 5), generator=g)], EOS_ID
+    best[:, :5] = torch.as_tensor(POS_IDS)[torch.randint(0, len(POS_IDS), (n_samples, 5), generator=g)]
+    best[:, 5] = EOS_ID
     in_pairs = {tuple(y.tolist()) for side in ("chosen", "rejected") for y in task.pairs[f"{side}_ids"][:, PROMPT_LEN:]}
     best = best[[tuple(y.tolist()) not in in_pairs for y in best]]
-    for name, p, responses in (("the policy's own samples", prompts, own), ("the SFT model's samples", prompts, sft_reviews),
+    for name, p, responses in (("the policy's own samples", prompts, own),
+                               ("the SFT model's samples", prompts, sft_reviews),
                                ("5 positive words, in no pair", prompts[:len(best)], best)):
         ids, mask = join(p, responses)
         rows.append((name, sequence_logps_all(sft, ids, mask)[0], sequence_logps_all(policy, ids, mask)[0]))
@@ -793,14 +779,15 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="show", choices=["show", "frontier", "sample", "curves", "logps"])
     parser.add_argument("dirs", nargs="*", help="run folders (what dpo.py, simpo.py or sppo.py wrote with --out)")
     parser.add_argument("--prompt", default="new horror film", help="sample: decade genre noun (default: %(default)s)")
-    parser.add_argument("-n", type=bounded_int(1, 10_000), default=5, help="sample: how many reviews (default: %(default)s)")
+    parser.add_argument("-n", type=bounded_int(1, 10_000), default=5, help="sample: reviews (default: %(default)s)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sample: (default: %(default)s)")
     parser.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="sample: (default: %(default)s)")
     parser.add_argument("--key", action="append", help="curves: a log.jsonl key, repeatable (default: loss)")
     args = parser.parse_args(argv)
-    wanted = {"show": "no run folder", "frontier": "one or more run folders"}.get(args.command, "one run folder")
-    if len(args.dirs) != {"no run folder": 0, "one run folder": 1}.get(wanted, max(len(args.dirs), 1)):
-        fail(f"{args.command} takes {wanted}, got {len(args.dirs)}")
+    count = {"show": 0, "frontier": len(args.dirs) or 1}.get(args.command, 1)   # frontier: any number but 0
+    if len(args.dirs) != count:
+        fail(f"{args.command} takes {count if args.command != 'frontier' else 'some'} run folder(s), "
+             f"got {len(args.dirs)}")
     run_dir = args.dirs[0] if args.dirs else None
     if args.command == "frontier":
         points = [frontier_point(d) for d in args.dirs]
@@ -812,26 +799,29 @@ def main(argv=None):
                                                               in enumerate(points)]   # S: where every run starts
         print("\n".join(scatter(labelled, "KL(policy || SFT)", "score")))
     elif args.command == "sample":
-        words = args.prompt.split()
-        if len(words) != 3 or any(w not in allowed for w, allowed in zip(words, (DECADES, GENRES, NOUNS))):
+        if [w in allowed for w, allowed in zip(args.prompt.split(), (DECADES, GENRES, NOUNS))] != [True] * 3:
             fail(f"--prompt takes a decade, a genre and a noun, e.g. 'new horror film' (decades: {' '.join(DECADES)}; "
                  f"genres: {' '.join(GENRES)}; nouns: {' '.join(NOUNS)}); got {args.prompt!r}")
         policy, _ = load_checkpoint(os.path.join(run_dir, "model.pt"))
-        batches = math.ceil(args.n / 64) * 64   # in batches of 64 from one generator: the first reviews do not depend on -n
-        prompts = torch.tensor([[BOS_ID] + encode(args.prompt) + [SEP_ID]] * batches)
+        # in batches of 64 from one generator, so that the first reviews of a seed do not depend on -n
+        prompts = torch.tensor([[BOS_ID] + encode(args.prompt) + [SEP_ID]] * (math.ceil(args.n / 64) * 64))
         reviews = sample(policy, prompts, MAX_RESPONSE, EOS_ID, BANNED_IN_RESPONSE, temperature=args.temperature,
                          generator=torch.Generator().manual_seed(args.seed), batch_size=64)[:args.n]
         for review in reviews:
             print(f"[{score_responses(review[None])[0]:+.2f}] {decode(review)}")
         print("(the judge and the demonstrations ignore the prompt: every prompt gets reviews of the same kind)")
     elif args.command == "curves":
-        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
-        keys = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        try:
+            with open(os.path.join(run_dir, "log.jsonl")) as f:
+                rows = [r for r in map(json.loads, f) if isinstance(r, dict)]
+        except (OSError, ValueError) as e:
+            fail(f"{run_dir}: no readable log.jsonl ({type(e).__name__}): is it a finished run's folder?")
+        keys = sorted({k for r in rows for k in r})
         for key in args.key or ["loss"]:
-            values = [r.get(key) if isinstance(r, dict) else None for r in rows]
-            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            numbers = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
             if not numbers:
-                fail(f"{run_dir}/log.jsonl has no numbers under {key!r} (a run with --steps 0?); its keys: {', '.join(keys)}")
+                fail(f"{run_dir}/log.jsonl has no numbers under {key!r} (a run with --steps 0?); its keys: "
+                     f"{', '.join(keys)}")
             print("\n".join(chart(numbers, f"{key} per step ({run_dir})")))
             tail = numbers[-max(1, len(numbers) // 10):]   # the last tenth: a batch mean is noisy, their mean less so
             print(f"{key}: first {numbers[0]:.4g}, last {numbers[-1]:.4g}, mean of the last {len(tail)} "
@@ -843,12 +833,14 @@ def main(argv=None):
         sft, _ = sft_model(task, torch.device("cpu"), run_args.sft_dir, run_args.seed, run_args.sft_steps,
                            model_config(run_args))
         print(f"mean log pi(y|x), nats summed over the response: the SFT model, then {run_dir}'s policy")
+        rows = displacement(policy, sft, task, run_args.seed)
         print_table(["reviews", "SFT", "policy", "change"], [[name, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
-                                                             for name, a, b in displacement(policy, sft, task, run_args.seed)])
+                                                             for name, a, b in rows])
     else:
         a, b = "the acting was great and the music superb", "a dull plot but lovely cast"
         print(f"prompt: classic comedy film\n  a: {a}  score {score('', a):+.3f}\n  b: {b}  score {score('', b):+.3f}")
-        print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = {oracle('', a, b):.3f}")
+        print(f"  oracle P(a > b | x) = sigmoid(({score('', a):.2f} - {score('', b):.2f}) / tau) = "
+              f"{oracle('', a, b):.3f}")
         pairs = Task(TaskConfig(n_demos=8, n_pairs=4, n_heldout=4)).pairs
         print("\ntraining pairs (chosen / rejected, judge's score):")
         for i in range(4):
@@ -859,4 +851,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)   # model.run: a closed pipe or Ctrl-C ends in one line, not a traceback

@@ -42,13 +42,11 @@ g.add_argument("--reference-free", action="store_true",
                help="exercise: drop pi_ref from the loss (log pi_ref = 0), so the reward is beta log pi_theta(y|x), "
                     "summed; pi_ref is still kept to evaluate against the SFT model")
 g.add_argument("--precompute-ref", action="store_true",
-               help="compute log pi_ref(y|x) of every training pair once, before the first step, instead of "
-                    "a reference forward pass in every step (TRL's precompute_ref_log_probs); pi_ref is frozen, "
-                    "so the numbers are the same up to float rounding")
+               help="log pi_ref(y|x) of every training pair computed once, before the first step, not in every step "
+                    "(TRL's precompute_ref_log_probs): pi_ref is frozen, so the numbers are the same")
 g.add_argument("--exact", action="store_true",
-               help="check [DPO-opt] exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
-                    "the same dpo_loss to its minimum; defaults become --beta 1 --steps 300 (L-BFGS iterations) "
-                    "--out out/dpo_exact, the GPT's flags are ignored, and only metrics.json is written")
+               help="check [DPO-opt] exactly on a table policy over 27 listed reviews, trained by the same dpo_loss "
+                    "to its minimum; defaults become --beta 1 --steps 100 (Newton steps at most) --out out/dpo_exact")
 add_run_args(parser, "dpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -130,7 +128,8 @@ def main():
         batch = data.pair_batch(task.pairs, idx, device)
         policy_chosen_logps, policy_rejected_logps, _, _ = pair_logps(policy, **batch)
         if args.reference_free:   # exercise: log pi_ref(y|x) := 0
-            ref_chosen_logps, ref_rejected_logps = torch.zeros_like(policy_chosen_logps), torch.zeros_like(policy_rejected_logps)
+            ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
+            ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
         elif args.precompute_ref:   # looked up: no reference forward pass in the step
             ref_chosen_logps, ref_rejected_logps = ref_chosen_all[idx.to(device)], ref_rejected_all[idx.to(device)]
         else:
@@ -165,8 +164,9 @@ def main():
     metrics = {"method": "dpo", "seed": args.seed, "device": device.type, "steps": args.steps,
                **result, **data.ranking_metrics(chosen_rewards, rejected_rewards, *heldout_policy),
                "beta": args.beta, "reference_free": args.reference_free, "precompute_ref": args.precompute_ref,
-               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size, "sft_ce_before": sft_info["ce_before"],
-               "sft_ce_after": sft_info["ce_after"], "final_loss": log_rows[-1]["loss"] if log_rows else None,
+               "ref_precompute_seconds": precompute_seconds, "lr": args.lr, "batch_size": args.batch_size,
+               "sft_ce_before": sft_info["ce_before"], "sft_ce_after": sft_info["ce_after"],
+               "final_loss": log_rows[-1]["loss"] if log_rows else None,
                "startup_seconds": t0 - START, "train_seconds": train_seconds, "eval_seconds": time.time() - t1,
                "seconds_per_step": train_seconds / max(args.steps, 1), "peak_memory_mb": memory.mb(),
                "wall_seconds": time.time() - START}
@@ -180,10 +180,8 @@ def main():
                        ("l", "log pi(y_l|x)", [r["logps/rejected"] for r in log_rows])],
                       "logps/chosen and logps/rejected per step (batch means, nats)"), sep="\n")
     print()
-    data.print_summary("DPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft),
+    data.print_summary("DPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft), args.out,
                        None if args.reference_free else "beta log pi_theta/pi_ref")
-    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,22 +194,20 @@ def main():
 # (DPO paper, section 4 and Theorem 1), where r is the reward of the Bradley-Terry model the labels come
 # from: data.py's judge draws P(a > b) = sigma((s_a - s_b)/tau), so r = s/tau up to a constant, which Z absorbs.
 # A GPT cannot be checked against that: it cannot represent every distribution, and its responses cannot be
-# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review (and answers
-# sequence_logps and pair_logps like a language model: the tests check it), and dpo_loss trains it unchanged,
-# on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
+# listed. data.ExactTask lists 27 reviews; model.TablePolicy holds one logit per review, and dpo_loss trains it
+# unchanged, on the log-probs of the chosen and rejected reviews. What changes is the data and the optimiser:
 #   - the POPULATION loss: every ordered pair (y_w, y_l) weighted by its probability in the data (two reviews
 #     from pi_ref, the judge picks), E_D[...] as a finite sum; then the same with n_pairs sampled pairs;
-#   - L-BFGS on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches: we want
-#     the minimiser to eight digits, not a good policy in 200 steps.
+#   - Newton's method on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches:
+#     we want the minimiser to the digits float64 can see, not a good policy in 200 steps.
 # The IPO paper's point (arXiv 2310.12036, section 4.2) [IPO-4.2]: pi* depends on tau and beta only through
 # their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
 # its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
 # P exactly 0 or 1 the loss has no minimum at all: it keeps falling as the mass moves, and training follows
-# it until float64 can no longer see it fall. The beta sweep shows both sides.
-# Under --judge cyclic there is no reward and no pi*: the run reports what DPO's fit to cyclic labels is
-# worth in the game, its exploitability [Nash].
+# it until float64 can no longer see it fall. The beta sweep shows both sides. Under --judge cyclic there is no
+# reward and no pi*: the run reports what DPO's fit to cyclic labels is worth in the game, its exploitability.
 
-EXACT_DEFAULTS = {"beta": 1.0, "steps": 300,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
+EXACT_DEFAULTS = {"beta": 1.0, "steps": 100,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
                   "out": "out/dpo_exact"}
 IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
 DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
@@ -220,8 +216,7 @@ DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 
 def fit_exact(ex, pairs, beta, steps):
     """Minimise the expected dpo_loss over `pairs` (chosen, rejected, weights: ExactTask.population_pairs or
     .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C].
-    log pi(y|x) of the 27 reviews is policy.log_probs(), what model.sequence_logps returns on the table (in
-    float64), and a pair's two log-probs are two entries of it."""
+    log pi(y|x) of the 27 reviews is policy.log_probs() (what sequence_logps gives on the table, in float64)."""
     policy, ref = ex.table(), frozen_copy(ex.table())
     chosen, rejected, weights = pairs
     ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x)
@@ -237,7 +232,7 @@ def fit_exact(ex, pairs, beta, steps):
 
 
 def run_exact():
-    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    args, ex = data.start_exact(parser, EXACT_DEFAULTS)
     best, cfg = ex.best(), ex.config
     # the population loss (all pairs, weighted as drawn) and n_pairs sampled pairs, both drawn from pi_ref
     trained = fit_exact(ex, ex.population_pairs(), args.beta, args.steps)
@@ -264,7 +259,7 @@ def run_exact():
         metrics.update(ipo_betas=list(IPO_BETAS), deterministic_tau=DETERMINISTIC_TAU,
                        best_mass_noisy=[r[1] for r in sweep], best_mass_noisy_optimum=[r[2] for r in sweep],
                        best_mass_deterministic=[r[3] for r in sweep])
-    data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, START)
 
     print(f"exact DPO: a table over {ex.n} reviews, judge {cfg.judge}, beta {args.beta}, tau {cfg.tau}\n")
     data.print_exact_groups(ex, columns)
@@ -275,10 +270,7 @@ def run_exact():
         data.print_table(["beta", f"tau {cfg.tau}: trained", "pi* (closed form)",
                           f"deterministic labels (tau {DETERMINISTIC_TAU}): trained"],
                          [[b, f"{n:.4f}", f"{o:.4f}", f"{d:.4f}"] for b, n, o, d in sweep])
-    print(f"\nexploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
-          f"DPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
-          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(done)
 
 
 if __name__ == "__main__":

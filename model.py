@@ -3,13 +3,11 @@ model.py: the language model the three methods train.
 
     1. the network       a small decoder-only GPT in the nanoGPT mould (0.1 M parameters)
     2. log-probs         sequence_logps: log pi(y|x) summed over RESPONSE tokens only; pair_logps
-    3. sampling          batched, temperature / top-k, stops at EOS, its own RNG, a key/value cache
+    3. sampling          batched, with a temperature, stops at EOS, its own RNG, a key/value cache
     4. the SFT start     Adam, and cross-entropy on the demonstrations: pi_ref for DPO, pi_1 for SPPO
     5. a table policy    any distribution over a short list of responses, as a language model (--exact)
 
-Nothing here knows about DPO, SimPO or SPPO. The appendix at the end (flags, devices, faults, files, the
-SFT cache, memory) is the run contract: it is not needed to follow the methods.
-"""
+Nothing here knows about DPO, SimPO or SPPO. The appendix (the run contract) is not needed to follow them."""
 
 import copy
 import math
@@ -22,9 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The network
-# ----------------------------------------------------------------------------------------------------
+# --- 1. The network -----------------------------------------------------------------------------------------
 
 @dataclass
 class GPTConfig:
@@ -51,8 +47,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hs]
         is_causal = True
         if cache is not None:
-            # Key/value cache for sampling: the prompt fills it in one causal pass, after which each new
-            # token attends to everything cached (no mask needed: nothing later exists yet).
+            # key/value cache for sampling: the prompt fills it, then each new token attends to all of it
             if "k" in cache:
                 assert T == 1, "after the prompt, the cache takes one token at a time"
                 k = torch.cat([cache["k"], k], dim=2)
@@ -113,25 +108,15 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Sequence log-probabilities: log pi(y|x) = sum_{i=1..|y|} log pi(y_i | x, y_<i)
-# ----------------------------------------------------------------------------------------------------
+# --- 2. Sequence log-probabilities: log pi(y|x) = sum_{i=1..|y|} log pi(y_i | x, y_<i) ----------------------
 
 def sequence_logps(model, input_ids, response_mask):
     """Sum of log pi(y_i | x, y_<i) over the response tokens of each row, and |y|.
 
     input_ids     [B, T]  BOS, prompt, SEP, response, EOS, then PAD to the batch's width
-    response_mask [B, T]  1 on response tokens (the closing EOS included, as in the official DPO and
-                          SimPO code: ending the answer is part of the answer), 0 on prompt and padding
-    returns       logps [B] (float32), lengths [B] (number of response tokens, |y|)
-
-    Position t's logits predict token t+1, so logits and targets are shifted against each other by one,
-    and so is the mask: the prompt and the padding are multiplied by 0 and never contribute.
-    """
+    response_mask [B, T]  1 on response tokens, the closing EOS included (as in the official DPO and SimPO
+                          code: ending the answer is part of it), 0 on prompt and padding
+    returns       logps [B] (float32), lengths [B] (|y|). Position t's logits predict token t+1."""
     logits = model(input_ids[:, :-1])                                 # [B, T-1, V]: predicts tokens 1..T-1
     targets = input_ids[:, 1:]                                        # [B, T-1]
     mask = response_mask[:, 1:].to(torch.float32)                     # [B, T-1]
@@ -167,24 +152,15 @@ def trim(ids, mask):
     return ids[:, :width], mask[:, :width]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Sampling
-# ----------------------------------------------------------------------------------------------------
+# --- 3. Sampling --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, top_k=None,
-           generator=None, batch_size=1024, use_cache=True):
-    """Sample one response per prompt row.
-
-    prompts [N, P] (all prompts of the toy task have the same length, so no left padding is needed)
-    returns responses [N, max_new_tokens]: the tokens up to and including EOS, then 0 (PAD).
-    Every response ends in EOS: one still open after max_new_tokens - 1 tokens is closed by force.
-    banned_ids (PAD, BOS, SEP) are never drawn, so a sample always parses as a response.
-    The draws come from `generator` alone, so sampling is reproducible and leaves the global RNG (and
-    so the training run) untouched.
-    """
-    was_training = model.training
-    model.eval()
+def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, generator=None, batch_size=1024,
+           use_cache=True):
+    """One response per prompt row: prompts [N, P] (the toy's prompts all have one length: no left padding)
+    -> responses [N, max_new_tokens], the tokens up to EOS (one still open at the end is closed by force),
+    then PAD. banned_ids are never drawn. The draws come from `generator` alone: reproducible, and the
+    global RNG (the training run's) is untouched. Put the model in eval mode first."""
     out = []
     for start in range(0, prompts.shape[0], batch_size):
         idx = prompts[start:start + batch_size]
@@ -196,9 +172,6 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
             logits = model(idx if (step == 0 or not use_cache) else tokens[-1][:, None], caches)[:, -1, :]
             logits = logits.float() / temperature
             logits[:, list(banned_ids)] = float("-inf")
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits[logits < kth] = float("-inf")
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
             if step == max_new_tokens - 1:
                 nxt = torch.full_like(nxt, eos_id)          # close any response still open
@@ -211,25 +184,16 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
                 break
         resp = torch.stack(tokens, dim=1)
         out.append(F.pad(resp, (0, max_new_tokens - resp.shape[1])))
-    model.train(was_training)
     return torch.cat(out)
 
 
-def make_generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. The SFT warm start, shared by all three methods (DPO: pi_ref; SimPO: the start; SPPO: pi_1)
-# ----------------------------------------------------------------------------------------------------
+# --- 4. The SFT warm start, shared by all three methods (DPO: pi_ref; SimPO: the start; SPPO: pi_1) ---------
 
 class Adam:
-    """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them
-    step by step), without its first-use import of torch's compiler (about 2 s of a 5-second run).
-        m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
-        theta <- theta - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)"""
+    """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them step
+    by step), without its first-use import of torch's compiler (about 2 s of a 5-second run). Per weight:
+        m <- beta1 m + (1 - beta1) g,  v <- beta2 v + (1 - beta2) g^2,  theta <- theta - lr m^ / (sqrt(v^) + eps)
+    with m^ = m / (1 - beta1^t) and v^ = v / (1 - beta2^t), t the step."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.lr, self.betas, self.eps, self.t = list(params), lr, betas, eps, 0
@@ -294,61 +258,30 @@ def sft_model(task, device, sft_dir, seed, steps, cfg=None, quiet=False):
 
 def frozen_copy(model):
     """A copy that never trains: eval mode, requires_grad False (DPO's pi_ref, SPPO's pi_t)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. A table policy: any distribution over a finite list of responses, as a language model (--exact)
-# ----------------------------------------------------------------------------------------------------
+# --- 5. A table policy: any distribution over a finite list of responses, as a language model (--exact) -----
 #
 # Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights
-# step") is about the best POLICY, not the best network. To check one exactly, the policy must be able to
-# represent every distribution over the responses, and the responses must be few enough to list. A table
-# of one logit per response does both: pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the chain rule
-#     pi(y_i | x, y_<i) = (mass of the responses that start with y_<i y_i) / (mass of those that start with y_<i)
-# so the table can answer forward(idx) with next-token logits, log(mass of each continuation), and
-# sequence_logps, pair_logps and sample work on it UNCHANGED: the sum over response tokens telescopes to
-#     log pi(y|x) = theta_y - logsumexp(theta).
-# The exact modes train from log_probs(), the same numbers in float64 (sequence_logps works in float32,
-# which would blur a minimiser's last digits). The table ignores the prompt, as the judge does. CPU only.
-
-NEVER = -1e30   # the logit of a next token that no listed response continues with (finite: no NaN gradients)
-
+# step") is about the best POLICY, not the best network: it is checked on a policy that can be any
+# distribution over a list of responses, one logit each, pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the
+# chain rule pi(y_i | x, y_<i) = mass(responses starting y_<i y_i) / mass(responses starting y_<i), so the
+# table answers forward(idx) with next-token logits, and sequence_logps, pair_logps and sample work on it
+# unchanged (the sum over response tokens telescopes to log pi(y|x) = theta_y - logsumexp(theta)). The exact
+# modes train from log_probs(), the same numbers in float64. The table ignores the prompt, as the judge does.
 
 class TablePolicy(nn.Module):
     """pi(y|x) = softmax(theta)[y] over a fixed list of responses [C, L] (token ids, each ending in EOS and
     then padding, all different), served as a language model whose responses start after prompt_len tokens.
-    forward(idx) returns next-token logits [B, T, vocab]: after the prompt, the log of the table mass of each
-    continuation of the prefix read so far; 0 at prompt positions (never scored) and after a prefix that no
-    listed response starts with (the token that left the list already cost NEVER). No key/value cache:
-    sample it with use_cache=False."""
+    theta starts at 0 (uniform). No key/value cache: sample it with use_cache=False."""
 
-    def __init__(self, responses, prompt_len, vocab_size, logits=None):
+    def __init__(self, responses, prompt_len, vocab_size):
         super().__init__()
-        responses = torch.as_tensor(responses, dtype=torch.long).cpu()
-        C, L = responses.shape
-        assert len({tuple(r) for r in responses.tolist()}) == C, "the listed responses must all differ"
+        self.responses = torch.as_tensor(responses, dtype=torch.long).cpu()
+        assert len({tuple(r) for r in self.responses.tolist()}) == len(self.responses), "the responses must differ"
         self.prompt_len, self.vocab_size = prompt_len, vocab_size
-        self.logits = nn.Parameter(torch.zeros(C, dtype=torch.float64) if logits is None
-                                   else torch.as_tensor(logits, dtype=torch.float64).clone())
-        self.register_buffer("responses", responses)
-        # The prefix tree. node[c, j] numbers the distinct prefixes responses[c, :j] (node 0: the empty one);
-        # through[n, c]: response c starts with prefix n; child[n, v]: prefix n then token v, or -1 if no
-        # listed response continues prefix n with v.
-        prefixes = {}
-        node = torch.tensor([[prefixes.setdefault(tuple(r[:j]), len(prefixes)) for j in range(L + 1)]
-                             for r in responses.tolist()])
-        through = torch.zeros(len(prefixes), C, dtype=torch.bool)
-        child = torch.full((len(prefixes), vocab_size), -1, dtype=torch.long)
-        for c in range(C):
-            through[node[c], c] = True
-            child[node[c, :L], responses[c]] = node[c, 1:]
-        self.register_buffer("node", node[:, :L])
-        self.register_buffer("through", through)
-        self.register_buffer("child", child)
+        self.logits = nn.Parameter(torch.zeros(len(self.responses), dtype=torch.float64))
 
     def log_probs(self):
         """log pi(y|x) of each listed response, [C], float64: theta_y - logsumexp(theta)."""
@@ -359,28 +292,24 @@ class TablePolicy(nn.Module):
         return torch.softmax(self.logits.detach(), dim=0)
 
     def forward(self, idx, caches=None):
-        assert caches is None, "a table has no key/value cache: sample it with use_cache=False"
+        """idx [B, T] -> logits [B, T, vocab]: after the prompt, log of the mass of each continuation of the
+        response tokens read so far (log 1e-300 for none); 0 at the prompt's positions, which are never scored."""
         B, T = idx.shape
-        C, L = self.responses.shape
-        # the log mass of each prefix (a logsumexp over the responses that start with it), and each prefix's
-        # next-token logits: the log mass of each continuation (log_softmax of them: log mass(n v) / mass(n))
-        prefix_mass = torch.logsumexp(torch.where(self.through, self.logits, NEVER), dim=-1)       # [nodes]
-        node_logits = torch.where(self.child >= 0, prefix_mass[self.child.clamp(min=0)], NEVER)   # [nodes, vocab]
-        n = min(T - self.prompt_len + 1, L)          # position prompt_len - 1 + j has read j response tokens
-        same = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
-        match = torch.cat([torch.ones(B, 1, C, dtype=torch.bool), same.long().cumprod(dim=1).bool()], dim=1)  # [B, n, C]
-        rows = node_logits[self.node[match.long().argmax(-1), torch.arange(n)]]     # [B, n, vocab]: a matching c's
-        out = torch.zeros(B, T, self.vocab_size, dtype=node_logits.dtype)
-        out[:, self.prompt_len - 1:self.prompt_len - 1 + n] = torch.where(match.any(-1)[..., None], rows, 0.0)
+        n = min(T - self.prompt_len + 1, self.responses.shape[1])   # position prompt_len - 1 + j read j tokens
+        read = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
+        starts = torch.cat([torch.ones(B, 1, len(self.responses)), read.double().cumprod(dim=1)], dim=1)  # [B, n, C]
+        next_token = F.one_hot(self.responses[:, :n], self.vocab_size).double()                     # [C, n, vocab]
+        mass = torch.einsum("bjc,cjv->bjv", starts * torch.softmax(self.logits, dim=0), next_token)  # [B, n, vocab]
+        out = torch.zeros(B, T, self.vocab_size, dtype=torch.float64)
+        out[:, self.prompt_len - 1:self.prompt_len - 1 + n] = mass.clamp_min(1e-300).log()
         return out
 
 
 def minimise(theta, loss_fn, max_iter=100):
-    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits; the loss an expectation
-    computed in full) by Newton's method: each step solves H d = g with the exact Hessian (autograd), then
-    halves d until the loss falls, and the fit ends when no step lowers it. The exact checks need the
-    minimiser to the digits float64 can see, also where a loss weighs its terms by probabilities from 1 down
-    to 1e-17: that slows any gradient method to a crawl, and Newton's step does not care. Returns the loss."""
+    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits) by Newton's method: each
+    step solves H d = g with the exact Hessian, halving d until the loss falls; the fit ends when no step lowers
+    it. Gradient methods crawl where a loss weighs its terms by probabilities from 1 down to 1e-17; Newton's
+    step does not care, and finds the minimiser to the digits float64 can see. Returns the loss."""
     loss = loss_fn()
     for _ in range(max_iter):
         grad, = torch.autograd.grad(loss, theta, create_graph=True)
@@ -405,14 +334,12 @@ def minimise(theta, loss_fn, max_iter=100):
 # Appendix: the run contract (not needed to follow the methods)
 # ====================================================================================================
 #
-# What every script shares that is not the method: flags, device, how a fault ends (one line on stderr and
-# an exit code: 1 a fault of the run, 2 bad input, 130 Ctrl-C), the output folder (replaced whole or not at
-# all), checkpoints, the SFT cache a classroom shares, and peak memory.
+# Flags, device, faults (one line on stderr; exit 1 a fault of the run, 2 bad input, 130 Ctrl-C), the run's
+# folder (replaced whole or not at all), checkpoints, the SFT cache a classroom shares, and peak memory.
 
 import argparse
 import contextlib
 import ctypes
-import errno
 import gc
 import hashlib
 import io
@@ -424,8 +351,7 @@ import sys
 import warnings
 
 
-def number(kind, test, what):
-    """An argparse type: a finite `kind` that passes `test`, or a one-line refusal naming `what` it wants."""
+def number(kind, test, what):   # an argparse type: a finite `kind` that passes `test`, or one line saying `what`
     def parse(text):
         try:
             value = kind(text)
@@ -447,27 +373,28 @@ positive_int = number(int, lambda v: v > 0, "a whole number > 0")
 
 
 def add_run_args(parser, method, steps, batch_size, lr, steps_help="optimiser steps (0 evaluates the SFT model)"):
-    """The flags every script shares. Sizes are bounded (a toy of 4000 pairs needs no more); seeds are
-    32-bit, so that every seed derived from one (the evaluation adds 20,000) fits torch's generators."""
+    """The flags every script shares. Sizes are bounded (a toy of 4000 pairs needs no more); seeds are 32-bit."""
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
-    g.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="same seed, same device: same numbers")
-    g.add_argument("--out", default=f"out/{method}", help="this run's own folder, replaced whole (default: %(default)s)")
-    g.add_argument("--sft-dir", default="out/sft", help="the SFT models' cache, shared by all runs (default: %(default)s)")
+    g.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0,
+                   help="same seed, same device: same numbers (default: %(default)s)")
+    g.add_argument("--out", default=f"out/{method}", help="the run's own folder, replaced whole (default: %(default)s)")
+    g.add_argument("--sft-dir", default="out/sft", help="the SFT models, shared by all runs (default: %(default)s)")
     g.add_argument("--sft-steps", type=positive_int, default=300, help="SFT steps (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=bounded_int(0, 10**6), default=steps,
                    help=steps_help + (" (default: %(default)s)" if steps is not None else ""))
-    g.add_argument("--batch-size", type=bounded_int(1, 4096), default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=bounded_int(1, 4096), default=batch_size,
+                   help="examples per step (default: %(default)s)")
     g.add_argument("--lr", type=positive_float, default=lr, help="Adam's learning rate (default: %(default)s)")
     g.add_argument("--eval-samples", type=bounded_int(1, 65536), default=512,
                    help="held-out samples per policy in the evaluation (default: %(default)s)")
     g = parser.add_argument_group("model size (the SFT model and every policy)")
-    g.add_argument("--n-layer", type=bounded_int(1, 48), default=GPTConfig.n_layer, help="(default: %(default)s)")
-    g.add_argument("--n-head", type=bounded_int(1, 64), default=GPTConfig.n_head, help="(default: %(default)s)")
+    g.add_argument("--n-layer", type=bounded_int(1, 48), default=GPTConfig.n_layer, help="depth (default: %(default)s)")
+    g.add_argument("--n-head", type=bounded_int(1, 64), default=GPTConfig.n_head, help="heads (default: %(default)s)")
     g.add_argument("--n-embd", type=bounded_int(8, 2048), default=GPTConfig.n_embd,
-                   help="a multiple of --n-head (default: %(default)s)")
+                   help="width, a multiple of --n-head (default: %(default)s)")
 
 
 def model_config(args):
@@ -491,8 +418,7 @@ def pick_device(name):
         fail("--device mps, but MPS is not available here; use --device cpu")
     if name == "cuda":
         # Same seed, same GPU, same numbers (PyTorch's "Reproducibility" notes): a fixed cuBLAS workspace, and
-        # attention on the plain "math" kernel (the flash and memory-efficient ones add gradients in no fixed
-        # order; at 22 tokens the math kernel costs nothing); an op with no deterministic version warns.
+        # attention on the "math" kernel (the fast ones add gradients in no fixed order; at 22 tokens it is free)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cuda.enable_flash_sdp(False)
@@ -507,41 +433,36 @@ def pick_device(name):
 progress = argparse.Namespace(out=None, phase="setup", step=None, total=None, lr=None)   # where the run is
 
 
-class Diverged(Exception):
-    pass
-
-
 def check_loss(loss, step, total=None, phase="training"):
-    """Every step: note where the run is (for Ctrl-C's line), and stop at a non-finite loss before the
-    optimiser spreads it into the weights."""
+    """Every step: note where the run is (for Ctrl-C's line); stop at a non-finite loss before the weights do."""
     progress.phase, progress.step, progress.total = phase, step, total
     if not math.isfinite(value := float(loss.detach())):
-        raise Diverged(f"the loss is {value} at step {step}{f' of {total}' if total else ''} ({phase}): the run diverged")
+        raise FloatingPointError(f"the loss is {value} at step {step}{f' of {total}' if total else ''} "
+                                 f"({phase}): the run diverged")
 
 
 def check_weights(model):
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise Diverged("a weight is not finite after the last training step: the run diverged")
+        raise FloatingPointError("a weight is not finite after the last training step: the run diverged")
 
 
 def run(main):
-    """A script's main(), where every fault ends in one line on stderr and an exit code. Everything a
-    script prints to stdout comes after its files are saved, so a reader that leaves early
-    (python simpo.py | head -3) costs the rest of the output, never the run."""
+    """A script's main(), where every fault ends in one line on stderr and an exit code. Scripts print to stdout
+    only after saving, so a reader that leaves early (python simpo.py | head -3) costs output, never the run."""
     gc.freeze()   # torch's import-time objects are never garbage: collections and the exit skip them (~1 s)
-    if hasattr(sys.stdout, "reconfigure") and (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
-        sys.stdout.reconfigure(errors="replace")   # a character the terminal cannot show becomes '?'
     untouched = lambda: f"previous results in {progress.out or 'the output folder'} untouched"
-    where = (lambda: f"at step {progress.step}{f' of {progress.total}' if progress.total else ''} ({progress.phase})"
-             if progress.step is not None and "training" in progress.phase else f"during {progress.phase}")
+    where = lambda: (f"at step {progress.step}{f' of {progress.total}' if progress.total else ''} ({progress.phase})"
+                     if progress.step is not None and "training" in progress.phase else f"during {progress.phase}")
     try:
         main()
+        sys.stdout.flush()   # here, not at the exit, where a reader that has left would cost a traceback
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python flushes stdout once more at exit
     except KeyboardInterrupt:
-        saved = f"the run was saved in {progress.out}" if progress.phase == "saved" else untouched()
-        fail(f"interrupted {where()}; {saved}", 130)
-    except Diverged as e:
+        print(f"interrupted after the save; the run was saved in {progress.out}" if progress.phase == "saved"
+              else f"interrupted {where()}; {untouched()}", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:   # check_loss, check_weights: the run diverged
         hint = ("try a smaller model (--n-layer, --n-embd) or another --seed" if progress.phase == "SFT training"
                 else f"lower the learning rate (--lr is {progress.lr:g}; try {progress.lr / 10:g})")
         fail(f"{e}; {hint}; nothing was saved, {untouched()}", 1)
@@ -553,25 +474,21 @@ def run(main):
 
 # --- Files: --out is the run's own folder, replaced whole or not at all -------------------------------
 
-def beside(out, what):
-    head, name = os.path.split(os.path.normpath(out))
-    return os.path.join(head, f".{name}.{what}")
-
-
 def prepare_out_dir(out):
-    """Before any work: refuse an --out that holds anything but a run (it is replaced whole), put the
-    previous run back if a save was killed between its two renames, and prove the place writable."""
-    progress.out, staging, previous = out, beside(out, "incoming"), beside(out, "previous")
+    """Before any work: refuse an --out that holds more than a run (it is replaced whole), put the previous
+    run back if a save was killed between its two renames, and prove the place writable."""
+    progress.out = out
+    staging, previous = (f"{os.path.normpath(out)}.{what}" for what in ("incoming", "previous"))
     if os.path.isdir(previous) and not os.path.exists(out):
         os.rename(previous, out)
         print(f"note: a save into {out} was cut short; the previous run is back in place", file=sys.stderr)
     if os.path.exists(out) and not (os.path.isdir(out) and set(os.listdir(out)) <= {"metrics.json", "log.jsonl",
                                                                                       "model.pt", ".DS_Store"}):
-        fail(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt, and a run replaces "
-             f"its folder whole: choose another --out")
+        fail(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt, and a run replaces its "
+             f"folder whole: choose another --out")
     try:
-        for folder in (previous, staging):
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         os.rmdir(staging)
     except OSError as e:
@@ -587,30 +504,31 @@ def save_run(out, model, args, metrics, log_rows):
 
 
 def save_files(out, files):
-    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save), as one
-    set: they are written into a folder beside it (a full disk or Ctrl-C there leaves `out` as it was),
-    then two renames swap it in."""
-    progress.phase, staging, previous = "saving", beside(out, "incoming"), beside(out, "previous")
+    """Replace the folder `out` by one that holds `files` (name -> bytes, or an object to torch.save): written
+    into OUT.incoming beside it (a full disk or Ctrl-C there leaves `out` as it was), then swapped in."""
+    progress.phase, name = "saving", ""
+    staging, previous = (f"{os.path.normpath(out)}.{what}" for what in ("incoming", "previous"))
     try:
         os.makedirs(staging)
         for name, content in files.items():
             write(os.path.join(staging, name), content)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        fail(f"{'no space left on device' if e.errno == errno.ENOSPC else e.strerror} writing "
-             f"{os.path.join(out, name)}; nothing was saved, previous results in {out} untouched", 1)
+        fail(f"{e.strerror} writing {os.path.join(out, name)}; nothing was saved, previous results in {out} "
+             f"untouched", 1)
     hold = signal.signal(signal.SIGINT, signal.SIG_IGN)   # no Ctrl-C between the two renames
-    if os.path.exists(out):
-        os.rename(out, previous)
-    os.rename(staging, out)
-    progress.phase = "saved"
-    signal.signal(signal.SIGINT, hold)
+    try:
+        if os.path.exists(out):
+            os.rename(out, previous)
+        os.rename(staging, out)
+        progress.phase = "saved"
+    finally:
+        signal.signal(signal.SIGINT, hold)
     shutil.rmtree(previous, ignore_errors=True)
 
 
 def write(path, content):
-    """Bytes, or an object that torch.save turns into bytes in memory (so that a full disk is a plain
-    OSError of Python's write), written to disk for good."""
+    """Bytes (or an object, torch.save'd in memory: a full disk is then a plain OSError) written for good."""
     if not isinstance(content, bytes):
         buffer = io.BytesIO()
         torch.save(content, buffer)
@@ -622,10 +540,9 @@ def write(path, content):
 
 
 def load(path, device="cpu"):
-    """(torch.load(path, weights_only=True), None), or (None, why not, in words: torch's own message is a
-    paragraph about weights_only)."""
+    """(torch.load(path, weights_only=True), None), or (None, why not, in our words)."""
     try:
-        with warnings.catch_warnings():   # torch warns about some foreign files before failing on them
+        with warnings.catch_warnings():   # torch warns about some foreign files before it fails on them
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True), None
     except Exception as e:
@@ -633,7 +550,7 @@ def load(path, device="cpu"):
             head = f.read(4)
         if head != b"PK\x03\x04":   # torch.save writes a zip archive
             return None, "empty" if not head else "not a PyTorch file (unreadable or corrupt)"
-        if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+        if "weights_only" in str(e):
             return None, "not a file of this project (it holds Python objects, not only tensors and plain values)"
         return None, "truncated (an interrupted copy or a full disk?)"
 
@@ -653,51 +570,47 @@ def load_checkpoint(path, device="cpu"):
 
 @contextlib.contextmanager
 def sft_cache(task, device, sft_dir, seed, steps, cfg):
-    """with sft_cache(...) as cache: cache.model is the cached SFT model, or None, and then cache.save(model,
-    info) stores the one just trained. The key holds all that determines the weights: the demonstrations
-    (a digest, so runs that differ only in their pairs share it), the model size, seed, steps and device
-    (to the GPU model). The block holds a lock on the file, so runs that start together train once: the
-    others wait, then load. A bad file costs a note and a rebuild; one that cannot be written, a note."""
-    demos = hashlib.sha256()
-    for t in (task.sft_ids, task.sft_mask, task.sft_heldout_ids, task.sft_heldout_mask):
-        demos.update(t.cpu().numpy().tobytes())
+    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info) stores
+    one just trained. The key holds what determines the weights: the demonstrations (a digest: runs that differ
+    only in their pairs share a model), model size, seed, steps and device. A bad file costs a note and a
+    rebuild; one that cannot be written, a note. Runs that start together train once (lock)."""
+    demos = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (task.sft_ids, task.sft_mask,
+                                                                          task.sft_heldout_ids, task.sft_heldout_mask)))
     key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,
            "batch_size": SFT_BATCH_SIZE, "lr": SFT_LR,
            "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type}
     path = os.path.join(sft_dir, f"sft-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt")
     if os.path.isdir(path):
         fail(f"the SFT cache path {path} is a folder, not a file: remove it or choose another --sft-dir")
-    cache = argparse.Namespace(path=path, model=None, info=None, save=None)
+
+    def save(model, info):
+        try:
+            write(path + ".tmp", {"key": key, "model": model.state_dict(), "info": info})
+            os.replace(path + ".tmp", path)   # readers see the old file or the new one, whole
+        except OSError as e:
+            print(f"note: could not write the SFT cache {path} ({e.strerror}); going on with the model just trained "
+                  f"(the next run will train it again)", file=sys.stderr)
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
     with lock(path + ".lock"):
+        cache = argparse.Namespace(path=path, model=None, info=None, save=save)
         ckpt, problem = load(path, device) if os.path.exists(path) else (None, "missing")
-        if problem is None and not (isinstance(ckpt, dict) and ckpt.keys() >= {"key", "model", "info"}):
-            problem = "not an SFT cache of this project"
-        elif problem is None and ckpt["key"] != key:
-            problem = "made with other settings (its key differs)"
-        elif problem is None:
-            cache.model = GPT(cfg).to(device).eval()
-            cache.model.load_state_dict(ckpt["model"])
-            cache.info = dict(ckpt["info"], cached=True, path=path)
+        if problem is None and not (isinstance(ckpt, dict) and ckpt.get("key") == key and "model" in ckpt):
+            problem = "not an SFT cache of these settings (of this project)"
         if problem:
             print(f"note: no SFT cache at {path}; training the SFT model ({steps} steps, once)" if problem == "missing"
                   else f"note: SFT cache {path} is {problem}; rebuilding it", file=sys.stderr)
-
-        def save(model, info):
-            try:
-                write(path + ".tmp", {"key": key, "model": model.state_dict(), "info": info})
-                os.replace(path + ".tmp", path)   # readers see the old file or the new one, whole
-            except OSError as e:
-                print(f"note: could not write the SFT cache {path} ({e.strerror}); going on with the model just "
-                      f"trained (the next run will train it again)", file=sys.stderr)
-        cache.save = save
+        else:
+            cache.model = GPT(cfg).to(device).eval()
+            cache.model.load_state_dict(ckpt["model"])
+            cache.info = dict(ckpt["info"], cached=True, path=path)
         yield cache
 
 
 @contextlib.contextmanager
 def lock(path):
-    """An exclusive flock on `path` for the block. The lock file stays (a deleted one would let a third run
-    lock a new file while a second waits on the old). Where none can be had (Windows, or a read-only
-    folder without the file) the block runs unlocked."""
+    """An exclusive flock on `path` for the block. The lock file stays (were it deleted, a third run could lock a
+    new file while a second waits on the old); with none to take (Windows, a read-only folder), no lock."""
     try:
         import fcntl
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -719,12 +632,9 @@ def lock(path):
 # --- Peak memory ---------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """What training adds to the memory in use, at its peak, in MB: sampled after every training forward
-    pass of `policy` (its activations all alive, beside the weights, last step's gradients and the
-    optimiser's state), less what was in use at the start. In use: CUDA's allocated bytes; on the CPU the
-    live heap (glibc's mallinfo2); elsewhere (macOS) the peak resident set, a coarse bound. A first
-    backward pass leaves ~3 MB of math-library buffers for good: one on a dummy batch pays them before the
-    start, so a run that loaded its SFT model measures what one that trained it in-process does."""
+    """What training adds to the memory in use, at its peak, in MB: sampled after each training forward pass of
+    `policy`, less what was in use at the start: CUDA's allocated bytes, the CPU's live heap (glibc), else (macOS)
+    the peak resident set. A dummy backward pass first pays the ~3 MB a process keeps after its first one."""
 
     def __init__(self, policy):
         self.device = next(policy.parameters()).device
@@ -740,8 +650,9 @@ class PeakMemory:
             return torch.cuda.memory_allocated(self.device)
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2.restype = Mallinfo2
-            return libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd   # bytes in the heap and in mmapped blocks
+            libc.mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [("n", ctypes.c_size_t * 10)]})
+            counts = libc.mallinfo2().n
+            return counts[7] + counts[4]   # uordblks + hblkhd: the bytes in use in the heap and in mmapped blocks
         except (OSError, AttributeError):   # not glibc
             import resource
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -752,8 +663,3 @@ class PeakMemory:
 
     def mb(self):
         return (self.peak - self.base) / 2**20
-
-
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
-                                                    "fordblks keepcost".split()]

@@ -45,9 +45,9 @@ g.add_argument("--no-length-norm", action="store_true",
                help="ablation: reward beta * log pi_theta(y|x), summed, not averaged; with --length-bias > 0 "
                     "the policy learns that long is good")
 g.add_argument("--exact", action="store_true",
-               help="where SimPO ends, exactly: a table policy over 27 listed reviews instead of the GPT, trained by "
-                    "the same simpo_loss to its minimum from two starts; defaults become --steps 300 (L-BFGS "
-                    "iterations) --out out/simpo_exact, the GPT's flags are ignored, and only metrics.json is written")
+               help="where SimPO ends, exactly: a table policy over 27 listed reviews, trained by the same simpo_loss "
+                    "to its minimum from two starts; defaults become --steps 100 (Newton steps at most) "
+                    "--out out/simpo_exact")
 add_run_args(parser, "simpo", steps=200, batch_size=64, lr=3e-4)
 data.add_task_args(parser)
 
@@ -170,9 +170,7 @@ def main():
     print(*data.chart([r["loss"] for r in log_rows], "SimPO loss [SimPO-4] per step"), sep="\n")
     print(*data.chart([r["rewards/margins"] for r in log_rows], "reward margin r(y_w) - r(y_l) per step"), sep="\n")
     print()
-    data.print_summary("SimPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft))
-    print(f"\nwin rate vs SFT {metrics['win_rate_vs_sft']:.3f} | reward accuracy {metrics['reward_accuracy']:.3f} | "
-          f"ranking agreement {metrics['ranking_agreement']:.3f} | {data.timings(metrics)} | wrote {args.out}/")
+    data.print_summary("SimPO", metrics, data.ranking_metrics(sft_chosen, sft_rejected, *heldout_sft), args.out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,29 +180,27 @@ def main():
 # DPO's loss comes with a promise, the closed-form optimum pi* (dpo.py, [DPO-opt]); SimPO's does not: with no
 # pi_ref and a margin gamma, nothing says where its minimum is. What can be shown exactly, on the 27-review
 # table of data.ExactTask trained by this file's simpo_loss on the population of pairs (all pairs, weighted
-# as the data draws them, minimised by L-BFGS: see dpo.py's exact mode):
-#   1. its end does not depend on where it starts: from the SFT table and from the uniform table, the two
-#      ends agree (start_gap = KL between them). What anchors the end is the data alone.
+# as the data draws them, minimised by Newton's method: see dpo.py's exact mode):
+#   1. its end does not depend on where it starts: from the SFT table and from the uniform table, the ends
+#      agree (start_gap = KL between them): the data alone anchors it.
 #   2. how far that end is from DPO's pi* on the same data (kl_to_dpo_optimum, at dpo.py --exact's beta 1).
 #   3. what the length normalisation does when responses differ in length. With gamma = 0 the end is in
 #      closed form, and it says it all: the labels' Bradley-Terry likelihood is maximised by rewards equal
 #      to the true ones up to a constant, r_SimPO(y) = (beta/|y|) log pi(y) = r(y) + c, so
 #          pi(y) = exp( |y| (r(y) + c) / beta )        (c < -max r: it makes pi sum to 1)
-#      Two reviews of EQUAL reward get the same log-prob PER TOKEN, so the longer gets less mass: a review
-#      twice as long gets the square of the probability. Without the 1/|y| (--no-length-norm's reward,
+#      Two reviews of EQUAL reward get the same log-probability PER TOKEN, (r + c)/beta < 0 (|y| counts the EOS),
+#      so each extra token multiplies the mass by the same factor below 1. Without the 1/|y| (--no-length-norm,
 #      beta log pi(y)) the same argument gives pi(y) proportional to exp(r(y)/beta): length plays no part.
-#      The run checks the gamma = 0 closed form (kl_to_closed_form_gamma0) and reports the mean length
-#      (in words) of each end.
+#      The run checks the closed form (kl_to_closed_form_gamma0) and reports each end's mean length in words.
 
-EXACT_DEFAULTS = {"steps": 300, "out": "out/simpo_exact"}   # steps: L-BFGS iterations per fit; beta, gamma as they are
+EXACT_DEFAULTS = {"steps": 100, "out": "out/simpo_exact"}   # steps: Newton steps per fit, at most; beta, gamma as given
 DPO_EXACT_BETA = 1.0              # dpo.py --exact's default beta: the pi* the SimPO end is compared with
 
 
 def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
     """Minimise the expected simpo_loss over `pairs` (ExactTask.population_pairs: chosen, rejected, weights)
-    for a table policy that starts at the distribution `start` [C]. Returns its distribution [C].
-    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
-    float64) and |y| their number of tokens, EOS included, as sequence_logps counts it."""
+    for a table policy that starts at the distribution `start` [C]; returns its distribution [C]. |y| counts
+    a review's tokens, EOS included, as sequence_logps does."""
     policy = ex.table(start)
     chosen, rejected, weights = pairs
     lengths = ex.words.double() + 1 if length_norm else torch.ones(ex.n, dtype=torch.float64)   # [C] |y|
@@ -220,7 +216,7 @@ def fit_exact(ex, pairs, beta, gamma, start, steps, length_norm=True):
 
 
 def run_exact():
-    args, ex, start_time = data.start_exact(parser, EXACT_DEFAULTS)
+    args, ex = data.start_exact(parser, EXACT_DEFAULTS)
     pairs = ex.population_pairs()           # drawn from the SFT table, as the GPT task draws its pairs
     uniform = torch.full((ex.n,), 1.0 / ex.n, dtype=torch.float64)
     norm = not args.no_length_norm
@@ -243,12 +239,13 @@ def run_exact():
         gamma0 = fit_exact(ex, pairs, args.beta, 0.0, ex.sft_probs, args.steps, length_norm=True)
         metrics.update(kl_to_dpo_optimum=data.kl(from_sft, optimum), mean_words_dpo_optimum=ex.mean_words(optimum),
                        kl_to_closed_form_gamma0=data.kl(gamma0, ex.simpo_optimum_gamma0(args.beta)))
-    data.save_exact(args, ex, metrics, start_time)
+    done = data.save_exact(args, ex, metrics, START)
 
     print(f"exact SimPO: a table over {ex.n} reviews, judge {ex.config.judge}, beta {args.beta}, gamma {args.gamma}, "
           f"length normalisation {'on' if norm else 'off'}\n")
     data.print_exact_groups(ex, columns, by="length" if ex.reward is not None else "school")   # cyclic: schools matter
-    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: one end, whatever the start")
+    print(f"\nstart_gap = KL(end from SFT || end from uniform) = {metrics['start_gap']:.2e} nats: one end, "
+          f"whatever the start")
     words = f"mean length (words): SFT {metrics['mean_words_sft']:.2f}, SimPO {metrics['mean_words']:.2f}, " + \
         (f"without length norm {metrics['mean_words_length_norm_off']:.2f}" if norm else
          f"with length norm {metrics['mean_words_length_norm_on']:.2f}")
@@ -257,10 +254,7 @@ def run_exact():
               f"gamma = 0 (length-normalised): KL(end || closed form) = {metrics['kl_to_closed_form_gamma0']:.2e}")
         words += f", DPO's pi* {metrics['mean_words_dpo_optimum']:.2f}"
     print(words)
-    print(f"exploitability max_y P(y > pi) - 1/2 [Nash]: SFT {metrics['exploitability_sft']:.3f}, "
-          f"SimPO {metrics['exploitability']:.3f}; school shares (story, acting, craft): "
-          + " / ".join(f"{x:.3f}" for x in metrics["school_shares"]))
-    print(f"{metrics['wall_seconds']:.1f} s | wrote {args.out}/metrics.json (a table, no GPT: no model.pt, no log.jsonl)")
+    print(done)
 
 
 if __name__ == "__main__":

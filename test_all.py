@@ -1,31 +1,56 @@
 """
 test_all.py: the tests of model.py, data.py, dpo.py, simpo.py and sppo.py (standard-library unittest only).
 
-    python -m unittest test_all -v        (or: python -m pytest test_all.py)
+    python -m unittest test_all -v                  the whole suite (about 20 s on 2 cores)
+    python -m unittest test_all.TestDpoLoss -v      one class (any class below)
 
-Every test checks a value worked out independently of the code under test (by hand, in closed form, with
-a plain Python loop) or an invariance the code promises (padding, batch order, seeds, caches). Sizes are
-tiny so that the whole file runs in well under two minutes on a 2-core CPU.
+Write it yourself: replace a function's body with `raise NotImplementedError`, write it again from its
+docstring and the derivation above it, and run its class. Each of these classes calls the function alone,
+and a failure says what was expected, what came, and which common mistake gives exactly what came.
+
+    function              in         class                  the one command
+    dpo_loss              dpo.py     TestDpoLoss            python -m unittest test_all.TestDpoLoss -v
+    simpo_loss            simpo.py   TestSimpoLoss          python -m unittest test_all.TestSimpoLoss -v
+    sppo_loss             sppo.py    TestSppoLoss           python -m unittest test_all.TestSppoLoss -v
+    estimate_win_rates    sppo.py    TestEstimateWinRates   python -m unittest test_all.TestEstimateWinRates -v
+    sequence_logps        model.py   TestSequenceLogps      python -m unittest test_all.TestSequenceLogps -v
+
+After those five classes the tests follow the code: one part per file (model.py, data.py, dpo.py, simpo.py,
+sppo.py), one class per function or behaviour, named after it; the run contract (flags, faults, the output
+folder, checkpoints, the SFT cache, memory, the README, the scripts as processes) comes last, and students
+can skip it. Every test checks a value worked out independently of the code under test (by hand, in closed
+form, with a plain loop, or recomputed from a run's own files) or an invariance the code promises.
+
+The runs are tiny and shared: one SFT model per judge (5 steps, trained once per test run), each script's
+main() run in this process a few times (run_main), and a fresh process only where the process is the
+point: each script once as a user types it, a real Ctrl-C, a closed pipe, an ASCII terminal. Those start
+first, in parallel, when the whole file runs (load_tests at the end).
 """
 
 import argparse
+import atexit
+import ast
 import contextlib
 import errno
-import os
-
-# The tests start several scripts at once; on 2 cores, OpenMP threads that spin while they wait would slow
-# every process many times over, so they sleep instead (inherited by the subprocesses). Before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import glob
 import inspect
 import io
 import itertools
 import json
 import math
+import os
+
+# Several processes share 2 cores while the tests run: OpenMP threads that spin while they wait would slow
+# every one of them many times over, so they sleep instead (inherited by the subprocesses). Before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 from unittest import mock
 
@@ -40,733 +65,18 @@ import model
 import simpo
 import sppo
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-CPU = torch.device("cpu")
-
-# The keys every run's metrics.json carries (issues 2 and 3), and the TRL names of every log.jsonl line.
-METRIC_KEYS = ["method", "seed", "device", "steps", "train_seconds", "seconds_per_step", "peak_memory_mb",
-               "win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft",
-               "reward_accuracy", "ranking_agreement"]
-TIMING_KEYS = {"train_seconds", "seconds_per_step", "peak_memory_mb", "wall_seconds"}
-LOG_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected"]
-# A few-step run of a method script: the smallest settings the scripts accept that still exercise every stage.
-TINY_RUN = ["--steps", "3", "--sft-steps", "5", "--eval-samples", "16", "--batch-size", "8", "--device", "cpu"]
-
-
-def small_task(seed=0, **kw):
-    return data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
-
-
-def sharp_model(seed=0):
-    """A GPT whose next-token distributions are far from uniform (a freshly initialised one predicts
-    about log(1/90) everywhere, which would hide an off-by-one in a log-prob test)."""
-    torch.manual_seed(seed)
-    m = model.GPT(model.GPTConfig())
-    with torch.no_grad():
-        m.wte.weight.mul_(20.0)    # tied with lm_head: logits of a few nats' spread
-        m.wpe.weight.normal_(0.0, 0.5)
-    m.eval()
-    return m
-
-
-def script(name, *args):
-    """Start `python name args...` in the repo directory (not waited for)."""
-    return subprocess.Popen([sys.executable, name, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def run_main(module, argv):
-    """module.main() in this process with sys.argv = argv, its output silenced; returns stderr text."""
-    err = io.StringIO()
-    with mock.patch.object(sys, "argv", [module.__name__ + ".py", *argv]), \
-            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        module.main()
-    return err.getvalue()
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 # ====================================================================================================
-# model.py: the network, log-probs
+# Write it yourself: dpo_loss, simpo_loss, sppo_loss, estimate_win_rates, sequence_logps
 # ====================================================================================================
-
-class TestNetwork(unittest.TestCase):
-    def test_vocab_size_matches_data(self):
-        self.assertEqual(model.GPTConfig().vocab_size, len(data.VOCAB))
-
-    def test_size(self):
-        m = model.GPT(model.GPTConfig())
-        self.assertTrue(5e4 <= model.num_params(m) <= 1e6, model.num_params(m))
-        self.assertIs(m.lm_head.weight, m.wte.weight)             # weight tying
-
-    def test_causal_mask(self):
-        """Changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)."""
-        m = sharp_model(0)
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(4, len(data.VOCAB), (3, 12), generator=g)
-        changed = ids.clone()
-        changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
-        with torch.no_grad():
-            a, b = m(ids), m(changed)
-        torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-5)
-        self.assertGreater((a[:, 7:] - b[:, 7:]).abs().max().item(), 1e-2)
-
-    def test_kv_cache_matches_full_forward(self):
-        """Prompt through the cache in one pass, then one token at a time: the same logits as one full pass."""
-        m = sharp_model(2)
-        g = torch.Generator().manual_seed(3)
-        ids = torch.randint(4, len(data.VOCAB), (2, 15), generator=g)
-        with torch.no_grad():
-            full = m(ids)
-            caches = [dict() for _ in m.blocks]
-            parts = [m(ids[:, :5], caches)]
-            for t in range(5, ids.shape[1]):
-                parts.append(m(ids[:, t:t + 1], caches))
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
-
-
-class TestSequenceLogps(unittest.TestCase):
-    """model.sequence_logps alone: log pi(y|x) = sum over response tokens of log pi(y_i | x, y_<i), and |y|."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.m = sharp_model(4)
-        task = small_task(seed=5)
-        cls.ids, cls.mask = task.sft_ids[:5], task.sft_mask[:5]    # BOS prompt SEP response EOS PAD...
-
-    def loop_logps(self, ids, mask):
-        """The definition, one token at a time: each response token scored by a forward pass on its prefix."""
-        out = []
-        for b in range(ids.shape[0]):
-            total = 0.0
-            for t in range(1, ids.shape[1]):
-                if mask[b, t]:
-                    with torch.no_grad():
-                        logits = self.m(ids[b:b + 1, :t])[0, -1]
-                    total += torch.log_softmax(logits.double(), dim=-1)[ids[b, t]].item()
-            out.append(total)
-        return torch.tensor(out, dtype=torch.float64)
-
-    def mistakes(self, ids, mask):
-        """What the usual wrong versions return for these rows, each with its hint."""
-        with torch.no_grad():
-            logits = self.m(ids).double()                                     # [B, T, V]
-        lsm = torch.log_softmax(logits, -1)
-        shifted = lsm[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)        # log pi(token t+1 | tokens <= t)
-        right = (shifted * mask[:, 1:]).sum(-1)
-        raw = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        not_pad = (ids[:, 1:] != data.PAD_ID).double()
-        return [((lsm.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1),
-                 "no shift: position t's logits predict token t+1, so compare logits[:, :-1] with input_ids[:, 1:]"),
-                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use response_mask[:, 1:], "
-                                                   "so the first response token counts and the token after EOS does not"),
-                ((shifted * not_pad).sum(-1), "the prompt is counted: only response tokens (response_mask) count"),
-                (shifted.sum(-1), "the mask is missing: the prompt and the padding are counted"),
-                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| itself)"),
-                ((raw * mask[:, 1:]).sum(-1), "raw logits: take log_softmax over the vocabulary first"),
-                ((torch.log_softmax(logits[:, :-1], 1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1),
-                 "log_softmax over the wrong dimension: it normalises over the vocabulary, dim=-1")]
-
-    def logps(self, ids, mask):
-        return attempt(self, model.sequence_logps, self.m, ids, mask, returns=("logps", "lengths"))
-
-    def test_against_python_loop(self):
-        self.assertTrue(len(set(self.mask.sum(1).tolist())) > 1, "want rows of different lengths")
-        with torch.no_grad():
-            logps, lengths = self.logps(self.ids, self.mask)
-        expect_close(self, logps, self.loop_logps(self.ids, self.mask),
-                     "log pi(y|x) of 5 demonstrations against a loop that scores each response token from its prefix",
-                     self.mistakes(self.ids, self.mask), atol=1e-3, rtol=0)
-        if logps.dtype != torch.float32:
-            self.fail(f"log-probs must be float32 (log_softmax on logits.float()); got {logps.dtype}")
-
-    def test_lengths_count_the_response_and_its_eos(self):
-        prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        r1 = data.encode("great acting") + [data.EOS_ID]                      # 2 words + EOS = 3 tokens
-        r2 = data.encode("the plot was dull and boring") + [data.EOS_ID]      # 6 words + EOS = 7 tokens
-        ids = torch.cat([prompt, torch.tensor([r1 + [data.PAD_ID] * 5, r2 + [data.PAD_ID] * 1])], dim=1)
-        mask = torch.zeros_like(ids)
-        mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
-        with torch.no_grad():
-            logps, lengths = self.logps(ids, mask)
-        expect_close(self, lengths, t(3.0, 7.0), "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
-            (t(2.0, 6.0), "the closing EOS is not counted: |y| is the number of response tokens, EOS included"),
-            (t(8.0, 12.0), "the prompt is counted: |y| counts response tokens only"),
-            (t(12.0, 12.0), "the padding and the prompt are counted: |y| is the sum of the response mask")])
-        expect_close(self, logps, self.loop_logps(ids, mask), "log pi(y|x) of the same two reviews",
-                     self.mistakes(ids, mask), atol=1e-3, rtol=0)
-
-    def test_extra_right_padding_changes_nothing(self):
-        ids = F.pad(self.ids, (0, 6))     # PAD is id 0
-        mask = F.pad(self.mask, (0, 6))
-        with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(ids, mask)
-        expect_close(self, b, a, "log pi(y|x) with 6 more PAD columns on the right: unchanged",
-                     self.mistakes(ids, mask), atol=1e-4, rtol=0)
-        expect_close(self, lb, la, "|y| with 6 more PAD columns on the right: unchanged (padding never counts)")
-
-    def test_batch_order_changes_nothing(self):
-        perm = torch.tensor([3, 0, 4, 2, 1])
-        with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(self.ids[perm], self.mask[perm])
-        expect_close(self, b, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
-                     atol=1e-4, rtol=0)
-        expect_close(self, lb, la[perm], "|y| of the same rows in another order")
-
-    def test_gradient_reaches_the_model(self):
-        """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
-        m = sharp_model(4)
-        logps, _ = attempt(self, model.sequence_logps, m, self.ids, self.mask, returns=("logps", "lengths"))
-        if not logps.requires_grad:
-            self.fail("the log-probs carry no gradient: no .detach(), .item() or torch.no_grad() inside sequence_logps")
-        logps.sum().backward()
-        self.assertGreater(m.wte.weight.grad.abs().sum().item(), 0.0, "the token embeddings got no gradient")
-
-
-# ====================================================================================================
-# data.py: tokenizer, judge, task, metrics, chart
-# ====================================================================================================
-
-EXAMPLE_A = "the acting was great and the music superb"   # the docstring's worked example
-EXAMPLE_B = "a dull plot but lovely cast"
-
-
-class TestJudge(unittest.TestCase):
-    def test_encode_decode_round_trip(self):
-        ids = data.encode(EXAMPLE_A) + [data.EOS_ID, data.PAD_ID, data.PAD_ID]
-        self.assertEqual(data.decode(ids), EXAMPLE_A)
-        self.assertEqual(data.decode(torch.tensor(ids)), EXAMPLE_A)
-
-    def test_score_worked_example(self):
-        # a: the acting was GREAT and the music SUPERB -> 8 words, 2 positive, 0 negative
-        self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_A), (2 - 0) / 8, places=6)
-        # b: a DULL plot but LOVELY cast -> 6 words, 1 positive, 1 negative
-        self.assertAlmostEqual(data.score("classic comedy film", EXAMPLE_B), (1 - 1) / 6, places=6)
-        # c: terrible boring script -> 3 words, 0 positive, 2 negative
-        self.assertAlmostEqual(data.score("", "terrible boring script"), (0 - 2) / 3, places=6)
-        self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
-
-    def test_score_matches_word_count_on_task_pairs(self):
-        """score_responses against counting the words of the decoded text."""
-        task = small_task(seed=7)
-        pos, neg = set(data.POSITIVE), set(data.NEGATIVE)
-        for side in ("chosen", "rejected"):
-            for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
-                words = data.decode(row[data.PROMPT_LEN:]).split()
-                expect = (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words)
-                self.assertAlmostEqual(s.item(), expect, places=6)
-
-    def test_length_alone_does_not_raise_score(self):
-        base = data.score("", EXAMPLE_A)
-        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)   # twice as long
-        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)           # neutral filler
-        self.assertLessEqual(data.score("", "great " + " ".join(["the"] * 15)), data.score("", "great"))
-        ids = torch.tensor([data.encode(EXAMPLE_A) + [data.EOS_ID]])
-        padded = F.pad(ids, (0, 7))                                                         # extra PAD
-        self.assertEqual(data.score_responses(ids).item(), data.score_responses(padded).item())
-
-    def test_oracle_symmetry_and_direction(self):
-        g = torch.Generator().manual_seed(0)
-        sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
-        for tau in (0.05, 0.2, 1.0):
-            pab, pba = data.preference_prob(sa, sb, tau), data.preference_prob(sb, sa, tau)
-            torch.testing.assert_close(pab + pba, torch.ones(200), rtol=0, atol=1e-6)
-            self.assertTrue(torch.equal(pab > 0.5, sa > sb))
-        self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
-        # smaller tau: a sharper judge
-        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())
-        p = data.oracle("x", EXAMPLE_A, EXAMPLE_B)
-        self.assertAlmostEqual(p + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
-
-    def test_oracle_worked_example(self):
-        # sigmoid((0.25 - 0.0) / 0.2) = 1 / (1 + exp(-1.25))
-        self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B),
-                               1 / (1 + math.exp(-0.25 / 0.2)), places=6)
-
-
-class TestTask(unittest.TestCase):
-    def tensors(self, task):
-        out = {"train_prompts": task.train_prompts, "heldout_prompts": task.heldout_prompts,
-               "sft_ids": task.sft_ids, "sft_mask": task.sft_mask,
-               "sft_heldout_ids": task.sft_heldout_ids, "sft_heldout_mask": task.sft_heldout_mask}
-        out.update({f"pairs/{k}": v for k, v in task.pairs.items()})
-        out.update({f"heldout_pairs/{k}": v for k, v in task.heldout_pairs.items()})
-        return out
-
-    def test_reproducible_with_a_seed(self):
-        a, b, c = self.tensors(small_task(seed=3)), self.tensors(small_task(seed=3)), self.tensors(small_task(seed=4))
-        for k in a:
-            self.assertTrue(torch.equal(a[k], b[k]), k)
-        self.assertFalse(torch.equal(a["train_prompts"], c["train_prompts"]))
-        self.assertFalse(torch.equal(a["sft_ids"], c["sft_ids"]))
-        self.assertFalse(torch.equal(a["pairs/chosen_ids"], c["pairs/chosen_ids"]))
-
-    def test_heldout_prompts_disjoint_from_train(self):
-        task = small_task(seed=8)
-        rows = lambda t: {tuple(r.tolist()) for r in t}
-        train, held = rows(task.train_prompts), rows(task.heldout_prompts)
-        self.assertEqual(len(train & held), 0)
-        self.assertEqual(len(train) + len(held), len(data.DECADES) * len(data.GENRES) * len(data.NOUNS))
-        P = data.PROMPT_LEN
-        self.assertLessEqual(rows(task.sft_ids[:, :P]), train)
-        self.assertLessEqual(rows(task.pairs["chosen_ids"][:, :P]), train)
-        self.assertLessEqual(rows(task.sft_heldout_ids[:, :P]), held)
-        self.assertLessEqual(rows(task.heldout_pairs["chosen_ids"][:, :P]), held)
-        self.assertLessEqual(rows(task.eval_prompts(50)), held)
-        self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
-
-    def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy
-        raters), not at chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
-        task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
-        cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
-        differ = cs != rs
-        observed = (cs[differ] > rs[differ]).double().mean().item()
-        expected = torch.sigmoid((cs[differ] - rs[differ]).abs() / task.config.tau).mean().item()
-        se = math.sqrt(expected * (1 - expected) / differ.sum().item())
-        self.assertLess(abs(observed - expected), 5 * se)
-        self.assertLess(observed, 0.97)
-
-    def test_length_bias_knob(self):
-        cfg = dict(n_demos=8, n_pairs=2000, n_heldout=8)
-        words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
-        plain = data.Task(data.TaskConfig(**cfg), seed=10).pairs
-        biased = data.Task(data.TaskConfig(length_bias=0.5, **cfg), seed=10).pairs
-        gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
-        self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
-        self.assertGreater(gap(biased), 2.0)
-        self.assertLess(abs(gap(plain)), 1.0)     # unbiased raters: no systematic length gap
-
-    def test_pair_style_knob(self):
-        cfg = dict(n_demos=500, n_pairs=1000, n_heldout=8, demo_style_rate=0.0)
-        style = torch.as_tensor(data.STYLE_IDS)
-        share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum()
-                             / data.response_lengths(ids[:, data.PROMPT_LEN:]).sum()).item()
-        plain = data.Task(data.TaskConfig(**cfg), seed=11)
-        styled = data.Task(data.TaskConfig(pair_style=1.0, **cfg), seed=11)
-        self.assertEqual(share(plain.pairs["chosen_ids"]), 0.0)
-        self.assertGreater(share(styled.pairs["chosen_ids"]), 0.05)
-        self.assertGreater(share(styled.pairs["rejected_ids"]), 0.05)
-        self.assertEqual(share(styled.sft_ids), 0.0)              # the SFT data keeps its own style
-        # the judge ignores style: the stored scores are the scores of the text
-        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):
-            self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
-
-
-class TestMetricsAndChart(unittest.TestCase):
-    def test_scatter_places_points_by_value(self):
-        lines = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score",
-                             width=41, height=11)
-        grid = lines[1:12]                                       # the plot rows, top row = highest score
-        row_of = {ch: next(r for r, line in enumerate(grid) if ch in line.split("│", 1)[1]) for ch in "ABC"}
-        col_of = {ch: grid[row_of[ch]].split("│", 1)[1].index(ch) for ch in "ABC"}
-        self.assertEqual((row_of["B"], row_of["C"], row_of["A"]), (0, 5, 10))   # score 1, 0.5, 0 top to bottom
-        self.assertEqual((col_of["A"], col_of["C"], col_of["B"]), (0, 20, 40))  # KL 0, 2, 4 left to right
-        self.assertTrue(any(line.strip().startswith("B = high") for line in lines))
-
-    def test_frontier_command(self):
-        with tempfile.TemporaryDirectory() as d:
-            for name, kl, sc in (("run_a", 1.5, 0.4), ("run_b", 3.0, 0.8)):
-                os.makedirs(os.path.join(d, name))
-                with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                    json.dump({"method": "dpo", "beta": 0.1, "kl_to_sft": kl, "score": sc, "sft_score": 0.0}, f)
-            ok = subprocess.run([sys.executable, "data.py", "frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")],
-                                cwd=REPO, capture_output=True, text=True)
-            self.assertEqual(ok.returncode, 0, ok.stderr)
-            self.assertIn("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800", ok.stdout)
-            self.assertIn("S = the SFT model: KL(policy || SFT) 0.00, score 0.000", ok.stdout)
-            bad = subprocess.run([sys.executable, "data.py", "frontier", os.path.join(d, "missing")],
-                                 cwd=REPO, capture_output=True, text=True)
-            self.assertEqual(bad.returncode, 2)
-            self.assertIn("error:", bad.stderr)
-            self.assertNotIn("Traceback", bad.stderr)
-
-    def test_ranking_metrics_constructed_case(self):
-        chosen_rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
-        rejected_rewards = torch.tensor([0.0, 3.0, 2.0, 5.0])      # reward puts y_w first: T F T F -> 0.5
-        chosen_logps = torch.tensor([-8.0, -8.0, -6.0, -4.0])
-        chosen_lengths = torch.tensor([8.0, 4.0, 3.0, 2.0])        # averages -1 -2 -2 -2
-        rejected_logps = torch.tensor([-4.0, -3.0, -2.0, -1.0])
-        rejected_lengths = torch.tensor([2.0, 3.0, 2.0, 1.0])      # averages -2 -1 -1 -1: T F F F
-        m = data.ranking_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
-                                 chosen_lengths, rejected_lengths)
-        self.assertAlmostEqual(m["reward_accuracy"], 2 / 4)
-        # agreement of T F T F with T F F F: 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
-        self.assertAlmostEqual(m["ranking_agreement"], 3 / 4)
-        # a tie in reward is not a correct ordering
-        m = data.ranking_metrics(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([-1.0, -1.0]),
-                                 torch.tensor([-2.0, -2.0]), torch.ones(2), torch.ones(2))
-        self.assertAlmostEqual(m["reward_accuracy"], 1 / 2)
-        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose)
-        m = data.ranking_metrics(chosen_rewards, torch.tensor([0.0, 1.0, 2.0, 5.0]),   # T T T F
-                                 torch.full((4,), -4.0), torch.full((4,), -3.0),
-                                 torch.full((4,), 4.0), torch.ones(4))                 # averages -1 vs -3: T T T T
-        self.assertAlmostEqual(m["reward_accuracy"], 3 / 4)
-        self.assertAlmostEqual(m["ranking_agreement"], 3 / 4)
-
-    def column_heights(self, lines, height):
-        """Sum the block levels of each column over the chart's rows (the rows after the title)."""
-        blocks = " ▁▂▃▄▅▆▇█"
-        rows = [line.split("│", 1)[1] for line in lines[1:1 + height]]
-        return [sum(blocks.index(r[c]) for r in rows) for c in range(len(rows[0]))]
-
-    def test_chart_rises_with_a_rising_series(self):
-        h = self.column_heights(data.chart(list(range(12)), "rising", width=60, height=4), 4)
-        self.assertEqual(len(h), 12)
-        self.assertTrue(all(a < b for a, b in zip(h, h[1:])), h)
-        self.assertEqual(h[-1], 4 * 8)                             # the maximum fills its column
-        self.assertLessEqual(h[0], 1)                              # the minimum at most one eighth
-        # more values than columns: averaged into `width` columns, still rising
-        h = self.column_heights(data.chart([x * x for x in range(200)], "t", width=20, height=3), 3)
-        self.assertEqual(len(h), 20)
-        self.assertTrue(all(a <= b for a, b in zip(h, h[1:])) and h[0] < h[-1], h)
-        h = self.column_heights(data.chart(list(range(10, 0, -1)), "falling", width=60, height=2), 2)
-        self.assertTrue(all(a > b for a, b in zip(h, h[1:])), h)
-        self.assertEqual(len(data.chart([], "empty")), 1)
-
-
-# ====================================================================================================
-# model.py: sampling
-# ====================================================================================================
-
-class FixedLogits(nn.Module):
-    """A stand-in model whose next-token logits are the same row for every position."""
-
-    def __init__(self, row):
-        super().__init__()
-        self.row = row
-        self.blocks = nn.ModuleList()
-
-    def forward(self, idx, caches=None):
-        return self.row.expand(idx.shape[0], idx.shape[1], -1)
-
-
-class TestSampling(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.m = sharp_model(12)
-        cls.prompts = small_task(seed=12).eval_prompts(200)
-
-    def draw(self, seed, **kw):
-        return model.sample(self.m, self.prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                            generator=model.make_generator(CPU, seed), **kw)
-
-    def test_reproducible_with_a_generator_seed(self):
-        a, b, c = self.draw(0), self.draw(0), self.draw(1)
-        self.assertTrue(torch.equal(a, b))
-        self.assertFalse(torch.equal(a, c))
-
-    def test_does_not_touch_global_rng(self):
-        torch.manual_seed(123)
-        state = torch.random.get_rng_state()
-        self.draw(0)
-        self.draw(0, use_cache=False)
-        self.assertTrue(torch.equal(state, torch.random.get_rng_state()))
-
-    def check_rows(self, ys):
-        """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
-        ends = []
-        for row in ys.tolist():
-            self.assertIn(data.EOS_ID, row)
-            e = row.index(data.EOS_ID)
-            ends.append(e)
-            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]), row)
-            self.assertTrue(all(t not in data.BANNED_IN_RESPONSE for t in row[:e]), row)
-        return ends
-
-    def test_rows_end_in_eos_then_pad_and_never_banned(self):
-        for use_cache in (True, False):
-            ys = self.draw(2, use_cache=use_cache)
-            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
-            self.check_rows(ys)
-        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP):
-        # both ways of ending occur, EOS drawn early and EOS forced at the last position
-        V = len(data.VOCAB)
-        probs = torch.full((V,), 0.85 / (V - 4))
-        probs[data.EOS_ID] = 0.15
-        row = probs.log()
-        row[list(data.BANNED_IN_RESPONSE)] = 50.0
-        ys = model.sample(FixedLogits(row), self.prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                          generator=model.make_generator(CPU, 0))
-        ends = torch.tensor(self.check_rows(ys), dtype=torch.float64)
-        self.assertEqual(ends.min().item(), 0)
-        self.assertEqual(ends.max().item(), data.MAX_RESPONSE - 1)
-        # P(EOS drawn at step i) = 0.85^i * 0.15 for i < 16; the rest forced at 16: E[end] = sum_i 0.85^i, i<16
-        expected = sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))
-        self.assertLess(abs(ends.mean().item() - expected), 1.5)
-
-    def test_cache_and_no_cache_give_identical_samples(self):
-        self.assertTrue(torch.equal(self.draw(3), self.draw(3, use_cache=False)))
-
-    def test_banned_ids_never_drawn_even_when_most_likely(self):
-        V = len(data.VOCAB)
-        good, bad = data.STOI["good"], data.STOI["bad"]
-        row = torch.full((V,), float("-inf"))
-        row[list(data.BANNED_IN_RESPONSE)] = 50.0               # what an unconstrained sampler would draw
-        row[good], row[bad] = math.log(0.75), math.log(0.25)
-        stub = FixedLogits(row)
-        prompts = torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long)
-        ys = model.sample(stub, prompts, 2, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                          generator=model.make_generator(CPU, 0))
-        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all())
-        self.assertTrue((ys[:, 1] == data.EOS_ID).all())        # closed by force at max_new_tokens
-        # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
-        se = math.sqrt(0.25 * 0.75 / 4000)
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * se)
-        ys = model.sample(stub, prompts, 2, data.EOS_ID, data.BANNED_IN_RESPONSE, temperature=0.5,
-                          generator=model.make_generator(CPU, 0))
-        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
-        ys = model.sample(stub, prompts, 2, data.EOS_ID, data.BANNED_IN_RESPONSE, top_k=1,
-                          generator=model.make_generator(CPU, 0))
-        self.assertTrue((ys[:, 0] == good).all())               # top-1: the most likely allowed token
-
-
-# ====================================================================================================
-# model.py: SFT cache, checkpoints, evaluation helpers
-# ====================================================================================================
-
-def state_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class TestSFTCache(unittest.TestCase):
-    def sft(self, task, d, steps=8):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            m, info = model.sft_model(task, CPU, d, seed=0, steps=steps, quiet=True)
-        return m, info, err.getvalue()
-
-    def test_cache_reused_rebuilt_after_corruption_and_on_key_mismatch(self):
-        task = small_task(seed=13)
-        with tempfile.TemporaryDirectory() as d:
-            m1, info1, _ = self.sft(task, d)
-            self.assertFalse(info1["cached"])
-            self.assertTrue(os.path.exists(info1["path"]))
-            self.assertLess(info1["ce_after"], info1["ce_before"])          # SFT lowers held-out CE
-            w1 = m1.state_dict()
-
-            # reused: loaded, not retrained (an optimiser would mean training), same weights
-            with mock.patch.object(torch.optim, "AdamW", side_effect=AssertionError("retrained")):
-                m2, info2, _ = self.sft(task, d)
-            self.assertTrue(info2["cached"])
-            self.assertEqual(info2["path"], info1["path"])
-            self.assertEqual(info2["ce_after"], info1["ce_after"])
-            self.assertTrue(state_equal(w1, m2.state_dict()))
-
-            # corrupt: rebuilt with a one-line notice, the same weights again (same seed), then loads
-            with open(info1["path"], "wb") as f:
-                f.write(b"this is not a checkpoint\x00\xff" * 10)
-            m3, info3, err = self.sft(task, d)
-            self.assertFalse(info3["cached"])
-            lines = err.strip().splitlines()
-            self.assertEqual(len(lines), 1, err)
-            self.assertIn(info1["path"], lines[0])
-            self.assertNotIn("Traceback", err)
-            self.assertTrue(state_equal(w1, m3.state_dict()))
-            _, info4, _ = self.sft(task, d)
-            self.assertTrue(info4["cached"])
-
-            # a cache whose stored key disagrees with this run's settings is rebuilt
-            ckpt = torch.load(info1["path"], weights_only=True)
-            ckpt["key"]["steps"] = 999
-            torch.save(ckpt, info1["path"])
-            _, info5, err = self.sft(task, d)
-            self.assertFalse(info5["cached"])
-            self.assertEqual(len(err.strip().splitlines()), 1, err)
-            self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 8)
-
-            # a different setting (steps, task, seed) is a different cache file
-            _, info6, _ = self.sft(task, d, steps=3)
-            self.assertFalse(info6["cached"])
-            self.assertNotEqual(info6["path"], info1["path"])
-            self.assertEqual(glob.glob(os.path.join(d, "*.tmp-*")), [])
-
-
-class TestCheckpoint(unittest.TestCase):
-    def test_round_trip_same_logits_plain_types(self):
-        m = sharp_model(14)
-        args = argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2])
-        ids = small_task(seed=14).sft_ids[:4]
-        with tempfile.TemporaryDirectory() as d:
-            model.save_run(d, m, args, {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
-            self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])  # no *.tmp-*
-            ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
-            self.assertEqual(set(ckpt), {"model", "config", "args"})
-            self.assertIsInstance(ckpt["config"], dict)
-            self.assertEqual(model.GPTConfig(**ckpt["config"]), m.config)
-            self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None,
-                                            "odd": "[1, 2]"})
-            loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
-            self.assertEqual(loaded_args["beta"], 0.1)
-            self.assertEqual(read_json(os.path.join(d, "metrics.json")), {"method": "test", "score": 0.5})
-            self.assertEqual(read_jsonl(os.path.join(d, "log.jsonl")), [{"step": 0, "loss": 0.7}])
-        with torch.no_grad():
-            self.assertTrue(torch.equal(m(ids), loaded(ids)))
-
-    def test_corrupt_or_missing_checkpoint_exits_2(self):
-        with tempfile.TemporaryDirectory() as d:
-            bad = os.path.join(d, "model.pt")
-            with open(bad, "wb") as f:
-                f.write(b"garbage" * 20)
-            for path in (bad, os.path.join(d, "missing.pt")):
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
-                    model.load_checkpoint(path)
-                self.assertEqual(cm.exception.code, 2)
-                self.assertIn(path, err.getvalue())
-                self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
-
-
-class TestEvaluationHelpers(unittest.TestCase):
-    def test_frozen_copy(self):
-        m = sharp_model(15)
-        m.train()
-        ref = model.frozen_copy(m)
-        self.assertFalse(ref.training)
-        self.assertTrue(all(not p.requires_grad for p in ref.parameters()))
-        self.assertTrue(all(p.requires_grad for p in m.parameters()))
-        with torch.no_grad():
-            next(m.parameters()).add_(1.0)
-        self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
-
-    def test_swapped_weights_and_state_dict_baseline(self):
-        """head_to_head against a state_dict (simpo.py's way) equals head_to_head against a model holding
-        those weights, and the policy gets its own weights back."""
-        task = small_task(seed=16)
-        policy, base = sharp_model(16), sharp_model(17)
-        before = {k: v.clone() for k, v in policy.state_dict().items()}
-        a = data.head_to_head(policy, base, task, CPU, 24, seed=5)
-        b = data.head_to_head(policy, base.state_dict(), task, CPU, 24, seed=5)
-        for k in ("win_rate", "score", "baseline_score", "length", "baseline_length", "kl"):
-            self.assertAlmostEqual(a[k], b[k], places=5, msg=k)
-        self.assertTrue(torch.equal(a["baseline_samples"], b["baseline_samples"]))
-        self.assertTrue(state_equal(before, policy.state_dict()))
-        # the baseline's samples do not depend on the policy: every method meets the same SFT samples
-        other = data.head_to_head(sharp_model(18), base.state_dict(), task, CPU, 24, seed=5)
-        self.assertTrue(torch.equal(other["baseline_samples"], b["baseline_samples"]))
-        self.assertFalse(torch.equal(other["samples"], b["samples"]))
-        # against itself: KL exactly 0
-        c = data.head_to_head(policy, policy, task, CPU, 24, seed=5)
-        self.assertEqual(c["kl"], 0.0)
-        self.assertNotEqual(a["kl"], 0.0)
-
-
-# ====================================================================================================
-# The run contract: bad arguments
-# ====================================================================================================
-
-class TestArguments(unittest.TestCase):
-    def test_number_parsers(self):
-        for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
-                                 (model.positive_int, ["0", "-3", "1.5", "x"], [("7", 7)]),
-                                 (model.nonneg_int, ["-1", "2.0"], [("0", 0)]),
-                                 (model.nonneg_float, ["-0.1", "nan"], [("0", 0.0)])]:
-            for text in bad:
-                with self.assertRaises(argparse.ArgumentTypeError, msg=text):
-                    parse(text)
-            for text, value in good:
-                self.assertEqual(parse(text), value)
-
-    def test_defaults_and_help_text(self):
-        for module, method in ((dpo, "dpo"), (simpo, "simpo")):
-            args = module.parser.parse_args([])
-            self.assertEqual(args.out, f"out/{method}")
-            self.assertEqual(args.sft_dir, "out/sft")             # one SFT cache shared by every method
-            self.assertEqual(args.device, "auto")
-            for action in module.parser._actions:
-                self.assertTrue(action.help, action.dest)         # every flag says what it does
-
-    def test_in_process_failures_exit_2(self):
-        with tempfile.NamedTemporaryFile() as f:
-            for call in (lambda: model.prepare_out_dir(os.path.join(f.name, "sub")),
-                         lambda: model.fail("boom")):
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
-                    call()
-                self.assertEqual(cm.exception.code, 2)
-                self.assertTrue(err.getvalue().startswith("error:"), err.getvalue())
-
-    def test_bad_arguments_rejected_without_traceback(self):
-        with tempfile.TemporaryDirectory() as d:
-            blocker = os.path.join(d, "a-file")
-            with open(blocker, "w") as f:
-                f.write("not a folder")
-            # tiny settings, so that a value wrongly accepted costs a short run, not a default one
-            safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu",
-                    "--steps", "1", "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-            unwritable = os.path.join(blocker, "sub")
-            cases = [("dpo.py", ["--beta", "-1"], "--beta"), ("dpo.py", ["--lr", "0"], "--lr"),
-                     ("dpo.py", ["--batch-size", "0"], "--batch-size"), ("dpo.py", ["--steps", "-1"], "--steps"),
-                     ("dpo.py", ["--lr", "abc"], "--lr"), ("simpo.py", ["--gamma", "-1"], "--gamma"),
-                     ("dpo.py", ["--out", unwritable], unwritable)]
-            if not torch.cuda.is_available():
-                cases.append(("simpo.py", ["--device", "cuda"], "cuda"))
-            procs = []
-            for i in range(0, len(cases), 4):                   # a few at a time: 2 cores
-                batch = [(name, args, expect, script(name, *safe, *args)) for name, args, expect in cases[i:i + 4]]
-                for name, args, expect, p in batch:
-                    out, err = p.communicate(timeout=300)
-                    procs.append((name, args, expect, p.returncode, err))
-            for name, args, expect, rc, err in procs:
-                with self.subTest(script=name, args=args):
-                    self.assertEqual(rc, 2, err)
-                    self.assertNotIn("Traceback", err)
-                    self.assertIn("error", err.lower())
-                    self.assertIn(expect, err)                  # the message names what was wrong
-            self.assertFalse(os.path.exists(os.path.join(d, "sft")))   # rejected before any training
-
-
-    def test_more_bad_arguments_in_process(self):
-        """The same contract through main() in this process (cheaper than a process per case): SystemExit(2),
-        a message naming the flag, and nothing else escaping (an exception here would be a traceback there)."""
-        with tempfile.TemporaryDirectory() as d:
-            safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu",
-                    "--steps", "1", "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-            cases = [(simpo, ["--beta", "0"], "--beta"), (simpo, ["--seed", "x"], "--seed"),
-                     (simpo, ["--seed", "-2"], "--seed"), (dpo, ["--tau", "0"], "--tau"),
-                     (dpo, ["--tau", "nan"], "--tau"), (simpo, ["--pair-style", "2"], "--pair-style"),
-                     (simpo, ["--length-bias", "inf"], "--length-bias"), (dpo, ["--eval-samples", "0"], "--eval-samples"),
-                     (dpo, ["--sft-steps", "0"], "--sft-steps"), (dpo, ["--beta", "nan"], "--beta"),
-                     (simpo, ["--lr", "1e400"], "--lr"), (simpo, ["--device", "tpu"], "--device")]
-            for module, args, expect in cases:
-                with self.subTest(script=module.__name__, args=args):
-                    with self.assertRaises(SystemExit) as cm:
-                        err = io.StringIO()
-                        with mock.patch.object(sys, "argv", [module.__name__ + ".py", *safe, *args]), \
-                                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                            module.main()
-                    self.assertEqual(cm.exception.code, 2)
-                    self.assertIn(expect, err.getvalue())
-            self.assertEqual(os.listdir(d), [])                  # rejected before any folder was made
-
-
-def t(*values, grad=False):
-    return torch.tensor(values, dtype=torch.float32, requires_grad=grad)
-
-
-def softplus(z):
-    """log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)."""
-    return math.log(1 + math.exp(z))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Feedback for "write it yourself" (README, "Classroom exercises"): the test classes of dpo_loss,
-# simpo_loss, sppo_loss, estimate_win_rates and sequence_logps call the function alone, nothing of the
-# script around it, and when a value is wrong they say what was expected, what came, and which common
-# mistake gives exactly what came (each mistake below is computed, not guessed from the message).
-# ----------------------------------------------------------------------------------------------------
-
+#
+# Each class calls its function alone, nothing of the script around it, and when a value is wrong it says
+# what was expected, what came, and which common mistake gives exactly what came (each mistake below is
+# computed, not guessed from the message).
+
+t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
+softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
+sig = lambda z: 1.0 / (1.0 + math.exp(-z))
 NOT_MATCHED = "no mistake these tests know gives this: compare your code with the docstring and the derivation above it"
 NOT_FINITE = ("not finite: torch.log(torch.sigmoid(z)) is log(0) = -inf once z < -104 in float32, and its gradient "
               "is NaN; use F.logsigmoid(z), which is finite for any z")
@@ -831,15 +141,10 @@ def expect_detached(test, rewards, name):
         test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
                   f"the loss is optimised)")
 
-
-# ====================================================================================================
-# dpo.py and simpo.py: the objectives (write it yourself: python -m unittest test_all.TestDPOLoss)
-# ====================================================================================================
-
 DPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")    # each [B]
 
 
-class TestDPOLoss(unittest.TestCase):
+class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
     def test_equal_policy_and_reference_give_ln2(self):
@@ -937,7 +242,7 @@ class TestDPOLoss(unittest.TestCase):
 SIMPO_RETURNS = ("losses", "chosen_rewards", "rejected_rewards")  # each [B]
 
 
-class TestSimPOLoss(unittest.TestCase):
+class TestSimpoLoss(unittest.TestCase):
     """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma) [SimPO-4]."""
 
     def test_hand_computed_batch(self):
@@ -1045,176 +350,7 @@ class TestSimPOLoss(unittest.TestCase):
         expect_grad(self, pr, t(0.0, 1.0, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0")
 
 
-# ====================================================================================================
-# dpo.py and simpo.py: whole runs
-# ====================================================================================================
-
-class CountGPTs:
-    """Counts every GPT object created while active: GPT(...) runs __init__; copy.deepcopy (how a frozen
-    reference copy is usually made) skips __init__ but restores the copy's state with __setstate__."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __enter__(self):
-        counter, init = self, model.GPT.__init__
-
-        def counting_init(gpt, *args, **kwargs):
-            counter.count += 1
-            init(gpt, *args, **kwargs)
-
-        def counting_setstate(gpt, state):
-            counter.count += 1
-            nn.Module.__setstate__(gpt, state)
-
-        self.patches = [mock.patch.object(model.GPT, "__init__", counting_init),
-                        mock.patch.object(model.GPT, "__setstate__", counting_setstate, create=True)]
-        for p in self.patches:
-            p.start()
-        return self
-
-    def __exit__(self, *exc):
-        for p in reversed(self.patches):
-            p.stop()
-        return False
-
-
-class TestSimPOOneModel(unittest.TestCase):
-    def test_simpo_builds_one_model_dpo_more(self):
-        with tempfile.TemporaryDirectory() as d:
-            common = TINY_RUN + ["--sft-dir", os.path.join(d, "sft")]
-            with CountGPTs() as cold:       # first run: trains and caches the SFT model
-                run_main(simpo, common + ["--out", os.path.join(d, "s1")])
-            (cache,) = glob.glob(os.path.join(d, "sft", "*.pt"))
-            stamp = (os.stat(cache).st_ino, os.stat(cache).st_mtime_ns)
-            with CountGPTs() as warm:       # second run: the SFT model comes from the cache
-                run_main(simpo, common + ["--out", os.path.join(d, "s2")])
-            self.assertEqual((os.stat(cache).st_ino, os.stat(cache).st_mtime_ns), stamp)   # not rebuilt
-            with CountGPTs() as dpo_count:  # DPO keeps a reference copy: the counter can see it
-                run_main(dpo, common + ["--out", os.path.join(d, "d")])
-            self.assertEqual(cold.count, 1)
-            self.assertEqual(warm.count, 1)
-            self.assertGreater(dpo_count.count, 1)
-            self.assertEqual(model.GPT.__init__.__name__, "__init__")               # patches undone
-            self.assertNotIn("__setstate__", vars(model.GPT))
-            # same seed, cold cache or warm: the same numbers
-            m1, m2 = read_json(os.path.join(d, "s1", "metrics.json")), read_json(os.path.join(d, "s2", "metrics.json"))
-            self.assertEqual({k: v for k, v in m1.items() if k not in TIMING_KEYS},
-                             {k: v for k, v in m2.items() if k not in TIMING_KEYS})
-
-
-class TestScripts(unittest.TestCase):
-    """Few-step runs sharing one SFT cache: dpo.py and simpo.py as processes, and dpo.py again with the
-    same seed in this process (same seed, same numbers)."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        d = cls.tmp.name
-        cls.sft_dir = os.path.join(d, "sft")
-        # the SFT cache the scripts will find (same task, seed and steps as TINY_RUN), built once here so
-        # the three runs below do not race to build it
-        with contextlib.redirect_stderr(io.StringIO()):
-            _, info = model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, cls.sft_dir, 0, 5, quiet=True)
-        cls.sft_file = os.path.basename(info["path"])
-        cls.out = {k: os.path.join(d, k) for k in ("dpo_a", "dpo_b", "simpo")}
-        runs = [("dpo.py", "dpo_a"), ("simpo.py", "simpo")]
-        procs = [(k, script(name, *TINY_RUN, "--seed", "0", "--out", cls.out[k], "--sft-dir", cls.sft_dir))
-                 for name, k in runs]
-        # the same DPO run once more, in this process meanwhile (cheaper than a third process)
-        run_main(dpo, TINY_RUN + ["--seed", "0", "--out", cls.out["dpo_b"], "--sft-dir", cls.sft_dir])
-        cls.results = {}
-        for k, p in procs:
-            out, err = p.communicate(timeout=300)
-            cls.results[k] = (p.returncode, out, err)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
-    def test_runs_succeed_from_the_cache(self):
-        for k, (rc, out, err) in self.results.items():
-            with self.subTest(run=k):
-                self.assertEqual(rc, 0, err[-2000:])
-                self.assertNotIn("Traceback", err)
-        self.assertEqual(os.listdir(self.sft_dir), [self.sft_file])   # every run reused the one SFT cache
-
-    def test_metrics_json_has_every_key(self):
-        for k, method in (("dpo_a", "dpo"), ("simpo", "simpo")):
-            with self.subTest(run=k):
-                m = read_json(os.path.join(self.out[k], "metrics.json"))
-                for key in METRIC_KEYS:
-                    self.assertIn(key, m)
-                self.assertEqual((m["method"], m["seed"], m["device"], m["steps"]), (method, 0, "cpu", 3))
-                for key in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement"):
-                    self.assertTrue(0.0 <= m[key] <= 1.0, (key, m[key]))
-                for key in METRIC_KEYS[4:]:
-                    self.assertTrue(math.isfinite(m[key]), key)
-        # SimPO's reward IS the length-normalised log-likelihood, so the two orders agree on every pair
-        self.assertEqual(read_json(os.path.join(self.out["simpo"], "metrics.json"))["ranking_agreement"], 1.0)
-
-    def test_log_jsonl_one_line_per_step_with_trl_names(self):
-        for k in ("dpo_a", "simpo"):
-            with self.subTest(run=k):
-                rows = read_jsonl(os.path.join(self.out[k], "log.jsonl"))
-                self.assertEqual(len(rows), 3)
-                for row in rows:
-                    for key in LOG_KEYS:
-                        self.assertIn(key, row)
-                        self.assertTrue(math.isfinite(row[key]))
-                    self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"],
-                                           places=5)
-                    self.assertTrue(0.0 <= row["rewards/accuracies"] <= 1.0)
-        # DPO's first step: policy = reference, so loss log 2 and rewards 0
-        first = read_jsonl(os.path.join(self.out["dpo_a"], "log.jsonl"))[0]
-        self.assertAlmostEqual(first["loss"], math.log(2), places=5)
-        self.assertEqual((first["rewards/chosen"], first["rewards/rejected"]), (0.0, 0.0))
-
-    def test_model_pt_plain_types(self):
-        for k in ("dpo_a", "simpo"):
-            with self.subTest(run=k):
-                path = os.path.join(self.out[k], "model.pt")
-                ckpt = torch.load(path, weights_only=True)
-                self.assertEqual(set(ckpt), {"model", "config", "args"})
-                self.assertIsInstance(ckpt["config"], dict)
-                self.assertIsInstance(ckpt["args"], dict)
-                self.assertTrue(all(torch.is_tensor(v) for v in ckpt["model"].values()))
-                self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
-                self.assertEqual(ckpt["args"]["steps"], 3)
-                loaded, _ = model.load_checkpoint(path)
-                self.assertTrue(state_equal(ckpt["model"], loaded.state_dict()))
-
-    def test_same_seed_same_metrics(self):
-        a = read_json(os.path.join(self.out["dpo_a"], "metrics.json"))
-        b = read_json(os.path.join(self.out["dpo_b"], "metrics.json"))
-        self.assertEqual(a.keys(), b.keys())
-        self.assertEqual({k: v for k, v in a.items() if k not in TIMING_KEYS},
-                         {k: v for k, v in b.items() if k not in TIMING_KEYS})
-        self.assertEqual(read_jsonl(os.path.join(self.out["dpo_a"], "log.jsonl")),
-                         read_jsonl(os.path.join(self.out["dpo_b"], "log.jsonl")))
-
-    def test_no_leftover_temporary_files(self):
-        for folder in [*self.out.values(), self.sft_dir]:
-            self.assertEqual(glob.glob(os.path.join(folder, "*.tmp-*")), [], folder)
-            self.assertEqual(glob.glob(os.path.join(folder, ".write-test-*")), [], folder)
-        for k in ("dpo_a", "simpo"):
-            self.assertEqual(sorted(os.listdir(self.out[k])), ["log.jsonl", "metrics.json", "model.pt"])
-
-# ====================================================================================================
-# sppo.py: the objective, the win-rate estimator, one self-play iteration, the script
-# ====================================================================================================
-
-SPPO_METRIC_KEYS = METRIC_KEYS + ["eta", "k", "iterations", "variant"]
-SPPO_TIMING_KEYS = TIMING_KEYS | {"sampling_seconds"}
-SPPO_TINY = ["--steps", "2", "--k", "2", "--sft-steps", "5", "--eval-samples", "16", "--batch-size", "8",
-             "--device", "cpu", "--seed", "0"]
-
-
-def sig(z):
-    return 1.0 / (1.0 + math.exp(-z))
-
-
-class TestSPPOLoss(unittest.TestCase):
+class TestSppoLoss(unittest.TestCase):
     """sppo.sppo_loss alone: (log pi_theta(y|x)/pi_ref(y|x) - eta (P - 1/2))^2 per sample [SPPO-6]."""
 
     def mistakes(self, policy, ref, win, eta):
@@ -1292,944 +428,222 @@ class TestSPPOLoss(unittest.TestCase):
                     "d loss / d log pi_theta = 2 (log-ratio - target) at log-ratios (2000, -2000, 0, 0)")
 
 
-class TestWinRates(unittest.TestCase):
-    """sppo.estimate_win_rates alone: P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), j = i included [SPPO-5]."""
+def bt_prefs(scores, tau):
+    """[N, K, K] P(y_i > y_j | x) = sigmoid((s_i - s_j) / tau) for K responses per prompt scored `scores`
+    [N, K]: the Bradley-Terry judge asked about every pair, as self-play asks data.judge_prob."""
+    return torch.sigmoid((scores[:, :, None] - scores[:, None, :]) / tau)
 
-    def mistakes(self, scores, tau):
-        """What the usual wrong versions return for `scores` [N, K], each with its hint."""
-        p = torch.sigmoid((scores[:, :, None] - scores[:, None, :]) / tau).double()   # [N, K, K]: P(y_i > y_j)
-        K = scores.shape[1]
+
+class TestEstimateWinRates(unittest.TestCase):
+    """sppo.estimate_win_rates alone: P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), j = i included, from
+    the [N, K, K] matrix of the judge's preferences [SPPO-5]."""
+
+    def mistakes(self, prefs):
+        """What the usual wrong versions return for `prefs` [N, K, K], each with its hint."""
+        p = prefs.double()
+        K = p.shape[-1]
         eye = torch.eye(K, dtype=torch.bool)
-        zero_diag = p.masked_fill(eye, 0.0)
-        right = p.masked_fill(eye, 0.5).mean(-1)
+        zero_diag, half_diag = p.masked_fill(eye, 0.0), p.masked_fill(eye, 0.5)
         return [(zero_diag.sum(-1) / (K - 1), "the tie with itself is left out: average over all K samples, the "
                                               "sample itself included (P(y_i > y_i) = 1/2), as the official code does"),
                 (zero_diag.sum(-1) / K, "the diagonal counts 0: a sample ties with itself, P(y_i > y_i) = 1/2"),
-                (1 - right, "the matrix is transposed (or averaged over the wrong axis): row i must hold "
-                            "P(y_i > y_j) = preference_prob(s_i, s_j, tau), averaged over j"),
-                (torch.sigmoid((scores[:, :, None] - scores[:, None, :]) * tau).mean(-1),
-                 "tau multiplies the score difference: P = sigmoid((s_i - s_j) / tau)")]
+                (p.mean(-1), "the diagonal is taken as the matrix holds it: set P(y_i > y_i) = 1/2 (a tie with "
+                             "itself) whatever the judge put there"),
+                (half_diag.mean(1), "averaged over the wrong axis (or the matrix transposed): row i holds "
+                                    "P(y_i > y_j), averaged over j, the last axis"),
+                (half_diag.sum(-1), "summed over j: the win rate is the MEAN over the K samples, (1/K) sum_j")]
+
+    def rates(self, prefs):
+        given = prefs.clone()
+        out = attempt(self, sppo.estimate_win_rates, prefs)
+        if not torch.equal(prefs, given):
+            self.fail("estimate_win_rates changed the matrix it was given: set the diagonal of a copy "
+                      "(prefs.clone()); the caller's matrix is the judge's answer")
+        return out
 
     def test_constructed_case(self):
         # three responses scored 0, 0.2, -0.2 with tau 0.2: P(i > j) = sigmoid((s_i - s_j) / 0.2)
-        scores = torch.tensor([[0.0, 0.2, -0.2]])
-        p = attempt(self, sppo.estimate_win_rates, scores, 0.2)
+        prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2]]), 0.2)
         want = [[(0.5 + sig(-1) + sig(1)) / 3,      # y_0: ties itself, loses to y_1, beats y_2
                  (sig(1) + 0.5 + sig(2)) / 3,
                  (sig(-1) + sig(-2) + 0.5) / 3]]
-        expect_close(self, p, want, "win rates of three samples scored (0, 0.2, -0.2), tau 0.2", self.mistakes(scores, 0.2))
+        expect_close(self, self.rates(prefs), want, "win rates of three samples scored (0, 0.2, -0.2), tau 0.2",
+                     self.mistakes(prefs))
 
     def test_self_tie_counts_one_half(self):
         # a certain winner and a certain loser: with the self-tie 0.5 in the mean, (1 + 0.5)/2 and (0 + 0.5)/2
         # (without it they would be 1 and 0)
-        scores = torch.tensor([[1.0, -1.0]])
-        p = attempt(self, sppo.estimate_win_rates, scores, 1e-3)
-        expect_close(self, p, torch.tensor([[0.75, 0.25]]),
-                     "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2", self.mistakes(scores, 1e-3))
+        prefs = bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3)
+        expect_close(self, self.rates(prefs), torch.tensor([[0.75, 0.25]]),
+                     "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2", self.mistakes(prefs))
+
+    def test_the_diagonal_is_a_tie_whatever_the_matrix_holds(self):
+        # a judge that answers 0.9 when asked about a response against itself: the estimate still counts 1/2
+        prefs = bt_prefs(torch.tensor([[0.0, 0.2, -0.2, 0.4]]), 0.2)
+        want = prefs.clone()
+        prefs.diagonal(dim1=1, dim2=2).fill_(0.9)
+        expect_close(self, self.rates(prefs), want.mean(-1),
+                     "win rates when the matrix holds 0.9 on its diagonal: the self-comparison counts 1/2",
+                     self.mistakes(prefs))
 
     def test_loop_over_pairs_and_mean_one_half(self):
         g = torch.Generator().manual_seed(1)
         scores = torch.rand(5, 4, generator=g) * 2 - 1
         tau = 0.3
-        p = attempt(self, sppo.estimate_win_rates, scores, tau)
+        prefs = bt_prefs(scores, tau)
+        p = self.rates(prefs)
         want = [[sum(0.5 if i == j else sig((scores[n, i] - scores[n, j]).item() / tau) for j in range(4)) / 4
                  for i in range(4)] for n in range(5)]
-        expect_close(self, p, want, "win rates [5 prompts, K = 4] against a loop over every pair", self.mistakes(scores, tau))
+        expect_close(self, p, want, "win rates [5 prompts, K = 4] against a loop over every pair", self.mistakes(prefs))
         expect_close(self, p.mean(-1), torch.full((5,), 0.5),
                      "each prompt's K win rates average to exactly 1/2 (the 1/2 that replaces log Z / eta)")
-        expect_close(self, attempt(self, sppo.estimate_win_rates, torch.zeros(2, 3), tau), torch.full((2, 3), 0.5),
+        expect_close(self, self.rates(bt_prefs(torch.zeros(2, 3), tau)), torch.full((2, 3), 0.5),
                      "equal scores: every win rate 1/2")
 
-
-class TestSelfPlayIteration(unittest.TestCase):
-    def test_pi_t_frozen_while_policy_moves(self):
-        task = data.Task(data.TaskConfig(n_demos=16, n_pairs=8, n_heldout=8), seed=0)
-        torch.manual_seed(0)
-        policy = model.GPT(model.GPTConfig())
-        before = {k: v.clone() for k, v in policy.state_dict().items()}
-        log_rows = []
-        with contextlib.redirect_stderr(io.StringIO()):
-            pi_t, stats = sppo.self_play_iteration(
-                policy, task.train_prompts[:6], iteration=1, k=3, eta=10.0, tau=0.2, steps=3, batch_size=8,
-                lr=1e-2, device=CPU, sampler=model.make_generator(CPU, 0),
-                batch_order=torch.Generator().manual_seed(0), log_rows=log_rows, quiet=True)
-        self.assertIsNot(pi_t, policy)
-        self.assertFalse(any(p.requires_grad for p in pi_t.parameters()))
-        self.assertFalse(pi_t.training)
-        for k, v in pi_t.state_dict().items():                   # pi_t is the policy as it was, untouched
-            self.assertTrue(torch.equal(v, before[k]), k)
-        moved = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
-        self.assertTrue(moved)                                   # pi_theta moved
-        self.assertEqual(len(log_rows), 3)
-        self.assertEqual([r["step"] for r in log_rows], [0, 1, 2])
-        self.assertTrue(all(r["iteration"] == 1 and math.isfinite(r["loss"]) for r in log_rows))
-        self.assertEqual(stats["samples"], 18)
-        self.assertAlmostEqual(stats["win_prob_mean"], 0.5, places=5)
-        # the first step fits a policy still equal to pi_t: its log-ratios are exactly 0
-        self.assertEqual(log_rows[0]["logratios/mean"], 0.0)
-
-    def test_fit_lowers_the_regression_loss(self):
-        task = data.Task(data.TaskConfig(n_demos=16, n_pairs=8, n_heldout=8), seed=0)
-        torch.manual_seed(0)
-        policy = model.GPT(model.GPTConfig())
-        pi_t, stats = sppo.self_play_iteration(
-            policy, task.train_prompts[:8], iteration=1, k=2, eta=10.0, tau=0.2, steps=30, batch_size=16,
-            lr=3e-3, device=CPU, sampler=model.make_generator(CPU, 0),
-            batch_order=torch.Generator().manual_seed(0), log_rows=[], quiet=True)
-        # loss_before is (eta (P - 1/2))^2 averaged: the loss at pi_theta = pi_t
-        self.assertGreater(stats["loss_before"], 0.5)
-        self.assertLess(stats["loss_after"], 0.5 * stats["loss_before"])
+    def test_a_matrix_no_reward_can_make(self):
+        # the cyclic judge (data.py): story beats acting beats craft beats story, 0.9 each
+        schools = torch.tensor([[0, 1, 2, 0]])
+        prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :]).float()
+        want = [[(0.5 + 0.9 + 0.1 + 0.5) / 4, (0.1 + 0.5 + 0.9 + 0.1) / 4, (0.9 + 0.1 + 0.5 + 0.9) / 4,
+                 (0.5 + 0.9 + 0.1 + 0.5) / 4]]
+        expect_close(self, self.rates(prefs), want, "win rates of samples from the schools story, acting, craft, "
+                     "story under the cyclic judge", self.mistakes(prefs))
 
 
-class TestSPPOScript(unittest.TestCase):
-    """Few-step subprocess runs of sppo.py: self-play twice with one seed, the hard variant once."""
+class TestSequenceLogps(unittest.TestCase):
+    """model.sequence_logps alone: log pi(y|x) = sum over response tokens of log pi(y_i | x, y_<i), and |y|."""
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        d = cls.tmp.name
-        cls.sft_dir = os.path.join(d, "sft")
-        with contextlib.redirect_stderr(io.StringIO()):
-            model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, cls.sft_dir, 0, 5, quiet=True)
-        cls.out = {k: os.path.join(d, k) for k in ("a", "b", "hard")}
-        runs = {"a": ["--iterations", "2"], "b": ["--iterations", "2"], "hard": ["--variant", "hard"]}
-        procs = [(k, script("sppo.py", *SPPO_TINY, *extra, "--out", cls.out[k], "--sft-dir", cls.sft_dir)) for k, extra in runs.items()]
-        bad = [["--eta", "0"], ["--k", "1"], ["--iterations", "abc"]]
-        procs += [(("bad", i), script("sppo.py", "--out", os.path.join(d, "bad"), "--sft-dir", os.path.join(d, "bad_sft"),
-                                      "--device", "cpu", *args)) for i, args in enumerate(bad)]
-        cls.results = {}
-        for k, p in procs:
-            out, err = p.communicate(timeout=300)
-            cls.results[k] = (p.returncode, out, err)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
-    def test_runs_succeed(self):
-        for k in ("a", "b", "hard"):
-            rc, out, err = self.results[k]
-            with self.subTest(run=k):
-                self.assertEqual(rc, 0, err[-2000:])
-                self.assertIn("loaded from", out)
-                self.assertEqual(sorted(os.listdir(self.out[k])), ["log.jsonl", "metrics.json", "model.pt"])
-
-    def test_metrics_json_has_every_key(self):
-        m = read_json(os.path.join(self.out["a"], "metrics.json"))
-        for key in SPPO_METRIC_KEYS:
-            self.assertIn(key, m)
-        self.assertEqual((m["method"], m["seed"], m["device"], m["variant"]), ("sppo", 0, "cpu", "selfplay"))
-        self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"]), (4, 2, 2, 20.0))   # steps: in all
-        for key in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement"):
-            self.assertTrue(0.0 <= m[key] <= 1.0, (key, m[key]))
-        for key in SPPO_METRIC_KEYS[4:15]:
-            self.assertTrue(math.isfinite(m[key]), key)
-        self.assertEqual(len(m["win_rate_vs_sft_per_iteration"]), 2)
-        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
-        self.assertEqual(len(m["win_rate_vs_prev_per_iteration"]), 2)
-        self.assertTrue(all(0.0 <= w <= 1.0 for w in m["win_rate_vs_prev_per_iteration"]))
-        h = read_json(os.path.join(self.out["hard"], "metrics.json"))
-        self.assertEqual((h["variant"], h["steps"], h["iterations"]), ("hard", 2, 1))
-
-    def test_log_jsonl_one_line_per_step(self):
-        rows = read_jsonl(os.path.join(self.out["a"], "log.jsonl"))
-        self.assertEqual([r["step"] for r in rows], [0, 1, 2, 3])
-        self.assertEqual([r["iteration"] for r in rows], [1, 1, 2, 2])
-        for r in rows:
-            self.assertTrue(math.isfinite(r["loss"]) and 0.0 <= r["rewards/accuracies"] <= 1.0)
-        hard = read_jsonl(os.path.join(self.out["hard"], "log.jsonl"))
-        self.assertEqual(len(hard), 2)
-        # TRL's names; first step: policy = pi_ref, so rewards 0 and loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected"):
-            self.assertIn(key, hard[0])
-        self.assertEqual((hard[0]["rewards/chosen"], hard[0]["rewards/rejected"]), (0.0, 0.0))
-        self.assertAlmostEqual(hard[0]["loss"], 20.0 ** 2 / 2, places=3)
-
-    def test_model_pt_loads(self):
-        ckpt = torch.load(os.path.join(self.out["a"], "model.pt"), weights_only=True)
-        self.assertEqual(set(ckpt), {"model", "config", "args"})
-        self.assertEqual((ckpt["args"]["steps"], ckpt["args"]["variant"]), (2, "selfplay"))
-
-    def test_same_seed_same_numbers(self):
-        a, b = (read_json(os.path.join(self.out[k], "metrics.json")) for k in ("a", "b"))
-        self.assertEqual({k: v for k, v in a.items() if k not in SPPO_TIMING_KEYS},
-                         {k: v for k, v in b.items() if k not in SPPO_TIMING_KEYS})
-        self.assertEqual(read_jsonl(os.path.join(self.out["a"], "log.jsonl")),
-                         read_jsonl(os.path.join(self.out["b"], "log.jsonl")))
-
-    def test_bad_arguments_exit_2_without_traceback(self):
-        for k, (rc, out, err) in self.results.items():
-            if k[0] != "bad":
-                continue
-            with self.subTest(case=k):
-                self.assertEqual(rc, 2, err)
-                self.assertNotIn("Traceback", err)
-                self.assertIn("error", err.lower())
-        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "bad_sft")))
-
-
-
-
-# ====================================================================================================
-# README.md: the line ranges it cites still hold the functions it names
-# ====================================================================================================
-
-# What README.md cites by line number, in the order it cites them: (file, what). `what` is a function
-# ("def NAME"), the comment block above one ("comment NAME"), or the lines from the first match of a
-# pattern to the first match of a second one at or after it ("lines START .. END"), searched inside a
-# function when one is named (NAME: START .. END). README_CITATIONS below turns each into "lines A-B".
-README_CITED = [
-    ("model.py", "def sequence_logps"),
-    ("dpo.py", "comment dpo_loss"),
-    ("dpo.py", "dpo_loss: chosen_rewards = beta .. rejected_rewards = beta"),
-    ("dpo.py", "dpo_loss: logits = beta .. logits = beta"),
-    ("dpo.py", "dpo_loss: losses = -F.logsigmoid .. losses = -F.logsigmoid"),
-    ("dpo.py", "def dpo_loss"),
-    ("dpo.py", "main: # the reference forward .. pair_logps(ref, **batch)"),
-    ("data.py", "def ranking_metrics"),
-    ("simpo.py", "simpo_loss: chosen_rewards = beta .. rejected_rewards = beta"),
-    ("simpo.py", "simpo_loss: logits = chosen_rewards .. logits = chosen_rewards"),
-    ("simpo.py", "simpo_loss: losses = -F.logsigmoid .. losses = -F.logsigmoid"),
-    ("simpo.py", "def simpo_loss"),
-    ("simpo.py", "comment simpo_loss"),
-    ("sppo.py", "comment sppo_loss"),
-    ("sppo.py", "main: for t in range(1, iterations + 1) .. tqdm.write(msg)"),
-    ("sppo.py", "def estimate_win_rates"),
-    ("sppo.py", "def sppo_loss"),
-    ("sppo.py", "def self_play_iteration"),
-    ("sppo.py", "def sppo_hard_loss"),
-]
-
-
-def readme_citation(file, what):
-    """The "`file` lines A-B" (or "line A") that README.md should print for one entry of README_CITED."""
-    import inspect
-    module = {"model.py": model, "data.py": data, "dpo.py": dpo, "simpo.py": simpo, "sppo.py": sppo}[file]
-    with open(os.path.join(REPO, file)) as f:
-        lines = f.read().split("\n")
-    kind, _, rest = what.partition(" ")
-    if kind in ("def", "comment"):
-        body, start = inspect.getsourcelines(getattr(module, rest))
-        a, b = start, start + len(body) - 1
-        if kind == "comment":                      # the contiguous '#' block that ends just above the def
-            b = start - 1
-            while not lines[b - 1].startswith("#"):
-                b -= 1
-            a = b
-            while a > 1 and lines[a - 2].startswith("#") and not lines[a - 2].startswith("# ---"):
-                a -= 1
-    else:
-        function, _, patterns = what.partition(": ")
-        first, _, last = patterns.partition(" .. ")
-        body, start = inspect.getsourcelines(getattr(module, function))
-        span = range(start, start + len(body))
-        a = next(n for n in span if first in lines[n - 1])
-        b = next(n for n in span if n >= a and last in lines[n - 1])
-    return f"`{file}` line {a}" if a == b else f"`{file}` lines {a}-{b}"
-
-
-class TestReadmeCitations(unittest.TestCase):
-    def test_cited_line_ranges_match_the_code(self):
-        """Every line number README.md quotes still points at what it says (README_CITED, in order)."""
-        import re
-        with open(os.path.join(REPO, "README.md")) as f:
-            found = re.findall(r"`[a-z_]+\.py` lines? \d+(?:-\d+)?", f.read())
-        expected = [readme_citation(file, what) for file, what in README_CITED]
-        wrong = [f"{what} in {file}: README says {got}, the code is at {want}"
-                 for (file, what), got, want in zip(README_CITED, found, expected) if got != want]
-        self.assertEqual(len(found), len(expected), f"README cites {len(found)} line ranges, README_CITED lists "
-                                                     f"{len(expected)}: add the new ones to README_CITED, in order")
-        self.assertTrue(not wrong, "stale line numbers in README.md:\n" + "\n".join(wrong))
-
-
-# ====================================================================================================
-# Every machine, every fault (issue 8): devices, memory, faults, the run saved whole, the shared SFT cache
-# ====================================================================================================
-
-def run_guarded(module, argv, stdout=None):
-    """model.run(module.main) in this process, as `python module.py argv` runs it: (exit code, stderr)."""
-    err = io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", [module.__name__ + ".py", *argv]), \
-            contextlib.redirect_stdout(stdout if stdout is not None else io.StringIO()), \
-            contextlib.redirect_stderr(err):
-        try:
-            model.run(module.main)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
-
-
-def dead_pid():
-    """A process id that no process has now."""
-    pid = 4_000_000
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except OSError:
-            pass
-        pid += 1
-
-
-def write_previous_run(folder):
-    """A previous run's three files with recognisable bytes; returns {name: bytes}."""
-    os.makedirs(folder, exist_ok=True)
-    files = {"metrics.json": b'{"previous": true}\n', "log.jsonl": b'{"step": 0}\n', "model.pt": b"previous weights"}
-    for name, content in files.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(content)
-    return files
-
-
-def folder_bytes(folder):
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f.read()
-        else:
-            out[name] = "<folder>"
-    return out
-
-
-class FakeCudaMemory:
-    """torch.cuda's memory counters, driven by hand: allocated now, and the peak since the last reset."""
-
-    def __init__(self):
-        self.allocated, self.peak = 0, 0
-
-    def set(self, allocated):
-        self.allocated = allocated
-        self.peak = max(self.peak, allocated)
-
-    def patches(self):
-        return [mock.patch.object(torch.cuda, "memory_allocated", lambda device=None: self.allocated),
-                mock.patch.object(torch.cuda, "max_memory_allocated", lambda device=None: self.peak),
-                mock.patch.object(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.set(self.allocated) or setattr(self, "peak", self.allocated)),
-                mock.patch.object(torch.cuda, "synchronize", lambda device=None: None)]
-
-
-class TestDevices(unittest.TestCase):
-    def test_sft_ce_sums_in_float64_on_the_cpu_only(self):
-        """MPS has no float64: sft_ce must move log-probs to the CPU before .double()."""
-        class DeviceTensor:   # a tensor on a device without float64
-            def __init__(self, t):
-                self.t = t
-
-            def double(self):
-                raise AssertionError("float64 on the device: MPS has none (move to the CPU first)")
-
-            def cpu(self):
-                return self.t
-
-        logps, lengths = torch.tensor([-3.0, -5.0]), torch.tensor([2.0, 2.0])
-        with mock.patch.object(model, "sequence_logps_all", return_value=(DeviceTensor(logps), lengths)):
-            self.assertAlmostEqual(model.sft_ce(None, None, None), 8.0 / 4.0)
-
-    def test_peak_rss_is_bytes_on_macos_kilobytes_on_linux(self):
-        import resource
-        usage = mock.Mock(ru_maxrss=1000)
-        meter = model.MemoryMeter(torch.device("mps"))     # no mallinfo2 off the CPU: ru_maxrss
-        with mock.patch.object(resource, "getrusage", return_value=usage):
-            with mock.patch.object(sys, "platform", "darwin"):
-                self.assertEqual(meter._now(), 1000)
-            with mock.patch.object(sys, "platform", "linux"):
-                self.assertEqual(meter._now(), 1000 * 1024)
-
-    def test_cuda_peak_covers_training_only(self):
-        """max_memory_allocated is read at pause(): the evaluation's sampling after it never counts, and
-        an evaluation between two self-play iterations is skipped by pause() and resume()."""
-        fake = FakeCudaMemory()
-        patches = fake.patches()
-        for p in patches:
-            p.start()
-        try:
-            meter = model.MemoryMeter(torch.device("cuda"))
-            fake.set(100 * 2**20)                          # the SFT model
-            meter.start()
-            fake.set(130 * 2**20); meter.sample()         # a training step: +30 MB
-            fake.set(100 * 2**20)
-            meter.pause()
-            fake.set(900 * 2**20)                          # evaluation: sampling 800 MB
-            fake.set(100 * 2**20)
-            self.assertAlmostEqual(meter.peak_mb(), 30.0)
-            meter.resume()                                 # next iteration trains again
-            fake.set(140 * 2**20); meter.sample()
-            meter.pause()
-            self.assertAlmostEqual(meter.peak_mb(), 40.0)
-        finally:
-            for p in patches:
-                p.stop()
-
-    def test_cpu_meter_ignores_what_happens_after_pause(self):
-        meter = model.MemoryMeter(CPU).start()
-        meter.pause()
-        big = torch.ones(8 * 2**20)                        # 32 MB allocated during "evaluation"
-        meter.sample()
-        self.assertLess(meter.peak_mb(), 16.0)
-        del big
-
-    def test_warm_up_touches_neither_weights_nor_random_numbers(self):
-        m = sharp_model()
-        before = {k: v.clone() for k, v in m.state_dict().items()}
-        torch.manual_seed(5)
-        expected = torch.rand(3)
-        torch.manual_seed(5)
-        model.MemoryMeter(CPU).start(warm_up=m)
-        self.assertTrue(torch.equal(torch.rand(3), expected))
-        self.assertTrue(state_equal(before, m.state_dict()))
-        self.assertTrue(all(p.grad is None for p in m.parameters()))
-
-    def test_every_script_meters_from_the_sft_model_to_the_end_of_training(self):
-        """The same window for every method: the meter starts before the method builds anything (DPO's
-        reference, SPPO's frozen copies, any optimiser) and pauses before the first evaluation."""
-        with tempfile.TemporaryDirectory() as d:
-            for module, extra in ((dpo, []), (simpo, []), (sppo, ["--k", "2", "--iterations", "1"])):
-                with self.subTest(script=module.__name__):
-                    events = []
-                    real_start, real_pause = model.MemoryMeter.start, model.MemoryMeter.pause
-                    real_adam, real_evaluate = torch.optim.Adam, data.evaluate
-                    real_copy = model.frozen_copy
-
-                    def start(meter, *a, **k):
-                        events.append("start")
-                        return real_start(meter, *a, **k)
-
-                    def pause(meter):
-                        events.append("pause")
-                        return real_pause(meter)
-
-                    def adam(*a, **k):
-                        events.append("optimiser")
-                        return real_adam(*a, **k)
-
-                    def evaluate(*a, **k):
-                        events.append("evaluate")
-                        return real_evaluate(*a, **k)
-
-                    def copy(m):
-                        events.append("copy")
-                        return real_copy(m)
-
-                    patches = [mock.patch.object(model.MemoryMeter, "start", start),
-                               mock.patch.object(model.MemoryMeter, "pause", pause),
-                               mock.patch.object(torch.optim, "Adam", adam),
-                               mock.patch.object(data, "evaluate", evaluate)]
-                    if hasattr(module, "frozen_copy"):
-                        patches.append(mock.patch.object(module, "frozen_copy", copy))
-                    with contextlib.ExitStack() as stack:
-                        for p in patches:
-                            stack.enter_context(p)
-                        run_main(module, TINY_RUN + extra + ["--out", os.path.join(d, module.__name__),
-                                                             "--sft-dir", os.path.join(d, "sft")])
-                    first_eval = events.index("evaluate")
-                    self.assertEqual(events[0], "start", events)
-                    self.assertIn("pause", events[:first_eval], events)
-                    self.assertIn("optimiser", events[:first_eval], events)
-                    self.assertNotIn("copy", events[:events.index("start")], events)
-
-    def test_cuda_is_made_deterministic_and_the_gpu_model_keys_the_cache(self):
-        calls = []
-        with mock.patch.object(torch.cuda, "is_available", return_value=True), \
-                mock.patch.object(torch.cuda, "get_device_name", return_value="Fake GPU 80GB"), \
-                mock.patch.object(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(("det", a, k))), \
-                mock.patch.object(torch.backends.cuda, "enable_flash_sdp", lambda on: calls.append(("flash", on))), \
-                mock.patch.object(torch.backends.cuda, "enable_mem_efficient_sdp", lambda on: calls.append(("mem", on))), \
-                mock.patch.object(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn", on))), \
-                mock.patch.dict(os.environ, {}, clear=False), contextlib.redirect_stdout(io.StringIO()) as out:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-            device = model.pick_device("cuda")
-            self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
-            self.assertEqual(model.device_name(device), "cuda:Fake GPU 80GB")
-            task = small_task()
-            path_a, key_a = model.sft_cache_path(task, device, "d", 0, 5, model.GPTConfig())
-        self.assertIn(("det", (True,), {"warn_only": True}), calls)
-        self.assertIn(("flash", False), calls)
-        self.assertIn(("mem", False), calls)
-        self.assertIn("Fake GPU 80GB", out.getvalue())
-        with mock.patch.object(torch.cuda, "get_device_name", return_value="Other GPU"):
-            path_b, key_b = model.sft_cache_path(small_task(), torch.device("cuda"), "d", 0, 5, model.GPTConfig())
-        self.assertNotEqual(path_a, path_b)
-        self.assertEqual(model.device_name(CPU), "cpu")
-
-    def test_model_size_flags(self):
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "out")
-            code, err = run_guarded(simpo, TINY_RUN + ["--out", out, "--sft-dir", os.path.join(d, "sft"),
-                                                       "--n-layer", "1", "--n-head", "4", "--n-embd", "32"])
-            self.assertEqual(code, 0, err)
-            ckpt = torch.load(os.path.join(out, "model.pt"), weights_only=True)
-            self.assertEqual((ckpt["config"]["n_layer"], ckpt["config"]["n_head"], ckpt["config"]["n_embd"]), (1, 4, 32))
-            loaded, _ = model.load_checkpoint(os.path.join(out, "model.pt"))
-            self.assertEqual(loaded.config.n_embd, 32)
-            self.assertEqual(len(loaded.blocks), 1)
-            # the default is unchanged, and another size is another SFT cache file
-            args = simpo.parser.parse_args([])
-            self.assertEqual(model.model_config(args), model.GPTConfig())
-            task = small_task()
-            self.assertNotEqual(model.sft_cache_path(task, CPU, d, 0, 5, model.GPTConfig())[0],
-                                model.sft_cache_path(task, CPU, d, 0, 5, model.GPTConfig(n_embd=32, n_head=4))[0])
-            code, err = run_guarded(simpo, TINY_RUN + ["--out", out, "--n-embd", "30", "--n-head", "4"])
-            self.assertEqual(code, 2)
-            self.assertIn("--n-embd", err)
-
-
-class TestSizeBounds(unittest.TestCase):
-    def test_sizes_seeds_and_tau_refused_up_front(self):
-        with tempfile.TemporaryDirectory() as d:
-            safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu"]
-            cases = [(simpo, ["--batch-size", "1000000000"], "4096"), (dpo, ["--eval-samples", "1000000000"], "65536"),
-                     (sppo, ["--k", "1000000000"], "64"), (simpo, ["--seed", str(2**64)], str(2**32 - 1)),
-                     (dpo, ["--seed", str(2**64 - 1)], "--seed"), (simpo, ["--seed", str(2**32)], "--seed"),
-                     (dpo, ["--tau", "inf"], "--tau"), (simpo, ["--n-layer", "1000"], "--n-layer"),
-                     (simpo, ["--n-embd", "100000"], "--n-embd")]
-            for module, args, expect in cases:
-                with self.subTest(args=args):
-                    code, err = run_guarded(module, safe + args)
-                    self.assertEqual(code, 2, err)
-                    self.assertIn(expect, err.strip().splitlines()[-1])   # the last line says what is wrong
-                    self.assertNotIn("Traceback", err)
-            self.assertEqual(os.listdir(d), [])
-        self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
-
-
-class TestFaults(unittest.TestCase):
-    """Each fault ends in one line on stderr and a non-zero exit, and the previous run stays whole."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.sft_dir = os.path.join(cls.tmp.name, "sft")
-        with contextlib.redirect_stderr(io.StringIO()):
-            model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, cls.sft_dir, 0, 5, quiet=True)
-        cls.count = 0
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
-    def fresh_out(self):
-        TestFaults.count += 1
-        out = os.path.join(self.tmp.name, f"out{self.count}")
-        return out, write_previous_run(out)
-
-    def args(self, out):
-        return TINY_RUN + ["--out", out, "--sft-dir", self.sft_dir]
-
-    def assert_one_line(self, err):
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-
-    def test_disk_full_while_saving(self):
-        out, previous = self.fresh_out()
-        real = model._write_durably
-
-        def write(path, content):
-            if path.endswith("model.pt"):              # metrics.json and log.jsonl are written by now
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-            return real(path, content)
-
-        with mock.patch.object(model, "_write_durably", write):
-            code, err = run_guarded(simpo, self.args(out))
-        self.assertEqual(code, 1)
-        last = err.strip().splitlines()[-1]
-        self.assertIn("no space left on device writing", last)
-        self.assertIn("untouched", last)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(folder_bytes(out), previous)   # no .incoming, nothing new, nothing lost
-
-    def test_ctrl_c_during_training(self):
-        out, previous = self.fresh_out()
-        real, calls = data.pair_batch, []
-
-        def pair_batch(*a, **k):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        with mock.patch.object(data, "pair_batch", pair_batch):
-            code, err = run_guarded(dpo, self.args(out))
-        self.assertEqual(code, 130)
-        self.assertEqual(err.strip().splitlines()[-1],
-                         f"interrupted at step 1 of 3 (training); previous results in {out} untouched")
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(folder_bytes(out), previous)
-
-    def test_ctrl_c_during_the_save_waits_for_it(self):
-        """SIGINT while the files are moved into place: the move completes, then the run stops."""
-        out, previous = self.fresh_out()
-        real = model._finish_commit
-
-        def finish(folder):
-            os.kill(os.getpid(), signal.SIGINT)         # Ctrl-C arrives in the middle of the commit
-            return real(folder)
-
-        with mock.patch.object(model, "_finish_commit", finish):
-            code, err = run_guarded(simpo, self.args(out))
-        self.assertEqual(code, 130)
-        self.assertIn(f"the run was saved in {out}", err)
-        self.assert_one_line(err.split("\n", err.count("\n") - 1)[-1])
-        self.assertEqual(sorted(os.listdir(out)), ["log.jsonl", "metrics.json", "model.pt"])
-        self.assertEqual(read_json(os.path.join(out, "metrics.json"))["method"], "simpo")   # the new run, whole
-
-    def test_divergence_stops_with_one_line(self):
-        out, previous = self.fresh_out()
-        real = simpo.simpo_loss
-
-        def nan_at_step_one(*a, **k):
-            losses, c, r = real(*a, **k)
-            if losses.requires_grad:                       # a training step (not the SFT model's evaluation)
-                nan_at_step_one.steps += 1
-                if nan_at_step_one.steps == 2:
-                    losses = losses * float("nan")
-            return losses, c, r
-        nan_at_step_one.steps = 0
-
-        with mock.patch.object(simpo, "simpo_loss", nan_at_step_one):
-            code, err = run_guarded(simpo, self.args(out))
-        self.assertEqual(code, 1)
-        last = err.strip().splitlines()[-1]
-        self.assertIn("nan at step 1", last)
-        self.assertIn("--lr", last)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(folder_bytes(out), previous)
-
-    def test_non_finite_weights_after_the_last_step(self):
-        m = sharp_model()
-        model.check_weights(m)
+        cls.m, task = sharp_gpt(4), small_task(seed=5)
+        cls.ids, cls.mask = task.sft_ids[:5], task.sft_mask[:5]    # BOS prompt SEP response EOS PAD...
+
+    def loop_logps(self, ids, mask):
+        """The definition, one token at a time: each response token scored by a forward pass on its prefix."""
+        out = []
+        for b in range(ids.shape[0]):
+            total = 0.0
+            for t in range(1, ids.shape[1]):
+                if mask[b, t]:
+                    with torch.no_grad():
+                        logits = self.m(ids[b:b + 1, :t])[0, -1]
+                    total += torch.log_softmax(logits.double(), dim=-1)[ids[b, t]].item()
+            out.append(total)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def mistakes(self, ids, mask):
+        """What the usual wrong versions return for these rows, each with its hint."""
         with torch.no_grad():
-            m.lm_head.weight[0, 0] = float("inf")
-        with self.assertRaises(model.Diverged):
-            model.check_weights(m)
-        with self.assertRaises(model.Diverged):
-            model.check_loss(torch.tensor(float("nan")), 4, 10)
+            logits = self.m(ids).double()                                     # [B, T, V]
+        lsm = torch.log_softmax(logits, -1)
+        shifted = lsm[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)        # log pi(token t+1 | tokens <= t)
+        right = (shifted * mask[:, 1:]).sum(-1)
+        raw = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        not_pad = (ids[:, 1:] != data.PAD_ID).double()
+        return [((lsm.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1),
+                 "no shift: position t's logits predict token t+1, so compare logits[:, :-1] with input_ids[:, 1:]"),
+                ((shifted * mask[:, :-1]).sum(-1), "the mask is not shifted with the targets: use response_mask[:, 1:], "
+                                                   "so the first response token counts and the token after EOS does not"),
+                ((shifted * not_pad).sum(-1), "the prompt is counted: only response tokens (response_mask) count"),
+                (shifted.sum(-1), "the mask is missing: the prompt and the padding are counted"),
+                (right / mask.sum(-1), "averaged: log pi(y|x) is a SUM over response tokens (SimPO divides by |y| itself)"),
+                ((raw * mask[:, 1:]).sum(-1), "raw logits: take log_softmax over the vocabulary first"),
+                ((torch.log_softmax(logits[:, :-1], 1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1),
+                 "log_softmax over the wrong dimension: it normalises over the vocabulary, dim=-1")]
 
-    def test_out_of_memory_is_one_line(self):
-        out, previous = self.fresh_out()
-        with mock.patch.object(simpo, "pair_logps", side_effect=RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")):
-            code, err = run_guarded(simpo, self.args(out))
-        self.assertEqual(code, 1)
-        self.assertIn("out of memory", err.strip().splitlines()[-1])
-        self.assertIn("--batch-size", err)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(folder_bytes(out), previous)
+    def logps(self, ids, mask):
+        return attempt(self, model.sequence_logps, self.m, ids, mask, returns=("logps", "lengths"))
 
-    def test_closed_pipe_and_an_ascii_terminal(self):
-        out, _ = self.fresh_out()
+    def test_against_python_loop(self):
+        self.assertTrue(len(set(self.mask.sum(1).tolist())) > 1, "want rows of different lengths")
+        with torch.no_grad():
+            logps, lengths = self.logps(self.ids, self.mask)
+        expect_close(self, logps, self.loop_logps(self.ids, self.mask),
+                     "log pi(y|x) of 5 demonstrations against a loop that scores each response token from its prefix",
+                     self.mistakes(self.ids, self.mask), atol=1e-3, rtol=0)
+        if logps.dtype != torch.float32:
+            self.fail(f"log-probs must be float32 (log_softmax on logits.float()); got {logps.dtype}")
 
-        class ClosedPipe(io.StringIO):
-            def write(self, text):
-                if self.tell() > 40:                        # `| head -1`: the reader has gone
-                    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-                return super().write(text)
+    def test_lengths_count_the_response_and_its_eos(self):
+        prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
+        ids = torch.cat([prompt, responses_of("great acting", "the plot was dull and boring")[:, :8]], dim=1)   # 2, 6 words
+        mask = torch.zeros_like(ids)
+        mask[0, 5:8], mask[1, 5:12] = 1, 1                                  # the response tokens, EOS included
+        with torch.no_grad():
+            logps, lengths = self.logps(ids, mask)
+        expect_close(self, lengths, t(3.0, 7.0), "|y| of 'great acting <eos>' and 'the plot was dull and boring <eos>'", [
+            (t(2.0, 6.0), "the closing EOS is not counted: |y| is the number of response tokens, EOS included"),
+            (t(8.0, 12.0), "the prompt is counted: |y| counts response tokens only"),
+            (t(12.0, 12.0), "the padding and the prompt are counted: |y| is the sum of the response mask")])
+        expect_close(self, logps, self.loop_logps(ids, mask), "log pi(y|x) of the same two reviews",
+                     self.mistakes(ids, mask), atol=1e-3, rtol=0)
 
-            def fileno(self):
-                raise io.UnsupportedOperation("no file descriptor")
+    def test_extra_right_padding_changes_nothing(self):
+        ids, mask = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6))     # PAD is id 0
+        with torch.no_grad():
+            a, la = self.logps(self.ids, self.mask)
+            b, lb = self.logps(ids, mask)
+        expect_close(self, b, a, "log pi(y|x) with 6 more PAD columns on the right: unchanged",
+                     self.mistakes(ids, mask), atol=1e-4, rtol=0)
+        expect_close(self, lb, la, "|y| with 6 more PAD columns on the right: unchanged (padding never counts)")
 
-        code, err = run_guarded(simpo, self.args(out), stdout=ClosedPipe())
-        self.assertEqual(code, 0, err)                       # the run goes on to the end, silently
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(read_json(os.path.join(out, "metrics.json"))["method"], "simpo")
+    def test_batch_order_changes_nothing(self):
+        perm = torch.tensor([3, 0, 4, 2, 1])
+        with torch.no_grad():
+            a, la = self.logps(self.ids, self.mask)
+            b, lb = self.logps(self.ids[perm], self.mask[perm])
+        expect_close(self, b, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
+                     atol=1e-4, rtol=0)
+        expect_close(self, lb, la[perm], "|y| of the same rows in another order")
 
-        out, _ = self.fresh_out()
-        raw = io.BytesIO()
-        ascii_stdout = io.TextIOWrapper(raw, encoding="ascii")
-        code, err = run_guarded(dpo, self.args(out), stdout=ascii_stdout)
-        ascii_stdout.flush()
-        self.assertEqual(code, 0, err)
-        text = raw.getvalue().decode("ascii")              # every byte is ASCII
-        self.assertIn("|", text)                             # the charts' ASCII axis
-        self.assertEqual(data.chart_glyphs(ascii_stdout)[1], "|")
-        self.assertEqual(data.chart_glyphs(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))[1], "│")
-
-
-class TestRunSavedWhole(unittest.TestCase):
-    """model.save_files: the previous run's files or the new run's, never a mix, never a temporary file."""
-
-    NEW = {"metrics.json": b"new metrics", "log.jsonl": b"new log", "model.pt": b"new weights"}
-
-    def test_save_replaces_the_set(self):
-        with tempfile.TemporaryDirectory() as d:
-            write_previous_run(d)
-            model.save_files(d, self.NEW)
-            self.assertEqual(folder_bytes(d), self.NEW)
-            # a run with no model.pt (nothing to save) removes the previous run's, with the rest
-            model.save_files(d, {"metrics.json": b"m2", "log.jsonl": b"l2"})
-            self.assertEqual(folder_bytes(d), {"log.jsonl": b"l2", "metrics.json": b"m2"})
-
-    def test_killed_while_writing_leaves_the_previous_run(self):
-        class Killed(BaseException):
-            pass
-
-        with tempfile.TemporaryDirectory() as d:
-            previous = write_previous_run(d)
-            real = model._write_durably
-            with mock.patch.object(model, "_write_durably",
-                                   lambda p, c: (_ for _ in ()).throw(Killed()) if p.endswith("log.jsonl") else real(p, c)), \
-                    mock.patch("shutil.rmtree"):               # a killed process cleans nothing up
-                with self.assertRaises(Killed):
-                    model.save_files(d, self.NEW)
-            self.assertTrue(os.path.isdir(os.path.join(d, model.STAGING)))
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                model.prepare_out_dir(d)                     # the next run into this folder
-            self.assertEqual(folder_bytes(d), previous)
-            self.assertIn("unfinished save", err.getvalue())
-
-    def test_killed_while_moving_is_finished_by_the_next_run(self):
-        class Killed(BaseException):
-            pass
-
-        with tempfile.TemporaryDirectory() as d:
-            write_previous_run(d)
-            real, moved = os.replace, []
-
-            def replace(src, dst):
-                if os.path.basename(os.path.dirname(src)) == model.STAGING and moved:
-                    raise Killed()                            # dies after moving one file
-                moved.append(dst)
-                return real(src, dst)
-
-            with mock.patch.object(os, "replace", replace):
-                with self.assertRaises(Killed):
-                    model.save_files(d, self.NEW)
-            mixed = folder_bytes(d)
-            self.assertIn(model.STAGING, mixed)              # a mix on disk, with its COMMIT beside it
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                model.prepare_out_dir(d)
-            self.assertEqual(folder_bytes(d), self.NEW)
-            self.assertIn("finished saving", err.getvalue())
-
-    def test_stale_temporaries_of_dead_processes_are_removed(self):
-        with tempfile.TemporaryDirectory() as d:
-            dead, alive = dead_pid(), os.getpid()
-            for name in (f"model.pt.tmp-{dead}", f".sft-abc.pt.tmp-{dead}", f"model.pt.tmp-{alive}"):
-                open(os.path.join(d, name), "w").close()
-            model.prepare_out_dir(d)
-            self.assertEqual(os.listdir(d), [f"model.pt.tmp-{alive}"])   # a live writer's file is left alone
-
-
-class TestSFTCacheClassroom(unittest.TestCase):
-    def sft(self, task, d, steps=3):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            m, info = model.sft_model(task, CPU, d, seed=0, steps=steps, quiet=True)
-        return m, info, err.getvalue()
-
-    def test_runs_starting_together_train_once(self):
-        import threading
-        import time
-        task = small_task(seed=21)
-        real, trained = model._train_sft, []
-
-        def slow_train(*a, **k):
-            trained.append(1)
-            time.sleep(0.5)                                   # long enough for the others to arrive
-            return real(*a, **k)
-
-        with tempfile.TemporaryDirectory() as d, mock.patch.object(model, "_train_sft", slow_train):
-            results, errors = [], io.StringIO()
-
-            def student():
-                results.append(model.sft_model(task, CPU, d, seed=0, steps=3, quiet=True))
-
-            with contextlib.redirect_stderr(errors):
-                threads = [threading.Thread(target=student) for _ in range(3)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            self.assertEqual(len(trained), 1, errors.getvalue())
-            self.assertEqual(len(results), 3)
-            self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
-            self.assertIn("waiting", errors.getvalue())
-            for m, _ in results[1:]:
-                self.assertTrue(state_equal(results[0][0].state_dict(), m.state_dict()))
-            self.assertEqual([f for f in os.listdir(d) if not f.endswith(".pt")], [])   # no lock file left
-
-    def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
-        task = small_task(seed=22)
-        denied = OSError(errno.EACCES, "Permission denied")
-        with tempfile.TemporaryDirectory() as d:
-            with mock.patch.object(model, "_write_durably", side_effect=denied), \
-                    mock.patch.object(os, "open", side_effect=denied):
-                m, info, err = self.sft(task, d)                 # nothing can be written: trains, goes on
-            self.assertFalse(info["cached"])
-            self.assertIn("could not write the SFT cache", err)
-            self.assertIn("going on", err)
-            self.assertEqual(os.listdir(d), [])
-            self.sft(task, d)                                    # now a writable folder: the cache is made
-            with mock.patch.object(model, "_write_durably", side_effect=denied), \
-                    mock.patch.object(os, "open", side_effect=denied), \
-                    mock.patch.object(model, "_train_sft", side_effect=AssertionError("retrained")):
-                m2, info2, err2 = self.sft(task, d)              # read-only with a valid cache: read it
-            self.assertTrue(info2["cached"])
-            self.assertTrue(state_equal(m.state_dict(), m2.state_dict()))
-            with mock.patch.object(model, "_write_durably", side_effect=OSError(errno.ENOSPC, "No space left on device")):
-                _, info3, err3 = self.sft(task, d, steps=2)
-            self.assertIn("no space left on device", err3)
-            self.assertFalse(info3["cached"])
-
-    def test_a_folder_at_the_cache_path_is_a_clear_error(self):
-        task = small_task(seed=23)
-        with tempfile.TemporaryDirectory() as d:
-            path, _ = model.sft_cache_path(task, CPU, d, 0, 3, model.GPTConfig())
-            os.makedirs(path)
-            with self.assertRaises(SystemExit) as cm:
-                self.sft(task, d)
-            self.assertEqual(cm.exception.code, 2)
-
-    def test_corrupt_cache_notes_say_what_is_wrong(self):
-        task = small_task(seed=24)
-        with tempfile.TemporaryDirectory() as d:
-            _, info, _ = self.sft(task, d)
-            with open(info["path"], "rb") as f:
-                good = f.read()
-            foreign = io.BytesIO()
-            torch.save(nn.Linear(2, 2), foreign)
-            for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
-                                   (b"\x80\x04not a torch file at all", "not a PyTorch file"),
-                                   (foreign.getvalue(), "not a file of this project")]:
-                with self.subTest(words=words):
-                    with open(info["path"], "wb") as f:
-                        f.write(content)
-                    _, again, err = self.sft(task, d)
-                    self.assertFalse(again["cached"])
-                    self.assertEqual(len(err.strip().splitlines()), 1, err)
-                    self.assertIn(words, err)
-                    self.assertIn("rebuilding", err)
-                    self.assertNotIn("weights_only", err)
-
+    def test_gradient_reaches_the_model(self):
+        """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
+        m = sharp_gpt(4)
+        logps, _ = attempt(self, model.sequence_logps, m, self.ids, self.mask, returns=("logps", "lengths"))
+        if not logps.requires_grad:
+            self.fail("the log-probs carry no gradient: no .detach(), .item() or torch.no_grad() inside sequence_logps")
+        logps.sum().backward()
+        self.assertGreater(m.wte.weight.grad.abs().sum().item(), 0.0, "the token embeddings got no gradient")
 
 
 # ====================================================================================================
-# Wiring: every line that connects one piece to another (which model, which data, which way round),
-# checked by a test that fails when the connection is wrong, not only the formula at its end
+# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process,
+# and the checks every script's run shares (ScriptChecks)
 # ====================================================================================================
 
-class Spy:
-    """with Spy(module, "name") as spy: module.name still runs; spy.calls lists one Call per call, with
-    its arguments by name (`a`), its result, `before(a)` taken at call time (e.g. a copy of weights) and
-    the name of the calling function (`caller`). spy.by(name): the calls made from that function."""
-
-    class Call:
-        def __init__(self, a, result, before, caller):
-            self.a, self.result, self.before, self.caller = a, result, before, caller
-
-    def __init__(self, obj, name, before=None):
-        self.obj, self.name, self.before, self.calls = obj, name, before, []
-        self.original = getattr(obj, name)
-        self.signature = inspect.signature(self.original)
-
-    def __enter__(self):
-        def wrapper(*args, **kwargs):
-            bound = self.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = dict(bound.arguments)
-            before = self.before(a) if self.before else None
-            caller = sys._getframe(1).f_code.co_name
-            result = self.original(*args, **kwargs)
-            self.calls.append(Spy.Call(a, result, before, caller))
-            return result
-        self.patch = mock.patch.object(self.obj, self.name, wrapper)
-        self.patch.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.patch.stop()
-        return False
-
-    def by(self, caller):
-        return [c for c in self.calls if c.caller == caller]
+REPO, CPU = os.path.dirname(os.path.abspath(__file__)), torch.device("cpu")
+SCRATCH = tempfile.mkdtemp(prefix="test_all-")   # every folder the tests write, removed at exit
+SEED = 1    # every run's --seed: not 0, the default, so that a seed dropped on the way shows
+SMALL = model.GPTConfig(n_layer=1, n_embd=32)    # the runs' GPT: the same code, a quarter of the work
+TINY = ["--seed", str(SEED), "--sft-steps", "5", "--eval-samples", "16", "--batch-size", "8", "--device", "cpu",
+        "--n-layer", "1", "--n-embd", "32"]
+METRIC_KEYS = ["method", "seed", "device", "steps", "win_rate_vs_sft", "score", "sft_score", "length", "sft_length",
+               "kl_to_sft", "sft_win_rate_vs_sft", "reward_accuracy", "ranking_agreement", "startup_seconds",
+               "train_seconds", "eval_seconds", "seconds_per_step", "peak_memory_mb", "wall_seconds"]
+TIMING_KEYS = set(METRIC_KEYS[13:]) | {"sampling_seconds", "ref_precompute_seconds"}
+LOG_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"]
+scratch = lambda name: tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
 
 
-def run_spied(module, argv, spies):
-    """run_main(module, argv) with every Spy in `spies` active."""
-    with contextlib.ExitStack() as stack:
-        for spy in spies:
-            stack.enter_context(spy)
-        return run_main(module, argv)
-
-
-WIRING_SEED = 1      # not 0, the default, so that a seed that is dropped on the way shows
-WIRING_RUN = ["--sft-steps", "5", "--eval-samples", "16", "--batch-size", "8", "--device", "cpu",
-              "--seed", str(WIRING_SEED)]
-_wiring_sft = {}
-
-
-def wiring_sft():
-    """(folder, SFT model): the SFT cache that WIRING_RUN's runs load (the default task, 5 steps), built
-    once per test process, and the SFT model read back from it independently of any script."""
-    if not _wiring_sft:
-        _wiring_sft["tmp"] = tempfile.TemporaryDirectory()
-        with contextlib.redirect_stderr(io.StringIO()):
-            sft, _ = model.sft_model(data.Task(data.TaskConfig(), seed=WIRING_SEED), CPU, _wiring_sft["tmp"].name,
-                                     WIRING_SEED, 5, quiet=True)
-        _wiring_sft["model"] = sft
-    return _wiring_sft["tmp"].name, _wiring_sft["model"]
-
-
-def rows_of(ids):
-    """The rows of a token tensor as tuples, trailing padding removed (so trimmed and full rows compare)."""
-    out = []
-    for row in ids.tolist():
-        while row and row[-1] == data.PAD_ID:
-            row.pop()
-        out.append(tuple(row))
-    return out
-
-
-def logps_of(m, ids, mask):
-    """log pi(y|x) of each row under m, one row set at a time (no stacking, no batching): [B]."""
+def sharp_gpt(seed=0):
+    """The real network (two blocks, narrow) with next-token distributions far from uniform (a fresh one
+    predicts about log(1/90) everywhere, which would hide an off-by-one)."""
+    torch.manual_seed(seed)
+    m = model.GPT(model.GPTConfig(n_embd=32))
     with torch.no_grad():
-        return model.sequence_logps(m, ids, mask)[0]
+        m.wte.weight.mul_(20.0)    # tied with lm_head: logits of a few nats' spread
+        m.wpe.weight.normal_(0.0, 0.5)
+    return m.eval()
 
 
-def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w
-    and y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
-    return {"policy_chosen_logps": logps_of(policy, batch["chosen_ids"], batch["chosen_mask"]),
-            "policy_rejected_logps": logps_of(policy, batch["rejected_ids"], batch["rejected_mask"]),
-            "ref_chosen_logps": logps_of(ref, batch["chosen_ids"], batch["chosen_mask"]),
-            "ref_rejected_logps": logps_of(ref, batch["rejected_ids"], batch["rejected_mask"])}
+class Bigram(nn.Module):
+    """The tests' stand-in language model: next-token logits `first` after SEP (the first response token) and
+    `rest` after any other token, so its log-probs, samples and KLs are known in closed form."""
 
-
-def with_weights(state):
-    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
-    m = model.GPT(model.GPTConfig())
-    m.load_state_dict(state)
-    m.eval()
-    return m
-
-
-def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
-    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here:
-    the fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's
-    order (+1, 0, -1) equals the average log-likelihood's."""
-    pc, pr, lc, lr = policy_logps
-    accuracy = (chosen_rewards > rejected_rewards).double().mean().item()
-    agreement = (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(pc / lc - pr / lr)).double().mean().item()
-    test.assertAlmostEqual(metrics["reward_accuracy"], accuracy, places=6, msg="reward accuracy on held-out pairs")
-    test.assertAlmostEqual(metrics["ranking_agreement"], agreement, places=6, msg="ranking agreement on held-out pairs")
-
-
-EVALUATION_KEYS = ["win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft"]
-
-
-class BigramStub(nn.Module):
-    """A language model whose next-token logits depend only on the current token: `first` after SEP (the
-    first response token), `rest` after any other token. Its sequence log-probs are known in closed form."""
-
-    def __init__(self, first, rest):
+    def __init__(self, first, rest=None):
         super().__init__()
-        self.first, self.rest = first, rest
-        self.blocks = nn.ModuleList()          # model.sample builds one cache per block: none
+        self.first, self.rest, self.blocks = first, first if rest is None else rest, nn.ModuleList()   # no kv cache
 
     def forward(self, idx, caches=None):
         return torch.where((idx == data.SEP_ID)[..., None], self.first, self.rest)
@@ -2249,1055 +663,969 @@ def logits_row(words=(), eos=0.0):
 
 
 POS, NEG = data.POS_IDS.tolist(), data.NEG_IDS.tolist()
-POSITIVE_WRITER = BigramStub(logits_row(POS), logits_row(POS, eos=1.0))                # one positive word, EOS
-NEGATIVE_WRITER = BigramStub(logits_row(NEG), logits_row(NEG, eos=0.25))               # negative words, ~4 of them
-EITHER_WRITER = BigramStub(logits_row(POS + NEG), logits_row(POS, eos=1.0))            # one word of either kind, EOS
-
-
-class TestWiringEvaluation(unittest.TestCase):
-    """data.head_to_head and data.evaluate with models whose answers are known: which way round the win
-    rate is, the sign of the KL, which samples are whose, which prompts are used."""
-
-    def test_writer_of_positive_words_beats_writer_of_negative_ones(self):
-        """Every policy review scores +1 and every baseline review -1, so each comparison is
-        sigmoid((1 - (-1)) / tau): near 1 one way round, near 0 the other, with the task's own tau."""
-        for tau in (0.2, 1.0):
-            task = small_task(seed=20, tau=tau)
-            with self.subTest(tau=tau):
-                r = data.head_to_head(POSITIVE_WRITER, NEGATIVE_WRITER, task, CPU, 64, seed=3)
-                self.assertAlmostEqual(r["win_rate"], sig(2 / tau), places=5,
-                                       msg="win rate must be P(policy sample > baseline sample), with the task's tau")
-                self.assertEqual((r["score"], r["baseline_score"]), (1.0, -1.0))
-                self.assertEqual(r["length"], 1.0)                        # the policy's reviews: one word
-                self.assertGreater(r["baseline_length"], 2.0)             # the baseline's: about 4
-                self.assertGreater(r["kl"], 100.0)                        # the baseline cannot write positive words
-                back = data.head_to_head(NEGATIVE_WRITER, POSITIVE_WRITER, task, CPU, 64, seed=3)
-                self.assertAlmostEqual(back["win_rate"], sig(-2 / tau), places=5)
-        self.assertGreater(sig(2 / 0.2), 0.9999)
-
-    def test_kl_of_constructed_models_in_closed_form(self):
-        """The policy writes one positive word (16 to choose from) and stops; the baseline one word of 32 and
-        stops. Every policy review y has log pi(y|x) - log base(y|x) = log(1/16) - log(1/32) = log 2, so the
-        estimate of KL(policy || baseline) is log 2 exactly, sample by sample."""
-        task = small_task(seed=21)
-        r = data.head_to_head(POSITIVE_WRITER, EITHER_WRITER, task, CPU, 64, seed=4)
-        self.assertAlmostEqual(r["kl"], math.log(2), places=5,
-                               msg="KL must be E_{y~policy}[log policy(y|x) - log baseline(y|x)] on the policy's samples")
-        # the other way round the policy writes negative words half of the time, which the baseline never
-        # does: log-ratios of about 1e9 on those, so a huge positive KL (never a negative one)
-        self.assertGreater(data.head_to_head(EITHER_WRITER, POSITIVE_WRITER, task, CPU, 64, seed=4)["kl"], 1e6)
-
-    def test_kl_between_two_different_models_is_positive(self):
-        """Two random models that sample what they score (no mass on the tokens the sampler bans): the
-        estimate of KL(a || b) is positive both ways round, and 0 from a model to itself."""
-        task = small_task(seed=22)
-        g = torch.Generator().manual_seed(0)
-        allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
-
-        def random_writer():
-            first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
-            first[allowed] = torch.randn(len(allowed), generator=g) * 2
-            first[data.EOS_ID] = IMPOSSIBLE
-            rest[allowed] = torch.randn(len(allowed), generator=g) * 2
-            rest[data.EOS_ID] = 3.0                  # stop after a few words
-            return BigramStub(first, rest)
-
-        a, b = random_writer(), random_writer()
-        for policy, baseline in ((a, b), (b, a)):
-            self.assertGreater(data.head_to_head(policy, baseline, task, CPU, 128, seed=5)["kl"], 1.0)
-        self.assertEqual(data.head_to_head(a, a, task, CPU, 64, seed=5)["kl"], 0.0)
-
-    def test_evaluate_names_each_number_after_its_model(self):
-        """evaluate(policy, sft): the policy's numbers under the policy's names, the SFT model's under sft_*,
-        samples from each, on held-out prompts."""
-        task = small_task(seed=23)
-        e = data.evaluate(POSITIVE_WRITER, NEGATIVE_WRITER, task, CPU, 48, seed=2)
-        self.assertAlmostEqual(e["win_rate_vs_sft"], sig(2 / task.config.tau), places=6)
-        self.assertEqual((e["score"], e["sft_score"], e["length"]), (1.0, -1.0, 1.0))
-        self.assertGreater(e["sft_length"], 2.0)
-        self.assertGreater(e["kl_to_sft"], 100.0)
-        self.assertEqual(e["sft_win_rate_vs_sft"], 0.5)          # the SFT model's reviews all score -1: ties
-        words = lambda samples: {w for row in samples for w in data.decode(row).split()}
-        self.assertLessEqual(words(e["samples"]), set(data.POSITIVE))
-        self.assertLessEqual(words(e["sft_samples"]), set(data.NEGATIVE))
-        self.assertTrue(torch.equal(e["prompts"], task.eval_prompts(48)))
-
-    def test_evaluation_samples_heldout_prompts_only(self):
-        task = small_task(seed=24)
-        held = set(rows_of(task.heldout_prompts))
-        with Spy(data, "sample") as spy:
-            e = data.evaluate(sharp_model(32), sharp_model(33).state_dict(), task, CPU, 40, seed=1)
-        self.assertEqual(len(spy.calls), 3)                      # the policy, the SFT model, the SFT model again
-        for call in spy.calls:
-            self.assertLessEqual(set(rows_of(call.a["prompts"])), held, "evaluation must sample held-out prompts")
-        self.assertLessEqual(set(rows_of(e["prompts"])), held)
-        self.assertEqual(len(set(rows_of(e["prompts"]))), min(40, len(held)))   # cycling through all of them
-
-    def test_sft_win_rate_is_the_sft_model_scored_as_a_policy(self):
-        """sft_win_rate_vs_sft is what win_rate_vs_sft would be if the policy were the SFT model: the same
-        number for any policy, for a model or a state_dict baseline, and measured (not 1/2 by fiat)."""
-        task = small_task(seed=25)
-        sft = EITHER_WRITER          # its reviews score +1 or -1: comparisons are not all ties
-        itself = data.evaluate(sft, sft, task, CPU, 64, seed=3)["win_rate_vs_sft"]
-        for policy in (POSITIVE_WRITER, NEGATIVE_WRITER):
-            self.assertEqual(data.evaluate(policy, sft, task, CPU, 64, seed=3)["sft_win_rate_vs_sft"], itself)
-        self.assertNotEqual(itself, 0.5)
-        self.assertLess(abs(itself - 0.5), 0.15)
-        gpt_sft, policy = sharp_model(34), sharp_model(35)
-        itself = data.evaluate(gpt_sft, gpt_sft, task, CPU, 32, seed=0)["win_rate_vs_sft"]
-        as_state = data.evaluate(policy, gpt_sft.state_dict(), task, CPU, 32, seed=0)
-        self.assertAlmostEqual(as_state["sft_win_rate_vs_sft"], itself, places=6)
-
-
-class TestWiringData(unittest.TestCase):
-    """data.py's connectors: start_run, pair_logps_all, pair_log_row; model.py's SFT start."""
-
-    def test_start_run_builds_the_task_and_sft_model_the_flags_ask_for(self):
-        with tempfile.TemporaryDirectory() as d:
-            args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style",
-                                          "0.5", "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"),
-                                          "--sft-dir", os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16"])
-            small = model.GPTConfig(n_layer=1, n_head=2, n_embd=16)   # the size flags reach the SFT model
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                device, task, policy, info = data.start_run(args)
-                want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
-                # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if
-                # start_run trained with this seed, these steps and these demonstrations
-                with mock.patch.object(torch.optim, "AdamW", side_effect=AssertionError("not the cached SFT model")):
-                    again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, small)
-            self.assertTrue(os.path.isdir(args.out))
-        self.assertEqual(device, CPU)
-        self.assertEqual(task.config, want.config)
-        for key in ("chosen_ids", "rejected_ids"):
-            self.assertTrue(torch.equal(task.pairs[key], want.pairs[key]), key)
-        self.assertTrue(torch.equal(task.sft_ids, want.sft_ids))
-        self.assertEqual((info["steps"], info["path"]), (2, again_info["path"]))
-        self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
-
-    def test_sft_trains_on_demonstrations_and_measures_on_heldout_ones(self):
-        task = small_task(seed=26)
-        demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
-        pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
-        before = lambda a: torch.is_grad_enabled()
-        with tempfile.TemporaryDirectory() as d, Spy(model, "sequence_logps", before) as spy, \
-                contextlib.redirect_stderr(io.StringIO()):
-            model.sft_model(task, CPU, d, seed=0, steps=3, quiet=True)
-        training = [c for c in spy.calls if c.before]
-        measuring = [c for c in spy.calls if not c.before]
-        self.assertEqual(len(training), 3)
-        for c in training:
-            rows = set(rows_of(c.a["input_ids"]))
-            self.assertLessEqual(rows, demos, "SFT must train on the demonstrations (task.sft_ids)")
-            self.assertFalse(rows & pairs)
-        self.assertEqual(len(measuring), 2)                      # cross-entropy before and after
-        for c in measuring:
-            self.assertEqual(set(rows_of(c.a["input_ids"])), held, "SFT cross-entropy is measured on held-out demonstrations")
-
-    def test_sft_ce_is_per_response_token_and_batching_changes_nothing(self):
-        m, task = sharp_model(36), small_task(seed=27)
-        ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
-        logps, lengths = logps_of(m, ids, mask), mask[:, 1:].sum(1).float()
-        batched = model.sequence_logps_all(m, ids, mask, batch_size=5)           # 16 rows: batches of 5, 5, 5, 1
-        torch.testing.assert_close(batched[0], logps, rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(batched[1], lengths))
-        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps.double().sum().item() / lengths.sum().item(), places=4)
-
-    def test_pair_logps_all_keeps_pairs_sides_and_order(self):
-        m, pairs = sharp_model(37), small_task(seed=28).pairs                     # 16 pairs
-        got = data.pair_logps_all(m, pairs, CPU, batch_size=5)
-        want = (logps_of(m, pairs["chosen_ids"], pairs["chosen_mask"]),
-                logps_of(m, pairs["rejected_ids"], pairs["rejected_mask"]),
-                pairs["chosen_mask"][:, 1:].sum(1).float(), pairs["rejected_mask"][:, 1:].sum(1).float())
-        self.assertEqual(len(got), 4)
-        for name, g, w in zip(("chosen logps", "rejected logps", "chosen lengths", "rejected lengths"), got, want):
-            self.assertEqual(g.shape, (16,), name)
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=name)
-
-    def test_pair_log_row_puts_each_number_under_its_name(self):
-        chosen_rewards, rejected_rewards = t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5)
-        row = data.pair_log_row(7, t(0.25), chosen_rewards, rejected_rewards, t(-3.0, -5.0), t(-8.0, -10.0))
-        self.assertEqual(row["step"], 7)
-        self.assertEqual(row["loss"], 0.25)
-        self.assertAlmostEqual(row["rewards/chosen"], 2.5 / 4)
-        self.assertAlmostEqual(row["rewards/rejected"], 0.5 / 4)
-        self.assertAlmostEqual(row["rewards/accuracies"], 2 / 4)      # 1 > 0, 3 > 1; -2 < -1; a tie is not
-        self.assertAlmostEqual(row["rewards/margins"], 2.0 / 4)
-        self.assertEqual((row["logps/chosen"], row["logps/rejected"]), (-4.0, -9.0))
-
-
-def policy_snapshot(start_run_spy):
-    """A Spy `before` hook: a copy of the weights of the policy that start_run returned, as they are now."""
-    return lambda a: {k: v.detach().clone() for k, v in start_run_spy.calls[0].result[2].state_dict().items()}
-
-
-class ScriptWiring:
-    """A method script's main(), run once in this process (setUpClass) with its connections spied on;
-    the mixin's tests are the checks every method shares."""
-    module = None
-    extra = []
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.out = os.path.join(cls.tmp.name, "run")
-        sft_dir, cls.sft = wiring_sft()
-        start = Spy(data, "start_run")
-        cls.spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", policy_snapshot(start)),
-                   "evaluate": Spy(data, "evaluate"), "head_to_head": Spy(data, "head_to_head"),
-                   "pair_logps_all": Spy(data, "pair_logps_all"), "eval_sample": Spy(data, "sample"),
-                   "table": Spy(data, "print_sft_vs_policy"), **cls.more_spies()}
-        run_spied(cls.module, WIRING_RUN + cls.extra + ["--out", cls.out, "--sft-dir", sft_dir], cls.spy.values())
-        _, cls.task, cls.policy, _ = start.calls[0].result
-        cls.metrics = read_json(os.path.join(cls.out, "metrics.json"))
-        cls.log = read_jsonl(os.path.join(cls.out, "log.jsonl"))
-        cls.trained, _ = model.load_checkpoint(os.path.join(cls.out, "model.pt"))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
-    @classmethod
-    def more_spies(cls):
-        return {}
-
-    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
-        call = self.spy["evaluate"].calls[-1]                   # (SPPO evaluates after every iteration)
-        self.assertIs(call.a["policy"], self.policy, "evaluate(policy, sft, ...): the trained policy first")
-        self.assertTrue(state_equal(call.a["policy"].state_dict(), self.trained.state_dict()))
-        sft = call.a["sft"]
-        sft_state = sft if isinstance(sft, dict) else sft.state_dict()
-        self.assertTrue(state_equal(sft_state, self.sft.state_dict()), "the baseline must be the SFT model")
-        self.assertEqual((call.a["n_samples"], call.a["seed"]), (16, WIRING_SEED))
-
-    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
-        held = set(rows_of(self.task.heldout_prompts))
-        self.assertTrue(self.spy["eval_sample"].calls)
-        for call in self.spy["eval_sample"].calls:
-            self.assertLessEqual(set(rows_of(call.a["prompts"])), held)
-        self.assertTrue(self.spy["pair_logps_all"].calls)
-        for call in self.spy["pair_logps_all"].calls:
-            self.assertIs(call.a["pairs"], self.task.heldout_pairs, "held-out metrics must use task.heldout_pairs")
-
-    def test_training_sees_training_pairs_only(self):
-        calls = self.spy["pair_batch"].by("main")
-        self.assertEqual(len(calls), self.steps)
-        g = torch.Generator().manual_seed(WIRING_SEED)       # the batches are the seeded draws, in order
-        for call in calls:
-            self.assertIs(call.a["pairs"], self.task.pairs, "training batches must come from task.pairs")
-            want = torch.randint(0, self.task.pairs["chosen_ids"].shape[0], (8,), generator=g)
-            self.assertTrue(torch.equal(call.a["idx"].cpu(), want))
-
-    def test_evaluation_numbers_match_a_recomputation(self):
-        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
-        e = data.evaluate(self.trained, self.sft, self.task, CPU, 16, seed=WIRING_SEED)
-        for key in EVALUATION_KEYS:
-            self.assertAlmostEqual(self.metrics[key], e[key], places=5, msg=key)
-        self.assertAlmostEqual(e["sft_win_rate_vs_sft"],
-                               data.head_to_head(self.sft, self.sft, self.task, CPU, 16, 10_000 + WIRING_SEED)["win_rate"])
-
-    def test_end_of_run_table_gets_this_runs_numbers(self):
-        (call,) = self.spy["table"].calls
-        self.assertAlmostEqual(call.a["metrics"]["win_rate_vs_sft"], self.metrics["win_rate_vs_sft"])
-        self.assertAlmostEqual(call.a["result"]["sft_win_rate_vs_sft"], self.metrics["sft_win_rate_vs_sft"])
-        self.assertEqual(call.a["sft_metrics"], self.sft_column())
-        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
-        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
-
-
-def heldout_logps(m, task):
-    return data.pair_logps_all(m, task.heldout_pairs, CPU)
-
-
-class TestWiringDPO(ScriptWiring, unittest.TestCase):
-    """dpo.py: 3 steps with beta 0.5 and a learning rate high enough that the policy moves at every step."""
-    module, steps = dpo, 3
-    extra = ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"]
-
-    @classmethod
-    def more_spies(cls):
-        return {"dpo_loss": Spy(dpo, "dpo_loss")}
-
-    def test_reference_changes_the_loss_after_step_0(self):
-        """With the reference = the policy itself, every step's rewards are 0 and its loss ln 2."""
-        self.assertAlmostEqual(self.log[0]["loss"], math.log(2), places=6)     # step 0: pi_theta = pi_ref
-        for row in self.log[1:]:
-            self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
-            self.assertNotEqual(row["rewards/chosen"], 0.0)
-            self.assertNotEqual(row["rewards/margins"], 0.0)
-
-    def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as
-        the reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
-        losses = [c for c in self.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
-        self.assertEqual(len(losses), self.steps)
-        for step, (batch_call, loss_call) in enumerate(zip(self.spy["pair_batch"].by("main"), losses)):
-            with self.subTest(step=step):
-                b, a = batch_call.result, loss_call.a
-                current = with_weights(batch_call.before)
-                want = pair_logps_of(current, self.sft, b)
-                for name, value in want.items():
-                    torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
-                self.assertTrue(a["policy_chosen_logps"].requires_grad)
-                self.assertFalse(a["ref_chosen_logps"].requires_grad)
-                self.assertEqual(a["beta"], 0.5)
-                margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (
-                    want["policy_rejected_logps"] - want["ref_rejected_logps"])
-                self.assertAlmostEqual(self.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        policy, sft = heldout_logps(self.trained, self.task), heldout_logps(self.sft, self.task)
-        heldout_rewards_check(self, self.metrics, 0.5 * (policy[0] - sft[0]), 0.5 * (policy[1] - sft[1]), policy)
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
-
-
-class TestWiringSimPO(ScriptWiring, unittest.TestCase):
-    """simpo.py: 3 steps with beta 3 and gamma 0.6 (not the defaults, so a swap or a default shows)."""
-    module, steps = simpo, 3
-    extra = ["--steps", "3", "--beta", "3", "--gamma", "0.6", "--lr", "1e-2"]
-
-    @classmethod
-    def more_spies(cls):
-        return {"simpo_loss": Spy(simpo, "simpo_loss")}
-
-    def simpo_losses(self, m, b, beta, gamma, length_norm=True):
-        pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm \
-            else (1.0, 1.0)
-        return -F.logsigmoid(beta * pc / lc - beta * pr / lr - gamma)
-
-    def test_every_step_is_the_simpo_loss_of_its_batch(self):
-        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their
-        places, and the logged loss [SimPO-4] of those."""
-        losses = [c for c in self.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
-        self.assertEqual(len(losses), self.steps)
-        for step, (batch_call, loss_call) in enumerate(zip(self.spy["pair_batch"].by("main"), losses)):
-            with self.subTest(step=step):
-                b, a = batch_call.result, loss_call.a
-                current = with_weights(batch_call.before)
-                self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
-                self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
-                self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
-                torch.testing.assert_close(a["policy_chosen_logps"].detach(),
-                                           logps_of(current, b["chosen_ids"], b["chosen_mask"]), rtol=0, atol=1e-3)
-                self.assertAlmostEqual(self.log[step]["loss"], self.simpo_losses(current, b, 3.0, 0.6).mean().item(),
-                                       places=4)
-
-    def test_no_length_norm_sums_the_log_probs(self):
-        """--no-length-norm: the first step's loss is [SimPO-4] with |y| = 1 (and not the normalised one)."""
-        with tempfile.TemporaryDirectory() as d:
-            run_main(simpo, WIRING_RUN + ["--steps", "1", "--beta", "3", "--gamma", "0.6", "--no-length-norm",
-                                          "--out", d, "--sft-dir", wiring_sft()[0]])
-            loss = read_jsonl(os.path.join(d, "log.jsonl"))[0]["loss"]
-        b = self.spy["pair_batch"].by("main")[0].result             # the same seed: the same first batch
-        self.assertAlmostEqual(loss, self.simpo_losses(self.sft, b, 3.0, 0.6, length_norm=False).mean().item(), places=3)
-        self.assertNotAlmostEqual(loss, self.simpo_losses(self.sft, b, 3.0, 0.6).mean().item(), places=2)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        policy = heldout_logps(self.trained, self.task)
-        heldout_rewards_check(self, self.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
-
-    def sft_column(self):
-        """The SFT model's own SimPO reward, (beta/|y|) log pi_sft(y|x): accurate where its average
-        log-likelihood puts y_w first, and in agreement with it everywhere."""
-        pc, pr, lc, lr = heldout_logps(self.sft, self.task)
-        return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
-
-
-class TestWiringSPPO(ScriptWiring, unittest.TestCase):
-    """sppo.py: two self-play iterations of 2 steps (K = 2, eta 10, tau 0.5: not the defaults), and the hard
-    variant once, each with its connections spied on."""
-    module, steps = sppo, 0            # self-play draws no preference pairs at all
-    extra = ["--steps", "2", "--k", "2", "--iterations", "2", "--eta", "10", "--tau", "0.5"]
-
-    @classmethod
-    def more_spies(cls):
-        return {"iteration": Spy(sppo, "self_play_iteration"), "play_sample": Spy(sppo, "sample")}
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        start = Spy(data, "start_run")
-        cls.hard_spy = {"start_run": start, "hard_fit": Spy(sppo, "hard_fit"),
-                        "pair_batch": Spy(data, "pair_batch", policy_snapshot(start)),
-                        "hard_loss": Spy(sppo, "sppo_hard_loss")}
-        cls.hard_out = os.path.join(cls.tmp.name, "hard")
-        run_spied(sppo, WIRING_RUN + ["--variant", "hard", "--steps", "2", "--eta", "10", "--out", cls.hard_out,
-                                      "--sft-dir", wiring_sft()[0]], cls.hard_spy.values())
-
-    def test_self_play_runs_on_the_training_prompts(self):
-        """Each iteration samples from pi_t on task.train_prompts, never on the held-out prompts, with
-        --k, --eta and the task's tau."""
-        calls = self.spy["iteration"].calls
-        self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
-        for c in calls:
-            self.assertTrue(torch.equal(c.a["prompts"], self.task.train_prompts), "self-play must use task.train_prompts")
-            self.assertIs(c.a["policy"], self.policy)
-            self.assertEqual((c.a["k"], c.a["eta"], c.a["tau"]), (2, 10.0, 0.5))
-        train = set(rows_of(self.task.train_prompts))
-        self.assertTrue(self.spy["play_sample"].calls)
-        for c in self.spy["play_sample"].calls:
-            self.assertLessEqual(set(rows_of(c.a["prompts"])), train)
-        # pi_1 is the SFT model, pi_2 the policy after iteration 1 (not the SFT model)
-        pi_1, pi_2 = (c.result[0] for c in calls)
-        self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
-        self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
-
-    def test_each_iteration_is_compared_with_the_one_before(self):
-        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round."""
-        pi_2 = self.spy["iteration"].calls[1].result[0]
-        vs_prev = [c for c in self.spy["head_to_head"].calls if c.a["baseline"] is pi_2]
-        self.assertEqual(len(vs_prev), 1)
-        self.assertIs(vs_prev[0].a["policy"], self.policy)
-        again = data.head_to_head(self.trained, pi_2, self.task, CPU, 16, 10_000 + WIRING_SEED)["win_rate"]
-        self.assertAlmostEqual(self.metrics["win_rate_vs_prev_per_iteration"][1], again, places=6)
-        self.assertEqual(self.metrics["win_rate_vs_prev_per_iteration"][0], self.metrics["win_rate_vs_sft_per_iteration"][0])
-
-    def test_training_sees_training_pairs_only(self):
-        self.assertEqual(self.spy["pair_batch"].by("main"), [])  # self-play: prompts only, no pairs
-        (fit,) = self.hard_spy["hard_fit"].calls
-        _, task, policy, _ = self.hard_spy["start_run"].calls[0].result
-        self.assertIs(fit.a["pairs"], task.pairs, "--variant hard must fit task.pairs")
-        self.assertIs(fit.a["policy"], policy)
-        self.assertIsNot(fit.a["ref"], policy)
-        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
-        self.assertEqual(len(self.hard_spy["pair_batch"].by("hard_fit")), 2)
-        for c in self.hard_spy["pair_batch"].by("hard_fit"):
-            self.assertIs(c.a["pairs"], task.pairs)
-
-    def test_hard_variant_every_step_is_its_batch(self):
-        """--variant hard, step by step: the reference log-probs are the SFT model's on that batch, y_w's
-        and y_l's in their places, the policy's are those of its current weights, eta from --eta."""
-        batches, losses = self.hard_spy["pair_batch"].by("hard_fit"), self.hard_spy["hard_loss"].calls
-        self.assertEqual((len(batches), len(losses)), (2, 2))
-        log = read_jsonl(os.path.join(self.hard_out, "log.jsonl"))
-        for step, (bc, lc) in enumerate(zip(batches, losses)):
-            with self.subTest(step=step):
-                b, a = bc.result, lc.a
-                current = with_weights(bc.before)
-                want = pair_logps_of(current, self.sft, b)
-                for name, value in want.items():
-                    torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=name)
-                self.assertEqual(a["eta"], 10.0)
-                a_w = want["policy_chosen_logps"] - want["ref_chosen_logps"]
-                a_l = want["policy_rejected_logps"] - want["ref_rejected_logps"]
-                self.assertAlmostEqual(log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
-
-    def test_heldout_rewards_match_a_recomputation(self):
-        """The implicit reward (1/eta) log pi_theta/pi_sft on held-out pairs, and the per-iteration win rates."""
-        policy, sft = heldout_logps(self.trained, self.task), heldout_logps(self.sft, self.task)
-        heldout_rewards_check(self, self.metrics, (policy[0] - sft[0]) / 10.0, (policy[1] - sft[1]) / 10.0, policy)
-        self.assertEqual(self.metrics["win_rate_vs_sft_per_iteration"][-1], self.metrics["win_rate_vs_sft"])
-
-    def sft_column(self):
-        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
-
-
-class TestWiringSelfPlay(unittest.TestCase):
-    """sppo.self_play_iteration: each sample's win rate belongs to that sample, among its own prompt's K."""
-
-    @classmethod
-    def setUpClass(cls):
-        task = small_task(seed=29)
-        cls.prompts = task.train_prompts[:6]
-        torch.manual_seed(1)
-        policy = model.GPT(model.GPTConfig())      # untrained: reviews of every quality, so the win rates vary
-        cls.spy = {"draws": Spy(sppo, "sample_responses"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        with contextlib.ExitStack() as stack:
-            for s in cls.spy.values():
-                stack.enter_context(s)
-            cls.pi_t, cls.stats = sppo.self_play_iteration(
-                policy, cls.prompts, iteration=1, k=3, eta=8.0, tau=0.3, steps=3, batch_size=8, lr=1e-2, device=CPU,
-                sampler=model.make_generator(CPU, 0), batch_order=torch.Generator().manual_seed(0), log_rows=[],
-                quiet=True)
-        (draw,) = cls.spy["draws"].calls
-        rows, responses = draw.result
-        cls.samples = rows_of(torch.cat([rows, responses], dim=1))       # prompt + response of each sample
-        cls.scores = data.score_responses(responses)
-        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME
-        # PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
-        prompt_of = [tuple(r) for r in rows.tolist()]
-        cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
-        cls.expected = torch.tensor([
-            sum(0.5 if j == i else sig((cls.scores[i] - cls.scores[j]).item() / 0.3) for j in cls.groups[prompt_of[i]]) / 3
-            for i in range(len(prompt_of))])
-        cls.prompt_of = prompt_of
-
-    def test_k_samples_for_every_prompt(self):
-        self.assertEqual(len(self.groups), 6)
-        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
-        self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
-
-    def test_win_rates_average_one_half_prompt_by_prompt(self):
-        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18]
-        win_prob = full[0].a["win_prob"]                 # loss_before: every sample's win rate, in sample order
-        for prompt, group in self.groups.items():
-            self.assertAlmostEqual(win_prob[group].mean().item(), 0.5, places=5,
-                                   msg="the K win rates of one prompt must average 1/2")
-        self.assertGreater(win_prob.std().item(), 0.05)         # and they are not all 1/2
-
-    def test_each_win_rate_is_attached_to_its_own_sample(self):
-        full = [c for c in self.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]
-        torch.testing.assert_close(full, self.expected, rtol=0, atol=1e-5)
-        # and in every training batch: the row fitted, its target's win rate, its reference log-prob
-        steps = self.spy["loss"].calls[:3]
-        self.assertEqual(len(self.spy["batch"].calls), 3)
-        for batch_call, loss_call in zip(self.spy["batch"].calls, steps):
-            ids, mask = batch_call.result
-            for row, p, ref in zip(rows_of(ids), loss_call.a["win_prob"], loss_call.a["ref_logps"]):
-                i = self.samples.index(row)
-                self.assertAlmostEqual(p.item(), self.expected[i].item(), places=5)
-            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
-            self.assertEqual(loss_call.a["eta"], 8.0)
-
-
-class TestEndOfRunTable(unittest.TestCase):
-    def table(self, **kw):
-        result = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486,
-                  "prompts": torch.zeros(0, data.PROMPT_LEN, dtype=torch.long),
-                  "samples": torch.zeros(0, 3, dtype=torch.long), "sft_samples": torch.zeros(0, 3, dtype=torch.long)}
-        metrics = {"win_rate_vs_sft": 0.93, "score": 0.7, "length": 6.5, "kl_to_sft": 4.25, "reward_accuracy": 0.8,
-                   "ranking_agreement": 0.85, "seconds_per_step": 0.05, "peak_memory_mb": 48.0}
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            data.print_sft_vs_policy("DPO", result, metrics, **kw)
-        return {line.split("  ")[0]: line.split()[-2:] for line in out.getvalue().splitlines() if "  " in line}, out.getvalue()
-
-    def test_sft_column_is_measured_not_assumed(self):
-        rows, _ = self.table(sft_metrics={"reward_accuracy": 0.0, "ranking_agreement": 0.0})
-        self.assertEqual(rows["win rate vs SFT"], ["0.486", "0.930"])        # the SFT model against itself
-        self.assertEqual(rows["score (judge)"], ["-0.250", "+0.700"])
-        self.assertEqual(rows["length (words)"], ["9.50", "6.50"])
-        self.assertEqual(rows["KL to SFT (nats)"], ["0.00", "4.25"])
-        self.assertEqual(rows["reward accuracy"], ["0.000", "0.800"])
-        self.assertEqual(rows["ranking agreement"], ["0.000", "0.850"])
-        self.assertEqual(rows["seconds per step"], ["-", "0.0500"])           # a cost the SFT model never paid
-
-    def test_note_under_the_table(self):
-        note = data.tied_reward_note("beta log pi_theta/pi_ref")
-        _, text = self.table(sft_metrics={"reward_accuracy": 0.0, "ranking_agreement": 0.0}, note=note)
-        self.assertIn(note, text)
-        self.assertIn("0 for every response", " ".join(note.split()))
-        self.assertTrue(all(len(line) <= 100 for line in note.splitlines()))
-        _, text = self.table()
-        self.assertNotIn("SFT column", text)
-
-    def test_ties_order_nothing(self):
-        """A reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about
-        no pair and agrees with the likelihood on none, whichever way the likelihood orders them."""
-        zero = torch.zeros(4)
-        m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
-        self.assertEqual(m["reward_accuracy"], 0.0)
-        self.assertEqual(m["ranking_agreement"], 1 / 4)       # only the third pair, where the likelihood ties too
-
-
-# ====================================================================================================
-# Moved out of the write-it-yourself classes, which test one function alone: what is built on it
-# ====================================================================================================
-
-class TestSPPOHardLoss(unittest.TestCase):
-    def test_hard_variant_equals_the_two_squares(self):
-        g = torch.Generator().manual_seed(0)
-        pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
-        for eta in (0.1, 2.0, 20.0):
-            with self.subTest(eta=eta):
-                a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
-                want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want))
-                # TRL's sppo_hard with beta = 1/eta: (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, the same sum;
-                # the official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
-                beta = 1 / eta
-                trl = [(w - 1 / (2 * beta)) ** 2 + (l + 1 / (2 * beta)) ** 2 for w, l in zip(a_w, a_l)]
-                torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(trl))
-
-
-class TestPairLogps(unittest.TestCase):
-    """What is built on sequence_logps: data.join's response mask, model.pair_logps, data.pair_batch."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.m = sharp_model(4)
-        task = small_task(seed=5)
-        cls.ids, cls.mask = task.sft_ids[:5], task.sft_mask[:5]
-
-    def test_join_masks_the_response_and_its_eos_only(self):
-        prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
-        r1 = data.encode("great acting") + [data.EOS_ID]                      # 2 words + EOS = 3 tokens
-        r2 = data.encode("the plot was dull and boring") + [data.EOS_ID]      # 6 words + EOS = 7 tokens
-        responses = torch.tensor([r1 + [data.PAD_ID] * 5, r2 + [data.PAD_ID] * 1])
-        ids, mask = data.join(prompt, responses)
-        self.assertEqual(mask[:, :data.PROMPT_LEN].sum().item(), 0)          # the prompt never counts
-        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 5)
-        with torch.no_grad():
-            _, lengths = model.sequence_logps(self.m, ids, mask)
-        self.assertEqual(lengths.tolist(), [3.0, 7.0])                      # |y| includes EOS
-        self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])  # words only
-
-    def test_pair_logps_equals_two_separate_calls(self):
-        chosen_ids, chosen_mask = model.trim(self.ids[:3], self.mask[:3])
-        rejected_ids, rejected_mask = F.pad(self.ids[2:5], (0, 3)), F.pad(self.mask[2:5], (0, 3))
-        self.assertNotEqual(chosen_ids.shape[1], rejected_ids.shape[1])     # the padding path is exercised
-        with torch.no_grad():
-            pc, pr, lc, lr = model.pair_logps(self.m, chosen_ids, chosen_mask, rejected_ids, rejected_mask)
-            sc, slc = model.sequence_logps(self.m, chosen_ids, chosen_mask)
-            sr, slr = model.sequence_logps(self.m, rejected_ids, rejected_mask)
-        torch.testing.assert_close(pc, sc, rtol=0, atol=1e-4)
-        torch.testing.assert_close(pr, sr, rtol=0, atol=1e-4)
-        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr))
-
-    def test_pair_batch_trims_only_padding(self):
-        task = small_task(seed=6)
-        idx = torch.arange(6)
-        batch = data.pair_batch(task.pairs, idx, CPU)
-        full = task.pairs
-        self.assertLessEqual(batch["chosen_ids"].shape[1], full["chosen_ids"].shape[1])
-        for side in ("chosen", "rejected"):
-            width = batch[f"{side}_ids"].shape[1]
-            self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
-            self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
-        with torch.no_grad():
-            a = model.pair_logps(self.m, **batch)
-            b = model.pair_logps(self.m, full["chosen_ids"][idx], full["chosen_mask"][idx],
-                                 full["rejected_ids"][idx], full["rejected_mask"][idx])
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
-
-
-# ====================================================================================================
-# dpo.py --precompute-ref, the logps chart, and the run commands of data.py (sample, curves, logps, frontier)
-# ====================================================================================================
-
-_TINY_DPO = {}
-
-
-def tiny_dpo_runs():
-    """Two 4-step dpo.py runs made in this process once per test session, sharing a 5-step SFT cache: plain
-    and --precompute-ref. Returns {"dir", "sft_dir", "plain", "pre"}; plain/pre hold the run folder, its
-    stdout, and how often pi_ref ran a forward pass inside the training loop (dpo.pair_logps on a model
-    with no trainable weights) or over the whole training set (data.pair_logps_all on 4000 pairs)."""
-    if not _TINY_DPO:
-        tmp = tempfile.TemporaryDirectory()
-        unittest.addModuleCleanup(tmp.cleanup)
-        d = tmp.name
-        sft_dir = os.path.join(d, "sft")
-        with contextlib.redirect_stderr(io.StringIO()):
-            model.sft_model(data.Task(data.TaskConfig(), seed=0), CPU, sft_dir, 0, 5, quiet=True)
-        frozen = lambda m: not any(p.requires_grad for p in m.parameters())
-        _TINY_DPO.update(dir=d, sft_dir=sft_dir)
-        for name, extra in (("plain", []), ("pre", ["--precompute-ref"])):
-            counts = {"ref_in_loop": 0, "ref_whole_set": 0}
-            pair_logps, pair_logps_all = dpo.pair_logps, data.pair_logps_all
-
-            def counting_pair_logps(m, *args, **kwargs):
-                counts["ref_in_loop"] += frozen(m)
-                return pair_logps(m, *args, **kwargs)
-
-            def counting_pair_logps_all(m, pairs, *args, **kwargs):
-                counts["ref_whole_set"] += frozen(m) and pairs["chosen_ids"].shape[0] == data.TaskConfig.n_pairs
-                return pair_logps_all(m, pairs, *args, **kwargs)
-
-            out = os.path.join(d, name)
-            argv = ["dpo.py", *TINY_RUN, "--steps", "4", "--seed", "0", "--sft-dir", sft_dir, "--out", out, *extra]
-            stdout = io.StringIO()
-            with mock.patch.object(sys, "argv", argv), mock.patch.object(dpo, "pair_logps", counting_pair_logps), \
-                    mock.patch.object(data, "pair_logps_all", counting_pair_logps_all), \
-                    contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-                dpo.main()
-            _TINY_DPO[name] = {"out": out, "stdout": stdout.getvalue(), **counts}
-    return _TINY_DPO
-
-
-class TestPrecomputeRef(unittest.TestCase):
-    def test_same_numbers_with_and_without(self):
-        runs = tiny_dpo_runs()
-        a = read_jsonl(os.path.join(runs["plain"]["out"], "log.jsonl"))
-        b = read_jsonl(os.path.join(runs["pre"]["out"], "log.jsonl"))
-        self.assertEqual(len(a), 4)
-        self.assertEqual([sorted(r) for r in a], [sorted(r) for r in b])
-        for ra, rb in zip(a, b):      # every step's loss, rewards and log-probs, up to float rounding
-            for key in ra:
-                self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(a[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved away from it
-        ma = read_json(os.path.join(runs["plain"]["out"], "metrics.json"))
-        mb = read_json(os.path.join(runs["pre"]["out"], "metrics.json"))
-        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"]), (False, True))
-        self.assertIsNone(ma["ref_precompute_seconds"])
-        self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
-        skip = TIMING_KEYS | {"precompute_ref", "ref_precompute_seconds"}
-        self.assertEqual(ma.keys(), mb.keys())
-        for key in ma.keys() - skip:
-            if isinstance(ma[key], float):
-                self.assertAlmostEqual(ma[key], mb[key], delta=1e-4 * max(1.0, abs(ma[key])), msg=key)
-            else:
-                self.assertEqual(ma[key], mb[key], key)
-
-    def test_no_reference_forward_pass_in_the_loop(self):
-        runs = tiny_dpo_runs()
-        self.assertEqual((runs["plain"]["ref_in_loop"], runs["plain"]["ref_whole_set"]), (4, 0))   # one per step
-        self.assertEqual((runs["pre"]["ref_in_loop"], runs["pre"]["ref_whole_set"]), (0, 1))      # once, up front
-
-    def test_refused_with_reference_free(self):
-        with tempfile.TemporaryDirectory() as d:
-            with self.assertRaises(SystemExit) as cm:
-                run_main(dpo, TINY_RUN + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
-                                          "--sft-dir", os.path.join(d, "sft")])
-            self.assertEqual(cm.exception.code, 2)
-            self.assertEqual(os.listdir(d), [])            # refused before any folder was made
-
-
-class TestLogpsChart(unittest.TestCase):
-    def test_two_curves_on_one_scale(self):
-        lines = data.chart_lines([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
-                                  ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
-        grid = [line.split("│", 1)[1] for line in lines[1:11]]
-        rows = {ch: [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(4)] for ch in "wl"}
-        self.assertEqual(grid[0][0], "*")                  # both start at 0, the top: they meet
-        self.assertEqual(rows["l"], [0, 3, 6, 9])          # -9 at the bottom row, one row per nat
-        self.assertEqual(rows["w"], [0, 1, 2, 3])          # the same scale for both curves
-        self.assertIn("min -9, max 0", lines[0])
-        self.assertIn("w = falls slowly, l = falls fast", lines[-1])
-        self.assertEqual(data.chart_lines([("w", "none", [])], "empty"), ["empty: (no data)"])
-
-    def test_dpo_summary_draws_logps_per_step(self):
-        stdout = tiny_dpo_runs()["plain"]["stdout"]
-        self.assertIn("logps/chosen and logps/rejected per step", stdout)
-        self.assertIn("w = log pi(y_w|x), l = log pi(y_l|x)", stdout)
-
-
-def readme_block(containing):
-    """The README's ```python block that contains `containing`."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        blocks = f.read().split("```python\n")[1:]
-    found = [b.split("```", 1)[0] for b in blocks if containing in b]
-    assert len(found) == 1, f"README: {len(found)} python blocks contain {containing!r}"
-    return found[0]
-
-
-def cli(argv):
-    """data.main(argv) in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            data.main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-class TestRunCommands(unittest.TestCase):
-    """python data.py sample / curves / logps / frontier, and the README's snippets that do the same."""
-
-    def assert_one_line_error(self, code, err, *fragments):
-        self.assertEqual(code, 2, err)
-        self.assertNotIn("Traceback", err)
-        lines = err.strip().splitlines()
-        self.assertEqual(len(lines), 1, err)
-        self.assertTrue(lines[0].startswith("error: "), err)
-        for fragment in fragments:
-            self.assertIn(fragment, lines[0])
-
-    def test_sample_prints_scored_reviews_like_the_readme_snippet(self):
-        run_dir = tiny_dpo_runs()["plain"]["out"]
-        code, out, err = cli(["sample", run_dir, "--prompt", "new horror film", "-n", "5"])
-        self.assertEqual(code, 0, err)
-        lines = out.strip().splitlines()
-        self.assertEqual(len(lines), 5)
-        for line in lines:                                   # "[+0.25] review text": the judge's score of the text
-            score, text = line[1:6], line[8:]
-            self.assertEqual(line[6:8], "] ")
-            self.assertEqual(score, f"{data.score('', text):+.2f}")
-        self.assertEqual(cli(["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
-        self.assertNotEqual(cli(["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
-        snippet = readme_block("model.load_checkpoint(")
-        self.assertIn('"out/simpo/model.pt"', snippet)
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
-        self.assertEqual(printed.getvalue(), out)            # the README's five lines do what the command does
-        self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
-
-    def test_sample_errors(self):
-        run_dir = tiny_dpo_runs()["plain"]["out"]
-        code, _, err = cli(["sample", run_dir, "--prompt", "new horrror film"])
-        self.assert_one_line_error(code, err, "'horrror' is not a genre", "horror comedy")
-        self.assert_one_line_error(*cli(["sample", run_dir, "--prompt", "new horror"])[::2], "three words")
-        with tempfile.TemporaryDirectory() as d:
-            self.assert_one_line_error(*cli(["sample", d])[::2], "no model.pt in")
-            for name, content in (("corrupt", b"not a checkpoint"), ("truncated", None), ("foreign", "foreign")):
-                path = os.path.join(d, "model.pt")
-                if content is None:
-                    with open(os.path.join(run_dir, "model.pt"), "rb") as f:
-                        content = f.read()[:1000]
-                if content == "foreign":
-                    torch.save({"weights": torch.zeros(2)}, path)
-                else:
-                    with open(path, "wb") as f:
-                        f.write(content)
-                with self.subTest(checkpoint=name):
-                    self.assert_one_line_error(*cli(["sample", d])[::2], path)
-
-    def test_curves_redraws_any_key(self):
-        run_dir = tiny_dpo_runs()["plain"]["out"]
-        rows = read_jsonl(os.path.join(run_dir, "log.jsonl"))
-        code, out, err = cli(["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
-        self.assertEqual(code, 0, err)
-        values = [r["logps/chosen"] for r in rows]
-        self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  "
-                                              f"(min {min(values):.3g}, max {max(values):.3g}, 4 columns)")
-        self.assertIn(f"loss per step ({run_dir})", out)
-        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
-        code, _, err = cli(["curves", run_dir, "--key", "logp/chosen"])
-        self.assert_one_line_error(code, err, "no key 'logp/chosen'", "logps/chosen, logps/rejected, loss")
-        with tempfile.TemporaryDirectory() as d:
-            self.assert_one_line_error(*cli(["curves", d])[::2], "no log.jsonl")
-            open(os.path.join(d, "log.jsonl"), "w").close()
-            self.assert_one_line_error(*cli(["curves", d])[::2], "holds no steps")
-            with open(os.path.join(d, "log.jsonl"), "w") as f:
-                f.write('{"loss": 1.0}\n{"loss": \n')
-            self.assert_one_line_error(*cli(["curves", d])[::2], "unreadable")
-
-    def test_readme_matplotlib_recipe_plots_the_log(self):
-        """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
-        run_dir = tiny_dpo_runs()["plain"]["out"]
-        rows = read_jsonl(os.path.join(run_dir, "log.jsonl"))
-        recipe = readme_block("matplotlib.pyplot")
-        self.assertIn('"out/dpo/log.jsonl"', recipe)
-        plt = mock.MagicMock()
-        fake = mock.MagicMock(pyplot=plt)
-        with mock.patch.dict(sys.modules, {"matplotlib": fake, "matplotlib.pyplot": plt}):
-            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
-        drawn = {c.kwargs.get("label"): c.args for c in plt.plot.call_args_list}
-        self.assertEqual(set(drawn), {"logps/chosen", "logps/rejected"})
-        for key, (steps, values) in drawn.items():
-            self.assertEqual((list(steps), list(values)), ([r["step"] for r in rows], [r[key] for r in rows]))
-        plt.savefig.assert_called_once()
-
-    def test_logps_measures_where_the_mass_went(self):
-        runs = tiny_dpo_runs()
-        measured = []
-        displacement = data.displacement
-
-        def recording(*args, **kwargs):
-            measured.append((args, kwargs, displacement(*args, **kwargs)))
-            return measured[-1][2]
-
-        with mock.patch.object(data, "displacement", recording):
-            code, out, err = cli(["logps", runs["plain"]["out"]])
-        self.assertEqual(code, 0, err)
-        (args, kwargs, rows), = measured
-        policy, sft, task = args
-        self.assertTrue(state_equal(policy.state_dict(),
-                                    torch.load(os.path.join(runs["plain"]["out"], "model.pt"), weights_only=True)["model"]))
-        self.assertEqual(len(task.pairs["chosen_ids"]), data.TaskConfig.n_pairs)       # the run's own training pairs
-        table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
-        self.assertEqual([name for name, _, _ in rows], list(table))
-        self.assertEqual(len(table), 5, out)
-        for name, before, after in rows:
-            self.assertEqual(table[name], [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"])
-        self.assertNotEqual(rows[0][2], rows[0][1])             # the policy moved
-        # each row is a plain mean of summed log-probs: the first one checked by hand, on a small task
-        small = small_task(seed=3)
-        small_rows = data.displacement(policy, sft, small, n_samples=16, seed=0)
-        self.assertEqual(small_rows[0][0], "chosen y_w, training pairs")
-        self.assertAlmostEqual(small_rows[0][1], data.pair_logps_all(sft, small.pairs, CPU)[0].mean().item(), places=4)
-        self.assertAlmostEqual(small_rows[1][2], data.pair_logps_all(policy, small.pairs, CPU)[1].mean().item(), places=4)
-        for name, before, after in data.displacement(sft, sft, small, n_samples=16, seed=0):   # against itself: no change
-            self.assertAlmostEqual(before, after, places=4, msg=name)
-
-    def test_frontier_refuses_wrong_shapes_one_line_per_folder(self):
-        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.0, "score": 0.5, "sft_score": 0.0}
-        cases = {"a_list": "[]", "a_number": "3", "kl_null": json.dumps({**good, "kl_to_sft": None}),
-                 "kl_nan": json.dumps({**good, "kl_to_sft": float("nan")}), "kl_text": json.dumps({**good, "kl_to_sft": "3"}),
-                 "no_score": json.dumps({k: v for k, v in good.items() if k != "score"}), "not_json": "{",
-                 "good": json.dumps(good)}
-        expect = {"a_list": "holds a JSON list", "a_number": "holds a JSON int", "kl_null": "kl_to_sft is null",
-                  "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "no 'score'",
-                  "not_json": "unreadable"}
-        with tempfile.TemporaryDirectory() as d:
-            for name, text in cases.items():
-                os.makedirs(os.path.join(d, name))
-                with open(os.path.join(d, name, "metrics.json"), "w") as f:
-                    f.write(text)
-            for name, fragment in expect.items():
-                with self.subTest(case=name):
-                    self.assert_one_line_error(*cli(["frontier", os.path.join(d, name)])[::2], name, fragment)
-            code, out, err = cli(["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
-            self.assertEqual(code, 2)
-            self.assertEqual(out, "")                                   # no chart from a partial set
-            self.assertEqual(len(err.strip().splitlines()), len(expect))
-            self.assertNotIn("Traceback", err)
-            code, out, _ = cli(["frontier", os.path.join(d, "good")])
-            self.assertEqual(code, 0)
-            self.assertIn("A = good (dpo, beta 0.1): KL(policy || SFT) 1.00, score 0.500", out)
-
-
-# ====================================================================================================
-# --exact and --judge cyclic: a table policy, the cyclic judge, and what each objective converges to
-# ====================================================================================================
-
-def run_exact(module, *argv):
-    """module.main() with --exact in this process, into a temporary folder: (metrics.json, files written).
-    run_exact sets torch to one thread; the setting is put back for the tests that follow."""
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            run_main(module, ["--exact", "--out", d, *argv])
-        finally:
-            torch.set_num_threads(threads)
-        return read_json(os.path.join(d, "metrics.json")), sorted(os.listdir(d))
+POSITIVE_WRITER = Bigram(logits_row(POS), logits_row(POS, eos=1.0))                # one positive word, EOS
+NEGATIVE_WRITER = Bigram(logits_row(NEG), logits_row(NEG, eos=0.25))               # negative words, ~4 of them
+EITHER_WRITER = Bigram(logits_row(POS + NEG), logits_row(POS, eos=1.0))            # one word of either kind, EOS
+writer_of = lambda word: Bigram(logits_row([data.STOI[word]]), logits_row(eos=1.0))   # the review "word", always
+small_task = lambda seed=0, **kw: data.Task(data.TaskConfig(n_demos=64, n_pairs=16, n_heldout=16, **kw), seed=seed)
+weights = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+state_equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def responses_of(*texts):
     """Token tensor [N, MAX_RESPONSE] of reviews given as text (EOS, then padding)."""
     out = torch.zeros(len(texts), data.MAX_RESPONSE, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = data.encode(text) + [data.EOS_ID]
-        out[i, :len(ids)] = torch.tensor(ids)
+        out[i, :len(text.split()) + 1] = torch.tensor(data.encode(text) + [data.EOS_ID])
     return out
+
+
+def rows_of(ids):
+    """The rows of a token tensor as tuples, trailing padding removed (so trimmed and full rows compare)."""
+    return [tuple(row[:len(row) - next((i for i, v in enumerate(reversed(row)) if v != data.PAD_ID), len(row))])
+            for row in ids.tolist()]
+
+
+def logps_of(m, ids, mask):
+    """log pi(y|x) of each row under m, one row set at a time (no stacking, no batching): [B]."""
+    with torch.no_grad():
+        return model.sequence_logps(m, ids, mask)[0]
+
+
+def read_json(path, lines=False):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
+
+
+def write_previous_run(folder):
+    """A previous run's three files with recognisable bytes; returns {name: bytes}."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"metrics.json": b'{"previous": true}\n', "log.jsonl": b'{"step": 0}\n', "model.pt": b"previous weights"}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(content)
+    return files
+
+
+def siblings(out):
+    """What a save leaves beside a run folder: NAME.incoming, NAME.previous (none once it is done)."""
+    head, name = os.path.split(os.path.normpath(out))
+    return sorted(f for f in os.listdir(head) if f.startswith(f"{name}."))
+
+
+@contextlib.contextmanager
+def quietly():
+    """stdout and stderr captured: `with quietly() as (out, err):`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
+
+
+class Spy:
+    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a),
+    its result, before(a) taken at call time (e.g. a copy of weights), the calling function (caller), and
+    when it began and ended among all spied calls (start, end)."""
+    clock = itertools.count()
+
+    def __init__(self, obj, name, before=None):
+        self.obj, self.name, self.before, self.calls = obj, name, before, []
+
+    def __enter__(self):
+        original = getattr(self.obj, self.name)
+        signature = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = argparse.Namespace(a=dict(bound.arguments), caller=sys._getframe(1).f_code.co_name, start=next(Spy.clock))
+            call.before = self.before(call.a) if self.before else None
+            call.result, call.end = original(*args, **kwargs), next(Spy.clock)
+            self.calls.append(call)
+            return call.result
+        self.patch = mock.patch.object(self.obj, self.name, wrapper)
+        self.patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.patch.stop()
+
+    def by(self, caller):
+        return [c for c in self.calls if c.caller == caller]
+
+
+@contextlib.contextmanager
+def count_gpts():
+    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (how a frozen copy is made) skips
+    __init__ but restores the copy's state with __setstate__."""
+    count, init = [], model.GPT.__init__
+    with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
+            mock.patch.object(model.GPT, "__setstate__", lambda m, state: count.append(1) or nn.Module.__setstate__(m, state),
+                              create=True):
+        yield count
+
+
+_SFT = {}
+
+
+def sft(judge="bt"):
+    """(folder, SFT model): the SFT cache every run of these tests loads (the default task under `judge`, --seed 1,
+    --sft-steps 5, the SMALL model), trained once per test run, with the model it holds."""
+    if judge not in _SFT:
+        folder = scratch(f"sft-{judge}")
+        with quietly():
+            m, _ = model.sft_model(data.Task(data.TaskConfig(judge=judge), seed=SEED), CPU, folder, SEED, 5, SMALL, quiet=True)
+        _SFT[judge] = (folder, m.eval())
+    return _SFT[judge]
+
+
+def run_main(module, argv, spies=()):
+    """`python module.py argv` in this process: module.main() with sys.argv patched (inside model.run, as every
+    script runs it), stdout and stderr captured, from where a fresh process starts (model.progress reset),
+    torch's thread count put back after (the exact modes set 1). Returns (exit code, stdout, stderr)."""
+    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+    model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
+    with contextlib.ExitStack() as stack:
+        for context in (*spies, mock.patch.object(sys, "argv", [f"{module.__name__}.py", *argv]),
+                        contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+            stack.enter_context(context)
+        try:
+            model.run(module.main)
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
+
+# The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
+# beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
+GPT_RUNS = {
+    "dpo": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2"], "bt"),
+    "dpo_precompute": (dpo, ["--steps", "3", "--beta", "0.5", "--lr", "1e-2", "--precompute-ref"], "bt"),
+    "simpo": (simpo, ["--judge", "cyclic", "--steps", "3", "--beta", "3", "--gamma", "0.6", "--lr", "1e-2"], "cyclic"),
+    "simpo_small": (simpo, ["--steps", "1", "--beta", "3", "--gamma", "0.6", "--no-length-norm", "--n-head", "4"], None),
+    "sppo": (sppo, ["--judge", "cyclic", "--tau", "0.5", "--steps", "2", "--k", "2", "--iterations", "2", "--eta", "10"],
+             "cyclic"),
+    "sppo_hard": (sppo, ["--variant", "hard", "--steps", "2", "--eta", "10"], "bt"),
+}
+_RUNS = {}
+
+
+def gpt_run(name):
+    """One of GPT_RUNS, made once per test run in this process with its connections spied on (where the data
+    goes, which model is evaluated against which, what each step's loss was given, when peak memory is
+    sampled): a Namespace of dir, out, err, metrics, log, trained (model.pt read back), task and policy (start_run's),
+    spy, the number of GPTs it built (gpts), its SFT folder and its SFT model (sft)."""
+    if name not in _RUNS:
+        module, flags, judge = GPT_RUNS[name]
+        sft_dir, out, start = sft(judge)[0] if judge else scratch("sft-fresh"), os.path.join(scratch(name), "run"), Spy(data, "start_run")
+        spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
+               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])), "summary": Spy(data, "print_summary"),
+               "memory": Spy(module, "PeakMemory"), "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
+               **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
+               **{n: Spy(module, n) for n in {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
+                                              sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}[module]}}
+        if module is sppo:
+            spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+        with count_gpts() as gpts:
+            code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+        if code != 0:
+            raise AssertionError(f"{name}: exit {code}\n{err}")
+        cache = torch.load(glob_one(sft_dir), weights_only=True)
+        _RUNS[name] = argparse.Namespace(
+            dir=out, out=stdout, err=err, metrics=read_json(os.path.join(out, "metrics.json")), spy=spy, gpts=len(gpts),
+            log=read_json(os.path.join(out, "log.jsonl"), lines=True), sft_dir=sft_dir, task=start.calls[0].result[1],
+            policy=start.calls[0].result[2], trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+            sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
+    return _RUNS[name]
+
+
+def glob_one(folder):
+    """The one SFT cache file in a folder."""
+    (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
+    return path
+
+
+def with_weights(state, cfg=SMALL):
+    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
+    m = model.GPT(cfg)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+class ScriptChecks:
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which
+    data trains and which evaluates, which model is compared with which, the numbers recomputed, the summary,
+    peak memory sampled in training only. A class per script mixes this in."""
+    run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.r = gpt_run(cls.run_name)       # the run
+        cls.sft = cls.r.sft
+
+    def test_files_of_the_run(self):
+        m, r = self.r.metrics, self.r
+        self.assertLessEqual(set(METRIC_KEYS), set(m))
+        self.assertEqual((m["method"], m["seed"], m["device"]), (self.title.lower(), SEED, "cpu"))
+        self.assertTrue(all(0.0 <= m[k] <= 1.0 for k in ("win_rate_vs_sft", "reward_accuracy", "ranking_agreement")))
+        self.assertTrue(all(math.isfinite(m[k]) for k in METRIC_KEYS[4:]))
+        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds", "peak_memory_mb")))
+        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        self.assertEqual([row["step"] for row in r.log], list(range(m["steps"])))
+        self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
+        self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
+        self.assertIn(f"SFT model (cache {glob_one(r.sft_dir)}): loaded; ", r.err)   # the shared cache, not rebuilt
+        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
+        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
+                         ({"model", "config", "args"}, dict, SEED, r.dir))
+        self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
+        self.assertTrue(state_equal(ckpt["model"], r.trained.state_dict()) and state_equal(ckpt["model"], r.policy.state_dict()))
+        self.assertEqual((sorted(os.listdir(r.dir)), siblings(r.dir)), (["log.jsonl", "metrics.json", "model.pt"], []))
+
+    def test_the_game_is_reported_under_the_cyclic_judge_only(self):
+        m, game = self.r.metrics, ("school_shares", "exploitability", "sft_school_shares", "sft_exploitability")
+        if self.r.task.config.judge != "cyclic":
+            return self.assertFalse(set(game) & set(m))
+        self.assertLessEqual(set(game), set(m))
+        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
+        self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])), places=6)
+        self.assertEqual("exploitability_last" in m, self.title == "SPPO")
+
+    def test_training_sees_training_pairs_only(self):
+        calls, g = self.r.spy["pair_batch"].by(self.trains_on), torch.Generator().manual_seed(SEED)
+        self.assertEqual(len(calls), self.r.metrics["steps"])
+        for call in calls:                                  # the batches are the seeded draws, in order
+            self.assertIs(call.a["pairs"], self.r.task.pairs, "training batches must come from task.pairs")
+            self.assertTrue(torch.equal(call.a["idx"].cpu(), torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)))
+
+    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
+        spy, r = self.r.spy, self.r
+        self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
+        side = spy["evaluate_sft"].calls[0]
+        self.assertTrue(state_equal(side.before, self.sft.state_dict()), "evaluate_sft must get the SFT model")
+        call = spy["evaluate"].calls[-1]                    # (SPPO evaluates after every iteration)
+        self.assertIs(call.a["policy"], r.policy, "evaluate(policy, sft, ...): the trained policy first")
+        self.assertIs(call.a["sft_side"], side.result)
+        ids = r.task.heldout_pairs["chosen_ids"][:4]
+        with torch.no_grad():                               # the SFT model, or what computes its logits
+            torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
+        self.assertTrue(state_equal(r.policy.state_dict(), r.trained.state_dict()))
+        self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
+
+    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
+        held = set(rows_of(self.r.task.heldout_prompts))
+        self.assertTrue(self.r.spy["sample"].calls)
+        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
+        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training pairs)
+        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
+
+    def test_evaluation_numbers_match_a_recomputation(self):
+        """metrics.json's evaluation, recomputed from model.pt and the SFT cache alone."""
+        side = data.evaluate_sft(self.sft, self.r.task, CPU, 16, SEED)
+        e = data.evaluate(self.r.trained, self.sft, side, self.r.task, CPU, 16, SEED)
+        for key in ("win_rate_vs_sft", "score", "sft_score", "length", "sft_length", "kl_to_sft", "sft_win_rate_vs_sft",
+                    "exploitability", "sft_exploitability"):
+            self.assertAlmostEqual(self.r.metrics.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
+        for key in ("school_shares", "sft_school_shares"):
+            self.assertEqual(self.r.metrics.get(key), e.get(key), key)
+
+    def test_end_of_run_table_gets_this_runs_numbers(self):
+        (call,) = self.r.spy["summary"].calls
+        self.assertEqual((call.a["method"], call.a["out"]), (self.title, self.r.dir))
+        for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
+            self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
+        self.assertEqual(call.a["sft_ranking"], self.sft_column())
+        # DPO's and SPPO's SFT column is 0 by definition (a reward that ties every pair): said under the table
+        self.assertEqual(call.a["note"] is not None, self.sft_column() == {"reward_accuracy": 0.0, "ranking_agreement": 0.0})
+        self.assertIn(f"| wrote {self.r.dir}/", self.r.out.strip().splitlines()[-1])
+
+    def test_peak_memory_is_sampled_at_every_training_forward_only(self):
+        spy = self.r.spy
+        (meter,) = spy["memory"].calls
+        self.assertIs(meter.a["policy"], self.r.policy)
+        built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
+        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds anything")
+        samples = [s.start for s in spy["memory_sample"].calls]
+        self.assertEqual(len(samples), self.training_forwards)
+        for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
+            self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
+        self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
+
+
+def heldout_rewards_check(test, metrics, chosen_rewards, rejected_rewards, policy_logps):
+    """reward_accuracy and ranking_agreement in metrics.json against a recomputation written out here: the
+    fraction of held-out pairs whose reward puts y_w first, and the fraction on which the reward's order
+    (+1, 0, -1) equals the average log-likelihood's."""
+    pc, pr, lc, lr = policy_logps
+    test.assertAlmostEqual(metrics["reward_accuracy"], (chosen_rewards > rejected_rewards).double().mean().item(), places=6)
+    test.assertAlmostEqual(metrics["ranking_agreement"], (torch.sign(chosen_rewards - rejected_rewards) == torch.sign(
+        pc / lc - pr / lr)).double().mean().item(), places=6)
+
+
+def log_ratio_rewards_check(test, run, scale):
+    """Held-out reward accuracy and ranking agreement of the reward scale * log pi_theta/pi_sft (DPO, SPPO)."""
+    policy, sft_logps = data.pair_logps_all(run.trained, run.task.heldout_pairs, CPU), data.pair_logps_all(
+        run.sft, run.task.heldout_pairs, CPU)
+    heldout_rewards_check(test, run.metrics, scale * (policy[0] - sft_logps[0]), scale * (policy[1] - sft_logps[1]), policy)
+
+
+def pair_logps_of(policy, ref, batch):
+    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and
+    y_l, each computed alone (logps_of), under the argument names of dpo_loss and sppo_hard_loss."""
+    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
+            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+
+
+def exact_run(module, *flags):
+    """python module.py --exact flags, in this process: (metrics.json, the files written)."""
+    out = os.path.join(scratch("exact"), "run")
+    code, _, err = run_main(module, ["--exact", "--out", out, *flags])
+    if code != 0:
+        raise AssertionError(f"exit {code}\n{err}")
+    return read_json(os.path.join(out, "metrics.json")), sorted(os.listdir(out))
+
+
+# ====================================================================================================
+# model.py: the network, log-probs, sampling, the SFT start, the table policy
+# ====================================================================================================
+
+class TestGPT(unittest.TestCase):
+    def test_size_tying_causal_mask_and_kv_cache(self):
+        m, g = model.GPT(model.GPTConfig()), torch.Generator().manual_seed(1)
+        self.assertIs(m.lm_head.weight, m.wte.weight)                                     # weight tying
+        self.assertTrue(5e4 <= sum(p.numel() for p in m.parameters()) <= 1e6 and model.GPTConfig().vocab_size == len(data.VOCAB))
+        # changing the token at position 7 never changes the logits of positions 0..6 (but does change 7)
+        m, ids = sharp_gpt(0), torch.randint(4, len(data.VOCAB), (3, 15), generator=g)
+        changed = ids.clone()
+        changed[:, 7] = (ids[:, 7] - 4 + 1) % (len(data.VOCAB) - 4) + 4   # a different real token
+        with torch.no_grad():
+            a, b, caches = m(ids), m(changed), [dict() for _ in m.blocks]
+            # the prompt through the key/value cache in one pass, then one token at a time: the full pass's logits
+            parts = [m(ids[:, :5], caches)] + [m(ids[:, i:i + 1], caches) for i in range(5, ids.shape[1])]
+        torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-5)
+        self.assertGreater((a[:, 7:] - b[:, 7:]).abs().max().item(), 1e-2)
+        torch.testing.assert_close(torch.cat(parts, dim=1), a, rtol=1e-4, atol=1e-4)
+
+
+class TestPairLogps(unittest.TestCase):
+    def test_one_pass_equals_two_calls_and_batches_change_nothing(self):
+        """pair_logps: the stacked batch, the sides padded to one width; sequence_logps_all: in batches, trimmed."""
+        m, task = sharp_gpt(4), small_task(seed=5)
+        chosen = model.trim(task.sft_ids[:3], task.sft_mask[:3])
+        rejected = F.pad(task.sft_ids[2:5], (0, 3)), F.pad(task.sft_mask[2:5], (0, 3))   # another width
+        with torch.no_grad():
+            pc, pr, lc, lr = model.pair_logps(m, *chosen, *rejected)
+            (sc, slc), (sr, slr) = model.sequence_logps(m, *chosen), model.sequence_logps(m, *rejected)
+        torch.testing.assert_close((pc, pr), (sc, sr), rtol=0, atol=1e-4)
+        self.assertTrue(torch.equal(lc, slc) and torch.equal(lr, slr) and chosen[0].shape[1] != rejected[0].shape[1])
+        ids, mask = F.pad(task.sft_heldout_ids, (0, 4)), F.pad(task.sft_heldout_mask, (0, 4))   # 4 PAD columns more
+        logps, lengths = model.sequence_logps_all(m, ids, mask, batch_size=5)   # 16 rows: batches of 5, 5, 5, 1
+        torch.testing.assert_close(logps, logps_of(m, ids, mask), rtol=0, atol=1e-4)
+        self.assertTrue(torch.equal(lengths, mask[:, 1:].sum(1).float()) and not logps.requires_grad)
+
+
+class TestSample(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.m, cls.prompts = sharp_gpt(12), small_task(seed=12).eval_prompts(200)
+        torch.manual_seed(123)
+        cls.rng = torch.random.get_rng_state()
+        cls.a, cls.b, cls.c, cls.uncached = cls.draw(0), cls.draw(0), cls.draw(1), cls.draw(0, use_cache=False)
+        cls.rng_after = torch.random.get_rng_state()
+
+    @classmethod
+    def draw(cls, seed, prompts=None, m=None, n=data.MAX_RESPONSE, **kw):
+        return model.sample(m or cls.m, cls.prompts if prompts is None else prompts, n, data.EOS_ID,
+                            data.BANNED_IN_RESPONSE, generator=torch.Generator().manual_seed(seed), **kw)
+
+    def test_reproducible_cache_or_not_and_the_global_rng_untouched(self):
+        self.assertTrue(torch.equal(self.a, self.b) and not torch.equal(self.a, self.c) and torch.equal(self.a, self.uncached))
+        self.assertTrue(torch.equal(self.rng, self.rng_after))
+        self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # batches: one stream
+
+    def check_rows(self, ys):
+        """Every row: allowed tokens, then EOS, then only PAD. Returns the EOS positions."""
+        ends = [row.index(data.EOS_ID) for row in ys.tolist()]
+        for row, e in zip(ys.tolist(), ends):
+            self.assertTrue(all(t == data.PAD_ID for t in row[e + 1:]) and not set(row[:e]) & set(data.BANNED_IN_RESPONSE), row)
+        return torch.tensor(ends, dtype=torch.float64)
+
+    def test_rows_end_in_eos_then_pad_and_never_banned(self):
+        for ys in (self.a, self.c):
+            self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
+            self.check_rows(ys)
+        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
+        # of ending occur, EOS drawn early and EOS forced at the last position
+        probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
+        probs[data.EOS_ID] = 0.15
+        row = probs.log()
+        row[list(data.BANNED_IN_RESPONSE)] = 50.0
+        ends = self.check_rows(self.draw(0, m=Bigram(row)))
+        self.assertEqual((ends.min().item(), ends.max().item()), (0, data.MAX_RESPONSE - 1))
+        # P(EOS drawn at step i) = 0.85^i * 0.15 for i < 16; the rest forced at 16: E[end] = sum_i 0.85^i, i<16
+        self.assertLess(abs(ends.mean().item() - sum(0.85 ** i for i in range(data.MAX_RESPONSE - 1))), 1.5)
+
+    def test_banned_ids_never_drawn_even_when_most_likely(self):
+        good, bad = data.STOI["good"], data.STOI["bad"]
+        row = torch.full((len(data.VOCAB),), float("-inf"))
+        row[list(data.BANNED_IN_RESPONSE)] = 50.0               # what an unconstrained sampler would draw
+        row[good], row[bad] = math.log(0.75), math.log(0.25)
+        draw = lambda **kw: self.draw(0, torch.zeros(4000, data.PROMPT_LEN, dtype=torch.long), Bigram(row), 2, **kw)
+        ys = draw()
+        self.assertTrue(torch.isin(ys[:, 0], torch.tensor([good, bad])).all() and (ys[:, 1] == data.EOS_ID).all())   # forced EOS
+        # temperature 1 draws with the model's probabilities, 0.5 squares the odds: 0.75^2/(0.75^2+0.25^2)
+        self.assertLess(abs((ys[:, 0] == good).double().mean().item() - 0.75), 5 * math.sqrt(0.25 * 0.75 / 4000))
+        self.assertLess(abs((draw(temperature=0.5)[:, 0] == good).double().mean().item() - 0.9), 5 * math.sqrt(0.09 / 4000))
+
+
+class TestAdam(unittest.TestCase):
+    def test_bit_for_bit_equal_to_torch_optim_adam(self):
+        """model.Adam against torch.optim.Adam, step by step (this test pays the ~2 s of torch.optim's imports)."""
+        g = torch.Generator().manual_seed(0)
+        for kw in ({"lr": 3e-3}, {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}):
+            start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+            ours, theirs = ([nn.Parameter(p.clone()) for p in start] for _ in range(2))
+            a, b = model.Adam(ours, **kw), torch.optim.Adam(theirs, **kw)
+            for step in range(6):
+                if step == 3:      # the SFT model's schedule sets the learning rate between steps
+                    a.lr = b.param_groups[0]["lr"] = kw["lr"] / 3
+                for p, q in zip(ours, theirs):
+                    p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (step - 3)
+                    q.grad = p.grad.clone()
+                a.step(), b.step()
+                for p, q in zip(ours, theirs):
+                    self.assertTrue(torch.equal(p, q), f"{kw}, step {step}: differs by {(p - q).abs().max().item():.3g}")
+            a.zero_grad()
+            self.assertEqual((a.t, [p.grad for p in ours]), (6, [None, None]))
+
+
+class TestSftModel(unittest.TestCase):
+    def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
+        """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
+        TestSftCache, in the run contract); sft_ce per response token, in float64 on the CPU."""
+        task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
+        demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
+        pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
+        with Spy(model, "sequence_logps", lambda a: torch.is_grad_enabled()) as spy, quietly(), \
+                mock.patch.object(model.Adam, "step", lambda opt: lrs.append(opt.lr) or real_step(opt)):
+            m, info = model.sft_model(task, CPU, scratch("sft"), 0, steps, SMALL, quiet=True)
+        training = [set(rows_of(c.a["input_ids"])) for c in spy.calls if c.before]
+        self.assertEqual(len(training), steps)
+        self.assertTrue(all(rows <= demos and not rows & pairs for rows in training), "SFT trains on task.sft_ids")
+        self.assertEqual([set(rows_of(c.a["input_ids"])) for c in spy.calls if not c.before], [held, held],
+                         "cross-entropy before and after, on held-out demonstrations")
+        self.assertLess(info["ce_after"], info["ce_before"])
+        self.assertEqual((info["steps"], info["cached"], m.training), (steps, False, False))
+        # a linear warm-up over 20 steps, then a cosine decay to 0
+        self.assertEqual(lrs, [model.SFT_LR * min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
+        ids, mask = task.sft_heldout_ids, task.sft_heldout_mask
+        self.assertAlmostEqual(model.sft_ce(m, ids, mask), -logps_of(m, ids, mask).double().sum().item() / mask[:, 1:].sum().item(), places=4)
+        on_mps = mock.Mock(cpu=lambda: torch.tensor([-3.0, -5.0]),
+                           double=mock.Mock(side_effect=AssertionError("float64 on the device: MPS has none")))
+        with mock.patch.object(model, "sequence_logps_all", return_value=(on_mps, torch.tensor([2.0, 2.0]))):
+            self.assertAlmostEqual(model.sft_ce(None, None, None), 8.0 / 4.0)
+
+
+class TestFrozenCopy(unittest.TestCase):
+    def test_a_copy_that_never_trains(self):
+        m = sharp_gpt(15).train()
+        ref = model.frozen_copy(m)
+        self.assertEqual((ref.training, m.training), (False, True))
+        self.assertTrue(all(not p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in m.parameters()))
+        with torch.no_grad():
+            next(m.parameters()).add_(1.0)
+        self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
 
 
 class TestTablePolicy(unittest.TestCase):
     """model.TablePolicy: a distribution over listed responses that the GPT's code path reads unchanged."""
 
     def setUp(self):
-        self.ex = data.ExactTask()
-        g = torch.Generator().manual_seed(0)
+        self.ex, g = data.ExactTask(), torch.Generator().manual_seed(0)
         self.table = self.ex.table(torch.softmax(2 * torch.randn(self.ex.n, generator=g, dtype=torch.float64), 0))
+        self.listed = lambda index: data.join(self.ex.prompts.expand(len(index), -1), self.ex.responses[index])
 
-    def test_sequence_logps_telescope_to_the_table(self):
+    def test_sequence_and_pair_logps_telescope_to_the_table(self):
         ex, table = self.ex, self.table
-        ids, mask = ex.sequences()
+        ids, mask = self.listed(torch.arange(ex.n))
         logps, lengths = model.sequence_logps(table, ids, mask)
         want = table.logits.detach() - torch.logsumexp(table.logits.detach(), 0)      # theta_y - logsumexp(theta)
         torch.testing.assert_close(logps.double(), want, atol=2e-5, rtol=0)
-        torch.testing.assert_close(table.log_probs().detach(), want)
+        torch.testing.assert_close((table.log_probs().detach(), table.probs()), (want, want.exp()))
         self.assertEqual(lengths.tolist(), (ex.words + 1).float().tolist())           # |y|: words and EOS
-        # extra padding columns change nothing
-        wide_ids, wide_mask = F.pad(ids, (0, 6)), F.pad(mask, (0, 6))
-        torch.testing.assert_close(model.sequence_logps(table, wide_ids, wide_mask)[0], logps)
+        torch.testing.assert_close(model.sequence_logps(table, F.pad(ids, (0, 6)), F.pad(mask, (0, 6)))[0], logps)
+        chosen, rejected, _ = ex.population_pairs()
+        pc, pr, lc, lr = model.pair_logps(table, *self.listed(chosen), *self.listed(rejected))
+        torch.testing.assert_close((pc.double(), pr.double()), (want[chosen], want[rejected]), atol=2e-5, rtol=0)
+        self.assertEqual(lc.tolist(), (ex.words[chosen] + 1).float().tolist())
         # d/dtheta of sum_y log pi(y) = 1 - C pi: the gradient flows through forward like through log_softmax
         logps.sum().backward()
         torch.testing.assert_close(table.logits.grad, 1 - ex.n * table.probs(), atol=1e-4, rtol=0)
 
-    def test_pair_logps_are_two_entries_of_the_table(self):
-        chosen, rejected, _ = self.ex.population_pairs()
-        pc, pr, lc, lr = model.pair_logps(self.table, **self.ex.pair_batch(chosen, rejected))
-        logps = self.table.log_probs().detach()
-        torch.testing.assert_close(pc.double(), logps[chosen], atol=2e-5, rtol=0)
-        torch.testing.assert_close(pr.double(), logps[rejected], atol=2e-5, rtol=0)
-        self.assertEqual(lc.tolist(), (self.ex.words[chosen] + 1).float().tolist())
-
     def test_a_response_off_the_list_has_no_mass(self):
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
-        ids, mask = data.join(self.ex.prompts.expand(3, -1), off)
-        logps, _ = model.sequence_logps(self.table, ids, mask)
-        self.assertLess(logps[0].item(), -1e29)
-        self.assertLess(logps[1].item(), -1e29)
-        listed = self.table.log_probs()[self.ex.texts.index("great plot")]
-        self.assertAlmostEqual(logps[2].item(), listed.item(), places=4)
+        logps, _ = model.sequence_logps(self.table, *data.join(self.ex.prompts.expand(3, -1), off))
+        self.assertTrue(logps[0].item() < -600 and logps[1].item() < -600)      # log 1e-300 for the token off the list
+        self.assertAlmostEqual(logps[2].item(), self.table.log_probs()[self.ex.texts.index("great plot")].item(), places=4)
 
     def test_model_sample_draws_from_the_table(self):
-        n = 6000
-        prompts = self.ex.prompts.expand(n, -1)
-        draw = lambda cache: model.sample(self.table, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
-                                          generator=model.make_generator(CPU, 3), use_cache=cache)
-        cached = draw(True)
-        self.assertTrue(torch.equal(cached, draw(False)))        # the cache dict holds the prefix: same draws
-        index = self.ex.index_of(cached)
+        n, p = 6000, self.table.probs()
+        sample = lambda rows, **kw: model.sample(self.table, self.ex.prompts.expand(rows, -1), data.MAX_RESPONSE,
+                                                 data.EOS_ID, data.BANNED_IN_RESPONSE, **kw)
+        index = self.ex.index_of(sample(n, generator=torch.Generator().manual_seed(3), use_cache=False))
         self.assertTrue((index >= 0).all())                        # every sample is a listed review
         freq = torch.bincount(index, minlength=self.ex.n).double() / n
-        p = self.table.probs()
         self.assertTrue(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all(), (freq - p).abs().max())
+        self.assertRaises((AssertionError, AttributeError), sample, 2)   # no key/value cache: use_cache=False
 
-    def test_minimise_finds_a_known_minimum(self):
+
+class TestMinimise(unittest.TestCase):
+    def test_newton_finds_known_minima(self):
         x = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-        scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)     # an ill-conditioned quadratic
-        loss = model.minimise([x], lambda: ((x - target) ** 2 * scale).sum())
-        self.assertLess(loss, 1e-15)
-        torch.testing.assert_close(x.detach(), target)
+        target, scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+        self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)   # a quadratic,
+        torch.testing.assert_close(x.detach(), target)          # ill-conditioned: Newton's first step lands on its minimum
+        # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
+        # which H is singular), and the loss there is the entropy of p, whatever the weights span
+        p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
+        theta, one = (nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
+        loss = model.minimise(theta, lambda: -(p * torch.log_softmax(theta, 0)).sum())
+        self.assertLess((torch.softmax(theta.detach(), 0) - p).abs().max().item(), 1e-10)
+        self.assertAlmostEqual(loss, -(p * p.log()).sum().item(), places=12)
+        self.assertEqual(loss, -(p * torch.log_softmax(theta, 0)).sum().item())   # the loss where it leaves theta
+        # max_iter bounds the work: one Newton step is not enough here
+        self.assertGreater(model.minimise(one, lambda: -(p * torch.log_softmax(one, 0)).sum(), max_iter=1), loss + 1e-6)
+
+
+# ====================================================================================================
+# data.py: vocabulary, the judge, the task, evaluation, summaries and charts, the exact task, the commands
+# ====================================================================================================
+
+EXAMPLE_A = "the acting was great and the music superb"   # the docstring's worked example
+EXAMPLE_B = "a dull plot but lovely cast"
+
+
+@contextlib.contextmanager
+def utf8_stdout():
+    """A UTF-8 terminal for the charts' glyphs (data.glyphs reads sys.stdout's encoding)."""
+    with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")):
+        yield
+
+
+class TestVocabulary(unittest.TestCase):
+    def test_encode_decode_round_trip(self):
+        ids = data.encode(EXAMPLE_A) + [data.EOS_ID, data.PAD_ID, data.PAD_ID]
+        self.assertEqual((data.decode(ids), data.decode(torch.tensor(ids))), (EXAMPLE_A, EXAMPLE_A))
+        self.assertEqual(data.decode([data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]), "new horror film")
+
+
+class TestScore(unittest.TestCase):
+    def test_worked_example_and_word_counts(self):
+        # a: 8 words, 2 positive, 0 negative; b: 6 words, 1 and 1; c: 3 words, 0 and 2; the prompt changes nothing
+        self.assertEqual([round(data.score("classic comedy film", r), 6) for r in (EXAMPLE_A, EXAMPLE_B, "terrible boring script")],
+                         [round(2 / 8, 6), 0.0, round(-2 / 3, 6)])
+        self.assertEqual(data.score("new horror film", EXAMPLE_A), data.score("old war sequel", EXAMPLE_A))
+        task, pos, neg = small_task(seed=7), set(data.POSITIVE), set(data.NEGATIVE)
+        for side in ("chosen", "rejected"):      # score_responses and response_lengths against counting words
+            for row, s in zip(task.pairs[f"{side}_ids"], task.pairs[f"{side}_score"]):
+                words = data.decode(row[data.PROMPT_LEN:]).split()
+                self.assertAlmostEqual(s.item(), (sum(w in pos for w in words) - sum(w in neg for w in words)) / len(words), places=6)
+                self.assertEqual(data.response_lengths(row[None, data.PROMPT_LEN:]).item(), len(words))
+
+    def test_length_alone_does_not_raise_score(self):
+        base = data.score("", EXAMPLE_A)
+        self.assertAlmostEqual(data.score("", EXAMPLE_A + " " + EXAMPLE_A), base, places=6)   # twice as long
+        self.assertLess(data.score("", EXAMPLE_A + " the plot and the story"), base)           # neutral filler
+        self.assertLessEqual(data.score("", "great " + " ".join(["the"] * 15)), data.score("", "great"))
+        ids = torch.tensor([data.encode(EXAMPLE_A) + [data.EOS_ID]])
+        self.assertEqual(data.score_responses(ids).item(), data.score_responses(F.pad(ids, (0, 7))).item())
+        self.assertEqual(data.score_responses(torch.tensor([[data.EOS_ID, 0]])).item(), -1.0)   # an empty review
+
+
+class TestOracle(unittest.TestCase):
+    def test_bradley_terry_symmetry_direction_and_worked_example(self):
+        g = torch.Generator().manual_seed(0)
+        sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
+        for tau in (0.05, 0.2, 1.0):
+            pab, pba = data.preference_prob(sa, sb, tau), data.preference_prob(sb, sa, tau)
+            torch.testing.assert_close(pab + pba, torch.ones(200), rtol=0, atol=1e-6)
+            self.assertTrue(torch.equal(pab > 0.5, sa > sb))
+        self.assertEqual(data.preference_prob(0.3, 0.3, 0.2).item(), 0.5)
+        self.assertGreater(data.preference_prob(0.3, 0.1, 0.1).item(), data.preference_prob(0.3, 0.1, 0.5).item())   # sharper
+        self.assertAlmostEqual(data.oracle("x", EXAMPLE_A, EXAMPLE_B) + data.oracle("x", EXAMPLE_B, EXAMPLE_A), 1.0, places=6)
+        self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
 class TestCyclicJudge(unittest.TestCase):
-    """data.py's cyclic judge and exploitability [Nash]."""
-
-    def test_school_is_the_nouns_a_review_uses_most(self):
+    def test_schools_and_the_circle(self):
         cases = [("great plot", 0), ("the acting and cast was dull", 1), ("music scenes and the plot", 2),
                  ("plot acting", data.NO_SCHOOL), ("great fun", data.NO_SCHOOL), ("the story and the ending", 0),
-                 ("characters characters plot", 1)]
-        schools = data.school_of(responses_of(*[c[0] for c in cases]))
-        self.assertEqual(schools.tolist(), [c[1] for c in cases])
-        for name, words in zip(data.SCHOOLS, data.SCHOOL_WORDS):   # school words are neutral: no score changes
-            self.assertTrue(all(w in data.NEUTRAL for w in words.split()), name)
-
-    def test_the_oracle_goes_round_in_a_circle(self):
-        p = 0.9
-        s = torch.tensor([0, 1, 2, data.NO_SCHOOL])
+                 ("characters characters plot", 1)]        # the school is the nouns a review uses most
+        self.assertEqual(data.school_of(responses_of(*[c[0] for c in cases])).tolist(), [c[1] for c in cases])
+        self.assertTrue(all(w in data.NEUTRAL for words in data.SCHOOL_WORDS for w in words.split()))   # no score changes
+        p, s = 0.9, torch.tensor([0, 1, 2, data.NO_SCHOOL])
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)           # [4, 4]
-        torch.testing.assert_close(prefs + prefs.T, torch.ones(4, 4, dtype=torch.float64))   # constant-sum
-        torch.testing.assert_close(prefs.diagonal(), torch.full((4,), 0.5, dtype=torch.float64))
-        for i in range(3):
-            self.assertAlmostEqual(prefs[i, (i + 1) % 3].item(), p)              # story > acting > craft > story
-            self.assertAlmostEqual(prefs[i, 3].item(), p)                        # any school beats none
+        torch.testing.assert_close((prefs + prefs.T, prefs.diagonal()),           # constant-sum, ties with itself
+                                   (torch.ones(4, 4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)))
+        for i in range(3):          # story > acting > craft > story, and any school beats none
+            self.assertEqual((prefs[i, (i + 1) % 3].item(), prefs[i, 3].item()), (p, p))
         # no reward can represent it: Bradley-Terry log-odds around any cycle add up to 0, these to 3 logit(p)
-        log_odds = lambda m, a, b: math.log(m[a, b] / m[b, a])
-        cycle = sum(log_odds(prefs, a, b) for a, b in ((0, 1), (1, 2), (2, 0)))
-        self.assertAlmostEqual(cycle, 3 * math.log(p / (1 - p)), places=9)
+        cycle = lambda m: sum(math.log(m[a, b] / m[b, a]) for a, b in ((0, 1), (1, 2), (2, 0)))
+        self.assertAlmostEqual(cycle(prefs), 3 * math.log(p / (1 - p)), places=9)
         scores = torch.tensor([0.3, -0.1, 0.7])
-        bt = data.preference_prob(scores[:, None], scores[None, :], 0.2)
-        self.assertAlmostEqual(sum(log_odds(bt, a, b) for a, b in ((0, 1), (1, 2), (2, 0))), 0.0, places=4)
+        self.assertAlmostEqual(cycle(data.preference_prob(scores[:, None], scores[None, :], 0.2)), 0.0, places=4)
 
-    def test_judge_prob_on_tokens(self):
+
+class TestJudgeProb(unittest.TestCase):
+    def test_the_one_judge_of_every_preference(self):
         a, b = responses_of("great plot and lovely story", "dull music"), responses_of("the acting", "the story was fun")
-        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)
-        # scores 2/5 and -1/2 against 0 and 1/4; lengths 5, 2 against 2, 4
-        want = [sig((0.4 - 0.0) / 0.5 + 0.1 * 3), sig((-0.5 - 0.25) / 0.5 + 0.1 * -2)]
-        torch.testing.assert_close(data.judge_prob(a, b, cfg), torch.tensor(want, dtype=torch.float64))
-        cyc = data.judge_prob(a, b, data.TaskConfig(judge="cyclic"))             # story vs acting, craft vs story
-        torch.testing.assert_close(cyc, torch.tensor([0.9, 0.9], dtype=torch.float64))
+        cfg = data.TaskConfig(tau=0.5, length_bias=0.1)     # scores 2/5 and -1/2 against 0 and 1/4; 5, 2 words against 2, 4
+        quality, got = [sig((0.4 - 0.0) / 0.5), sig((-0.5 - 0.25) / 0.5)], data.judge_prob(a, b, cfg)
+        self.assertEqual(got.dtype, torch.float32)          # the evaluation's: quality only
+        torch.testing.assert_close(got, torch.tensor(quality))
+        torch.testing.assert_close(data.judge_prob(a, b, cfg, cfg.length_bias, torch.float64),   # the raters'
+                                   torch.tensor([sig(0.8 + 0.1 * 3), sig(-1.5 + 0.1 * -2)], dtype=torch.float64))
+        self.assertAlmostEqual(data.win_rate(a, b, cfg), sum(quality) / 2, places=6)
+        torch.testing.assert_close(data.judge_prob(a, b, data.TaskConfig(judge="cyclic"), dtype=torch.float64),
+                                   torch.tensor([0.9, 0.9], dtype=torch.float64))    # story > acting, craft > story
 
-    def test_exploitability_is_zero_exactly_at_the_equilibrium(self):
-        p = 0.9
-        s = torch.arange(3)
+
+class TestExploitability(unittest.TestCase):
+    def test_zero_exactly_at_the_equilibrium(self):
+        p, s, g, v = 0.9, torch.arange(3), torch.Generator().manual_seed(0), lambda *x: torch.tensor(x, dtype=torch.float64)
         prefs = data.cyclic_preference_prob(s[:, None], s[None, :], p)
-        self.assertAlmostEqual(data.exploitability(torch.full((3,), 1 / 3, dtype=torch.float64), prefs), 0.0, places=12)
+        self.assertAlmostEqual(data.exploitability(v(1 / 3, 1 / 3, 1 / 3), prefs), 0.0, places=12)
         # the SFT table's shares, by hand: craft beats it with 0.1/2 + 0.6 p + 0.3 (1 - p) = 0.62
         self.assertAlmostEqual(data.exploitability([0.6, 0.3, 0.1], prefs), 0.62 - 0.5, places=12)
         self.assertAlmostEqual(data.exploitability([1.0, 0.0, 0.0], prefs), p - 0.5, places=12)
-        g = torch.Generator().manual_seed(0)
         for _ in range(50):      # a constant-sum game: never below 0; above 0 away from the equilibrium
-            pi = torch.softmax(torch.randn(3, generator=g), 0)
-            self.assertGreater(data.exploitability(pi, prefs), 1e-4)
-        # on the listed reviews: any table with school shares 1/3 is an equilibrium, whatever it does inside
-        ex = data.ExactTask(data.TaskConfig(judge="cyclic"))
-        inside = torch.rand(ex.n, generator=g, dtype=torch.float64)
-        for i in range(3):
-            inside[ex.schools == i] /= 3 * inside[ex.schools == i].sum()
-        self.assertAlmostEqual(ex.exploitability(inside), 0.0, places=12)
-        self.assertAlmostEqual(ex.exploitability(ex.sft_probs), 0.12, places=12)
-        # under Bradley-Terry the best review is the equilibrium: a point mass on it cannot be exploited
-        bt = data.ExactTask()
-        self.assertAlmostEqual(bt.exploitability(torch.eye(bt.n, dtype=torch.float64)[0]), 0.0, places=12)
-        self.assertGreater(bt.exploitability(bt.sft_probs), 0.1)
+            self.assertGreater(data.exploitability(torch.softmax(torch.randn(3, generator=g), 0), prefs), 1e-4)
+        # from school shares (story, acting, craft, none); a review with no school loses to all
+        self.assertAlmostEqual(data.school_exploitability(v(1 / 3, 1 / 3, 1 / 3, 0.0)), 0.0, places=12)
+        self.assertAlmostEqual(data.school_exploitability(v(0.6, 0.3, 0.1, 0.0)), 0.12, places=12)
+        self.assertGreater(data.school_exploitability(v(0.3, 0.3, 0.3, 0.1)), 0.0)
+        torch.testing.assert_close(data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting")),
+                                   v(0.2, 0.2, 0.2, 0.4))
+
+
+class TestTask(unittest.TestCase):
+    def test_reproducible_and_heldout_prompts_disjoint(self):
+        tensors = lambda task: [task.train_prompts, task.heldout_prompts, task.sft_ids, task.sft_mask, task.sft_heldout_ids,
+                                task.sft_heldout_mask, *task.pairs.values(), *task.heldout_pairs.values()]
+        a, b, c = (tensors(small_task(seed=s)) for s in (3, 3, 4))
+        self.assertTrue(all(torch.equal(x, y) for x, y in zip(a, b)) and not any(torch.equal(a[i], c[i]) for i in (0, 2, 6)))
+        task, P, rows = small_task(seed=8), data.PROMPT_LEN, lambda t: {tuple(r.tolist()) for r in t}
+        train, held = rows(task.train_prompts), rows(task.heldout_prompts)
+        self.assertEqual((len(train & held), len(train) + len(held)), (0, len(data.DECADES) * len(data.GENRES) * len(data.NOUNS)))
+        for ids, pool in ((task.sft_ids, train), (task.pairs["chosen_ids"], train), (task.sft_heldout_ids, held),
+                          (task.heldout_pairs["chosen_ids"], held), (task.eval_prompts(50), held)):
+            self.assertLessEqual(rows(ids[:, :P]), pool)
+        self.assertEqual(len(rows(task.eval_prompts(500))), len(held))           # cycling through all of them
+        self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
+
+    def test_labels_are_sampled_from_the_oracle(self):
+        """The higher-scoring response is chosen at the rate the oracle predicts: not always (noisy raters), not at
+        chance. Expected rate: mean of sigmoid(|s_a - s_b| / tau) over the pairs."""
+        task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
+        cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
+        differ = cs != rs
+        observed = (cs[differ] > rs[differ]).double().mean().item()
+        expected = torch.sigmoid((cs[differ] - rs[differ]).abs() / task.config.tau).mean().item()
+        self.assertLess(abs(observed - expected), 5 * math.sqrt(expected * (1 - expected) / differ.sum().item()))
+        self.assertLess(observed, 0.97)
+
+    def test_length_bias_and_pair_style_knobs(self):
+        words = lambda ids: data.response_lengths(ids[:, data.PROMPT_LEN:]).double()
+        plain, biased = (data.Task(data.TaskConfig(n_demos=8, n_pairs=2000, n_heldout=8, length_bias=b), seed=10).pairs
+                         for b in (0.0, 0.5))
+        gap = lambda p: (words(p["chosen_ids"]) - words(p["rejected_ids"])).mean().item()
+        self.assertGreater(words(biased["chosen_ids"]).mean().item(), words(plain["chosen_ids"]).mean().item() + 1.0)
+        self.assertTrue(gap(biased) > 2.0 and abs(gap(plain)) < 1.0)     # unbiased raters: no systematic length gap
+        style = torch.as_tensor(data.STYLE_IDS)
+        share = lambda ids: (torch.isin(ids[:, data.PROMPT_LEN:], style).sum() / words(ids).sum()).item()
+        plain, styled = (data.Task(data.TaskConfig(n_demos=500, n_pairs=1000, n_heldout=8, pair_style=s), seed=11)
+                         for s in (0.0, 1.0))
+        self.assertEqual((share(plain.pairs["chosen_ids"]), share(styled.sft_ids)), (0.0, 0.0))   # SFT data: its own style
+        self.assertGreater(min(share(styled.pairs["chosen_ids"]), share(styled.pairs["rejected_ids"])), 0.05)
+        for row, s in zip(styled.pairs["chosen_ids"][:50], styled.pairs["chosen_score"][:50]):   # the judge ignores style
+            self.assertAlmostEqual(data.score("", data.decode(row[data.PROMPT_LEN:])), s.item(), places=6)
+
+    def test_the_cyclic_task(self):
+        task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=8), seed=0)
+        responses = task.sft_ids[:, data.PROMPT_LEN:]              # every demonstration has a school, in unequal shares
+        self.assertTrue((data.school_of(responses) >= 0).all())
+        self.assertTrue(all(abs(got - want) < 0.03 for got, want in zip(data.school_shares(responses).tolist(), (0.6, 0.3, 0.1, 0.0))))
+        # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
+        rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+        plain = data._random_responses(rng_a, 200, 0.5, 0.0)
+        schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
+        self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
+        nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
+        self.assertTrue(((plain != schooled).sum(1) <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+        # the pairs are labelled by the cyclic oracle
+        chosen, rejected = (data.school_of(task.pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
+        count = lambda w, l: ((chosen == w) & (rejected == l)).sum().item()
+        n = count(0, 1) + count(1, 0)
+        self.assertGreater(n, 500)
+        self.assertAlmostEqual(count(0, 1) / n, 0.9, delta=4 * math.sqrt(0.09 / n))   # story beats acting 0.9
+        self.assertGreater(count(2, 0), count(0, 2))                                  # craft beats story
+
+
+class TestStartRun(unittest.TestCase):
+    def test_builds_the_task_and_sft_model_the_flags_ask_for(self):
+        d = scratch("start_run")
+        args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style", "0.5",
+                                      "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"), "--sft-dir",
+                                      os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16", "--lr", "0.02"])
+        model.progress.lr = None
+        with quietly() as (_, err):
+            device, task, policy, info = data.start_run(args)
+            want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
+            # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
+            # trained with this seed, these steps, these demonstrations and this size
+            with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
+                again, again_info = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
+        self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
+        self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, again_info["path"]))
+        self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
+        self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
+        self.assertTrue(state_equal(policy.state_dict(), again.state_dict()))
+        self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
+        self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
+
+
+class TestJoin(unittest.TestCase):
+    def test_masks_the_response_and_its_eos_only(self):
+        prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
+        responses = responses_of("great acting", "the plot was dull and boring")   # 2 and 6 words, then EOS
+        ids, mask = data.join(prompt, responses)
+        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 14)           # the prompt never counts
+        self.assertTrue(torch.equal(ids[:, data.PROMPT_LEN:], responses))
+        with torch.no_grad():
+            self.assertEqual(model.sequence_logps(sharp_gpt(4), ids, mask)[1].tolist(), [3.0, 7.0])   # |y|: with EOS
+        self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])                          # words only
+
+
+class TestPairBatch(unittest.TestCase):
+    def test_trims_only_padding_and_keeps_pairs_sides_and_order(self):
+        task, m, idx = small_task(seed=6), sharp_gpt(4), torch.arange(6)
+        batch, full = data.pair_batch(task.pairs, idx, CPU), task.pairs
+        for side in ("chosen", "rejected"):
+            width = batch[f"{side}_ids"].shape[1]
+            self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
+            self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
+        with torch.no_grad():
+            torch.testing.assert_close(model.pair_logps(m, **batch), model.pair_logps(
+                m, full["chosen_ids"][idx], full["chosen_mask"][idx], full["rejected_ids"][idx], full["rejected_mask"][idx]),
+                rtol=0, atol=1e-4)
+        torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), (   # pair_logps_all: 16 pairs, by 5
+            logps_of(m, full["chosen_ids"], full["chosen_mask"]), logps_of(m, full["rejected_ids"], full["rejected_mask"]),
+            full["chosen_mask"][:, 1:].sum(1).float(), full["rejected_mask"][:, 1:].sum(1).float()), rtol=0, atol=1e-4)
+
+
+class TestEvaluate(unittest.TestCase):
+    """data.heldout_reviews, win_rate, evaluate_sft and evaluate, with models whose answers are known."""
+
+    def both(self, policy, sft_model, task, n, seed):
+        side = data.evaluate_sft(sft_model, task, CPU, n, seed)
+        return side, data.evaluate(policy, sft_model, side, task, CPU, n, seed)
+
+    def test_which_way_round_and_the_kl(self):
+        """Every policy review scores +1 and every SFT review -1: each comparison is sigmoid(2 / tau), near 1 one way
+        round, near 0 the other. A policy that writes one positive word of 16 against an SFT model that writes one
+        word of 32: log pi(y|x) - log sft(y|x) = log 2 on every review, so KL(policy || SFT) is log 2."""
+        for tau in (0.2, 1.0):
+            task = small_task(seed=20, tau=tau)
+            _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
+            self.assertAlmostEqual(r["win_rate_vs_sft"], sig(2 / tau), places=5, msg="P(policy review > SFT review), tau")
+            self.assertEqual((r["score"], r["sft_score"], r["length"], r["sft_win_rate_vs_sft"]), (1.0, -1.0, 1.0, 0.5))
+            self.assertTrue(r["sft_length"] > 2.0 and r["kl_to_sft"] > 100.0)   # ~4 words; it cannot write positive ones
+            self.assertAlmostEqual(self.both(NEGATIVE_WRITER, POSITIVE_WRITER, task, 64, 3)[1]["win_rate_vs_sft"],
+                                   sig(-2 / tau), places=5)
+        task, g = small_task(seed=21), torch.Generator().manual_seed(0)
+        kl = lambda a, b, n=64: self.both(a, b, task, n, 4)[1]["kl_to_sft"]
+        self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
+        self.assertGreater(kl(EITHER_WRITER, POSITIVE_WRITER), 1e6)   # negative words the SFT model never writes
+        allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
+
+        def random_writer():   # samples what it scores (no mass on banned tokens), stops after a few words
+            first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
+            first[allowed], rest[allowed] = torch.randn(len(allowed), generator=g) * 2, torch.randn(len(allowed), generator=g) * 2
+            first[data.EOS_ID], rest[data.EOS_ID] = IMPOSSIBLE, 3.0
+            return Bigram(first, rest)
+
+        a, b = random_writer(), random_writer()
+        self.assertGreater(min(kl(a, b, 128), kl(b, a, 128)), 1.0)   # positive both ways round
+        self.assertEqual(kl(a, a), 0.0)
+
+    def test_which_samples_go_where(self):
+        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy meets),
+        the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
+        with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
+            side, r = self.both(policy, sft_model, task, n, seed)
+        self.assertEqual([(c.a["model"], c.before) for c in spy.calls],
+                         [(sft_model, 10_000 + seed), (sft_model, 10_001 + seed), (policy, 10_000 + seed)])
+        self.assertTrue(all(torch.equal(c.a["prompts"], task.eval_prompts(n)) for c in spy.calls))   # held-out prompts
+        own, reviews, samples = (c.result for c in spy.calls)
+        self.assertTrue(torch.equal(r["sft_samples"], reviews) and torch.equal(r["samples"], samples))
+        win = lambda a, b: torch.sigmoid((data.score_responses(a) - data.score_responses(b)) / task.config.tau).mean().item()
+        self.assertAlmostEqual(side["sft_win_rate_vs_sft"], win(own, reviews), places=6)
+        self.assertAlmostEqual(r["win_rate_vs_sft"], win(samples, reviews), places=6)
+        self.assertAlmostEqual(r["sft_score"], data.score_responses(reviews).mean().item(), places=6)
+        ids, mask = data.join(task.eval_prompts(n), samples)
+        self.assertAlmostEqual(r["kl_to_sft"], (logps_of(policy, ids, mask) - logps_of(sft_model, ids, mask)).mean().item(), places=4)
+        self.assertNotEqual(r["kl_to_sft"], 0.0)
+
+    def test_the_sft_side_and_the_game(self):
+        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and every
+        policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
+        task = small_task(seed=25)
+        side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
+        self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
+        self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
+        r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
+        self.assertTrue(r["sft_win_rate_vs_sft"] == side["sft_win_rate_vs_sft"] and torch.equal(r["sft_samples"], side["sft_samples"]))
+        self.assertFalse({"exploitability", "sft_exploitability"} & set(r))    # the default judge: no game
+        side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
+        self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(
+            data.school_of(r["samples"]), data.school_of(r["sft_samples"])).mean().item(), places=6)
+        for prefix, samples in (("", r["samples"]), ("sft_", r["sft_samples"])):
+            self.assertEqual(r[f"{prefix}school_shares"], data.school_shares(samples).tolist())
+            self.assertAlmostEqual(r[f"{prefix}exploitability"], data.school_exploitability(data.school_shares(samples)), places=12)
+
+
+class TestPairLogRow(unittest.TestCase):
+    def test_puts_each_number_under_its_name(self):
+        row = data.pair_log_row(7, t(0.25), t(1.0, -2.0, 3.0, 0.5), t(0.0, -1.0, 1.0, 0.5), t(-3.0, -5.0), t(-8.0, -10.0))
+        self.assertEqual((row["step"], row["loss"], row["logps/chosen"], row["logps/rejected"]), (7, 0.25, -4.0, -9.0))
+        for key, want in (("rewards/chosen", 2.5 / 4), ("rewards/rejected", 0.5 / 4), ("rewards/margins", 2.0 / 4),
+                          ("rewards/accuracies", 2 / 4)):   # 1 > 0, 3 > 1; -2 < -1; a tie is not
+            self.assertAlmostEqual(row[key], want, msg=key)
+
+
+class TestRankingMetrics(unittest.TestCase):
+    def test_constructed_cases_and_ties(self):
+        cr, rr = t(1.0, 2.0, 3.0, 4.0), t(0.0, 3.0, 2.0, 5.0)       # the reward puts y_w first: T F T F -> 0.5
+        # average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F; agreement with T F T F: 3 of 4 (the SUMMED
+        # log-probs, F F F F, would give 2 of 4)
+        m = data.ranking_metrics(cr, rr, t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0), t(2.0, 3.0, 2.0, 1.0))
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (2 / 4, 3 / 4))
+        m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
+        self.assertEqual(m["reward_accuracy"], 1 / 2)              # a tie in reward is not a correct ordering
+        # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); T T T F against T T T T
+        m = data.ranking_metrics(cr, t(0.0, 1.0, 2.0, 5.0), torch.full((4,), -4.0), torch.full((4,), -3.0), torch.full((4,), 4.0), torch.ones(4))
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (3 / 4, 3 / 4))
+        # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no pair
+        # and agrees with the likelihood only where the likelihood ties too (the third pair)
+        zero = torch.zeros(4)
+        m = data.ranking_metrics(zero, zero, t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), torch.ones(4), torch.ones(4))
+        self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (0.0, 1 / 4))
+
+
+class TestPrintSummary(unittest.TestCase):
+    def table(self, note=None, **more):
+        empty = torch.zeros(4, 3, dtype=torch.long)
+        metrics = {"sft_score": -0.25, "sft_length": 9.5, "sft_win_rate_vs_sft": 0.486, "win_rate_vs_sft": 0.93,
+                   "score": 0.7, "length": 6.5, "kl_to_sft": 4.25, "reward_accuracy": 0.8, "ranking_agreement": 0.85,
+                   "seconds_per_step": 0.05, "peak_memory_mb": 48.0, "prompts": torch.zeros(4, data.PROMPT_LEN, dtype=torch.long),
+                   "samples": empty, "sft_samples": empty, "wall_seconds": 6.54, "startup_seconds": 2.5, "train_seconds": 3.0,
+                   "eval_seconds": 1.0, **more}
+        with quietly() as (out, _):
+            data.print_summary("DPO", metrics, {"reward_accuracy": 0.0, "ranking_agreement": 0.0}, "out/x", note)
+        text = out.getvalue()
+        return {line.split("  ")[0]: line.split()[-2:] for line in text.split("\n\nHeld-out")[0].splitlines()[2:]}, text
+
+    def test_the_sft_column_as_measured_beside_the_policy(self):
+        rows, text = self.table()
+        self.assertEqual(text.splitlines()[0].split(), ["SFT", "DPO"])
+        self.assertEqual(rows, {"win rate vs SFT": ["0.486", "0.930"], "score (judge)": ["-0.250", "+0.700"],   # SFT vs itself
+                                "length (words)": ["9.50", "6.50"], "KL to SFT (nats)": ["0.00", "4.25"],
+                                "reward accuracy": ["0.000", "0.800"], "ranking agreement": ["0.000", "0.850"],
+                                "seconds per step": ["-", "0.0500"], "peak memory (MB)": ["-", "48.00"]})   # costs it never paid
+        self.assertNotIn("SFT column", text)
+        self.assertEqual(text.splitlines()[-1], "win rate vs SFT 0.930 | reward accuracy 0.800 | ranking agreement 0.850 | "
+                                                "6.5 s (start-up 2.5, training 3.0, evaluation 1.0) | wrote out/x/")
+        text = self.table(note="beta log pi_theta/pi_ref")[1]
+        self.assertIn("beta log pi_theta/pi_ref is 0 for every response", " ".join(text[text.index("SFT column"):].split()))
+        rows, text = self.table(exploitability=0.2, sft_exploitability=0.12, school_shares=[0.5, 0.2, 0.2, 0.1],
+                                sft_school_shares=[0.6, 0.3, 0.1, 0.0])
+        self.assertEqual(rows["exploitability"], ["0.120", "0.200"])
+        self.assertIn("SFT 0.60 / 0.30 / 0.10 / 0.00, DPO 0.50 / 0.20 / 0.20 / 0.10", text)
+
+
+class TestChart(unittest.TestCase):
+    """data.chart (one chart function: a series, or several on one scale), data.frame, data.glyphs, data.scatter."""
+
+    def rows(self, lines, height, ch="█"):
+        grid = [line.split("│", 1)[1] for line in lines[1:1 + height]]
+        return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))], grid
+
+    def test_one_series(self):
+        with utf8_stdout():
+            rising = data.chart(list(range(12)), "rising", width=60, height=4)
+            many = data.chart([x * x for x in range(200)], "t", width=20, height=3)
+            falling = data.chart(list(range(10, 0, -1)), "falling", width=60, height=2)
+        r = self.rows(rising, 4)[0]
+        self.assertTrue(len(r) == 12 and all(a >= b for a, b in zip(r, r[1:])) and (r[0], r[-1]) == (3, 0), r)   # top: max
+        self.assertEqual(rising[0], "rising  (12 values; min 0, max 11)")
+        # more values than columns: averaged into `width` columns, still rising; the title gives the data's range
+        r = self.rows(many, 3)[0]
+        self.assertTrue(len(r) == 20 and all(a >= b for a, b in zip(r, r[1:])) and r[0] > r[-1], r)
+        self.assertIn(f"(200 values in 20 columns of means; min 0, max {199 ** 2:.3g})", many[0])
+        self.assertEqual((self.rows(falling, 2)[0], falling[-1]), ([0] * 5 + [1] * 5, " " * 10 + "└" + "─" * 10))
+        self.assertEqual(data.chart([], "empty"), ["empty: (no data)"])
+
+    def test_several_series_ascii_and_scatter(self):
+        with utf8_stdout():
+            lines = data.chart([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
+                                ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
+            shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
+                                "t", height=3, lo=0.0, hi=1.0)
+            points = data.scatter([("A:low", 0.0, 0.0), ("B:high", 4.0, 1.0), ("C:mid", 2.0, 0.5)], "KL", "score", width=41, height=11)
+            self.assertEqual(data.glyphs(), ("█", "│", "└", "─"))
+        self.assertEqual([self.rows(lines, 10, ch)[0] for ch in "lw"], [[0, 3, 6, 9], [0, 1, 2, 3]])   # one scale, a row a nat
+        self.assertEqual(self.rows(lines, 10, "w")[1][0][0], "*")            # both start at 0, the top: they meet
+        self.assertEqual(lines[0], "t  (8 values; min -9, max 0; w falls slowly; l falls fast)")
+        grid = self.rows(shares, 3, "s")[1]                                   # lo and hi fixed: shares 0 to 1
+        self.assertEqual((grid[0][0], grid[2][0], grid[1][1], grid[2][1]), ("s", "*", "*", "c"))
+        grid = [line.split("│", 1)[1] for line in points[1:12]]             # the scatter's rows, top = highest score
+        self.assertEqual({ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"},
+                         {"B": (0, 40), "C": (5, 20), "A": (10, 0)})          # score 1, 0.5, 0; KL 4, 2, 0
+        self.assertTrue(any(line.strip().startswith("B = high") for line in points))
+        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal without Unicode
+            self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
+            self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
 
 
 class TestExactTask(unittest.TestCase):
-    def setUp(self):
-        self.ex = data.ExactTask()
+    """data.ExactTask: 27 listed reviews, the SFT table, the judge's full matrix, the pairs, the closed forms."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ex, cls.cyclic = data.ExactTask(), data.ExactTask(data.TaskConfig(judge="cyclic"))
 
     def test_the_listed_reviews(self):
         ex = self.ex
-        self.assertEqual(ex.n, 27)
-        self.assertEqual(len(set(ex.texts)), 27)
+        self.assertEqual((ex.n, len(set(ex.texts)), ex.best().sum().item()), (27, 27, 9))   # best: score +0.5, 3 x 3
         cells = {(s, sc, w) for s, sc, w in zip(ex.schools.tolist(), ex.scores.tolist(), ex.words.tolist())}
         self.assertEqual(cells, {(s, sc, w) for s in range(3) for sc in (0.5, 0.0, -0.5) for w in (2, 4, 6)})
         torch.testing.assert_close(ex.index_of(ex.responses), torch.arange(27))
-        self.assertAlmostEqual(ex.sft_probs.sum().item(), 1.0, places=12)
+        self.assertEqual(ex.index_of(responses_of("great plot lovely", "great plot")).tolist(), [-1, ex.texts.index("great plot")])
         torch.testing.assert_close(ex.school_shares(ex.sft_probs), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
         torch.testing.assert_close(ex.prefs + ex.prefs.T, torch.ones(27, 27, dtype=torch.float64))
         self.assertAlmostEqual(ex.mean_words(ex.sft_probs), 2 * 0.5 + 4 * 0.3 + 6 * 0.2, places=12)
+        torch.testing.assert_close((ex.table().probs(), ex.win_rates(ex.sft_probs)), (ex.sft_probs, ex.prefs @ ex.sft_probs))
+        biased = data.ExactTask(data.TaskConfig(length_bias=0.3))   # the raters' length bias: in the matrix and the reward
+        a, b = ex.texts.index("great plot lovely story"), ex.texts.index("great plot")    # same score, 2 words longer
+        self.assertAlmostEqual(biased.prefs[a, b].item(), sig(0.3 * 2), places=12)
+        self.assertAlmostEqual((biased.reward[a] - biased.reward[b]).item(), 0.3 * 2, places=12)
+        self.assertTrue(torch.equal(biased.best(), ex.best()))                  # the judge's best: the score's
 
     def test_population_and_sampled_pairs(self):
         ex = self.ex
@@ -3307,60 +1635,255 @@ class TestExactTask(unittest.TestCase):
         # one entry by hand: "great plot" chosen over "the plot": 2 pi pi P / (1 - sum pi^2)
         w, l = ex.texts.index("great plot"), ex.texts.index("the plot")
         want = 2 * 0.075 * 0.15 * sig(0.5 / 0.2) / (1 - (ex.sft_probs ** 2).sum().item())
-        got = weights[(chosen == w) & (rejected == l)].item()
-        self.assertAlmostEqual(got, want, places=12)
-        # many sampled pairs approach the population weights (identical pairs aside)
-        c, r, sw = ex.sampled_pairs(200_000, seed=1)
+        self.assertAlmostEqual(weights[(chosen == w) & (rejected == l)].item(), want, places=12)
+        c, r, sw = ex.sampled_pairs(200_000, seed=1)     # many sampled pairs approach the population weights
         self.assertAlmostEqual(sw.sum().item(), 1.0, places=12)
-        sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw)
+        sampled = torch.zeros(27, 27, dtype=torch.float64).index_put_((c, r), sw).fill_diagonal_(0)
         population = torch.zeros(27, 27, dtype=torch.float64).index_put_((chosen, rejected), weights)
-        same = (ex.sft_probs ** 2).sum()
-        self.assertLess((sampled.fill_diagonal_(0) / (1 - same) - population).abs().max().item(), 3e-3)
+        self.assertLess((sampled / (1 - (ex.sft_probs ** 2).sum()) - population).abs().max().item(), 3e-3)
+        uniform = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))   # --pair-schools uniform
+        torch.testing.assert_close((uniform.school_shares(uniform.pair_probs), uniform.sft_probs),
+                                   (torch.full((3,), 1 / 3, dtype=torch.float64), self.cyclic.sft_probs))
 
-    def test_dpo_optimum_closed_form(self):
-        ex = self.ex
-        for beta in (0.5, 2.0):
-            pi_star = ex.dpo_optimum(beta)
+    def test_closed_forms_and_exploitability(self):
+        ex, g = self.ex, torch.Generator().manual_seed(0)
+        for beta in (0.5, 2.0):       # [DPO-opt]: pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
+            pi_star, a, b = ex.dpo_optimum(beta), ex.texts.index("great plot"), ex.texts.index("the acting and cast")
             self.assertAlmostEqual(pi_star.sum().item(), 1.0, places=12)
-            a, b = ex.texts.index("great plot"), ex.texts.index("the acting and cast")
-            # pi*(a)/pi*(b) = pi_ref(a)/pi_ref(b) exp((s_a - s_b)/(tau beta))
-            want = 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta))
-            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), want, places=9)
-        with self.assertRaises(ValueError):
-            data.ExactTask(data.TaskConfig(judge="cyclic")).dpo_optimum(1.0)
+            self.assertAlmostEqual((pi_star[a] / pi_star[b]).item(), 0.075 / 0.045 * math.exp(0.5 / (0.2 * beta)), places=9)
+        self.assertIsNone(self.cyclic.reward)                  # no reward under the cyclic judge: no pi*
+        self.assertRaises(TypeError, self.cyclic.dpo_optimum, 1.0)
+        pi = ex.simpo_optimum_gamma0(2.0)                      # SimPO, gamma 0: (beta/|y|) log pi(y) = r(y) + one constant
+        shift = 2.0 * pi.log() / (ex.words.double() + 1) - ex.reward
+        self.assertTrue(abs(pi.sum().item() - 1) < 1e-12 and (shift - shift[0]).abs().max().item() < 1e-9)
+        inside = torch.rand(ex.n, generator=g, dtype=torch.float64)   # shares 1/3: an equilibrium, whatever inside
+        for i in range(3):
+            inside[ex.schools == i] /= 3 * inside[ex.schools == i].sum()
+        self.assertAlmostEqual(self.cyclic.exploitability(inside), 0.0, places=12)
+        self.assertAlmostEqual(self.cyclic.exploitability(ex.sft_probs), 0.12, places=12)
+        # under Bradley-Terry the best review is the equilibrium: a point mass on it cannot be exploited
+        self.assertAlmostEqual(ex.exploitability(torch.eye(ex.n, dtype=torch.float64)[0]), 0.0, places=12)
+        self.assertGreater(ex.exploitability(ex.sft_probs), 0.1)
 
-    def test_simpo_gamma0_closed_form(self):
-        ex = self.ex
-        beta = 2.0
-        pi = ex.simpo_optimum_gamma0(beta)
-        self.assertAlmostEqual(pi.sum().item(), 1.0, places=12)
-        # the SimPO reward (beta/|y|) log pi(y) is the true reward plus one constant
-        shift = beta * pi.log() / (ex.words.double() + 1) - ex.reward
-        self.assertLess((shift - shift[0]).abs().max().item(), 1e-9)
+
+def assert_one_line_error(test, code, err, *fragments):
+    """Exit 2 and one line on stderr, `error: ...`, holding each fragment."""
+    lines = err.strip().splitlines()
+    test.assertEqual((code, len(lines)), (2, 1), err)
+    test.assertTrue(lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), (lines[0], fragments))
 
 
-class TestExactDPO(unittest.TestCase):
+class TestFrontier(unittest.TestCase):
+    """python data.py frontier DIR...: score against KL for finished runs, or one line per folder that is not one."""
+
+    def test_plots_finished_runs_and_refuses_what_is_not_one(self):
+        good = {"method": "dpo", "beta": 0.1, "kl_to_sft": 1.5, "score": 0.4, "sft_score": 0.0}
+        cases = {"a_list": "[]", "a_number": "3", "kl_null": {**good, "kl_to_sft": None}, "kl_nan": {**good, "kl_to_sft": math.nan},
+                 "kl_text": {**good, "kl_to_sft": "3"}, "no_score": {k: v for k, v in good.items() if k != "score"},
+                 "not_json": "{", "run_a": good, "run_b": {**good, "kl_to_sft": 3.0, "score": 0.8}}
+        expect = {"a_list": "kl_to_sft is null", "a_number": "kl_to_sft is null", "kl_null": "kl_to_sft is null",
+                  "kl_nan": "kl_to_sft is NaN", "kl_text": 'kl_to_sft is "3"', "no_score": "score is null",
+                  "not_json": "no readable metrics.json (JSONDecodeError)"}
+        d = scratch("frontier")
+        for name, content in cases.items():
+            os.makedirs(os.path.join(d, name))
+            with open(os.path.join(d, name, "metrics.json"), "w") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content))
+        for name, fragment in expect.items():
+            assert_one_line_error(self, *run_main(data, ["frontier", os.path.join(d, name)])[::2], name, fragment)
+        code, out, err = run_main(data, ["frontier", *(os.path.join(d, n) for n in cases)])   # all at once
+        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", len(expect)))   # no chart from a partial set
+        code, out, err = run_main(data, ["frontier", os.path.join(d, "run_a"), os.path.join(d, "run_b")])
+        self.assertEqual(code, 0, err)
+        for line in ("B = run_b (dpo, beta 0.1): KL(policy || SFT) 3.00, score 0.800",
+                     "S = the SFT model: KL(policy || SFT) 0.00, score 0.000"):
+            self.assertIn(line, out)
+        assert_one_line_error(self, *run_main(data, ["frontier"])[::2], "frontier takes some run folder(s), got 0")
+
+
+class TestSampleCommand(unittest.TestCase):
+    """python data.py sample DIR: reviews from a trained model, the judge's score beside each."""
+
+    def test_prints_scored_reviews(self):
+        run_dir = gpt_run("dpo").dir
+        code, out, err = run_main(data, ["sample", run_dir, "--prompt", "new horror film", "-n", "5"])
+        lines = out.strip().splitlines()
+        self.assertEqual((code, len(lines)), (0, 6), err)
+        for line in lines[:5]:                              # "[+0.25] review text": the judge's score of the text
+            self.assertEqual((line[0], line[6:8], line[1:6]), ("[", "] ", f"{data.score('', line[8:]):+.2f}"))
+        self.assertIn("ignore the prompt", lines[5])
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)                  # seeded: the same again
+        self.assertNotEqual(run_main(data, ["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
+        self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # -n: more, not others
+
+    def test_errors(self):
+        run_dir, d = gpt_run("dpo").dir, scratch("sample")
+        for prompt in ("new horrror film", "new horror"):
+            assert_one_line_error(self, *run_main(data, ["sample", run_dir, "--prompt", prompt])[::2], f"got {prompt!r}",
+                                  "genres: horror comedy")
+        assert_one_line_error(self, *run_main(data, ["sample"])[::2], "sample takes 1 run folder(s), got 0")
+        path = os.path.join(d, "model.pt")
+        assert_one_line_error(self, *run_main(data, ["sample", d])[::2], path, "no such file")
+        with open(os.path.join(run_dir, "model.pt"), "rb") as f:
+            truncated, foreign = f.read()[:1000], io.BytesIO()
+        torch.save({"weights": torch.zeros(2)}, foreign)
+        for content in (b"not a checkpoint", truncated, foreign.getvalue()):
+            with open(path, "wb") as f:
+                f.write(content)
+            assert_one_line_error(self, *run_main(data, ["sample", d])[::2], f"cannot load checkpoint {path!r}")
+
+
+class TestCurves(unittest.TestCase):
+    """python data.py curves DIR --key KEY: any key of a run's log.jsonl, per step."""
+
+    def test_redraws_any_key_or_says_why_not(self):
+        run_dir, d = gpt_run("dpo").dir, scratch("curves")
+        values = [r["logps/chosen"] for r in read_json(os.path.join(run_dir, "log.jsonl"), lines=True)]
+        code, out, err = run_main(data, ["curves", run_dir, "--key", "logps/chosen", "--key", "loss"])
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[0], f"logps/chosen per step ({run_dir})  (3 values; min {min(values):.3g}, "
+                                              f"max {max(values):.3g})")
+        self.assertIn(f"loss per step ({run_dir})", out)
+        self.assertIn(f"logps/chosen: first {values[0]:.4g}, last {values[-1]:.4g}, mean of the last 1 value {values[-1]:.4g}", out)
+        assert_one_line_error(self, *run_main(data, ["curves", run_dir, "--key", "logp/chosen"])[::2],
+                              "no numbers under 'logp/chosen'", "logps/chosen, logps/rejected, loss")
+        assert_one_line_error(self, *run_main(data, ["curves", d])[::2], "no readable log.jsonl (FileNotFoundError)")
+        for content, words in (("", "no numbers under 'loss' (a run with --steps 0?)"),
+                               ('{"loss": 1.0}\n{"loss": \n', "no readable log.jsonl (JSONDecodeError)")):
+            with open(os.path.join(d, "log.jsonl"), "w") as f:
+                f.write(content)
+            assert_one_line_error(self, *run_main(data, ["curves", d])[::2], words)
+
+
+class TestDisplacement(unittest.TestCase):
+    """python data.py logps DIR (data.displacement): where a trained policy put its probability mass."""
+
+    def test_the_command_measures_the_runs_policy_against_its_sft_model(self):
+        run, small, measured, real = gpt_run("dpo"), small_task(seed=3), [], data.displacement
+
+        def recording(policy, sft_model, task, seed=0, n_samples=512):   # the real measure, on a small task
+            measured.append((policy, sft_model, task, seed))
+            return real(policy, sft_model, small, seed, n_samples=16)
+
+        with mock.patch.object(data, "displacement", recording):
+            code, out, err = run_main(data, ["logps", run.dir])
+        self.assertEqual(code, 0, err)
+        (policy, sft_model, task, seed), = measured
+        self.assertTrue(state_equal(policy.state_dict(), run.trained.state_dict()))
+        self.assertTrue(state_equal(sft_model.state_dict(), run.sft.state_dict()))    # the run's SFT cache
+        self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))   # its task
+        table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
+        self.assertEqual(table, {name: [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"] for name, a, b in real(policy, sft_model, small, SEED, 16)})
+        self.assertEqual(list(table), ["chosen y_w, training pairs", "rejected y_l, training pairs", "the policy's own samples",
+                                       "the SFT model's samples", "5 positive words, in no pair"])
+        # each row is a plain mean of summed log-probs; against itself, no change
+        rows = real(policy, sft_model, small, 0, 16)
+        self.assertAlmostEqual(rows[0][1], data.pair_logps_all(sft_model, small.pairs, CPU)[0].mean().item(), places=4)
+        self.assertAlmostEqual(rows[1][2], data.pair_logps_all(policy, small.pairs, CPU)[1].mean().item(), places=4)
+        self.assertNotEqual(rows[0][2], rows[0][1])             # the policy moved
+        self.assertTrue(all(abs(a - b) < 1e-4 for _, a, b in real(sft_model, sft_model, small, 0, 16)))
+
+
+# ====================================================================================================
+# dpo.py: the training run (3 steps, beta 0.5, a learning rate that moves the policy), --precompute-ref, --exact
+# ====================================================================================================
+
+class TestDpoScript(ScriptChecks, unittest.TestCase):
+    run_name, title = "dpo", "DPO"
+
+    def test_every_step_is_the_dpo_loss_of_its_batch(self):
+        """Step by step: the policy's log-probs of the batch (its weights at that step), the SFT model's as the
+        reference, --beta, chosen and rejected in their places, and the logged loss [DPO-1] of those."""
+        losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
+        self.assertEqual(len(losses), 3)
+        for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
+            a, want = loss_call.a, pair_logps_of(with_weights(batch_call.before), self.sft, batch_call.result)
+            for name, value in want.items():
+                torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
+                             (True, False, 0.5))
+            margin = (want["policy_chosen_logps"] - want["ref_chosen_logps"]) - (want["policy_rejected_logps"] - want["ref_rejected_logps"])
+            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
+
+    def test_reference_changes_the_loss_after_step_0(self):
+        """With the reference = the policy itself, every step's rewards would be 0 and its loss ln 2."""
+        first = self.r.log[0]                                                  # step 0: pi_theta = pi_ref
+        self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]), (round(math.log(2), 6), 0.0, 0.0))
+        for row in self.r.log[1:]:
+            self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
+            self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
+            self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        log_ratio_rewards_check(self, self.r, 0.5)
+
+    def sft_column(self):
+        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # the SFT model's DPO reward: 0, all ties
+
+
+class TestPrecomputeRef(unittest.TestCase):
+    """dpo.py --precompute-ref: log pi_ref of every pair once, before the loop, and the same numbers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.plain, cls.pre = gpt_run("dpo"), gpt_run("dpo_precompute")
+
+    def test_same_numbers_with_and_without(self):
+        for ra, rb in zip(self.plain.log, self.pre.log):      # every step's loss, rewards and log-probs, to rounding
+            self.assertEqual(ra.keys(), rb.keys())
+            for key in ra:
+                self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
+        self.assertNotEqual(self.plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
+        ma, mb = self.plain.metrics, self.pre.metrics
+        self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]), (False, True, None))
+        self.assertGreaterEqual(mb["ref_precompute_seconds"], 0.0)
+        self.assertEqual(ma.keys(), mb.keys())
+        for key in ma.keys() - TIMING_KEYS - {"precompute_ref"}:
+            if isinstance(ma[key], float):
+                self.assertAlmostEqual(ma[key], mb[key], delta=1e-4 * max(1.0, abs(ma[key])), msg=key)
+            else:
+                self.assertEqual(ma[key], mb[key], key)
+
+    def test_no_reference_forward_pass_in_the_loop(self):
+        frozen = lambda m: not any(p.requires_grad for p in m.parameters())
+        for run, in_loop, whole_set in ((self.plain, 3, 0), (self.pre, 0, 1)):     # one per step, or once up front
+            self.assertEqual(sum(frozen(c.a["model"]) for c in run.spy["pair_logps"].by("main")), in_loop)
+            self.assertEqual(sum(frozen(c.a["model"]) and c.a["pairs"] is run.task.pairs for c in run.spy["pair_logps_all"].calls),
+                             whole_set)
+
+    def test_refused_with_reference_free(self):
+        d = scratch("refused")
+        code, _, err = run_main(dpo, TINY + ["--precompute-ref", "--reference-free", "--out", os.path.join(d, "o"),
+                                             "--sft-dir", os.path.join(d, "sft")])
+        self.assertEqual((code, os.listdir(d)), (2, []))            # refused before any folder was made
+        self.assertIn("--precompute-ref with --reference-free", err)
+
+
+class TestDpoExact(unittest.TestCase):
     """python dpo.py --exact: [DPO-opt] and [IPO-4.2] on the table, and DPO on cyclic labels."""
 
     @classmethod
     def setUpClass(cls):
-        cls.bt, cls.bt_files = run_exact(dpo)
-        cls.cyclic, _ = run_exact(dpo, "--judge", "cyclic")
+        (cls.bt, cls.bt_files), (cls.cyclic, _) = exact_run(dpo), exact_run(dpo, "--judge", "cyclic")
+        cls.ex = data.ExactTask()
 
     def test_population_minimum_is_pi_star(self):
-        m = self.bt
+        m, ex = self.bt, self.ex
         self.assertEqual(self.bt_files, ["metrics.json"])                # a table: no model.pt
-        self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"]), ("dpo", True, "bt", 1.0))
+        self.assertEqual((m["method"], m["exact"], m["judge"], m["beta"], m["seed"]), ("dpo", True, "bt", 1.0, 0))
         self.assertLess(m["kl_to_optimum"], 1e-6)                        # goal: 1e-3
-        # pi* by hand: pi_ref exp(s / (tau beta)) / Z
-        ex = data.ExactTask()
-        pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))
-        pi_star = pi_star / pi_star.sum()
-        self.assertLess(data.kl(torch.tensor(m["policy_probs"]), pi_star), 1e-6)
+        pi_star = ex.sft_probs * torch.exp(ex.scores / (0.2 * 1.0))     # pi* by hand: pi_ref exp(s / (tau beta)) / Z
+        pi_star, pi, best = pi_star / pi_star.sum(), torch.tensor(m["policy_probs"], dtype=torch.float64), ex.best()
+        self.assertLess(data.kl(pi, pi_star), 1e-6)
         self.assertAlmostEqual(m["best_mass"], m["best_mass_optimum"], places=6)
-        # finite data: farther than the population's minimum, not far
-        self.assertGreater(m["kl_to_optimum_finite_data"], 100 * m["kl_to_optimum"])
-        self.assertLess(m["kl_to_optimum_finite_data"], 0.1)
+        for key, want in (("best_mass_optimum", pi_star[best].sum().item()), ("best_mass", pi[best].sum().item()),
+                          ("exploitability", ex.exploitability(pi)), ("mean_words", ex.mean_words(pi))):
+            self.assertAlmostEqual(m[key], want, places=12, msg=key)
+        self.assertEqual(m["responses"], ex.texts)
+        # finite data: the n_pairs pairs sampled with --seed, fitted the same way: farther, not far
+        finite = dpo.fit_exact(ex, ex.sampled_pairs(m["n_pairs"], 0), 1.0, dpo.EXACT_DEFAULTS["steps"])
+        self.assertAlmostEqual(m["kl_to_optimum_finite_data"], data.kl(finite, pi_star), places=9)
+        self.assertTrue(100 * m["kl_to_optimum"] < m["kl_to_optimum_finite_data"] < 0.1)
 
     def test_beta_matters_only_with_noisy_labels(self):
         m = self.bt
@@ -3371,55 +1894,96 @@ class TestExactDPO(unittest.TestCase):
             self.assertAlmostEqual(optimum, (weight[0] / weight.sum()).item(), places=9)
             self.assertAlmostEqual(trained, optimum, places=5)
         noisy = m["best_mass_noisy"]
-        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])))    # larger beta: closer to pi_ref
-        self.assertLess(noisy[-1], 0.5)
+        self.assertTrue(all(a > b for a, b in zip(noisy, noisy[1:])) and noisy[-1] < 0.5)   # larger beta: closer to pi_ref
         self.assertTrue(all(d > 0.999 for d in m["best_mass_deterministic"]), m["best_mass_deterministic"])
 
     def test_cyclic_labels_are_fit_with_a_line(self):
-        m = self.cyclic
+        m, ex = self.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))
         self.assertNotIn("kl_to_optimum", m)                             # no reward, no pi*
-        ex = data.ExactTask(data.TaskConfig(judge="cyclic"))
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
+        self.assertEqual(m["school_shares"], ex.school_shares(pi).tolist())
         # DPO's implicit reward beta log pi/pi_ref: one number per school (the judge ties within one), three
         # different numbers, so the schools stand in a line, which the cycle exploits
         reward = m["beta"] * (pi / ex.sft_probs).log()
-        per_school = []
-        for i in range(3):
-            r = reward[ex.schools == i]
-            self.assertLess((r - r[0]).abs().max().item(), 1e-6)
-            per_school.append(r[0].item())
-        self.assertGreater(min(abs(a - b) for a, b in itertools.combinations(per_school, 2)), 0.1)
-        self.assertGreater(m["exploitability"], m["exploitability_sft"])
-        self.assertGreater(m["exploitability"], 0.2)
-
-    def test_pairs_that_meet_every_school_equally_teach_nothing(self):
-        # every school meets every other equally often and each wins its comparisons 0.9 of the time: by
-        # symmetry the Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        per_school = [reward[ex.schools == i] for i in range(3)]
+        self.assertLess(max((r - r[0]).abs().max().item() for r in per_school), 1e-6)
+        self.assertGreater(min(abs(a[0] - b[0]).item() for a, b in itertools.combinations(per_school, 2)), 0.1)
+        self.assertGreater(m["exploitability"], max(m["exploitability_sft"], 0.2))
+        # pairs that meet every school equally (each wins its comparisons 0.9 of the time): by symmetry the
+        # Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
         ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
-        torch.testing.assert_close(ex.school_shares(ex.pair_probs), torch.full((3,), 1 / 3, dtype=torch.float64))
-        pi = dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)
-        torch.testing.assert_close(ex.school_shares(pi), ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ex.school_shares(dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)),
+                                   ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
 
 
-class TestExactSimPO(unittest.TestCase):
+# ====================================================================================================
+# simpo.py: the training run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run that trains its own
+# SFT model (another size, --no-length-norm), --exact
+# ====================================================================================================
+
+class TestSimpoScript(ScriptChecks, unittest.TestCase):
+    run_name, title = "simpo", "SimPO"
+
+    def simpo_losses(self, m, b, length_norm=True):
+        pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
+        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float()) if length_norm else (1, 1)
+        return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
+
+    def test_every_step_is_the_simpo_loss_of_its_batch(self):
+        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their places,
+        and the logged loss [SimPO-4] of those."""
+        losses = [c for c in self.r.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
+        self.assertEqual(len(losses), 3)
+        for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
+            b, a, current = batch_call.result, loss_call.a, with_weights(batch_call.before)
+            self.assertEqual((a["beta"], a["gamma"]), (3.0, 0.6))
+            self.assertTrue(torch.equal(a["chosen_lengths"], b["chosen_mask"][:, 1:].sum(1).float()))
+            self.assertTrue(torch.equal(a["rejected_lengths"], b["rejected_mask"][:, 1:].sum(1).float()))
+            torch.testing.assert_close(a["policy_chosen_logps"].detach(), logps_of(current, b["chosen_ids"], b["chosen_mask"]),
+                                       rtol=0, atol=1e-3)
+            self.assertAlmostEqual(self.r.log[step]["loss"], self.simpo_losses(current, b).mean().item(), places=4)
+
+    def test_no_length_norm_sums_the_log_probs(self):
+        """--no-length-norm: the first step's loss is [SimPO-4] with |y| = 1 (and not the normalised one)."""
+        small = gpt_run("simpo_small")
+        b, loss = small.spy["pair_batch"].by("main")[0].result, small.log[0]["loss"]
+        self.assertAlmostEqual(loss, self.simpo_losses(small.sft, b, length_norm=False).mean().item(), places=3)
+        self.assertNotAlmostEqual(loss, self.simpo_losses(small.sft, b).mean().item(), places=2)
+        self.assertFalse(small.metrics["length_norm"])
+        self.assertIn(f"SFT model (cache {glob_one(small.sft_dir)}): trained; ", small.err)
+
+    def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
+        """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT model,
+        and the KL at the end runs the policy's own network on the SFT weights (functional_call)."""
+        spy = self.r.spy
+        (side,) = spy["evaluate_sft"].calls
+        first_step = min(c.start for c in spy["memory_sample"].calls)
+        self.assertTrue(side.a["sft"] is self.r.policy and side.end < first_step)
+        self.assertEqual(len([c for c in spy["pair_logps_all"].calls if c.end < first_step]), 1)   # its held-out rewards
+        self.assertEqual((self.r.gpts, gpt_run("simpo_small").gpts), (1, 1))   # the SFT model loaded or trained IS the policy
+        self.assertGreater(gpt_run("dpo").gpts, 1)                  # DPO keeps a reference copy: the counter sees it
+        self.assertTrue(model.GPT.__init__.__name__ == "__init__" and "__setstate__" not in vars(model.GPT))   # undone
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        policy = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
+        heldout_rewards_check(self, self.r.metrics, 3.0 * policy[0] / policy[2], 3.0 * policy[1] / policy[3], policy)
+        self.assertEqual(self.r.metrics["ranking_agreement"], 1.0)   # the reward IS the average log-likelihood
+
+    def sft_column(self):
+        """The SFT model's own SimPO reward: right where its average log-likelihood puts y_w first, agreeing everywhere."""
+        pc, pr, lc, lr = data.pair_logps_all(self.sft, self.r.task.heldout_pairs, CPU)
+        return {"reward_accuracy": (pc / lc > pr / lr).float().mean().item(), "ranking_agreement": 1.0}
+
+
+class TestSimpoExact(unittest.TestCase):
     """python simpo.py --exact: one end whatever the start, and what 1/|y| does to it."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.m, cls.files = run_exact(simpo)
-
-    def test_one_end_whatever_the_start(self):
-        m = self.m
-        self.assertEqual(self.files, ["metrics.json"])
-        self.assertEqual((m["method"], m["beta"], m["gamma"], m["length_norm"]), ("simpo", 2.0, 1.0, True))
-        self.assertLess(m["start_gap"], 1e-8)
-        self.assertLess(m["kl_to_closed_form_gamma0"], 1e-8)
-
-    def test_length_normalisation_favours_short_reviews(self):
-        m = self.m
-        ex = data.ExactTask()
+    def test_where_simpo_ends(self):
+        (m, files), ex = exact_run(simpo), data.ExactTask()
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
+        self.assertEqual((files, m["method"], m["beta"], m["gamma"], m["length_norm"]), (["metrics.json"], "simpo", 2.0, 1.0, True))
+        self.assertLess(max(m["start_gap"], m["kl_to_closed_form_gamma0"]), 1e-8)    # one end, whatever the start
         # reviews that differ only in length: mass falls with length (equal reward per token)
         for school in range(3):
             best = pi[(ex.schools == school) & ex.best()]                # 2, 4 and 6 words, in order
@@ -3427,57 +1991,315 @@ class TestExactSimPO(unittest.TestCase):
         # without 1/|y| the loss cannot tell the lengths apart: equal mass, mean length 4 words exactly
         self.assertAlmostEqual(m["mean_words_length_norm_off"], 4.0, places=6)
         self.assertLess(m["mean_words"], m["mean_words_sft"])
-
-    def test_no_reference_no_memory_of_the_sft_table(self):
-        m = self.m
-        ex = data.ExactTask()
+        self.assertAlmostEqual(m["mean_words"], ex.mean_words(pi), places=12)
         # the judge ignores schools and SimPO has no pi_ref: the SFT table's 0.6 / 0.3 / 0.1 is forgotten
-        for share in m["school_shares"]:
-            self.assertAlmostEqual(share, 1 / 3, places=6)
+        self.assertTrue(all(abs(share - 1 / 3) < 1e-6 for share in m["school_shares"]), m["school_shares"])
         # so the end is at least as far from DPO's pi* (which keeps pi_ref's shares) as the school shares are
-        marginal = data.kl(torch.tensor(m["school_shares"]), ex.school_shares(ex.dpo_optimum(simpo.DPO_EXACT_BETA)))
+        optimum = ex.dpo_optimum(simpo.DPO_EXACT_BETA)
+        marginal = data.kl(torch.tensor(m["school_shares"]), ex.school_shares(optimum))
         self.assertGreater(marginal, 0.2)
         self.assertGreaterEqual(m["kl_to_dpo_optimum"], marginal - 1e-9)
+        self.assertAlmostEqual(m["kl_to_dpo_optimum"], data.kl(pi, optimum), places=12)
 
 
-class TestExactSPPO(unittest.TestCase):
-    """python sppo.py --exact: [MW-exact], the eta/2 and K-sample fits, and [SPPO-Thm4.1] on the cyclic judge."""
+# ====================================================================================================
+# sppo.py: the hard-label loss, one self-play iteration, the average of the iterates, the runs, --exact
+# ====================================================================================================
+
+class TestSppoHardLoss(unittest.TestCase):
+    def test_the_two_squares(self):
+        g = torch.Generator().manual_seed(0)
+        pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
+        a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
+        for eta in (0.1, 2.0, 20.0):
+            # TRL's sppo_hard with beta = 1/eta, (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, is the same sum; the
+            # official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
+            want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
+            torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want), msg=f"eta {eta}")
+
+
+class TestSelfPlayIteration(unittest.TestCase):
+    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
+    K, and the regression [SPPO-6] fitted on them."""
 
     @classmethod
     def setUpClass(cls):
-        cls.bt, cls.files = run_exact(sppo, "--iterations", "6")
-        cls.cyclic, _ = run_exact(sppo, "--judge", "cyclic", "--steps", "25")   # default eta, T, K; fits cut at 25
+        cls.prompts = small_task(seed=29).train_prompts[:6]
+        torch.manual_seed(1)
+        cls.policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
+        cls.before, cls.log_rows = weights(cls.policy), []
+        cls.spy = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
+        with contextlib.ExitStack() as stack:
+            for context in (*cls.spy.values(), quietly()):
+                stack.enter_context(context)
+            cls.pi_t, cls.stats = sppo.self_play_iteration(
+                cls.policy, cls.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3, batch_size=8,
+                lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0), batch_order=torch.Generator().manual_seed(0),
+                log_rows=cls.log_rows)
+        (draw,) = cls.spy["draws"].calls
+        rows, scores = draw.a["prompts"], data.score_responses(draw.result)
+        cls.samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
+        # the win rate of sample i, from its definition [SPPO-5]: the mean over the K samples OF THE SAME PROMPT
+        # of P(y_i > y_j | x), its tie with itself (1/2) included
+        prompt_of = [tuple(r) for r in rows.tolist()]
+        cls.groups = {p: [j for j, q in enumerate(prompt_of) if q == p] for p in set(prompt_of)}
+        cls.expected = torch.tensor([sum(0.5 if j == i else sig((scores[i] - scores[j]).item() / 0.3)
+                                         for j in cls.groups[prompt_of[i]]) / 3 for i in range(len(prompt_of))])
+        cls.win_prob = [c for c in cls.spy["loss"].calls if len(c.a["win_prob"]) == 18][0].a["win_prob"]   # loss_before's
 
-    def mw_chain(self, ex, eta, iterations):
-        """Multiplicative weights [SPPO-2] by hand, from the SFT table: pi_1, ..., pi_{T+1}."""
-        chain = [ex.sft_probs]
-        for _ in range(iterations):
-            pi = chain[-1]
-            step = pi * torch.exp(eta * (ex.prefs @ pi))
-            chain.append(step / step.sum())
-        return chain
+    def test_pi_t_frozen_while_policy_moves(self):
+        self.assertIsNot(self.pi_t, self.policy)
+        self.assertTrue(not any(p.requires_grad for p in self.pi_t.parameters()) and not self.pi_t.training)
+        self.assertTrue(state_equal(self.pi_t.state_dict(), self.before))   # pi_t is the policy as it was, untouched
+        self.assertFalse(state_equal(self.policy.state_dict(), self.before))   # pi_theta moved
+        self.assertIs(self.spy["draws"].calls[0].a["model"], self.pi_t)     # the samples are pi_t's
+        self.assertEqual([(r["step"], r["iteration"]) for r in self.log_rows], [(0, 1), (1, 1), (2, 1)])
+        self.assertTrue(all(math.isfinite(r["loss"]) for r in self.log_rows))
+        self.assertEqual(self.stats["samples"], 18)
+        self.assertAlmostEqual(self.stats["win_prob_mean"], 0.5, places=5)
+        self.assertEqual(self.log_rows[0]["logratios/mean"], 0.0)   # the first step fits a policy still equal to pi_t
+        again, rows = with_weights(self.before), []                  # same seeds, same start: the same fit, bit for bit
+        with quietly():
+            sppo.self_play_iteration(again, self.prompts, iteration=1, k=3, eta=8.0, config=data.TaskConfig(tau=0.3), steps=3,
+                                     batch_size=8, lr=1e-2, device=CPU, sampler=torch.Generator().manual_seed(0),
+                                     batch_order=torch.Generator().manual_seed(0), log_rows=rows)
+        self.assertTrue(rows == self.log_rows and state_equal(again.state_dict(), self.policy.state_dict()))
+
+    def test_k_samples_per_prompt_with_win_rates_averaging_one_half(self):
+        self.assertEqual(set(self.groups), set(rows_of(self.prompts)))
+        self.assertEqual(sorted(len(g) for g in self.groups.values()), [3] * 6)
+        for group in self.groups.values():
+            self.assertAlmostEqual(self.win_prob[group].mean().item(), 0.5, places=5, msg="a prompt's K win rates: 1/2")
+        self.assertGreater(self.win_prob.std().item(), 0.05)         # and they are not all 1/2
+
+    def test_each_win_rate_is_attached_to_its_own_sample(self):
+        torch.testing.assert_close(self.win_prob, self.expected, rtol=0, atol=1e-5)
+        # and in every training batch: the row fitted, its target's win rate, its reference log-prob
+        self.assertEqual(len(self.spy["batch"].calls), 3)
+        for batch_call, loss_call in zip(self.spy["batch"].calls, self.spy["loss"].calls[:3]):
+            ids, mask = batch_call.result
+            want = [self.expected[self.samples.index(row)] for row in rows_of(ids)]
+            torch.testing.assert_close(loss_call.a["win_prob"], torch.stack(want), rtol=0, atol=1e-5)
+            torch.testing.assert_close(loss_call.a["ref_logps"], logps_of(self.pi_t, ids, mask), rtol=0, atol=1e-4)
+            self.assertEqual(loss_call.a["eta"], 8.0)
+
+    def test_fit_lowers_the_regression_loss(self):
+        task = small_task(seed=0)
+        torch.manual_seed(0)
+        with quietly():
+            _, stats = sppo.self_play_iteration(
+                model.GPT(SMALL), task.train_prompts[:8], iteration=1, k=2, eta=10.0, config=task.config, steps=30,
+                batch_size=16, lr=3e-3, device=CPU, sampler=torch.Generator().manual_seed(0),
+                batch_order=torch.Generator().manual_seed(0), log_rows=[])
+        # loss_before is (eta (P - 1/2))^2 averaged: the loss at pi_theta = pi_t
+        self.assertTrue(stats["loss_before"] > 0.5 and stats["loss_after"] < 0.5 * stats["loss_before"], stats)
+
+
+class TestSampleMixture(unittest.TestCase):
+    def test_samples_each_iterate_equally_often(self):
+        reviews, n = ["plot", "cast", "music"], 3000   # model i always writes review i: each sample says who drew it
+        samples, pick = sppo.sample_mixture([writer_of(r) for r in reviews], small_task().eval_prompts(n),
+                                            torch.Generator().manual_seed(0))
+        for i, text in enumerate(reviews):
+            self.assertAlmostEqual((pick == i).double().mean().item(), 1 / 3, delta=4 * math.sqrt(2 / 9 / n))
+            self.assertTrue(all(data.decode(s) == text for s in samples[pick == i]))
+
+
+class TestGameStats(unittest.TestCase):
+    def test_the_average_of_the_iterates_on_held_out_prompts(self):
+        """Three iterates that write one school each: their average plays every school a third of the time
+        (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
+        task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
+        with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
+            stats = sppo.game_stats(iterates, {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}, task, CPU, 3000, 7)
+        (call,) = spy.calls
+        self.assertTrue(call.before == 20_000 + 7 and call.a["models"] is iterates)
+        self.assertTrue(torch.equal(call.a["prompts"], task.eval_prompts(3000)))
+        shares = data.school_shares(call.result[0])
+        self.assertEqual(stats["school_shares_average"], shares.tolist())
+        self.assertTrue(all(abs(s - 1 / 3) < 0.04 for s in shares[:3]), shares)
+        self.assertAlmostEqual(stats["exploitability_average"], data.school_exploitability(shares), places=12)
+        self.assertLess(stats["exploitability_average"], 0.05)
+        self.assertEqual((stats["school_shares"], stats["exploitability"]), ([0.0, 0.0, 1.0, 0.0], 0.4))
+
+
+class TestSppoScript(ScriptChecks, unittest.TestCase):
+    """sppo.py, self-play under --judge cyclic: two iterations of 2 steps (K = 2, eta 10, tau 0.5: not the
+    defaults, so a default or a swap shows)."""
+    run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
+
+    def test_training_sees_training_pairs_only(self):
+        self.assertEqual(self.r.spy["hard_fit"].calls, [])          # self-play: prompts, no pairs (held-out ones only)
+        self.assertTrue(all(c.a["pairs"] is self.r.task.heldout_pairs for c in self.r.spy["pair_batch"].calls))
+
+    def test_self_play_runs_on_the_training_prompts(self):
+        """Each iteration samples K responses from pi_t for every task.train_prompts row (never a held-out one),
+        with --k, --eta and the task's judge, and fits the policy in place; pi_1 is the SFT model."""
+        calls, run = self.r.spy["self_play_iteration"].calls, self.r
+        self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
+        play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
+        for c in calls:
+            self.assertTrue(c.a["policy"] is run.policy and c.a["config"] is run.task.config)
+            self.assertTrue(torch.equal(c.a["prompts"], run.task.train_prompts), "self-play must use task.train_prompts")
+            self.assertEqual((c.a["k"], c.a["eta"], c.a["steps"], c.a["batch_size"], c.a["lr"], c.a["sampler"].initial_seed(),
+                              c.a["batch_order"].initial_seed()), (2, 10.0, 2, 8, 1e-3, SEED, SEED))
+            rows = torch.cat([p.a["prompts"] for p in play if p.a["model"] is c.result[0]])   # pi_t's samples, K per prompt
+            self.assertTrue(torch.equal(rows, run.task.train_prompts.repeat_interleave(2, dim=0)))
+        self.assertEqual((run.task.config.tau, run.task.config.judge), (0.5, "cyclic"))
+        pi_1, pi_2 = (c.result[0] for c in calls)
+        self.assertTrue(state_equal(pi_1.state_dict(), self.sft.state_dict()))
+        self.assertFalse(state_equal(pi_2.state_dict(), self.sft.state_dict()))
+        self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
+        m = run.metrics
+        self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
+
+    def test_each_iteration_is_compared_with_the_one_before(self):
+        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
+        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed)."""
+        pi_2, m = self.r.spy["self_play_iteration"].calls[1].result[0], self.r.metrics
+        (prev,) = self.r.spy["heldout_reviews"].by("main")
+        self.assertEqual((prev.a["model"], prev.a["n_samples"], prev.a["seed"]), (pi_2, 16, SEED + 1))
+        ours = data.heldout_reviews(self.r.trained, self.r.task, CPU, 16, SEED)[1]
+        theirs = data.heldout_reviews(pi_2, self.r.task, CPU, 16, SEED + 1)[1]
+        self.assertAlmostEqual(m["win_rate_vs_prev_per_iteration"][1], data.win_rate(ours, theirs, self.r.task.config), places=6)
+        self.assertEqual(m["win_rate_vs_prev_per_iteration"][0], m["win_rate_vs_sft_per_iteration"][0])   # pi_1 = SFT
+        self.assertEqual(m["win_rate_vs_sft_per_iteration"][-1], m["win_rate_vs_sft"])
+
+    def test_the_average_of_the_iterates(self):
+        """Each iteration's game: the average of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed
+        20_000 + seed), its school shares and exploitability; the last iterate's are the evaluation's."""
+        calls, m, run = self.r.spy["game_stats"].calls, self.r.metrics, self.r
+        pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
+        evaluations = run.spy["evaluate"].calls
+        self.assertEqual(len(calls), 2)
+        for t, call in enumerate(calls):
+            iterates = call.before                           # the list as it was handed over: pi_1 .. pi_{t+1}
+            self.assertEqual(len(iterates), t + 2)
+            for got, want in zip(iterates, [self.sft] + pis[:t + 1]):
+                self.assertTrue(state_equal(got.state_dict(), want.state_dict()))
+            self.assertTrue(call.a["result"] is evaluations[t].result and (call.a["n_samples"], call.a["seed"]) == (16, SEED))
+            shares = data.school_shares(sppo.sample_mixture(iterates, run.task.eval_prompts(16),
+                                                            torch.Generator().manual_seed(20_000 + SEED))[0])
+            self.assertEqual(m["school_shares_average_per_iteration"][t], shares.tolist())
+            self.assertAlmostEqual(m["exploitability_average"][t], data.school_exploitability(shares), places=12)
+            self.assertEqual(m["school_shares_per_iteration"][t], evaluations[t].result["school_shares"])
+            self.assertEqual(m["exploitability_last"][t], evaluations[t].result["exploitability"])
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        log_ratio_rewards_check(self, self.r, 1 / 10.0)          # the implicit reward (1/eta) log pi_theta/pi_sft
+
+    def sft_column(self):
+        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}    # (1/eta) log pi_1/pi_1 = 0: all ties
+
+
+class TestHardFit(ScriptChecks, unittest.TestCase):
+    """sppo.py --variant hard (sppo.hard_fit): [SPPO-9] on the offline pairs, pi_ref = the SFT model."""
+    run_name, title, training_forwards, trains_on = "sppo_hard", "SPPO", 2, "hard_fit"
+
+    def test_every_step_is_its_batch_against_the_sft_model(self):
+        """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
+        places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
+        (fit,) = self.r.spy["hard_fit"].calls
+        self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy and fit.a["ref"] is not self.r.policy)
+        self.assertTrue(state_equal(fit.a["ref"].state_dict(), self.sft.state_dict()))
+        self.assertEqual((fit.a["eta"], fit.a["steps"], self.r.metrics["variant"], self.r.metrics["iterations"],
+                          self.r.metrics["k"]), (10.0, 2, "hard", 1, None))
+        batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
+        self.assertEqual((len(batches), len(losses)), (2, 2))
+        for step, (bc, lc) in enumerate(zip(batches, losses)):
+            want = pair_logps_of(with_weights(bc.before), self.sft, bc.result)
+            for name, value in want.items():
+                torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
+            self.assertEqual(lc.a["eta"], 10.0)
+            self.assertAlmostEqual(self.r.log[step]["loss"], ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item(), places=3)
+        first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2 = eta^2/2
+        self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
+        self.assertAlmostEqual(first["loss"], 10.0 ** 2 / 2, places=3)
+
+    def test_heldout_rewards_match_a_recomputation(self):
+        log_ratio_rewards_check(self, self.r, 1 / 10.0)
+
+    def sft_column(self):
+        return {"reward_accuracy": 0.0, "ranking_agreement": 0.0}
+
+
+def mw_chain(ex, eta, iterations):
+    """Multiplicative weights [SPPO-2] by hand, from the SFT table: pi_1, ..., pi_{T+1}."""
+    chain = [ex.sft_probs]
+    for _ in range(iterations):
+        step = chain[-1] * torch.exp(eta * (ex.prefs @ chain[-1]))
+        chain.append(step / step.sum())
+    return chain
+
+
+class TestSppoExact(unittest.TestCase):
+    """python sppo.py --exact: [MW-exact], the eta/2 and K-sample fits, the game numbers per iteration, and
+    [SPPO-Thm4.1] on the cyclic judge (that run, at the defaults, is the script's run as a process)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bt, cls.files = exact_run(sppo, "--iterations", "6")
+        cls.cyclic = script_process("sppo_exact").metrics()
+        cls.runs = ((cls.bt, data.ExactTask()), (cls.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))))
 
     def test_exact_log_z_fit_is_the_mw_step(self):
-        for m, judge in ((self.bt, "bt"), (self.cyclic, "cyclic")):
-            with self.subTest(judge=judge):
-                self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
-                chain = self.mw_chain(data.ExactTask(data.TaskConfig(judge=judge)), m["eta"], m["iterations"])
-                self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
-                self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
-        self.assertEqual(self.files, ["metrics.json"])
-        self.assertEqual((self.cyclic["eta"], self.cyclic["iterations"], self.cyclic["k"]), (1.0, 40, 4))
+        """Each iteration's fit with the exact log Z closes the multiplicative-weights step: at most 1/1000 of what
+        not moving scores (or below 1e-13), and the chain it continues is the MW chain."""
+        c = self.cyclic
+        self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
+        for m, ex in self.runs:
+            chain = mw_chain(ex, m["eta"], m["iterations"])
+            self.assertLess(m["mw_kl_exact_logz"], 1e-6)            # goal: 1e-4
+            self.assertLess(data.kl(torch.tensor(m["policy_probs"]), chain[-1]), 1e-6)
+            self.assertLess(data.kl(torch.tensor(m["average_probs"]), torch.stack(chain).mean(0)), 1e-6)
+            for t, (fit, no_step) in enumerate(zip(m["mw_kl_exact_logz_per_iteration"], m["mw_kl_no_step"])):
+                self.assertAlmostEqual(no_step, data.kl(chain[t], chain[t + 1]), delta=1e-9 * max(no_step, 1e-12))
+                self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
+            self.assertEqual(m["mw_kl_exact_logz"], max(m["mw_kl_exact_logz_per_iteration"]))
+            self.assertAlmostEqual(m["mw_kl_ratio"], max([f / n for f, n in zip(m["mw_kl_exact_logz_per_iteration"],
+                                                                                 m["mw_kl_no_step"]) if f >= 1e-13], default=0.0), places=12)
+            self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
+
+    def test_the_game_numbers_of_every_iteration(self):
+        """The last iterate pi_{t+1} and the average (1/(t+1)) sum_{s <= t+1} pi_s, the SFT table included, against
+        the MW chain by hand: exploitability, school shares and the mass on the best reviews."""
+        for m, ex in self.runs:
+            chain, best = mw_chain(ex, m["eta"], m["iterations"]), ex.best()
+            self.assertAlmostEqual(m["exploitability_sft"], ex.exploitability(ex.sft_probs), places=12)
+            self.assertAlmostEqual(m["best_mass_sft"], ex.sft_probs[best].sum().item(), places=12)
+            for t in range(m["iterations"]):
+                last, average = chain[t + 1], torch.stack(chain[:t + 2]).mean(0)
+                got = [m["exploitability_last"][t], m["exploitability_average"][t], m["best_mass"][t],
+                       *m["school_shares"][t], *m["school_shares_average"][t]]
+                want = [ex.exploitability(last), ex.exploitability(average), last[best].sum().item(),
+                        *ex.school_shares(last).tolist(), *ex.school_shares(average).tolist()]
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0, msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        for m in (self.bt, self.cyclic):
-            self.assertEqual(len(m["mw_kl_half"]), m["iterations"])
-            self.assertEqual(len(m["mw_kl_k"]), m["iterations"])
+        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per prompt
+        drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        for m, _ in self.runs:
+            self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
             self.assertTrue(all(k > 1e-6 for k in m["mw_kl_k"][:5]))
+        (m, ex), mw = self.runs[0], mw_chain(self.runs[0][1], self.bt["eta"], 1)[1]
+        pi_1, eta, k = ex.table(), m["eta"], m["k"]
+        half = sppo.fit_exact(ex, pi_1, torch.arange(ex.n), ex.prefs @ ex.sft_probs, ex.sft_probs, eta, 50)
+        self.assertAlmostEqual(m["mw_kl_half"][0], data.kl(half, mw), delta=1e-6 * m["mw_kl_half"][0])
+        prompts = ex.prompts.expand(sppo.EXACT_SAMPLE_PROMPTS * k, -1)
+        draws = model.sample(pi_1, prompts, data.MAX_RESPONSE, data.EOS_ID, data.BANNED_IN_RESPONSE,
+                             generator=torch.Generator().manual_seed(m["seed"]), batch_size=prompts.shape[0], use_cache=False)
+        index = ex.index_of(draws).view(-1, k)                           # prompt i's K samples: rows i*K .. i*K+K-1
+        prefs = ex.prefs[index[:, :, None], index[:, None, :]]
+        win_k = (prefs.sum(-1) - prefs.diagonal(dim1=1, dim2=2) + 0.5) / k
+        fit_k = sppo.fit_exact(ex, pi_1, index.view(-1), win_k.view(-1),
+                               torch.full((index.numel(),), 1.0 / index.numel(), dtype=torch.float64), eta, 50)
+        self.assertAlmostEqual(m["mw_kl_k"][0], data.kl(fit_k, mw), delta=1e-6 * m["mw_kl_k"][0])
 
     def test_bradley_terry_iterates_move_to_the_best(self):
-        best = self.bt["best_mass"]
+        best, last = self.bt["best_mass"], self.bt["exploitability_last"]
         self.assertTrue(all(b > a for a, b in zip([self.bt["best_mass_sft"]] + best, best)), best)
-        last = self.bt["exploitability_last"]
         self.assertTrue(all(b < a for a, b in zip(last, last[1:])), last)
 
     def test_cyclic_last_iterate_circles_and_the_average_converges(self):
@@ -3488,135 +2310,715 @@ class TestExactSPPO(unittest.TestCase):
         self.assertGreater(min(last[20:]), 0.1)                          # the last iterate never settles
         self.assertGreater(last[-1], m["exploitability_sft"])            # it spirals outward
         leaders = [max(range(3), key=lambda i: s[i]) for s in m["school_shares"]]
-        changes = sum(a != b for a, b in zip(leaders, leaders[1:]))
-        self.assertGreaterEqual(changes, 3)                              # the leading school goes round
+        self.assertGreaterEqual(sum(a != b for a, b in zip(leaders, leaders[1:])), 3)   # the leading school goes round
         self.assertGreater(min(last[20:]) - average[-1], 0.05)
 
 
 # ====================================================================================================
-# --judge cyclic on the GPT task: schooled demonstrations and pairs, the game's evaluation, the average
+# The run contract: students can skip (model.py's appendix: flags, devices, faults, the output folder,
+# checkpoints, the SFT cache, memory; the README; each script as a process)
 # ====================================================================================================
 
-class TestCyclicTask(unittest.TestCase):
+class TestFlags(unittest.TestCase):
+    def test_number_parsers_defaults_and_help(self):
+        for parse, bad, good in [(model.positive_float, ["0", "-1", "abc", "nan", "inf", ""], [("0.5", 0.5)]),
+                                 (model.positive_int, ["0", "-3", "1.5", "x"], [("7", 7)]),
+                                 (model.bounded_int(0, 10), ["-1", "2.0", "11"], [("0", 0), ("10", 10)]),
+                                 (model.nonneg_float, ["-0.1", "nan"], [("0", 0.0)])]:
+            for text in bad:
+                self.assertRaises(argparse.ArgumentTypeError, parse, text)
+            self.assertEqual([parse(text) for text, _ in good], [value for _, value in good])
+        self.assertRaisesRegex(argparse.ArgumentTypeError, r"^expected a whole number from 0 to 10, got '11'$", model.bounded_int(0, 10), "11")
+        for module in (dpo, simpo, sppo):
+            args = module.parser.parse_args([])
+            self.assertEqual((args.out, args.sft_dir, args.device, args.seed), (f"out/{module.__name__}", "out/sft", "auto", 0))
+            for action in module.parser._actions:      # every flag says what it does, and the optimiser's their default
+                self.assertTrue(action.help and ("default" in action.help or action.dest not in ("steps", "batch_size", "lr")),
+                                (module.__name__, action.dest))
+        self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
+
+    def test_bad_flags_exit_2_before_any_folder_is_made(self):
+        """SystemExit(2), the last line naming what was wrong, nothing else escaping (an exception here would be a
+        traceback there), and no folder made: every value is checked before any work."""
+        d = scratch("flags")
+        safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
+                "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
+        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--batch-size", "0"], "--batch-size"),
+                 (dpo, ["--steps", "-1"], "--steps"), (dpo, ["--lr", "abc"], "--lr"), (simpo, ["--gamma", "-1"], "--gamma"),
+                 (simpo, ["--beta", "0"], "--beta"), (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
+                 (dpo, ["--tau", "0"], "--tau"), (dpo, ["--tau", "nan"], "--tau"), (dpo, ["--tau", "inf"], "--tau"),
+                 (simpo, ["--pair-style", "2"], "--pair-style"), (simpo, ["--length-bias", "inf"], "--length-bias"),
+                 (dpo, ["--eval-samples", "0"], "--eval-samples"), (dpo, ["--sft-steps", "0"], "--sft-steps"),
+                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"), (simpo, ["--device", "tpu"], "--device"),
+                 (simpo, ["--batch-size", "1000000000"], "4096"), (dpo, ["--eval-samples", "1000000000"], "65536"),
+                 (sppo, ["--k", "1000000000"], "64"), (simpo, ["--seed", str(2**64)], str(2**32 - 1)),
+                 (dpo, ["--seed", str(2**64 - 1)], "--seed"), (simpo, ["--seed", str(2**32)], "--seed"),
+                 (simpo, ["--n-layer", "1000"], "--n-layer"), (simpo, ["--n-embd", "100000"], "--n-embd"),
+                 (simpo, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be a multiple of --n-head (4)"),
+                 (sppo, ["--eta", "0"], "--eta"), (sppo, ["--k", "1"], "--k must be at least 2"),
+                 (sppo, ["--iterations", "abc"], "--iterations"), (dpo, ["--judge", "linear"], "--judge")]
+        if not torch.cuda.is_available():
+            cases.append((simpo, ["--device", "cuda"], "--device cuda, but this torch sees no CUDA device"))
+        for module, args, expect in cases:
+            code, _, err = run_main(module, safe + args)
+            self.assertEqual(code, 2, err)
+            self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+        self.assertEqual(os.listdir(d), [])
+
+    def test_sppo_exact_checks_k_before_any_folder(self):
+        d = scratch("flags")
+        self.assertEqual((run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], os.listdir(d)), (2, []))
+
+    def test_model_size_flags_reach_the_checkpoint_and_key_the_cache(self):
+        run = gpt_run("simpo_small")        # --n-layer 1 --n-head 4 --n-embd 32, its own SFT folder
+        ckpt = torch.load(os.path.join(run.dir, "model.pt"), weights_only=True)
+        self.assertEqual([ckpt["config"][k] for k in ("n_layer", "n_head", "n_embd")], [1, 4, 32])
+        self.assertEqual((run.trained.config.n_head, len(run.trained.blocks)), (4, 1))
+        self.assertEqual(model.model_config(simpo.parser.parse_args([])), model.GPTConfig())   # the default size
+        self.assertNotEqual(os.path.basename(glob_one(run.sft_dir)), os.path.basename(glob_one(sft()[0])))   # --n-head 2
+
+
+class TestPickDevice(unittest.TestCase):
+    def test_cuda_is_made_deterministic_and_the_gpu_model_keys_the_cache(self):
+        calls, task, d = [], small_task(), scratch("cuda")
+
+        def cache_path(device, name="-"):
+            with mock.patch.object(torch.cuda, "get_device_name", return_value=name), quietly():
+                with model.sft_cache(task, torch.device(device), d, 0, 5, model.GPTConfig()) as cache:
+                    return cache.path
+
+        record = lambda name: lambda *a, **k: calls.append((name, a, k))
+        with mock.patch.object(torch.cuda, "is_available", return_value=True), \
+                mock.patch.object(torch.cuda, "get_device_name", return_value="Fake GPU 80GB"), \
+                mock.patch.object(torch, "use_deterministic_algorithms", record("det")), \
+                mock.patch.multiple(torch.backends.cuda, enable_flash_sdp=record("flash"),
+                                    enable_mem_efficient_sdp=record("mem"), enable_cudnn_sdp=record("cudnn")), \
+                mock.patch.dict(os.environ, {}, clear=False), quietly() as (out, err):
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+            self.assertEqual(model.pick_device("cuda"), torch.device("cuda"))
+            self.assertEqual(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), ":4096:8")
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", "device: cuda (Fake GPU 80GB)\n"))   # stdout is the run's
+        self.assertEqual(sorted(calls), [("cudnn", (False,), {}), ("det", (True,), {"warn_only": True}),
+                                         ("flash", (False,), {}), ("mem", (False,), {})])
+        self.assertEqual(len({cache_path("cuda", "Fake GPU 80GB"), cache_path("cuda", "Other GPU"), cache_path("cpu")}), 3)
+
+
+class TestRun(unittest.TestCase):
+    """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
+
+    def run_into_a_previous_run(self, module, *flags, sft_dir=None, patch=None):
+        """(exit code, stderr, out, what the previous run held) of a run into a folder that holds a previous run."""
+        out = os.path.join(scratch("fault"), "out")
+        previous = write_previous_run(out)
+        with patch or contextlib.nullcontext():
+            code, _, err = run_main(module, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir or sft()[0]])
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len([line for line in err.splitlines() if line.startswith(("error", "interrupted"))]), 1, err)
+        self.assertEqual((folder_bytes(out), siblings(out)), (previous, []))     # untouched
+        return code, err.strip().splitlines()[-1], out
+
+    def test_ctrl_c_during_training_or_evaluation(self):
+        real, calls = data.pair_batch, []
+        interrupt = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else (_ for _ in ()).throw(KeyboardInterrupt))
+        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "pair_batch", interrupt))
+        self.assertEqual((code, last), (130, f"interrupted at step 1 of 3 (training); previous results in {out} untouched"))
+        code, last, out = self.run_into_a_previous_run(dpo, patch=mock.patch.object(data, "evaluate", side_effect=KeyboardInterrupt))
+        self.assertEqual((code, last), (130, f"interrupted during evaluation; previous results in {out} untouched"))
+
+    def test_divergence_stops_with_one_line(self):
+        """A real divergence: --lr 10 (on a model wide enough to blow up within a few steps, n_embd 64)."""
+        code, last, out = self.run_into_a_previous_run(dpo, "--lr", "10", "--steps", "200", "--n-embd", "64",
+                                                       sft_dir=scratch("sft-64"))
+        self.assertEqual(code, 1)
+        self.assertRegex(last, r"^error: the loss is (nan|inf|-inf) at step \d+ of 200 \(training\): the run diverged; lower "
+                               r"the learning rate \(--lr is 10; try 1\); nothing was saved, previous results in "
+                               + re.escape(out) + " untouched$")
+
+    def test_out_of_memory_is_one_line(self):
+        oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
+        code, last, _ = self.run_into_a_previous_run(dpo, patch=mock.patch.object(dpo, "pair_logps", side_effect=oom))
+        self.assertTrue(code == 1 and "out of memory" in last and "--batch-size" in last, last)
+        with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
+                self.assertRaisesRegex(RuntimeError, "a bug"):          # any other error stays a traceback
+            run_main(dpo, TINY + ["--out", os.path.join(scratch("fault"), "out"), "--sft-dir", sft()[0]])
+
+    def test_non_finite_loss_or_weights(self):
+        m = sharp_gpt()
+        model.check_weights(m)
+        model.check_loss(torch.tensor(1e30), 4, 10)                # large is not diverged
+        with torch.no_grad():
+            m.lm_head.weight[0, 0] = float("inf")
+        self.assertRaises(FloatingPointError, model.check_weights, m)
+        self.assertRaises(FloatingPointError, model.check_loss, torch.tensor(float("nan")), 4, 10)
+        model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
+        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # the SFT model diverging names the model
+            model.run(lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training"))
+        self.assertEqual((cm.exception.code, err.getvalue()), (1, "error: the loss is nan at step 3 of 5 (SFT training): the "
+                         "run diverged; try a smaller model (--n-layer, --n-embd) or another --seed; nothing was saved, "
+                         "previous results in out/x untouched\n"))
+
+    def test_ctrl_c_after_the_save_says_the_run_was_saved(self):
+        out = os.path.join(scratch("fault"), "out")
+        model.progress.__dict__.update(out=out, phase="setup", step=2, total=3)
+        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:   # Ctrl-C while the charts print
+            model.run(lambda: model.save_files(out, {"metrics.json": b"new"}) or (_ for _ in ()).throw(KeyboardInterrupt))
+        line = err.getvalue().strip()
+        self.assertTrue(cm.exception.code == 130 and line.startswith("interrupted ") and "at step" not in line
+                        and line.endswith(f"; the run was saved in {out}"), line)
+        self.assertEqual(folder_bytes(out), {"metrics.json": b"new"})
+
+    def test_a_reader_that_leaves_early(self):
+        """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
+        stdout now leads to /dev/null, so Python's last flush at exit has nowhere to fail."""
+        sink = tempfile.TemporaryFile(dir=SCRATCH)
+        closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
+                           spec=["write", "fileno", "flush"])
+        with quietly() as (_, err), contextlib.redirect_stdout(closed):
+            model.run(lambda: print("a chart"))                    # returns: no SystemExit, no traceback
+        self.assertEqual(err.getvalue(), "")
+        self.assertTrue(os.path.samestat(os.fstat(sink.fileno()), os.stat(os.devnull)))
+        sink.close()
+
+
+class TestOutputFolder(unittest.TestCase):
+    """model.prepare_out_dir and model.save_files: --out is the run's own folder, replaced whole or not at all."""
+    NEW = {"metrics.json": b"new metrics", "log.jsonl": b"new log", "model.pt": b"new weights"}
+
+    class Killed(BaseException):
+        pass
+
+    def setUp(self):
+        self.handler, self.out = signal.getsignal(signal.SIGINT), os.path.join(scratch("out"), "run")
+        self.previous = write_previous_run(self.out)
+
+    def tearDown(self):   # a save killed between its renames leaves SIGINT ignored: a dead process would not care
+        signal.signal(signal.SIGINT, self.handler)
+
+    def mended(self, note=""):
+        """The next run's prepare_out_dir: what it says, and the folder left whole with nothing beside it."""
+        with quietly() as (_, err):
+            model.prepare_out_dir(self.out)
+        self.assertEqual((err.getvalue(), siblings(self.out)), (note, []))
+        return folder_bytes(self.out)
+
+    def test_save_replaces_the_set(self):
+        model.save_files(self.out, self.NEW)
+        self.assertEqual((folder_bytes(self.out), siblings(self.out), model.progress.phase), (self.NEW, [], "saved"))
+        model.save_files(self.out, {"metrics.json": b"m2"})     # a run with no model.pt (--exact) removes the rest too
+        self.assertEqual(folder_bytes(self.out), {"metrics.json": b"m2"})
+
+    def test_a_folder_holding_anything_else_is_refused_before_any_work(self):
+        d = scratch("stranger")
+        out = os.path.join(d, "notes")
+        os.makedirs(out)
+        with open(os.path.join(out, "thesis.tex"), "w") as f:
+            f.write("mine")
+        code, _, err = run_main(dpo, TINY + ["--out", out, "--sft-dir", os.path.join(d, "sft")])
+        self.assertIn(f"--out {out!r} holds more than a run's metrics.json, log.jsonl and model.pt", err)
+        self.assertEqual((code, os.listdir(d), folder_bytes(out)), (2, ["notes"], {"thesis.tex": b"mine"}))
+        open(os.path.join(self.out, ".DS_Store"), "w").close()   # what Finder leaves is no stranger's file
+        self.mended()
+
+    def test_cannot_write_is_one_line_exit_2(self):
+        d = scratch("blocked")
+        blocker = os.path.join(d, "a-file")
+        open(blocker, "w").close()
+        for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
+            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
+                call()
+            self.assertTrue(cm.exception.code == 2 and err.getvalue().startswith("error:"), err.getvalue())
+        code, _, err = run_main(dpo, TINY + ["--out", os.path.join(blocker, "sub"), "--sft-dir", os.path.join(d, "sft")])
+        self.assertIn(f"cannot write to output folder {os.path.join(blocker, 'sub')!r}", err.strip().splitlines()[-1])
+        self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
+
+    def test_killed_while_writing_leaves_the_previous_run(self):
+        real = model.write
+        killer = lambda p, c: (_ for _ in ()).throw(self.Killed()) if p.endswith("log.jsonl") else real(p, c)
+        with mock.patch.object(model, "write", killer), mock.patch("shutil.rmtree"), self.assertRaises(self.Killed):
+            model.save_files(self.out, self.NEW)                   # (a killed process cleans nothing up)
+        self.assertEqual(siblings(self.out), ["run.incoming"])
+        self.assertEqual(self.mended(), self.previous)
+
+    def test_killed_between_the_two_renames_is_mended_by_the_next_run(self):
+        real, renames = os.rename, []
+        rename = lambda src, dst: (_ for _ in ()).throw(self.Killed()) if renames else renames.append(1) or real(src, dst)
+        with mock.patch.object(os, "rename", rename), self.assertRaises(self.Killed):
+            model.save_files(self.out, self.NEW)                   # dies after the first rename
+        self.assertEqual((os.path.exists(self.out), siblings(self.out)), (False, ["run.incoming", "run.previous"]))
+        self.assertEqual(self.mended(f"note: a save into {self.out} was cut short; the previous run is back in place\n"),
+                         self.previous)
+
+    def test_killed_after_the_swap_keeps_the_new_run(self):
+        with mock.patch("shutil.rmtree", side_effect=self.Killed()), self.assertRaises(self.Killed):
+            model.save_files(self.out, self.NEW)                   # dies removing the previous run
+        self.assertEqual(siblings(self.out), ["run.previous"])
+        self.assertEqual(self.mended(), self.NEW)
+
+    def test_full_disk_while_writing_leaves_the_previous_files(self):
+        real, out = model.write, self.out
+
+        def write(path, content):        # metrics.json and log.jsonl are written by now
+            if path.endswith("model.pt"):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return real(path, content)
+
+        model.progress.out = out
+        with mock.patch.object(model, "write", write), quietly() as (_, err), self.assertRaises(SystemExit) as cm:
+            model.run(lambda: model.save_run(out, sharp_gpt(), argparse.Namespace(seed=1), {"method": "x"}, [{"step": 0}]))
+        self.assertEqual((cm.exception.code, err.getvalue()), (1, f"error: No space left on device writing {out}/model.pt; "
+                                                                  f"nothing was saved, previous results in {out} untouched\n"))
+        self.assertEqual((folder_bytes(out), siblings(out)), (self.previous, []))
+
+    def test_ctrl_c_during_the_renames_waits_for_them(self):
+        """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
+        as before once it is."""
+        real, caught = os.rename, []
+        handler = lambda *a: caught.append(a)                      # what would have raised KeyboardInterrupt
+        signal.signal(signal.SIGINT, handler)
+        with mock.patch.object(os, "rename", lambda src, dst: os.kill(os.getpid(), signal.SIGINT) or real(src, dst)):
+            model.save_files(self.out, self.NEW)                   # Ctrl-C arrives in the middle of the swap
+        self.assertEqual((caught, signal.getsignal(signal.SIGINT)), ([], handler))
+        self.assertEqual((folder_bytes(self.out), siblings(self.out)), (self.NEW, []))
+
+
+class TestCheckpoint(unittest.TestCase):
+    """model.save_run, model.load and model.load_checkpoint."""
+
+    def test_round_trip_same_logits_plain_types(self):
+        m, d = sharp_gpt(14), os.path.join(scratch("ckpt"), "run")
+        model.save_run(d, m, argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2]),
+                       {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
+        self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
+        ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
+        self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
+        self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None, "odd": "[1, 2]"})
+        loaded, loaded_args = model.load_checkpoint(os.path.join(d, "model.pt"))
+        self.assertEqual((loaded_args["beta"], loaded.training), (0.1, False))
+        self.assertEqual((read_json(os.path.join(d, "metrics.json")), read_json(os.path.join(d, "log.jsonl"), lines=True)),
+                         ({"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}]))
+        ids = small_task(seed=14).sft_ids[:4]
+        with torch.no_grad():
+            self.assertTrue(torch.equal(m(ids), loaded(ids)))
+
+    def test_a_file_that_is_no_checkpoint_is_one_line_exit_2(self):
+        d = scratch("ckpt")                       # (model.load's reasons in words: TestSftCache)
+        with open(os.path.join(d, "x.pt"), "wb") as f:
+            f.write(b"garbage" * 20)
+        for path, words in ((os.path.join(d, "x.pt"), "not a PyTorch file"), (os.path.join(d, "no.pt"), "no such file")):
+            with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
+                model.load_checkpoint(path)
+            lines = err.getvalue().strip().splitlines()
+            self.assertEqual((cm.exception.code, len(lines)), (2, 1))
+            self.assertTrue(lines[0].startswith(f"error: cannot load checkpoint {path!r}: ") and words in lines[0], lines)
+
+
+class TestSftCache(unittest.TestCase):
+    """model.sft_cache (through model.sft_model): a classroom on one --sft-dir trains each SFT model once."""
+
+    def sft_model(self, task, d, steps=3, **patches):
+        with quietly() as (_, err), contextlib.ExitStack() as stack:
+            for name, value in patches.items():
+                stack.enter_context(mock.patch.object(model, name, value))
+            m, info = model.sft_model(task, CPU, d, 0, steps, SMALL, quiet=True)
+        return m, info, err.getvalue()
+
+    def test_reused_rebuilt_and_keyed(self):
+        task, d = small_task(seed=13), scratch("cache")
+        m1, info1, err = self.sft_model(task, d)
+        self.assertEqual((info1["cached"], err), (False, f"note: no SFT cache at {info1['path']}; training the SFT model "
+                                                         f"(3 steps, once)\n"))
+        # reused: loaded, not retrained (an optimiser would mean training), same weights
+        m2, info2, _ = self.sft_model(task, d, Adam=mock.Mock(side_effect=AssertionError("retrained")))
+        self.assertEqual((info2["cached"], info2["path"], info2["ce_after"]), (True, info1["path"], info1["ce_after"]))
+        self.assertTrue(state_equal(m1.state_dict(), m2.state_dict()))
+        # a cache whose stored key disagrees with this run's settings is rebuilt, the same weights again
+        ckpt = torch.load(info1["path"], weights_only=True)
+        ckpt["key"]["steps"] = 999
+        torch.save(ckpt, info1["path"])
+        m3, info3, err = self.sft_model(task, d)
+        self.assertEqual((info3["cached"], err), (False, f"note: SFT cache {info1['path']} is not an SFT cache of these "
+                                                         f"settings (of this project); rebuilding it\n"))
+        self.assertTrue(state_equal(m1.state_dict(), m3.state_dict()))
+        self.assertEqual(torch.load(info1["path"], weights_only=True)["key"]["steps"], 3)
+        # a different setting (steps, task, seed) is a different cache file; no .tmp left, the lock files stay
+        info4 = self.sft_model(task, d, steps=2)[1]
+        names = [os.path.basename(info["path"]) for info in (info1, info4)]
+        self.assertEqual(sorted(os.listdir(d)), sorted(names + [n + ".lock" for n in names]))
+
+    def test_corrupt_cache_notes_say_what_is_wrong(self):
+        task, d = small_task(seed=24), scratch("cache")
+        _, info, _ = self.sft_model(task, d)
+        with open(info["path"], "rb") as f:
+            good = f.read()
+        foreign, plain = io.BytesIO(), io.BytesIO()
+        torch.save(nn.Linear(2, 2), foreign)
+        torch.save({"weights": torch.zeros(2)}, plain)
+        for content, words in [(b"", "empty"), (good[:len(good) // 2], "truncated"),
+                               (b"this is not a checkpoint\x00\xff" * 10, "not a PyTorch file (unreadable or corrupt)"),
+                               (foreign.getvalue(), "not a file of this project"),
+                               (plain.getvalue(), "not an SFT cache of these settings (of this project)")]:
+            with open(info["path"], "wb") as f:
+                f.write(content)
+            _, again, err = self.sft_model(task, d)
+            self.assertFalse(again["cached"])
+            self.assertTrue(err.startswith(f"note: SFT cache {info['path']} is ") and err.endswith("; rebuilding it\n"), err)
+            self.assertTrue(words in err and len(err.splitlines()) == 1 and "weights_only" not in err, err)
+        self.assertTrue(self.sft_model(task, d)[1]["cached"])
+
+    def test_a_folder_at_the_cache_path_is_a_clear_error(self):
+        task, d = small_task(seed=23), scratch("cache")
+        with quietly(), model.sft_cache(task, CPU, d, 0, 3, SMALL) as cache:
+            os.makedirs(cache.path)
+        with quietly() as (_, err), self.assertRaises(SystemExit) as cm:
+            self.sft_model(task, d)
+        self.assertEqual(cm.exception.code, 2)
+
+    def test_read_only_folder_is_read_and_a_failed_write_keeps_the_model(self):
+        task, d = small_task(seed=22), scratch("cache")
+        denied = OSError(errno.EACCES, "Permission denied")
+        with mock.patch.object(os, "open", side_effect=denied):       # no lock file can be made: runs unlocked
+            m, info, err = self.sft_model(task, d, write=mock.Mock(side_effect=denied))
+        self.assertFalse(info["cached"])
+        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the model "
+                      f"just trained", err)
+        self.assertEqual(os.listdir(d), [])
+        self.sft_model(task, d)                                       # now a writable folder: the cache is made
+        with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
+            m2, info2, _ = self.sft_model(task, d, write=mock.Mock(side_effect=denied), Adam=mock.Mock(side_effect=AssertionError))
+        self.assertTrue(info2["cached"] and state_equal(m.state_dict(), m2.state_dict()))
+        full = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))    # the file written, not moved in
+        with mock.patch.object(os, "replace", full):
+            _, info3, err = self.sft_model(task, d, steps=2)
+        self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
+        self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])     # its temporary file removed
+
+
+class TestLock(unittest.TestCase):
+    def test_runs_starting_together_train_once(self):
+        """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
+        arrive), the others wait for its lock, then load what it saved. The lock file stays."""
+        task, d, real, trained, results, errors = small_task(seed=21), scratch("lock"), model.Adam, [], [], io.StringIO()
+        slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
+        threads = [threading.Thread(target=lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True)))
+                   for _ in range(3)]
+        with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(len(trained), 1, errors.getvalue())
+        self.assertEqual(sorted(info["cached"] for _, info in results), [False, True, True])
+        self.assertIn("note: another run is training this SFT model (lock", errors.getvalue())
+        self.assertIn(".lock); waiting for it", errors.getvalue())
+        self.assertTrue(all(state_equal(results[0][0].state_dict(), m.state_dict()) for m, _ in results[1:]))
+        name = os.path.basename(results[0][1]["path"])
+        self.assertEqual(sorted(os.listdir(d)), [name, name + ".lock"])
+
+
+class TestPeakMemory(unittest.TestCase):
+    """model.PeakMemory: what training adds to the memory in use, sampled after every training forward."""
+
+    def test_samples_training_forwards_only(self):
+        policy, ids = sharp_gpt(3).train(), torch.ones(2, 6, dtype=torch.long)
+        before = weights(policy)
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        with Spy(model.PeakMemory, "sample") as spy:
+            meter = model.PeakMemory(policy)
+            self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
+            self.assertTrue(state_equal(before, policy.state_dict()))     # leaves the weights and no gradients,
+            self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
+            policy(ids)                                                   # training: sampled
+            with torch.no_grad():
+                policy(ids)                                               # no gradients: not
+            model.frozen_copy(policy)(ids)                                # a frozen copy carries the hook: not
+            policy.eval()(ids)                                            # evaluation: not
+        self.assertEqual((len(spy.calls), meter.mb()), (1, (meter.peak - meter.base) / 2**20))
+        self.assertGreaterEqual(meter.mb(), 0.0)
+
+    def test_where_the_bytes_come_from(self):
+        import resource
+        meter = model.PeakMemory.__new__(model.PeakMemory)
+        meter.device = torch.device("cuda")
+        with mock.patch.object(torch.cuda, "memory_allocated", return_value=123) as allocated:
+            self.assertEqual((meter.in_use(), allocated.call_args.args), (123, (meter.device,)))   # CUDA: allocated bytes
+        meter.device = CPU
+        with mock.patch("ctypes.CDLL", side_effect=OSError("not glibc")), \
+                mock.patch.object(resource, "getrusage", return_value=mock.Mock(ru_maxrss=1000)):
+            for platform, want in (("darwin", 1000), ("linux", 1000 * 1024)):   # macOS: bytes; Linux: kilobytes
+                with mock.patch.object(sys, "platform", platform):
+                    self.assertEqual(meter.in_use(), want)
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            return                                                        # not glibc: the peak resident set
+        base = meter.in_use()
+        big = torch.ones(8 * 2**20)                                       # 32 MB
+        self.assertGreater(meter.in_use() - base, 30 * 2**20)
+        del big
+        self.assertLess(meter.in_use() - base, 2 * 2**20)                 # live bytes, not a high-water mark
+
+
+CODE_FILES = ("model", "data", "dpo", "simpo", "sppo")
+CITATION = re.compile(r"`(model|data|dpo|simpo|sppo)\.py:([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)`")   # `dpo.py:dpo_loss`
+LABEL = re.compile(r"\[([A-Z][A-Za-z]+(?:-[A-Za-z0-9.]+)?)\](?![(\[])")     # [DPO-1], [Nash]; not a link's [text](...)
+
+
+def read(path):
+    with open(os.path.join(REPO, path)) as f:
+        return f.read()
+
+
+def defined_names(file):
+    """What a source file defines at its top level (functions, classes, constants) and Class.member."""
+    names = set()
+    for node in ast.parse(read(f"{file}.py")).body:
+        members = [node] + (node.body if isinstance(node, ast.ClassDef) else [])
+        for item in members:
+            prefix = f"{node.name}." if item is not node else ""
+            if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
+                names.add(prefix + item.name)
+            for target in getattr(item, "targets", []) + [getattr(item, "target", None)]:
+                names.update(prefix + n.id for n in (ast.walk(target) if target else ()) if isinstance(n, ast.Name))
+    return names
+
+
+def citation_problems(text):
+    """Every `file.py:name` in `text` must name something defined in that file, and every [LABEL] must appear in
+    some source file (the labelled comments the README quotes)."""
+    code = "".join(read(f"{file}.py") for file in CODE_FILES)
+    return ([f"`{file}.py:{name}` names nothing defined in {file}.py" for file, name in CITATION.findall(text)
+             if name not in defined_names(file)]
+            + [f"[{label}] appears in no source file" for label in LABEL.findall(text) if f"[{label}]" not in code])
+
+
+def readme_block(containing):
+    """The README's ```python block that contains `containing`."""
+    found = [b.split("```", 1)[0] for b in read("README.md").split("```python\n")[1:] if containing in b]
+    assert len(found) == 1, f"README: {len(found)} python blocks contain {containing!r}"
+    return found[0]
+
+
+class TestReadme(unittest.TestCase):
+    """README.md cites code by name (`file.py:name`) and by equation label ([DPO-1]), never by line number."""
+
+    def test_citations_name_what_the_code_defines(self):
+        self.assertEqual(citation_problems(read("README.md")), [])
+        self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
+        # the check itself: a citation of nothing and a label no file holds are found; a link is no label
+        self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
+                                           "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
+                                           "[DPO-99], [Results](#results)"),
+                         ["`sppo.py:nothing_here` names nothing defined in sppo.py", "[DPO-99] appears in no source file"])
+
+    @unittest.expectedFailure   # remove when the README rewrite lands
+    def test_no_line_number_citations(self):
+        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
+
+    @unittest.expectedFailure   # remove when the README rewrite lands
+    def test_the_commands_it_gives_name_these_classes(self):
+        named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
+        self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates", "TestSequenceLogps"}, named)
+        self.assertTrue(all(isinstance(globals().get(name), type) for name in named), named)
+
+    @unittest.expectedFailure   # remove when the README rewrite lands (the command samples in batches of 64)
+    def test_the_sample_snippet_prints_what_the_command_prints(self):
+        run_dir, snippet = gpt_run("dpo").dir, readme_block("model.load_checkpoint(")
+        self.assertIn('"out/simpo/model.pt"', snippet)
+        self.assertLessEqual(len([l for l in snippet.splitlines() if l.strip() and not l.startswith(" ")]), 6)
+        with quietly() as (printed, _):
+            exec(snippet.replace('"out/simpo/model.pt"', repr(os.path.join(run_dir, "model.pt"))), {})
+        self.assertEqual(printed.getvalue().splitlines(), run_main(data, ["sample", run_dir, "-n", "5"])[1].splitlines()[:5])
+
+    def test_the_matplotlib_recipe_plots_the_log(self):
+        """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
+        run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
+        rows = read_json(os.path.join(run_dir, "log.jsonl"), lines=True)
+        self.assertIn('"out/dpo/log.jsonl"', recipe)
+        with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
+            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
+        drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
+        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows]) for k in ("logps/chosen", "logps/rejected")})
+        plt.savefig.assert_called_once()
+
+
+# Each script as a user types it, in a process of its own: the faults that need a real process (a signal, a
+# pipe, a terminal) and a run from nothing. Each costs 2-3 s of torch import, so they start first when the
+# whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
+
+class ScriptProcess:
+    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout block-buffered:
+    no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's reader is gone
+    before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar draws), and Ctrl-C
+    comes once the bar shows a training step."""
+
+    def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
+        self.out, self.ctrl_c, self.result, self.seen, self.signalled, stderr = out, ctrl_c, None, b"", False, subprocess.PIPE
+        if ctrl_c:
+            import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
+            self.terminal, stderr = pty.openpty()
+            fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                     env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env})
+        if reader_leaves:
+            self.proc.stdout.close()
+        if ctrl_c:
+            os.close(stderr)
+            self.watcher = threading.Thread(target=self.watch, daemon=True)
+            self.watcher.start()
+
+    def watch(self):
+        while True:
+            try:
+                chunk = os.read(self.terminal, 4096)
+            except OSError:                            # the process is gone and the terminal closed
+                chunk = b""
+            if not chunk:
+                return os.close(self.terminal)
+            self.seen += chunk
+            if not self.signalled and re.search(rb"DPO:[^\r\n]*\| *[1-9][0-9]*/1000000", self.seen):
+                self.proc.send_signal(signal.SIGINT)   # Ctrl-C, once a training step has run
+                self.signalled = True
+
+    def finish(self):
+        if self.result is None:
+            try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
+                out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+            if self.ctrl_c:
+                self.watcher.join()
+            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), raw=out or b"",
+                                             err=(self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n"))
+        return self.result
+
+    def metrics(self):
+        self.finish()
+        return read_json(os.path.join(self.out, "metrics.json"))
+
+
+_PROCESSES = {}
+
+
+def script_process(name):
+    """One of the script processes, started on first use (or by load_tests, first of all)."""
+    if name not in _PROCESSES:
+        out = os.path.join(scratch(name), "run")
+        if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
+            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
+        elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
+            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")], out,
+                              PYTHONIOENCODING="ascii")
+        elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
+            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()[0]], out,
+                              PYTHONIOENCODING="utf-8")
+        else:                      # "ctrl_c": a long run into a folder that holds a previous run
+            previous = write_previous_run(out)
+            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()[0]], out, ctrl_c=True)
+            p.previous = previous
+        _PROCESSES[name] = p
+    return _PROCESSES[name]
+
+
+PROCESSES = ("sppo_exact", "simpo", "dpo", "ctrl_c")
+
+
+class TestScriptProcesses(unittest.TestCase):
+    """Each script as a user types it; a real Ctrl-C on a terminal; a closed pipe; an ASCII terminal."""
+
     @classmethod
     def setUpClass(cls):
-        cls.task = data.Task(data.TaskConfig(judge="cyclic", n_demos=3000, n_pairs=3000, n_heldout=64), seed=0)
+        for name in PROCESSES:           # all at once (started already when the whole file runs)
+            script_process(name)
 
-    def test_every_demonstration_has_a_school_in_unequal_shares(self):
-        responses = self.task.sft_ids[:, data.PROMPT_LEN:]
-        schools = data.school_of(responses)
-        self.assertTrue((schools >= 0).all())
-        shares = data.school_shares(responses)
-        for got, want in zip(shares.tolist(), (0.6, 0.3, 0.1, 0.0)):
-            self.assertAlmostEqual(got, want, delta=0.03)
-        # the same reviews as the Bradley-Terry task draws, but for the nouns: lengths unchanged
-        rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
-        plain = data._random_responses(rng_a, 200, 0.5, 0.0)
-        schooled = data._with_schools(rng_b, data._random_responses(rng_b, 200, 0.5, 0.0), (1, 1, 1))
-        self.assertTrue(torch.equal(data.response_lengths(plain), data.response_lengths(schooled)))
-        changed = (plain != schooled).sum(1)
-        nouns = torch.as_tensor(np.isin(plain.numpy(), [data.STOI[w] for s in data.SCHOOL_WORDS for w in s.split()]))
-        self.assertTrue((changed <= nouns.sum(1) + 1).all())       # only nouns and one more word change
+    def same_numbers(self, proc, here):
+        m = proc.metrics()
+        self.assertEqual(m.keys(), here.metrics.keys())
+        self.assertEqual({k: v for k, v in m.items() if k not in TIMING_KEYS}, {k: v for k, v in here.metrics.items() if k not in TIMING_KEYS})
+        self.assertEqual(read_json(os.path.join(proc.out, "log.jsonl"), lines=True), here.log)
+        self.assertTrue(state_equal(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"], here.trained.state_dict()))
+        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
+        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
+        self.assertEqual(siblings(proc.out), [])
 
-    def test_pairs_are_labelled_by_the_cyclic_oracle(self):
-        pairs = self.task.pairs
-        chosen, rejected = (data.school_of(pairs[f"{side}_ids"][:, data.PROMPT_LEN:]) for side in ("chosen", "rejected"))
-        story_acting = ((chosen == 0) & (rejected == 1)).sum().item()
-        acting_story = ((chosen == 1) & (rejected == 0)).sum().item()
-        n = story_acting + acting_story
-        self.assertGreater(n, 500)
-        self.assertAlmostEqual(story_acting / n, 0.9, delta=4 * math.sqrt(0.09 / n))   # story beats acting 0.9
-        craft_story = ((chosen == 2) & (rejected == 0)).sum().item()
-        story_craft = ((chosen == 0) & (rejected == 2)).sum().item()
-        self.assertGreater(craft_story, story_craft)                 # craft beats story
+    def test_dpo(self):
+        """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
+        SFT model on stderr, and the numbers of the same run in this process (same seed, same numbers)."""
+        proc = script_process("dpo")
+        p = proc.finish()
+        self.assertEqual(p.code, 0, p.err[-2000:])
+        lines = [line.split("; held-out")[0] for line in p.err.splitlines()
+                 if not line.startswith("note: another run is training")]   # it may start while the fixture trains
+        self.assertEqual(lines, ["device: cpu", f"SFT model (cache {glob_one(sft()[0])}): loaded"])
+        self.assertTrue(p.out.startswith("DPO loss [DPO-1] per step") and "│" in p.out)   # a UTF-8 terminal: Unicode charts
+        self.assertIn("logps/chosen and logps/rejected per step (batch means, nats)  (6 values; ", p.out)   # one scale
+        self.assertIn("; w log pi(y_w|x); l log pi(y_l|x))", p.out)
+        self.assertRegex(p.out.strip().splitlines()[-1], r"\| [\d.]+ s \(start-up [\d.]+, training [\d.]+, evaluation "
+                                                         r"[\d.]+\) \| wrote " + re.escape(proc.out) + "/$")
+        self.same_numbers(proc, gpt_run("dpo"))
 
-    def test_school_exploitability_from_shares(self):
-        self.assertAlmostEqual(data.school_exploitability(torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)),
-                               0.0, places=12)
-        # craft against (0.6, 0.3, 0.1, none 0): 0.9 * 0.6 + 0.1 * 0.3 + 0.5 * 0.1 = 0.62
-        self.assertAlmostEqual(data.school_exploitability(torch.tensor([0.6, 0.3, 0.1, 0.0])), 0.12, places=6)
-        # a review with no school loses to all: writing some makes any school's reply stronger
-        self.assertGreater(data.school_exploitability(torch.tensor([0.3, 0.3, 0.3, 0.1])), 0.0)
-        shares = data.school_shares(responses_of("great plot", "the cast", "music", "fun", "plot acting"))
-        torch.testing.assert_close(shares, torch.tensor([0.2, 0.2, 0.2, 0.4], dtype=torch.float64))
+    def test_simpo_first_run_on_an_ascii_terminal(self):
+        """python simpo.py with an empty --sft-dir, PYTHONIOENCODING=ascii: it trains and caches the SFT model (the
+        file and the weights of the shared one), prints ASCII charts, and gets the numbers of the same run in this
+        process, which loaded its SFT model (cold cache or warm: the same numbers)."""
+        proc = script_process("simpo")
+        p = proc.finish()
+        self.assertEqual(p.code, 0, p.err[-2000:])
+        self.assertIn("): trained; held-out cross-entropy", p.err)
+        self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
+        self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
+        self.same_numbers(proc, gpt_run("simpo"))
+        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic")[0])
+        self.assertEqual(os.path.basename(cold), os.path.basename(warm))
+        self.assertTrue(state_equal(torch.load(cold, weights_only=True)["model"], torch.load(warm, weights_only=True)["model"]))
 
-    def test_evaluation_reports_the_game(self):
-        torch.manual_seed(0)
-        a, b = sharp_model(1), sharp_model(2)
-        r = data.head_to_head(a, b, self.task, CPU, 32, seed=3)
-        want = data.cyclic_preference_prob(data.school_of(r["samples"]), data.school_of(r["baseline_samples"])).mean()
-        self.assertAlmostEqual(r["win_rate"], want.item(), places=6)
-        self.assertEqual(r["school_shares"], data.school_shares(r["samples"]).tolist())
-        self.assertAlmostEqual(r["exploitability"], data.school_exploitability(torch.tensor(r["school_shares"])), places=9)
-        bt = data.head_to_head(a, b, small_task(), CPU, 8, seed=3)
-        self.assertNotIn("exploitability", bt)                       # the default judge's output is unchanged
+    def test_sppo_exact_cyclic(self):
+        """python sppo.py --exact --judge cyclic (the README's command): metrics.json only (TestSppoExact reads it)."""
+        proc = script_process("sppo_exact")
+        self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
+        self.assertEqual((sorted(os.listdir(proc.out)), siblings(proc.out)), (["metrics.json"], []))
 
-    def test_win_rates_from_a_preference_matrix(self):
-        schools = torch.tensor([[0, 1, 2, 0]])
-        prefs = data.cyclic_preference_prob(schools[:, :, None], schools[:, None, :]).float()
-        p = sppo.estimate_win_rates(torch.zeros(1, 4), 0.2, prefs)
-        want = [(0.5 + 0.9 + 0.1 + 0.5) / 4, (0.1 + 0.5 + 0.9 + 0.1) / 4, (0.9 + 0.1 + 0.5 + 0.9) / 4, (0.5 + 0.9 + 0.1 + 0.5) / 4]
-        torch.testing.assert_close(p, torch.tensor([want]))
-        self.assertAlmostEqual(p.mean().item(), 0.5, places=6)
+    def test_a_reader_that_leaves_at_once(self):
+        """Its stdout's reader gone before the first line, stdout block-buffered as on a pipe: exit 0, no message."""
+        p = script_process("sppo_exact").finish()
+        self.assertEqual((p.code, p.err), (0, ""))
 
-
-class TestAverageOfIterates(unittest.TestCase):
-    def test_the_mixture_samples_each_iterate_equally_often(self):
-        # model i always writes review i, so each sample says which iterate drew it
-        reviews = ["great plot", "the cast", "dull music"]
-        models = []
-        for text in reviews:
-            ids = data.encode(text) + [data.EOS_ID]
-            table = model.TablePolicy(torch.tensor([ids]), data.PROMPT_LEN, len(data.VOCAB))   # one review: certain
-            models.append(table)
-        n = 3000
-        prompts = data.Task(data.TaskConfig(n_demos=8, n_pairs=4, n_heldout=4)).eval_prompts(n)
-        samples, pick = data.sample_mixture(models, prompts, model.make_generator(CPU, 0))
-        for i, text in enumerate(reviews):
-            rows = pick == i
-            self.assertAlmostEqual(rows.double().mean().item(), 1 / 3, delta=4 * math.sqrt(2 / 9 / n))
-            self.assertTrue(all(data.decode(s) == text for s in samples[rows]))
-
-    def test_shares_chart_puts_letters_at_their_shares(self):
-        lines = data.shares_chart([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], "t", height=3)
-        grid = [line.split("│", 1)[1] for line in lines[1:4]]
-        self.assertEqual(grid[0][0], "s")                            # share 1 at the top
-        self.assertEqual(grid[2][0], "*")                            # acting and craft meet at 0
-        self.assertEqual(grid[1][2], "*")                            # story and acting meet at 0.5
-        self.assertEqual(grid[2][2], "c")
+    def test_ctrl_c_on_a_terminal(self):
+        """A real SIGINT while the progress bar runs: exit 130, one line saying where, the previous run untouched."""
+        proc = script_process("ctrl_c")
+        p = proc.finish()
+        self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
+        lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
+        self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
+        self.assertRegex(lines[-1], r"^interrupted at step \d+ of 1000000 \(training\); previous results in "
+                                    + re.escape(proc.out) + " untouched$")
+        self.assertNotIn("Traceback", p.err)
+        self.assertEqual((folder_bytes(proc.out), siblings(proc.out)), (proc.previous, []))
 
 
-class TestCyclicScripts(unittest.TestCase):
-    """Tiny runs under --judge cyclic: every method reports the game; SPPO per iteration, last and average."""
+def cleanup():
+    for p in _PROCESSES.values():
+        if p.proc.poll() is None:
+            p.proc.kill()
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        d = cls.tmp.name
-        tiny = ["--judge", "cyclic", "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--sft-steps", "5",
-                "--eval-samples", "16", "--batch-size", "8"]
-        run_main(dpo, tiny + ["--steps", "2", "--out", os.path.join(d, "dpo")])
-        run_main(sppo, tiny + ["--steps", "2", "--k", "2", "--iterations", "2", "--out", os.path.join(d, "sppo")])
-        cls.dpo = read_json(os.path.join(d, "dpo", "metrics.json"))
-        cls.sppo = read_json(os.path.join(d, "sppo", "metrics.json"))
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+atexit.register(cleanup)
 
-    def test_metrics_carry_the_game(self):
-        for m in (self.dpo, self.sppo):
-            self.assertEqual(len(m["school_shares"]), 4)
-            self.assertAlmostEqual(sum(m["school_shares"]), 1.0, places=9)
-            self.assertAlmostEqual(m["exploitability"], data.school_exploitability(torch.tensor(m["school_shares"])),
-                                   places=9)
-            self.assertIn("sft_exploitability", m)
-        m = self.sppo
-        self.assertEqual(len(m["exploitability_last"]), 2)
-        self.assertEqual(len(m["exploitability_average"]), 2)
-        self.assertEqual(m["exploitability_last"][-1], m["exploitability"])
-        self.assertEqual(len(m["school_shares_average_per_iteration"]), 2)
-        self.assertNotIn("exploitability_last", read_json(os.path.join(self.tmp.name, "dpo", "metrics.json")))
+
+def load_tests(loader, tests, pattern):
+    """`python -m unittest test_all`: the processes start first (they run while this one works; the SFT model
+    they share is trained first), then the classes run in the order of this file."""
+    for name in PROCESSES:
+        script_process(name)
+    suite = unittest.TestSuite()
+    for obj in list(globals().values()):
+        if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == __name__:
+            suite.addTests(loader.loadTestsFromTestCase(obj))
+    return suite
 
 
 if __name__ == "__main__":
