@@ -2802,18 +2802,15 @@ class TestReadme(unittest.TestCase):
                          ["`sppo.py:nothing_here` names nothing defined in sppo.py",
                           "[DPO-99] appears in no source file"])
 
-    @unittest.expectedFailure   # remove when the README rewrite lands
     def test_no_line_number_citations(self):
         self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
 
-    @unittest.expectedFailure   # remove when the README rewrite lands
     def test_the_commands_it_gives_name_these_classes(self):
         named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
         self.assertLessEqual({"TestDpoLoss", "TestSimpoLoss", "TestSppoLoss", "TestEstimateWinRates",
                               "TestSequenceLogps"}, named)
         self.assertTrue(all(isinstance(globals().get(name), type) for name in named), named)
 
-    @unittest.expectedFailure   # remove when the README rewrite lands (the command samples in batches of 64)
     def test_the_sample_snippet_prints_what_the_command_prints(self):
         run_dir, snippet = gpt_run("dpo").dir, readme_block("model.load_checkpoint(")
         self.assertIn('"out/simpo/model.pt"', snippet)
