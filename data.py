@@ -111,14 +111,10 @@ def score(prompt, response):
     return score_responses(torch.tensor([encode(response) + [EOS_ID]]))[0].item()
 
 
-def preference_prob(score_a, score_b, tau):
-    """Bradley-Terry oracle P(a > b | x) = sigmoid((s_a - s_b) / tau). P(a > b) + P(b > a) = 1 exactly."""
-    return torch.sigmoid((torch.as_tensor(score_a) - torch.as_tensor(score_b)) / tau)
-
-
 def oracle(prompt, response_a, response_b, tau=0.2):
-    """P(a > b | x) for text, as in the worked example above."""
-    return preference_prob(score(prompt, response_a), score(prompt, response_b), tau).item()
+    """P(a > b | x) for text, as in the worked example above: judge_prob (below) of the two reviews."""
+    a, b = (torch.tensor([encode(response) + [EOS_ID]]) for response in (response_a, response_b))
+    return judge_prob(a, b, TaskConfig(tau=tau), dtype=torch.float64).item()
 
 
 # A second judge, --judge cyclic: preferences that go round in a circle. Bradley-Terry gives every review one
@@ -277,8 +273,7 @@ class Task:
         self.heldout_pairs = self._make_pairs(rng, self.heldout_prompts, c.n_heldout)
 
     def _schooled(self, rng, reviews, shares=None):
-        """Under --judge cyclic each review gets a school (_with_schools), in the SFT data's unequal shares
-        unless other `shares` are given; under the Bradley-Terry judge the reviews stay as they are."""
+        """Under --judge cyclic each review gets a school (_with_schools), in `shares` or the SFT data's."""
         if self.config.judge != "cyclic":
             return reviews
         return _with_schools(rng, reviews, shares or self.config.school_shares)
@@ -307,8 +302,7 @@ def add_task_args(parser):
     """The task's knobs as flags, shared by the three scripts; task_config(args) reads them back."""
     g = parser.add_argument_group("task (data.py)")
     g.add_argument("--tau", type=positive_float, default=TaskConfig.tau,
-                   help="oracle temperature in P(a > b) = sigmoid((s_a - s_b)/tau); smaller: less label noise "
-                        "(default: %(default)s)")
+                   help="judge temperature: sigmoid((s_a - s_b)/tau); smaller, less label noise (default: %(default)s)")
     g.add_argument("--length-bias", type=number(float, lambda v: True, "a finite number"), default=0.0,
                    help="raters prefer longer reviews by this many logits per extra word (default: %(default)s)")
     g.add_argument("--pair-style", type=number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1"), default=0.0,
@@ -317,8 +311,7 @@ def add_task_args(parser):
                    help="bt: Bradley-Terry on the score; cyclic: three schools of critics that beat each other "
                         "in a circle, which no reward can represent (default: %(default)s)")
     g.add_argument("--pair-schools", choices=["sft", "uniform"], default=TaskConfig.pair_schools,
-                   help="cyclic judge: the pairs' schools in the SFT data's shares, or one third each "
-                        "(default: %(default)s)")
+                   help="cyclic judge: the pairs' schools in the SFT shares, or one third each (default: %(default)s)")
 
 
 def task_config(args):

@@ -201,28 +201,25 @@ def main():
 #   - Newton's method on that deterministic loss (model.minimise), in float64, instead of Adam on minibatches:
 #     we want the minimiser to the digits float64 can see, not a good policy in 200 steps.
 # The IPO paper's point (arXiv 2310.12036, section 4.2) [IPO-4.2]: pi* depends on tau and beta only through
-# their product (r/beta = s/(tau beta)), so as the labels become deterministic (tau -> 0) the optimum puts all
-# its mass on the best responses WHATEVER beta is: beta regularises only through the noise in the labels. With
-# P exactly 0 or 1 the loss has no minimum at all: it keeps falling as the mass moves, and training follows
-# it until float64 can no longer see it fall. The beta sweep shows both sides. Under --judge cyclic there is no
-# reward and no pi*: the run reports what DPO's fit to cyclic labels is worth in the game, its exploitability.
+# their product (r/beta = s/(tau beta)): as the labels become deterministic (tau -> 0) the optimum puts all its
+# mass on the best responses WHATEVER beta is, and with P exactly 0 or 1 the loss has no minimum (it falls for as
+# long as float64 can see). beta regularises only through the label noise; the beta sweep shows both sides.
+# Under --judge cyclic there is no reward and no pi*: the run reports its fit's exploitability in the game.
 
-EXACT_DEFAULTS = {"beta": 1.0, "steps": 100,    # beta 0.1 with tau 0.2 would make pi* a near point mass (exp(25))
-                  "out": "out/dpo_exact"}
+EXACT_DEFAULTS = {"beta": 1.0, "steps": 100, "out": "out/dpo_exact"}   # beta 0.1, tau 0.2: pi* near a point mass
 IPO_BETAS = (0.1, 0.3, 1.0, 3.0)
 DETERMINISTIC_TAU = 1e-3                        # P = sigmoid(0.5 / 1e-3) = 1 - 1e-217: no label is ever wrong
 
 
 def fit_exact(ex, pairs, beta, steps):
     """Minimise the expected dpo_loss over `pairs` (chosen, rejected, weights: ExactTask.population_pairs or
-    .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C].
-    log pi(y|x) of the 27 reviews is policy.log_probs() (what sequence_logps gives on the table, in float64)."""
+    .sampled_pairs) for a table policy that starts at pi_ref = the SFT table. Returns its distribution [C]."""
     policy, ref = ex.table(), frozen_copy(ex.table())
     chosen, rejected, weights = pairs
-    ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x)
+    ref_logps = ref.log_probs()                                       # [C] log pi_ref(y|x), float64
 
     def expected_loss():
-        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x)
+        policy_logps = policy.log_probs()                             # [C] log pi_theta(y|x): sequence_logps's sums
         losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected],
                                 ref_logps[chosen], ref_logps[rejected], beta)
         return (weights * losses).sum()   # E_D[ -log sigma(...) ], D = the pairs, weighted as the data draws them

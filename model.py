@@ -28,8 +28,7 @@ class GPTConfig:
     block_size: int = 32     # longest sequence: BOS + 3 prompt words + SEP + 16 words + EOS = 22
     n_layer: int = 2
     n_head: int = 2
-    n_embd: int = 64
-    dropout: float = 0.0     # off: the methods compare log-probs of the same model at two moments
+    n_embd: int = 64         # no dropout: the methods compare log-probs of one model at two moments
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,7 +36,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # query, key, value in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -54,8 +52,7 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
                 is_causal = False
             cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -66,7 +63,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd))
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)   # pre-LayerNorm residual blocks
@@ -80,7 +77,6 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -102,7 +98,7 @@ class GPT(nn.Module):
         start = caches[0]["k"].shape[2] if caches is not None and "k" in caches[0] else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size"
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx) + self.wpe(pos)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))
@@ -128,12 +124,10 @@ def sequence_logps(model, input_ids, response_mask):
 def pair_logps(model, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
     """log pi(y_w|x) and log pi(y_l|x) in ONE forward pass over the stacked batch [2B, T] (as the
     official DPO code's concatenated_forward does), plus |y_w| and |y_l|. Each tensor [B]."""
-    B = chosen_ids.shape[0]
-    T = max(chosen_ids.shape[1], rejected_ids.shape[1])
-    ids = torch.cat([F.pad(chosen_ids, (0, T - chosen_ids.shape[1])),
-                     F.pad(rejected_ids, (0, T - rejected_ids.shape[1]))])   # PAD is token 0
-    mask = torch.cat([F.pad(chosen_mask, (0, T - chosen_mask.shape[1])),
-                      F.pad(rejected_mask, (0, T - rejected_mask.shape[1]))])
+    B, T = chosen_ids.shape[0], max(chosen_ids.shape[1], rejected_ids.shape[1])
+    pad = lambda t: F.pad(t, (0, T - t.shape[1]))                     # to T columns with PAD (token 0)
+    ids = torch.cat([pad(chosen_ids), pad(rejected_ids)])             # [2B, T]
+    mask = torch.cat([pad(chosen_mask), pad(rejected_mask)])
     logps, lengths = sequence_logps(model, ids, mask)
     return logps[:B], logps[B:], lengths[:B], lengths[B:]
 
@@ -157,16 +151,14 @@ def trim(ids, mask):
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.0, generator=None, batch_size=1024,
            use_cache=True):
-    """One response per prompt row: prompts [N, P] (the toy's prompts all have one length: no left padding)
-    -> responses [N, max_new_tokens], the tokens up to EOS (one still open at the end is closed by force),
-    then PAD. banned_ids are never drawn. The draws come from `generator` alone: reproducible, and the
-    global RNG (the training run's) is untouched. Put the model in eval mode first."""
+    """One response per prompt row: prompts [N, P] (all of one length: no left padding) -> responses [N,
+    max_new_tokens], the tokens up to EOS (closed by force at the end), then PAD; banned_ids never drawn. The
+    draws come from `generator` alone: the training run's global RNG is untouched. Put the model in eval mode."""
     out = []
     for start in range(0, prompts.shape[0], batch_size):
         idx = prompts[start:start + batch_size]
-        B = idx.shape[0]
         caches = [dict() for _ in model.blocks] if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         tokens = []
         for step in range(max_new_tokens):
             logits = model(idx if (step == 0 or not use_cache) else tokens[-1][:, None], caches)[:, -1, :]
@@ -190,8 +182,8 @@ def sample(model, prompts, max_new_tokens, eos_id, banned_ids=(), temperature=1.
 # --- 4. The SFT warm start, shared by all three methods (DPO: pi_ref; SimPO: the start; SPPO: pi_1) ---------
 
 class Adam:
-    """Adam (Kingma and Ba 2015), written out: torch.optim.Adam's arithmetic exactly (a test compares them step
-    by step), without its first-use import of torch's compiler (about 2 s of a 5-second run). Per weight:
+    """Adam (Kingma and Ba 2015): torch.optim.Adam's arithmetic exactly (a test compares them), without its
+    first-use import of torch's compiler (about 2 s of a 5-second run). Per weight:
         m <- beta1 m + (1 - beta1) g,  v <- beta2 v + (1 - beta2) g^2,  theta <- theta - lr m^ / (sqrt(v^) + eps)
     with m^ = m / (1 - beta1^t) and v^ = v / (1 - beta2^t), t the step."""
 
@@ -262,19 +254,16 @@ def frozen_copy(model):
 
 
 # --- 5. A table policy: any distribution over a finite list of responses, as a language model (--exact) -----
-#
-# Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights
-# step") is about the best POLICY, not the best network: it is checked on a policy that can be any
-# distribution over a list of responses, one logit each, pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the
-# chain rule pi(y_i | x, y_<i) = mass(responses starting y_<i y_i) / mass(responses starting y_<i), so the
-# table answers forward(idx) with next-token logits, and sequence_logps, pair_logps and sample work on it
-# unchanged (the sum over response tokens telescopes to log pi(y|x) = theta_y - logsumexp(theta)). The exact
-# modes train from log_probs(), the same numbers in float64. The table ignores the prompt, as the judge does.
+# Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights step")
+# is about the best POLICY, not the best network: it is checked on any distribution over a list of responses, one
+# logit each, pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the chain rule pi(y_i | x, y_<i) = mass(responses
+# starting y_<i y_i) / mass(responses starting y_<i): the table answers forward(idx) with next-token logits, and
+# sequence_logps, pair_logps and sample work on it unchanged (the sum over response tokens telescopes to
+# theta_y - logsumexp(theta)). The exact modes train on log_probs(), the same numbers in float64.
 
 class TablePolicy(nn.Module):
-    """pi(y|x) = softmax(theta)[y] over a fixed list of responses [C, L] (token ids, each ending in EOS and
-    then padding, all different), served as a language model whose responses start after prompt_len tokens.
-    theta starts at 0 (uniform). No key/value cache: sample it with use_cache=False."""
+    """pi(y|x) = softmax(theta)[y] over a list of different responses [C, L] (token ids, EOS, padding) that start
+    after prompt_len tokens, whatever the prompt (as the judge). theta starts at 0; sample with use_cache=False."""
 
     def __init__(self, responses, prompt_len, vocab_size):
         super().__init__()
@@ -306,10 +295,9 @@ class TablePolicy(nn.Module):
 
 
 def minimise(theta, loss_fn, max_iter=100):
-    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits) by Newton's method: each
-    step solves H d = g with the exact Hessian, halving d until the loss falls; the fit ends when no step lowers
-    it. Gradient methods crawl where a loss weighs its terms by probabilities from 1 down to 1e-17; Newton's
-    step does not care, and finds the minimiser to the digits float64 can see. Returns the loss."""
+    """Minimise a smooth loss of a few dozen float64 numbers `theta` (a table's logits) by Newton's method: solve
+    H d = g with the exact Hessian, halve d until the loss falls, stop when no step lowers it. Gradient methods
+    crawl where a loss weighs its terms by probabilities from 1 down to 1e-17; Newton does not. Returns the loss."""
     loss = loss_fn()
     for _ in range(max_iter):
         grad, = torch.autograd.grad(loss, theta, create_graph=True)
@@ -333,7 +321,6 @@ def minimise(theta, loss_fn, max_iter=100):
 # ====================================================================================================
 # Appendix: the run contract (not needed to follow the methods)
 # ====================================================================================================
-#
 # Flags, device, faults (one line on stderr; exit 1 a fault of the run, 2 bad input, 130 Ctrl-C), the run's
 # folder (replaced whole or not at all), checkpoints, the SFT cache a classroom shares, and peak memory.
 
@@ -403,8 +390,7 @@ def model_config(args):
     return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
-def fail(message, code=2):
-    """One clear line on stderr and a non-zero exit: how bad input ends, never with a traceback."""
+def fail(message, code=2):   # one clear line on stderr and a non-zero exit: how bad input ends, never a traceback
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -570,10 +556,9 @@ def load_checkpoint(path, device="cpu"):
 
 @contextlib.contextmanager
 def sft_cache(task, device, sft_dir, seed, steps, cfg):
-    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info) stores
-    one just trained. The key holds what determines the weights: the demonstrations (a digest: runs that differ
-    only in their pairs share a model), model size, seed, steps and device. A bad file costs a note and a
-    rebuild; one that cannot be written, a note. Runs that start together train once (lock)."""
+    """with sft_cache(...) as cache: cache.model is the cached SFT model or None; cache.save(model, info) stores one
+    just trained, under a key of what determines the weights (demonstrations, model size, seed, steps, device).
+    A bad file costs a note and a rebuild; one that cannot be written, a note. Runs started together train once."""
     demos = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (task.sft_ids, task.sft_mask,
                                                                           task.sft_heldout_ids, task.sft_heldout_mask)))
     key = {"version": 1, "demos": demos.hexdigest(), "model": asdict(cfg), "seed": seed, "steps": steps,

@@ -38,9 +38,8 @@ g.add_argument("--beta", type=positive_float, default=2.0,
                help="reward scale beta in [SimPO-2]; the paper uses 2 to 2.5 and so do we: larger sharpens "
                     "the preference and moves the policy faster (default: %(default)s)")
 g.add_argument("--gamma", type=nonneg_float, default=1.0,
-               help="target reward margin gamma in [SimPO-3]; the official runs' gamma/beta spans 0.1 to 0.8 (their "
-                    "README suggests starting at 0.5), ours 0.5: "
-                    "larger keeps pushing pairs that are already ordered (default: %(default)s)")
+               help="target reward margin gamma in [SimPO-3]; official gamma/beta 0.1 to 0.8 (their README: start at "
+                    "0.5), ours 0.5; larger keeps pushing pairs already ordered (default: %(default)s)")
 g.add_argument("--no-length-norm", action="store_true",
                help="ablation: reward beta * log pi_theta(y|x), summed, not averaged; with --length-bias > 0 "
                     "the policy learns that long is good")
@@ -77,8 +76,7 @@ data.add_task_args(parser)
 # 5. The loss, the negative log-likelihood of the preferences under [SimPO-3]:                  [SimPO-4]
 #        L_SimPO(pi_theta) = -E_{(x, y_w, y_l)~D}[ log sigma( (beta/|y_w|) log pi_theta(y_w|x)
 #                                                            - (beta/|y_l|) log pi_theta(y_l|x) - gamma ) ]
-#    Correction: the SimPO write-up (section 2.3) labels this loss "L_DPO"; it is the SimPO loss, and it
-#    has no pi_ref anywhere.
+#    Correction: the SimPO write-up (section 2.3) labels this loss "L_DPO"; it is SimPO's, with no pi_ref.
 #
 # log pi(y|x) is a SUM over the response tokens and |y| counts them, EOS included (model.sequence_logps);
 # the prompt and the padding never count. F.logsigmoid keeps the loss and its gradient finite for any margin.

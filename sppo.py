@@ -17,8 +17,8 @@ Expected:  win rate against the SFT model >= 0.9 on held-out prompts, rising fro
            (seed 0: 0.70, 0.87, 0.95); --variant hard about 0.75 (one fit to noisy offline labels).
 Departures from the paper:
   - the oracle is data.py's Bradley-Terry judge, not PairRM; a 0.1 M-parameter GPT, not Mistral-7B;
-  - every one of the K samples is regressed on its own target, as in [SPPO-6] and Algorithm 1; the official
-    code keeps, per prompt, only the best and the worst of its K = 5 samples and regresses that pair;
+  - each of the K samples is regressed on its own target ([SPPO-6], Algorithm 1); the official code, per prompt,
+    regresses only the best and the worst of its K = 5 samples;
   - the same 288 training prompts in every iteration (the paper: a fresh third of 60k prompts each time);
   - eta = 20, not the official 1000 (its --beta 0.001): our log-ratios are sums over ~10 tokens, not hundreds;
   - Adam with a fresh state and a fixed number of steps per iteration (official: RMSprop, 18 epochs);
@@ -49,15 +49,14 @@ g.add_argument("--variant", choices=["selfplay", "hard"], default="selfplay",
                help="selfplay: Algorithm 1, sample from pi_t, oracle win rates, [SPPO-6]; hard: offline pairs "
                     "with P = 1 for y_w and 0 for y_l and pi_ref = SFT, [SPPO-9] (default: %(default)s)")
 g.add_argument("--eta", type=positive_float, default=20.0,
-               help="step size eta of [SPPO-2] (TRL's and the official code's beta is 1/eta): a sample's target "
-                    "log-ratio is eta (P - 1/2), a log-ratio SUMMED over its tokens, so the useful scale grows with "
-                    "length: 10 to 20 for ~10-token reviews, 1000 in the paper's runs (default: %(default)s)")
+               help="step size eta of [SPPO-2] (TRL's beta is 1/eta): a target log-ratio eta (P - 1/2) is SUMMED over "
+                    "tokens, so 10 to 20 suits ~10-token reviews; the paper's runs use 1000 (default: %(default)s)")
 g.add_argument("--iterations", type=positive_int, default=3,
-               help="self-play iterations T (selfplay only): each samples from the current policy, then fits "
-                    "the next one; more: closer to the game's equilibrium, slower (default: %(default)s)")
+               help="self-play iterations T (selfplay): each samples from pi_t, then fits pi_{t+1}; more get "
+                    "closer to the game's equilibrium (default: %(default)s)")
 g.add_argument("--k", type=bounded_int(1, 64), default=4,
-               help="responses sampled per training prompt and iteration (selfplay only, >= 2): more gives less "
-                    "noisy win rates [SPPO-5], at the cost of sampling time (default: %(default)s)")
+               help="responses sampled per prompt and iteration (selfplay, >= 2): more give less noisy win rates "
+                    "[SPPO-5] and cost sampling time (default: %(default)s)")
 g.add_argument("--exact", action="store_true",
                help="check [SPPO-2] and [SPPO-Thm4.1] exactly on a table policy over 27 listed reviews (each iteration "
                     "fits sppo_loss with the exact log Z, with eta/2, and with K samples per prompt); defaults become "
@@ -97,18 +96,14 @@ data.add_task_args(parser)
 # 5. Finite samples (section 4.2): draw K responses y_1..y_K ~ pi_t(.|x) per prompt and let their
 #    empirical distribution pi_hat_t^K stand in for the opponent pi_t:                             [SPPO-5]
 #        P(y > pi_hat_t^K|x) = (1/K) sum_{k=1..K} P(y > y_k|x)
-#    Which samples enter the mean: all K, the response itself included, which ties with itself,
-#    P(y_i > y_i|x) = 1/2; the official code builds the full K x K matrix with its diagonal and averages
-#    each row, and so does estimate_win_rates below. One consequence: because P(y_i > y_j) + P(y_j > y_i)
-#    = 1, the K win rates of a prompt average to exactly 1/2, which is step 6's constant.
-# 6. Replace log Z by eta/2 (section 4.2). If every comparison were a fair coin, each response's win
-#    rate would tend to 1/2 as K grows, so Z -> exp(eta/2) and log Z -> eta/2 (and 1/2 is exactly the
-#    average win rate of pi_t against itself, step 5):                                               [SPPO-6]
+#    All K enter the mean, the response itself included (a tie, P(y_i > y_i|x) = 1/2), as in the official code's
+#    K x K matrix. As P(y_i > y_j) + P(y_j > y_i) = 1, a prompt's K win rates average exactly 1/2: step 6's constant.
+# 6. Replace log Z by eta/2 (section 4.2). If every comparison were a fair coin, each response's win rate
+#    would tend to 1/2 as K grows, so Z -> exp(eta/2) and log Z -> eta/2:                             [SPPO-6]
 #        pi_{t+1} = argmin_pi E_{x~X, y~pi_t(.|x)}( log( pi(y|x)/pi_t(y|x) ) - eta ( P(y > pi_hat_t^K|x) - 1/2 ) )^2
 #    Read per sample: a response that beats pi_t more often than not (P > 1/2) gets its log-probability
 #    raised by eta (P - 1/2) nats, one that loses gets it lowered, both relative to pi_t.
-#    Correction: the SPPO write-up says "replace log Z by 2"; the eta was lost: log Z is replaced by eta/2,
-#    which is what turns eta P - log Z into eta (P - 1/2).
+#    Correction: the SPPO write-up says "replace log Z by 2"; the eta was lost (eta/2 gives eta (P - 1/2)).
 # 7. The policy-gradient reading (section 4, the connection to policy gradient). Divide what [SPPO-4]
 #    squares by eta (the loss by eta^2; the minimiser is the same):                                [SPPO-7]
 #        theta_{t+1} = argmin_theta E_{x, y~pi_theta_t}( P(y > pi_theta_t|x)
@@ -126,16 +121,13 @@ data.add_task_args(parser)
 #          + ( log( pi_theta(y_l|x)/pi_ref(y_l|x) ) - eta ( P(y_l > pi_t|x) - 1/2 ) )^2
 #    and with hard labels, P = 1 for y_w and P = 0 for y_l (--variant hard, pi_ref = SFT):          [SPPO-9]
 #        L = ( log( pi_theta(y_w|x)/pi_ref(y_w|x) ) - eta/2 )^2 + ( log( pi_theta(y_l|x)/pi_ref(y_l|x) ) + eta/2 )^2
-#    Corrections to the write-up's loss section: (a) it writes log(log pi_theta/pi_ref): there is ONE log, of
-#    the ratio (a log of a log-ratio is not even defined where pi_theta < pi_ref); (b) it writes
-#    eta^-1 (P - 1/2) and +-1/(2 eta), where the derivation above gives eta (P - 1/2) and +-eta/2: its
-#    "eta" there is TRL's beta.
+#    Corrections to the write-up's loss section: (a) it writes log(log pi_theta/pi_ref): there is ONE log, of the
+#    ratio (a log of a log-ratio is undefined where pi_theta < pi_ref); (b) it writes eta^-1 (P - 1/2) and
+#    +-1/(2 eta) where the derivation gives eta (P - 1/2) and +-eta/2: its "eta" there is TRL's beta.
 #
-# Convention: eta here is the paper's eta, the multiplicative-weights step size of [SPPO-2]. TRL
-# (loss_type="sppo_hard") and the official SPPO code write the same losses with beta = 1/eta, so
-# beta = 1/eta and eta = 1/beta: the official runs' beta = 0.001 is eta = 1000. TRL's sppo_hard SUMS the two
-# squares of [SPPO-9], as sppo_hard_loss does; the official SPPO trainer halves them ((loss_w + loss_l)/2).
-# Adam is invariant to a constant factor on the loss, so the factor changes nothing but the logged loss.
+# Convention: eta is the paper's step size of [SPPO-2]; TRL (loss_type="sppo_hard") and the official code write
+# beta = 1/eta (their beta = 0.001 is eta = 1000). TRL SUMS the two squares of [SPPO-9], as sppo_hard_loss does;
+# the official trainer halves them, which Adam (invariant to a constant factor on the loss) does not notice.
 #
 # log pi(y|x) is a SUM over the response tokens (model.sequence_logps), EOS included; the prompt and the
 # padding never count. The loss is a plain square: its gradient 2 (log-ratio - target) grows linearly
@@ -165,8 +157,7 @@ def estimate_win_rates(prefs):
     """[SPPO-5]: each sample's win rate against the K samples of its prompt, itself included (a tie, 1/2).
 
     prefs   [N, K, K]  P(y_i > y_j | x) of the K responses to each of N prompts (data.judge_prob of every pair)
-    returns [N, K]     P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x)
-    Each row averages to exactly 1/2, since P(y_i > y_j) + P(y_j > y_i) = 1.
+    returns [N, K]     P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x); each row averages to exactly 1/2
     """
     prefs = prefs.clone()
     prefs.diagonal(dim1=1, dim2=2).fill_(0.5)   # a tie with itself (Bradley-Terry gives 1/2 anyway; any oracle must)
@@ -224,7 +215,6 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, config, steps, ba
                   "win_prob_mean": win_prob.mean().item(),          # 1/2 by construction (step 5 of the derivation)
                   "win_prob_std": win_prob.std().item(),            # how much the targets vary: the signal
                   "sample_score": data.score_responses(responses).mean().item(),
-                  "sample_length": data.response_lengths(responses).float().mean().item(),
                   "loss_before": sppo_loss(ref_logps, ref_logps, win_prob, eta).mean().item(),   # pi_theta = pi_t
                   "loss_after": sppo_loss(fitted, ref_logps, win_prob, eta).mean().item(),
                   "train_seconds": time.time() - t0, "sampling_seconds": sampling_seconds}
@@ -233,8 +223,7 @@ def self_play_iteration(policy, prompts, *, iteration, k, eta, config, steps, ba
 def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_order, log_rows):
     """--variant hard: [SPPO-9] on offline pairs, pi_ref = the SFT model (TRL's loss_type="sppo_hard")."""
     t0 = time.time()
-    ref_chosen, ref_rejected, _, _ = data.pair_logps_all(ref, pairs, device)   # pi_ref frozen: once
-    ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+    ref_chosen, ref_rejected = (logps.to(device) for logps in data.pair_logps_all(ref, pairs, device)[:2])
     optimizer = Adam(policy.parameters(), lr=lr)
     policy.train()
     n_pairs = pairs["chosen_ids"].shape[0]
@@ -263,11 +252,10 @@ def hard_fit(policy, ref, pairs, *, eta, steps, batch_size, lr, device, batch_or
 # The game under --judge cyclic: the last iterate and the average of the iterates
 # ----------------------------------------------------------------------------------------------------
 #
-# With preferences that go round in a circle (data.py, --judge cyclic) there is no best review, only an
-# equilibrium: school shares of 1/3 each [Nash]. Multiplicative weights [SPPO-2] moves mass to the school that
-# beats the current policy, so the LAST iterate goes round the circle; Theorem 4.1 [SPPO-Thm4.1] is about the
-# AVERAGE of the iterates, the policy that picks one of pi_1..pi_T at random, then samples from it. Each
-# iteration reports both: school shares and exploitability (0 exactly at the equilibrium).
+# With preferences in a circle (--judge cyclic) there is no best review, only an equilibrium: school shares of 1/3
+# each [Nash]. Multiplicative weights [SPPO-2] moves mass to the school that beats the current policy, so the LAST
+# iterate goes round the circle; Theorem 4.1 [SPPO-Thm4.1] bounds the AVERAGE of the iterates (pick one of
+# pi_1..pi_T at random, sample from it). Each iteration reports both: school shares and exploitability.
 
 @torch.no_grad()
 def sample_mixture(models, prompts, generator):
@@ -435,12 +423,8 @@ def main():
 #      normalised distribution, so the fit is some other one: mw_kl_half measures how far from the MW step.
 #   3. [SPPO-5] + [SPPO-6], what sppo.py does with the GPT: K responses per prompt sampled from pi_t by
 #      model.sample (the table answers like a GPT), win rates against those K, the mean loss over the samples.
-# The chain continues from fit 1 (the MW step), and reports what the theory is about: on the Bradley-Terry
-# judge the iterates move toward the best reviews; on the cyclic judge (--judge cyclic) the Nash equilibrium
-# is every policy with school shares 1/3 each [Nash], the LAST iterate of multiplicative weights circles
-# round it (and slowly spirals out), and the AVERAGE of the iterates, (1/t) sum_s pi_s, closes in on it: the
-# paper's Theorem 4.1 [SPPO-Thm4.1] bounds the average, not the last iterate: O(1/sqrt(T)) with eta ~ 1/sqrt(T).
-# Exploitability, max_y P(y > pi) - 1/2 (data.exploitability), is 0 exactly at an equilibrium.
+# The chain continues from fit 1 (the MW step): toward the best reviews on the Bradley-Terry judge; on the cyclic
+# judge its last iterate circles (and slowly spirals out) while the average closes in (the game, above).
 
 # eta ~ 1/sqrt(T), as in Theorem 4.1. steps: Newton steps per fit, at most (a fit takes 5 to 10)
 EXACT_DEFAULTS = {"eta": 1.0, "iterations": 40, "steps": 50, "out": "out/sppo_exact"}
@@ -449,14 +433,12 @@ EXACT_SAMPLE_PROMPTS = 288        # prompts for the K-sample fit: as many as the
 
 def fit_exact(ex, pi_t, index, win_prob, weights, eta, steps):
     """Minimise sum_i weights[i] * sppo_loss(log pi(y_i), log pi_t(y_i), win_prob[i], eta) over a table policy
-    that starts at the frozen pi_t (a TablePolicy); y_i is listed response index[i]. Returns its distribution.
-    log pi(y|x) of the 27 reviews is policy.log_probs() (what model.sequence_logps returns on the table, in
-    float64); sample i's is its entry index[i]."""
+    that starts at the frozen pi_t (a TablePolicy); y_i is listed review index[i]. Returns its distribution."""
     policy = ex.table(pi_t.probs())
-    ref_logps = pi_t.log_probs()                                     # [C] log pi_t(y|x)
+    ref_logps = pi_t.log_probs()                                     # [C] log pi_t(y|x), float64
 
     def expected_loss():
-        policy_logps = policy.log_probs()                            # [C] log pi_theta(y|x)
+        policy_logps = policy.log_probs()                            # [C] log pi_theta(y|x): sequence_logps's sums
         return (weights * sppo_loss(policy_logps[index], ref_logps[index], win_prob, eta)).sum()
 
     minimise(policy.logits, expected_loss, steps)
@@ -529,9 +511,8 @@ def run_exact():
           f"{r['exploitability_last']:.3f}", f"{r['exploitability_average']:.3f}"] for r in shown])
     print(f"\nfit with the exact log Z: KL to the MW step at most {metrics['mw_kl_exact_logz']:.1e}; above 1e-13, at "
           f"most {metrics['mw_kl_ratio']:.1e} of what not moving scores (goal <= 1e-3)")
-    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, "
-          f"last iterate {metrics['exploitability_last'][-1]:.3f}, "
-          f"average of the iterates {metrics['exploitability_average'][-1]:.3f}")
+    last, average = metrics["exploitability_last"][-1], metrics["exploitability_average"][-1]
+    print(f"exploitability: SFT {metrics['exploitability_sft']:.3f}, last iterate {last:.3f}, average {average:.3f}")
     print(done)
 
 
