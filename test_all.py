@@ -1269,13 +1269,16 @@ class TestScore(unittest.TestCase):
 
 class TestOracle(unittest.TestCase):
     def test_bradley_terry_symmetry_direction_and_worked_example(self):
-        g, prob = torch.Generator().manual_seed(0), data.preference_prob
-        sa, sb = torch.rand(200, generator=g) * 2 - 1, torch.rand(200, generator=g) * 2 - 1
+        prob = lambda a, b, tau: data.judge_prob(a, b, data.TaskConfig(tau=tau))   # Bradley-Terry on the score
+        rng = np.random.default_rng(0)
+        a, b = (data._random_responses(rng, 200, 0.5, 0.0) for _ in range(2))
+        sa, sb = data.score_responses(a), data.score_responses(b)
         for tau in (0.05, 0.2, 1.0):
-            torch.testing.assert_close(prob(sa, sb, tau) + prob(sb, sa, tau), torch.ones(200), rtol=0, atol=1e-6)
-            self.assertTrue(torch.equal(prob(sa, sb, tau) > 0.5, sa > sb))
-        self.assertEqual(prob(0.3, 0.3, 0.2).item(), 0.5)
-        self.assertGreater(prob(0.3, 0.1, 0.1).item(), prob(0.3, 0.1, 0.5).item())   # sharper
+            torch.testing.assert_close(prob(a, b, tau) + prob(b, a, tau), torch.ones(200), rtol=0, atol=1e-6)
+            self.assertTrue(torch.equal(prob(a, b, tau) > 0.5, sa > sb))
+        self.assertEqual(prob(a[:1], a[:1], 0.2).item(), 0.5)
+        better, worse = responses_of("great plot"), responses_of("the plot")
+        self.assertGreater(prob(better, worse, 0.1).item(), prob(better, worse, 0.5).item())   # sharper
         a_b, b_a = data.oracle("x", EXAMPLE_A, EXAMPLE_B), data.oracle("x", EXAMPLE_B, EXAMPLE_A)
         self.assertAlmostEqual(a_b + b_a, 1.0, places=6)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
@@ -1297,8 +1300,9 @@ class TestCyclicJudge(unittest.TestCase):
         # no reward can represent it: Bradley-Terry log-odds around any cycle add up to 0, these to 3 logit(p)
         cycle = lambda m: sum(math.log(m[a, b] / m[b, a]) for a, b in ((0, 1), (1, 2), (2, 0)))
         self.assertAlmostEqual(cycle(prefs), 3 * math.log(p / (1 - p)), places=9)
-        scores = torch.tensor([0.3, -0.1, 0.7])
-        self.assertAlmostEqual(cycle(data.preference_prob(scores[:, None], scores[None, :], 0.2)), 0.0, places=4)
+        reviews = responses_of("great plot", "dull plot", "great fun plot")            # Bradley-Terry: no cycle
+        bradley_terry = data.judge_prob(reviews[:, None], reviews[None], data.TaskConfig())
+        self.assertAlmostEqual(cycle(bradley_terry), 0.0, places=4)
 
 
 class TestJudgeProb(unittest.TestCase):
