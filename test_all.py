@@ -15,16 +15,12 @@ and a failure says what was expected, what came, and which common mistake gives 
     estimate_win_rates    sppo.py    TestEstimateWinRates   python -m unittest test_all.TestEstimateWinRates -v
     sequence_logps        model.py   TestSequenceLogps      python -m unittest test_all.TestSequenceLogps -v
 
-After those five classes the tests follow the code: one part per file (model.py, data.py, dpo.py, simpo.py,
-sppo.py), one class per function or behaviour, named after it; the run contract (flags, faults, the output
-folder, checkpoints, the SFT cache, memory, the README, the scripts as processes) comes last, and students
-can skip it. Every test checks a value worked out independently of the code under test (by hand, in closed
-form, with a plain loop, or recomputed from a run's own files) or an invariance the code promises.
-
-The runs are tiny and shared: one SFT model per judge (5 steps, trained once per test run), each script's
-main() run in this process a few times (run_main), and a fresh process only where the process is the
-point: each script once as a user types it, a real Ctrl-C, a closed pipe, an ASCII terminal. Those start
-first, in parallel, when the whole file runs (load_tests at the end).
+Then the tests follow the code, one part per file and one class per function or behaviour, named after it;
+the run contract (flags, faults, the output folder, checkpoints, the SFT cache, memory, the README, the
+scripts as processes) comes last, and students can skip it. Every test checks a value worked out apart from
+the code under test (by hand, in closed form, with a loop, or from a run's own files) or a promised invariance.
+The runs are tiny and shared: one SFT model per judge, each script's main() run in this process (run_main),
+and a fresh process only where the process is the point, started first and in parallel (load_tests).
 """
 
 import argparse
@@ -39,9 +35,8 @@ import json
 import math
 import os
 
-# Several processes share 2 cores while the tests run: OpenMP threads that spin while they wait would slow
-# every one of them many times over, so they sleep instead (inherited by the subprocesses). Before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Several processes share 2 cores here: OpenMP threads that spin while they wait would slow each many times over
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # so they sleep instead (the subprocesses too); before torch
 import pathlib
 import re
 import shutil
@@ -69,10 +64,7 @@ import sppo
 # ====================================================================================================
 # Write it yourself: dpo_loss, simpo_loss, sppo_loss, estimate_win_rates, sequence_logps
 # ====================================================================================================
-#
-# Each class calls its function alone, nothing of the script around it, and when a value is wrong it says
-# what was expected, what came, and which common mistake gives exactly what came (each mistake below is
-# computed, not guessed from the message).
+# (each mistake below is computed, not guessed from the message)
 
 t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
 softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
@@ -140,10 +132,11 @@ def expect_grad(test, tensor, want, what, mistakes=()):
     expect_close(test, tensor.grad, want, what, mistakes)
 
 
-def expect_detached(test, rewards, name):
-    if rewards.requires_grad:
-        test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
-                  f"the loss is optimised)")
+def expect_detached(test, chosen_rewards, rejected_rewards):
+    for name, rewards in (("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards)):
+        if rewards.requires_grad:
+            test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
+                      f"the loss is optimised)")
 
 
 class TestDpoLoss(unittest.TestCase):
@@ -177,9 +170,7 @@ class TestDpoLoss(unittest.TestCase):
         rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
         beta = 0.5
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        # log-ratios: chosen 0.5, 0.5, -2.0; rejected -1.0, 0.5, 3.0
-        # logits = beta * (chosen - rejected) = 0.75, 0.0, -2.5; loss = -log sigmoid(z) = log(1 + exp(-z))
-        z = torch.tensor([0.75, 0.0, -2.5])
+        z = torch.tensor([0.75, 0.0, -2.5])      # beta (log-ratio_w - log-ratio_l); loss log(1 + exp(-z))
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
                      "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
                          (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
@@ -206,8 +197,7 @@ class TestDpoLoss(unittest.TestCase):
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        expect_detached(self, cr, "chosen_rewards")
-        expect_detached(self, rj, "rejected_rewards")
+        expect_detached(self, cr, rj)
         losses.sum().backward()
         # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
         logit = beta * ((pc - rc) - (pr - rr)).detach()
@@ -230,7 +220,6 @@ class TestDpoLoss(unittest.TestCase):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
         zero = torch.zeros(4)
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
-        # logits +1000, -1000, 0, 0: losses ~0, 1000, log 2, log 2; d/dpc = -sigmoid(-logit) = 0, -1, -1/2, -1/2
         z = t(1000.0, -1000.0, 0.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
                      "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
@@ -241,8 +230,7 @@ class TestDpoLoss(unittest.TestCase):
 
 
 class TestSimpoLoss(unittest.TestCase):
-    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma)
-    [SimPO-4]."""
+    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss [SimPO-4]."""
 
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
@@ -289,8 +277,7 @@ class TestSimpoLoss(unittest.TestCase):
                          (softplus(-gamma), "gamma is added instead of subtracted"),
                          (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
                          (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
-        expect_detached(self, cr, "chosen_rewards")
-        expect_detached(self, rj, "rejected_rewards")
+        expect_detached(self, cr, rj)
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
         expect_grad(self, pc, -beta / lengths * sig(gamma),
@@ -442,8 +429,7 @@ def bt_prefs(scores, tau):
 
 
 class TestEstimateWinRates(unittest.TestCase):
-    """sppo.estimate_win_rates alone: P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), j = i included, from
-    the [N, K, K] matrix of the judge's preferences [SPPO-5]."""
+    """sppo.estimate_win_rates alone: (1/K) sum_j P(y_i > y_j|x), j = i included, from [N, K, K] prefs [SPPO-5]."""
 
     def mistakes(self, prefs):
         """What the usual wrong versions return for `prefs` [N, K, K], each with its hint."""
@@ -739,9 +725,7 @@ def quietly():
 
 
 class Spy:
-    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a), its
-    result, before(a) taken at call time, the calling function (caller), and its order among spied calls (start,
-    end)."""
+    """with Spy(obj, "name") as spy: obj.name runs; spy.calls: a (arguments), result, before(a), caller, start, end."""
     clock = itertools.count()
 
     def __init__(self, obj, name, before=None):
@@ -785,8 +769,7 @@ _SFT = {}
 
 
 def sft(judge="bt"):
-    """The folder of the SFT cache every run here loads (the default task under `judge`, --seed 1, --sft-steps 5,
-    the SMALL model), trained once per test run."""
+    """The SFT cache folder of the default task under `judge` (--seed 1, 5 steps, SMALL), trained once."""
     if judge not in _SFT:
         _SFT[judge], task = scratch(f"sft-{judge}"), data.Task(data.TaskConfig(judge=judge), seed=SEED)
         with quietly():
@@ -795,8 +778,7 @@ def sft(judge="bt"):
 
 
 def run_main(module, argv, spies=()):
-    """`python module.py argv` in this process, inside model.run as every script runs it, from where a fresh process
-    starts (model.progress reset), torch's thread count put back after: (exit code, stdout, stderr)."""
+    """`python module.py argv` in this process, as a fresh process would run it: (exit code, stdout, stderr)."""
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
     with contextlib.ExitStack() as stack:
@@ -828,9 +810,7 @@ _RUNS = {}
 
 
 def gpt_run(name):
-    """One of GPT_RUNS, made once per test run in this process with its connections spied on: a Namespace of dir,
-    out, err, metrics, log, trained (model.pt read back), task and policy (start_run's), spy, gpts (how many GPTs it
-    built), sft_dir and sft (the SFT model)."""
+    """One of GPT_RUNS, made once and spied on: dir, out, err, metrics, log, trained, task, policy, spy, gpts, sft."""
     if name not in _RUNS:
         module, flags, judge = GPT_RUNS[name]
         sft_dir = sft(judge) if judge else scratch("sft-fresh")
@@ -872,9 +852,7 @@ def with_weights(state, cfg=SMALL):
 
 
 class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which data
-    trains and which evaluates, which model is compared with which, the numbers recomputed, the summary, peak memory
-    sampled in training only. A class per script mixes this in."""
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)); mixed in per script."""
     run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
     reward_scale = None    # the reward: reward_scale * log pi_theta/pi_sft, or (None) SimPO's beta log pi / |y|
 
@@ -993,8 +971,7 @@ class ScriptChecks:
 
 
 def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and y_l,
-    each computed alone, under the argument names of dpo_loss and sppo_hard_loss."""
+    """The four log-probs a pairwise loss should get for a batch, each computed alone, under the loss's names."""
     return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
             for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
 
@@ -1119,8 +1096,7 @@ class TestAdam(unittest.TestCase):
 
 class TestSftModel(unittest.TestCase):
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
-        """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
-        TestSftCache); sft_ce per response token, in float64 on the CPU."""
+        """Cross-entropy on the demonstrations' response tokens, measured on held-out ones; sft_ce in float64."""
         task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
@@ -1353,8 +1329,7 @@ class TestTask(unittest.TestCase):
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts, mean sigmoid(|s_a - s_b| / tau):
-        not always (noisy raters), not at chance."""
+        """The better review is chosen at the oracle's rate, mean sigmoid(|s_a - s_b|/tau): not always nor at chance."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
@@ -1460,9 +1435,7 @@ class TestEvaluate(unittest.TestCase):
         return side, data.evaluate(policy, sft_model, side, task, CPU, n, seed)
 
     def test_which_way_round_and_the_kl(self):
-        """Every policy review scores +1 and every SFT review -1: each comparison is sigmoid(2 / tau), near 1 one way
-        round, near 0 the other. A policy that writes one positive word of 16 against an SFT model that writes one
-        word of 32: log pi(y|x) - log sft(y|x) = log 2 on every review, so KL(policy || SFT) is log 2."""
+        """Reviews scoring +1 against -1: sigmoid(2 / tau) one way round; one word of 16 against one of 32: KL log 2."""
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
             _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
@@ -1487,8 +1460,8 @@ class TestEvaluate(unittest.TestCase):
         self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
-        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
-        meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        """The SFT model samples at seeds 10_000 + seed (its own) and 10_001 + seed (the policy's rival), the policy at
+        10_000 + seed, on held-out prompts; win rates and KL recomputed from those samples."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
@@ -1508,8 +1481,7 @@ class TestEvaluate(unittest.TestCase):
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
     def test_the_sft_side_and_the_game(self):
-        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and
-        every policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
+        """sft_win_rate_vs_sft is measured (not 1/2 by fiat) on the reviews every policy meets; cyclic: the game."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
@@ -1827,8 +1799,7 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
     run_name, title, reward_scale = "dpo", "DPO", 0.5
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights then), the SFT model's as the reference,
-        --beta, chosen and rejected in their places, the logged loss [DPO-1] of those: ln 2 at step 0 only."""
+        """Each step's dpo_loss gets its batch's log-probs (policy then, SFT reference), --beta; ln 2 at step 0 only."""
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
@@ -1950,8 +1921,7 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
-        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their places,
-        and the logged loss [SimPO-4] of those."""
+        """Each step's simpo_loss gets its batch's summed log-probs and |y|, --beta and --gamma [SimPO-4]."""
         losses = [c for c in self.r.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
@@ -1973,8 +1943,7 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         self.assertIn(f"SFT model (cache {glob_one(small.sft_dir)}): trained; ", small.err)
 
     def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
-        """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT model,
-        and the KL at the end runs the policy's own network on the SFT weights (functional_call)."""
+        """No reference model: the SFT side is measured before training; KL: the SFT weights by functional_call."""
         spy = self.r.spy
         (side,) = spy["evaluate_sft"].calls
         first_step = min(c.start for c in spy["memory_sample"].calls)
@@ -2034,8 +2003,7 @@ class TestSppoHardLoss(unittest.TestCase):
 
 
 class TestSelfPlayIteration(unittest.TestCase):
-    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
-    K, and the regression [SPPO-6] fitted on them."""
+    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, win rates within a prompt, [SPPO-6] fitted."""
 
     def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
         """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
@@ -2112,8 +2080,7 @@ class TestSampleMixture(unittest.TestCase):
 
 class TestGameStats(unittest.TestCase):
     def test_the_average_of_the_iterates_on_held_out_prompts(self):
-        """Three iterates that write one school each: their average plays every school a third of the time
-        (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
+        """Three one-school iterates: their average plays each school a third of the time, whatever the last does."""
         task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
         last = {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}
         with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
@@ -2130,8 +2097,7 @@ class TestGameStats(unittest.TestCase):
 
 
 class TestSppoScript(ScriptChecks, unittest.TestCase):
-    """sppo.py, self-play under --judge cyclic: two iterations of 2 steps (K = 2, eta 10, tau 0.5: not the
-    defaults, so a default or a swap shows)."""
+    """sppo.py self-play under --judge cyclic: 2 iterations of 2 steps, K = 2, eta 10, tau 0.5 (not the defaults)."""
     run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
     reward_scale = 1 / 10.0     # the implicit reward (1/eta) log pi_theta/pi_sft
 
@@ -2140,8 +2106,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertTrue(all(c.a["pairs"] is self.r.task.heldout_pairs for c in self.r.spy["pair_batch"].calls))
 
     def test_self_play_runs_on_the_training_prompts(self):
-        """Each iteration samples K responses from pi_t for every task.train_prompts row (never a held-out one),
-        with --k, --eta and the task's judge, and fits the policy in place; pi_1 is the SFT model."""
+        """Each iteration samples K responses from pi_t per training prompt, with --k, --eta, the judge; pi_1 is SFT."""
         calls, run = self.r.spy["self_play_iteration"].calls, self.r
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
@@ -2161,10 +2126,8 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
     def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
-        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
-        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed). Each iteration's game: the average
-        of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed 20_000 + seed), its school shares and
-        exploitability; the last iterate's are the evaluation's."""
+        """win_rate_vs_prev: pi_3 (seed 10_000 + seed) against pi_2 (10_001 + seed); each iteration's game: the average
+        of pi_1 .. pi_{t+1} as a mixture (seed 20_000 + seed); the last iterate's numbers are the evaluation's."""
         run, m = self.r, self.r.metrics
         pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
         (prev,) = run.spy["heldout_reviews"].by("main")
@@ -2196,8 +2159,7 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
     run_name, title, training_forwards, trains_on, reward_scale = "sppo_hard", "SPPO", 2, "hard_fit", 1 / 10.0
 
     def test_every_step_is_its_batch_against_the_sft_model(self):
-        """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
-        places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
+        """Each step: the SFT model's log-probs of the batch as pi_ref, the policy's current, --eta; first eta^2/2."""
         (fit,) = self.r.spy["hard_fit"].calls
         self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy)
         self.assertTrue(fit.a["ref"] is not self.r.policy and same_weights(fit.a["ref"], self.sft))
@@ -2228,8 +2190,7 @@ def mw_chain(ex, eta, iterations):
 
 
 class TestSppoExact(unittest.TestCase):
-    """python sppo.py --exact: [MW-exact], the eta/2 and K-sample fits, the game numbers per iteration, and
-    [SPPO-Thm4.1] on the cyclic judge (that run, at the defaults, is the script's run as a process)."""
+    """python sppo.py --exact: [MW-exact], other fits, the game per iteration, [SPPO-Thm4.1] (cyclic: a process)."""
 
     @classmethod
     def setUpClass(cls):
@@ -2238,8 +2199,7 @@ class TestSppoExact(unittest.TestCase):
         cls.runs = ((cls.bt, data.ExactTask()), (cls.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))))
 
     def test_exact_log_z_fit_is_the_mw_step(self):
-        """Each iteration's fit with the exact log Z closes the multiplicative-weights step: at most 1/1000 of what
-        not moving scores (or below 1e-13), and the chain it continues is the MW chain."""
+        """The exact-log-Z fit closes each MW step (within 1/1000 of not moving, or below 1e-13), along the MW chain."""
         c = self.cyclic
         self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
         for m, ex in self.runs:
@@ -2256,8 +2216,7 @@ class TestSppoExact(unittest.TestCase):
             self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
 
     def test_the_game_numbers_of_every_iteration(self):
-        """The last iterate pi_{t+1} and the average (1/(t+1)) sum_{s <= t+1} pi_s, the SFT table included, against
-        the MW chain by hand: exploitability, school shares and the mass on the best reviews."""
+        """The last iterate and the average of pi_1 .. pi_{t+1} against the MW chain by hand, iteration by iteration."""
         for m, ex in self.runs:
             chain, best = mw_chain(ex, m["eta"], m["iterations"]), ex.best()
             self.assertAlmostEqual(m["exploitability_sft"], ex.exploitability(ex.sft_probs), places=12)
@@ -2272,8 +2231,7 @@ class TestSppoExact(unittest.TestCase):
                                            msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per
-        prompt drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        """Iteration 1's eta/2 fit and K-sample fit (pi_1's draws with the run's seed), rebuilt here."""
         for m, _ in self.runs:
             self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
@@ -2345,8 +2303,7 @@ class TestFlags(unittest.TestCase):
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
-        """SystemExit(2), the last line naming what was wrong, nothing else escaping (an exception here would be a
-        traceback there), and no folder made: every value is checked before any work."""
+        """Exit 2, the last line naming what was wrong, no traceback, no folder made: every value checked up front."""
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
@@ -2414,8 +2371,7 @@ class TestRun(unittest.TestCase):
     """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
 
     def test_ctrl_c_divergence_and_out_of_memory_in_a_run(self):
-        """Ctrl-C in training and in the evaluation, a real divergence (--lr 10, on a model wide enough to blow up
-        within a few steps, n_embd 64), out of memory: each one line, its exit code, the previous run untouched."""
+        """Ctrl-C in training or evaluation, a real divergence (--lr 10, n_embd 64), out of memory: one line each."""
         real, calls = data.pair_batch, []
         third_batch = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else throw(KeyboardInterrupt))
         oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
@@ -2467,8 +2423,7 @@ class TestRun(unittest.TestCase):
         self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
 
     def test_a_reader_that_leaves_early(self):
-        """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
-        stdout now leads to /dev/null, so Python's last flush at exit has nowhere to fail."""
+        """python simpo.py | head -1: exit 0 quietly, stdout led to /dev/null so the last flush cannot fail."""
         sink = tempfile.TemporaryFile(dir=SCRATCH)
         closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
                            spec=["write", "fileno", "flush"])
@@ -2565,8 +2520,7 @@ class TestOutputFolder(unittest.TestCase):
         self.assertEqual(folder_state(out), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
-        """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
-        as before once it is."""
+        """SIGINT between the two renames is ignored, so the swap is never left half done; then Ctrl-C works again."""
         real, caught = os.rename, []
         handler = lambda *a: caught.append(a)                      # what would have raised KeyboardInterrupt
         signal.signal(signal.SIGINT, handler)
@@ -2687,8 +2641,7 @@ class TestSftCache(unittest.TestCase):
 
 class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
-        """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
-        arrive), the others wait for its lock, then load what it saved. The lock file stays."""
+        """Three runs on one empty --sft-dir: one trains (slowly), the others wait on its lock, load; it stays."""
         task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
         errors = io.StringIO()
         slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
@@ -2774,8 +2727,7 @@ def defined_names(file):
 
 
 def citation_problems(text):
-    """Every `file.py:name` in `text` must name something defined in that file, and every [LABEL] must appear in
-    some source file (the labelled comments the README quotes)."""
+    """Each `file.py:name` must be defined in that file and each [LABEL] appear in a source file."""
     code = "".join(read(f"{file}.py") for file in CODE_FILES)
     return ([f"`{file}.py:{name}` names nothing defined in {file}.py" for file, name in CITATION.findall(text)
              if name not in defined_names(file)]
@@ -2838,10 +2790,8 @@ class TestReadme(unittest.TestCase):
 # whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout
-    block-buffered: no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's
-    reader is gone before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar
-    draws), and Ctrl-C comes once the bar shows a training step."""
+    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err, raw).
+    reader_leaves: stdout closed at once (| head); ctrl_c: stderr a pty, Ctrl-C once the bar shows a step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
         self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
@@ -2939,8 +2889,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
-        """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
-        SFT model on stderr, and the numbers of the same run in this process (same seed, same numbers)."""
+        """python dpo.py: exit 0, charts and summary on stdout, device and SFT on stderr, this process's numbers."""
         proc = script_process("dpo")
         p = proc.finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
@@ -2955,9 +2904,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.same_numbers(proc, gpt_run("dpo"))
 
     def test_simpo_first_run_on_an_ascii_terminal(self):
-        """python simpo.py with an empty --sft-dir, PYTHONIOENCODING=ascii: it trains and caches the SFT model (the
-        file and the weights of the shared one), prints ASCII charts, and gets the numbers of the same run in this
-        process, which loaded its SFT model (cold cache or warm: the same numbers)."""
+        """python simpo.py, empty --sft-dir, ASCII terminal: the shared cache's twin, ASCII charts, the same numbers."""
         proc = script_process("simpo")
         p = proc.finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
@@ -2971,8 +2918,7 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertTrue(same_weights(cached(cold), cached(warm)))
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
-        """python sppo.py --exact --judge cyclic (the README's command), its stdout's reader gone before the first
-        line, stdout block-buffered as on a pipe: exit 0, no message, metrics.json only (TestSppoExact reads it)."""
+        """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
         proc = script_process("sppo_exact")
         p = proc.finish()
         self.assertEqual((p.code, p.err), (0, ""))
@@ -3003,8 +2949,7 @@ atexit.register(cleanup)
 
 
 def load_tests(loader, tests, pattern):
-    """`python -m unittest test_all`: the processes start first (they run while this one works; the SFT model
-    they share is trained first), then the classes run in the order of this file."""
+    """`python -m unittest test_all`: the processes start first, then the classes in the order of this file."""
     for name in PROCESSES:
         script_process(name)
     suite = unittest.TestSuite()
