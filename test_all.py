@@ -366,8 +366,7 @@ class TestSppoLoss(unittest.TestCase):
         policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
         win = t(0.9, 0.5, 0.2, 0.0)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
-        # log-ratios 1, 0, -2, 0.5; targets eta (P - 1/2) = 1.6, 0, -1.2, -2
-        # losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
+        # log-ratios 1, 0, -2, 0.5; targets 1.6, 0, -1.2, -2; losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
         expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
                      "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
@@ -464,8 +463,7 @@ class TestEstimateWinRates(unittest.TestCase):
                    "win rates of three samples scored (0, 0.2, -0.2), tau 0.2")
 
     def test_self_tie_counts_one_half(self):
-        # a certain winner and a certain loser: with the self-tie 0.5 in the mean, (1 + 0.5)/2 and (0 + 0.5)/2
-        # (without it they would be 1 and 0)
+        # a certain winner and loser: the self-tie 1/2 in the mean gives (1 + 0.5)/2, (0 + 0.5)/2 (not 1 and 0)
         self.check(bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3), torch.tensor([[0.75, 0.25]]),
                    "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2")
 
@@ -598,8 +596,7 @@ class TestSequenceLogps(unittest.TestCase):
 
 
 # ====================================================================================================
-# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process,
-# and the checks every script's run shares (ScriptChecks)
+# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model and runs, ScriptChecks
 # ====================================================================================================
 
 REPO, CPU = os.path.dirname(os.path.abspath(__file__)), torch.device("cpu")
@@ -794,8 +791,7 @@ def run_main(module, argv, spies=()):
     return code, out.getvalue(), err.getvalue()
 
 
-# The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
-# beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
+# The shared runs (gpt_run): script, flags beyond TINY, the judge of the SFT cache it loads (None: its own)
 GPT_RUNS = {
     "dpo": (dpo, "--steps 3 --beta 0.5 --lr 1e-2".split(), "bt"),
     "dpo_precompute": (dpo, "--steps 3 --beta 0.5 --lr 1e-2 --precompute-ref".split(), "bt"),
@@ -933,8 +929,7 @@ class ScriptChecks:
             self.assertAlmostEqual(m.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
         for key in ("school_shares", "sft_school_shares"):
             self.assertEqual(m.get(key), e.get(key), key)
-        # reward_accuracy: the share of held-out pairs whose reward puts y_w first; ranking_agreement: the share on
-        # which the reward's order (+1, 0, -1) is the average log-likelihood's
+        # reward_accuracy: reward puts y_w first; ranking_agreement: reward's order is the average log-likelihood's
         pc, pr, lc, lr = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
         if self.reward_scale is None:
             cr, rr = 3.0 * pc / lc, 3.0 * pr / lr                         # SimPO, --beta 3
@@ -1044,8 +1039,7 @@ class TestSample(unittest.TestCase):
         self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # one stream
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
-        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
-        # of ending occur, EOS drawn early and EOS forced at the last position
+        # EOS with probability 0.15 at every step (banned tokens likelier still): EOS drawn early, or forced last
         probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
@@ -1184,8 +1178,7 @@ class TestMinimise(unittest.TestCase):
         # an ill-conditioned quadratic: Newton's first step lands on its minimum
         self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)
         torch.testing.assert_close(x.detach(), target)
-        # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
-        # which H is singular), and the loss there is the entropy of p, whatever the weights span
+        # cross-entropy to p: softmax(theta) = p at the minimum, a singular H along theta + c; the loss is H(p)
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
         theta, one = (nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
         loss = model.minimise(theta, lambda: -(p * torch.log_softmax(theta, 0)).sum())
@@ -1385,8 +1378,7 @@ class TestStartRun(unittest.TestCase):
         with quietly() as (_, err):
             device, task, policy, info = data.start_run(args)
             want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
-            # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
-            # trained with this seed, these steps, these demonstrations and this size
+            # the same settings straight to the cache: a hit (same weights) iff start_run trained these settings
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
                 again, cached = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
         self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
@@ -1513,14 +1505,12 @@ class TestRankingMetrics(unittest.TestCase):
     def test_constructed_cases_and_ties(self):
         cr, ones, four = t(1.0, 2.0, 3.0, 4.0), torch.ones(4), lambda x: torch.full((4,), x)
         cases = [  # rewards (chosen, rejected), log-probs (chosen, rejected), lengths: accuracy, agreement
-            # the reward puts y_w first T F T F; average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F;
-            # agreement 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
+            # reward: y_w first T F T F; average log-likelihood T F F F: agreement 3/4 (summed, F F F F: 2/4)
             (cr, t(0.0, 3.0, 2.0, 5.0), t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0),
              t(2.0, 3.0, 2.0, 1.0), 2 / 4, 3 / 4),
             # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); TTTF vs TTTT
             (cr, t(0.0, 1.0, 2.0, 5.0), four(-4.0), four(-3.0), four(4.0), ones, 3 / 4, 3 / 4),
-            # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
-            # pair and agrees with the likelihood only where the likelihood ties too (the third pair)
+            # one reward for every response (DPO's at pi_theta = pi_ref): right about no pair, agrees on ties only
             (four(0.0), four(0.0), t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), ones, ones, 0.0, 1 / 4)]
         for *args, accuracy, agreement in cases:
             m = data.ranking_metrics(*args)
@@ -1891,23 +1881,20 @@ class TestDpoExact(unittest.TestCase):
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
         self.assertEqual(m["school_shares"], ex.school_shares(pi).tolist())
-        # DPO's implicit reward beta log pi/pi_ref: one number per school (the judge ties within one), three
-        # different numbers, so the schools stand in a line, which the cycle exploits
+        # DPO's implicit reward beta log pi/pi_ref: one number per school, three different ones: a line, exploited
         reward = m["beta"] * (pi / ex.sft_probs).log()
         per_school = [reward[ex.schools == i] for i in range(3)]
         self.assertLess(max((r - r[0]).abs().max().item() for r in per_school), 1e-6)
         self.assertGreater(min(abs(a[0] - b[0]).item() for a, b in itertools.combinations(per_school, 2)), 0.1)
         self.assertGreater(m["exploitability"], max(m["exploitability_sft"], 0.2))
-        # pairs that meet every school equally (each wins its comparisons 0.9 of the time): by symmetry the
-        # Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        # pairs meeting every school equally: by symmetry one reward for the three, and DPO keeps pi_ref's shares
         ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
         torch.testing.assert_close(ex.school_shares(dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)),
                                    ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
 
 
 # ====================================================================================================
-# simpo.py: the training run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run that trains its own
-# SFT model (another size, --no-length-norm), --exact
+# simpo.py: the run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run (own SFT model, size), --exact
 # ====================================================================================================
 
 class TestSimpoScript(ScriptChecks, unittest.TestCase):
@@ -1996,8 +1983,7 @@ class TestSppoHardLoss(unittest.TestCase):
         pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
         a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
         for eta in (0.1, 2.0, 20.0):
-            # TRL's sppo_hard with beta = 1/eta, (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, is the same sum; the
-            # official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
+            # TRL's sppo_hard (beta = 1/eta) is this sum; the official trainer halves it (Adam does not care)
             want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
             torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want), msg=f"eta {eta}")
 
@@ -2035,8 +2021,7 @@ class TestSelfPlayIteration(unittest.TestCase):
         again, rows = with_weights(before), []                  # same seeds, same start: the same fit, bit for bit
         self.play(again, prompts, rows)
         self.assertTrue(rows == log_rows and same_weights(again, policy))
-        # K = 3 samples for every prompt; the win rate of sample i, from its definition [SPPO-5]: the mean over the
-        # K samples OF THE SAME PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        # K = 3 samples per prompt; sample i's win rate [SPPO-5]: mean over ITS PROMPT's K of P(y_i > y_j), 1/2 self
         rows, scores = draw.a["prompts"], data.score_responses(draw.result)
         samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
         prompt_of = [tuple(r) for r in rows.tolist()]
@@ -2268,8 +2253,7 @@ class TestSppoExact(unittest.TestCase):
 
 
 # ====================================================================================================
-# The run contract: students can skip (model.py's appendix: flags, devices, faults, the output folder,
-# checkpoints, the SFT cache, memory; the README; each script as a process)
+# The run contract, students can skip: flags, devices, faults, output folder, checkpoints, SFT cache, memory, README
 # ====================================================================================================
 
 def exits(fn):
@@ -2785,9 +2769,8 @@ class TestReadme(unittest.TestCase):
         plt.savefig.assert_called_once()
 
 
-# Each script as a user types it, in a process of its own: the faults that need a real process (a signal, a
-# pipe, a terminal) and a run from nothing. Each costs 2-3 s of torch import, so they start first when the
-# whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
+# Each script as a user types it, in its own process: a signal, a pipe, a terminal, a run from nothing. 2-3 s
+# of torch import each: load_tests starts them first, in parallel; TestScriptProcesses waits at the end.
 
 class ScriptProcess:
     """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err, raw).
