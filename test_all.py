@@ -567,23 +567,17 @@ class TestSequenceLogps(unittest.TestCase):
         expect_close(self, logps, self.loop_logps(ids, mask), "log pi(y|x) of the same two reviews",
                      self.mistakes(ids, mask), atol=1e-3, rtol=0)
 
-    def test_extra_right_padding_changes_nothing(self):
-        ids, mask = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6))     # PAD is id 0
+    def test_extra_right_padding_and_batch_order_change_nothing(self):
+        ids, mask, perm = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6)), torch.tensor([3, 0, 4, 2, 1])  # PAD is 0
         with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(ids, mask)
+            (a, la), (b, lb) = self.logps(self.ids, self.mask), self.logps(ids, mask)
+            c, lc = self.logps(self.ids[perm], self.mask[perm])
         expect_close(self, b, a, "log pi(y|x) with 6 more PAD columns on the right: unchanged",
                      self.mistakes(ids, mask), atol=1e-4, rtol=0)
         expect_close(self, lb, la, "|y| with 6 more PAD columns on the right: unchanged (padding never counts)")
-
-    def test_batch_order_changes_nothing(self):
-        perm = torch.tensor([3, 0, 4, 2, 1])
-        with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(self.ids[perm], self.mask[perm])
-        expect_close(self, b, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
+        expect_close(self, c, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
                      atol=1e-4, rtol=0)
-        expect_close(self, lb, la[perm], "|y| of the same rows in another order")
+        expect_close(self, lc, la[perm], "|y| of the same rows in another order")
 
     def test_gradient_reaches_the_model(self):
         """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
@@ -2291,28 +2285,22 @@ class TestFlags(unittest.TestCase):
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--steps", "-1"], "--steps"),
-                 (dpo, ["--batch-size", "0"], "--batch-size"), (dpo, ["--lr", "abc"], "--lr"),
-                 (simpo, ["--gamma", "-1"], "--gamma"), (simpo, ["--beta", "0"], "--beta"),
-                 (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
-                 (dpo, ["--tau", "0"], "--tau"), (dpo, ["--tau", "nan"], "--tau"), (dpo, ["--tau", "inf"], "--tau"),
-                 (simpo, ["--pair-style", "2"], "--pair-style"), (simpo, ["--length-bias", "inf"], "--length-bias"),
-                 (dpo, ["--eval-samples", "0"], "--eval-samples"), (dpo, ["--sft-steps", "0"], "--sft-steps"),
-                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"),
-                 (simpo, ["--device", "tpu"], "--device"), (simpo, ["--batch-size", "1000000000"], "4096"),
-                 (dpo, ["--eval-samples", "1000000000"], "65536"), (sppo, ["--k", "1000000000"], "64"),
-                 (simpo, ["--seed", str(2**64)], str(2**32 - 1)), (dpo, ["--seed", str(2**64 - 1)], "--seed"),
-                 (simpo, ["--seed", str(2**32)], "--seed"), (simpo, ["--n-layer", "1000"], "--n-layer"),
-                 (simpo, ["--n-embd", "100000"], "--n-embd"),
-                 (simpo, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be a multiple of --n-head (4)"),
-                 (sppo, ["--eta", "0"], "--eta"), (sppo, ["--k", "1"], "--k must be at least 2"),
-                 (sppo, ["--iterations", "abc"], "--iterations"), (dpo, ["--judge", "linear"], "--judge")]
+        # "FLAG VALUE": the last line names FLAG; ("FLAGS", words): it holds the words
+        cases = {dpo: ["--beta -1", "--lr 0", "--steps -1", "--batch-size 0", "--lr abc", "--tau 0", "--tau nan",
+                       "--tau inf", "--eval-samples 0", "--sft-steps 0", "--beta nan", f"--seed {2**64 - 1}",
+                       "--judge linear", ("--eval-samples 1000000000", "65536")],
+                 simpo: ["--gamma -1", "--beta 0", "--seed x", "--seed -2", "--pair-style 2", "--length-bias inf",
+                         "--lr 1e400", "--device tpu", ("--batch-size 1000000000", "4096"), f"--seed {2**32}",
+                         (f"--seed {2**64}", str(2**32 - 1)), "--n-layer 1000", "--n-embd 100000",
+                         ("--n-embd 30 --n-head 4", "--n-embd (30) must be a multiple of --n-head (4)")],
+                 sppo: [("--k 1000000000", "64"), "--eta 0", ("--k 1", "--k must be at least 2"), "--iterations abc"]}
         if not torch.cuda.is_available():
-            cases.append((simpo, ["--device", "cuda"], "--device cuda, but this torch sees no CUDA device"))
-        for module, args, expect in cases:
-            code, _, err = run_main(module, safe + args)
-            self.assertEqual(code, 2, err)
-            self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+            cases[simpo].append(("--device cuda", "--device cuda, but this torch sees no CUDA device"))
+        for module, flags in cases.items():
+            for args, expect in (case if isinstance(case, tuple) else (case, case.split()[0]) for case in flags):
+                code, _, err = run_main(module, safe + args.split())
+                self.assertEqual(code, 2, err)
+                self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
         self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
 
@@ -2728,8 +2716,9 @@ def readme_block(containing):
 class TestReadme(unittest.TestCase):
     """README.md cites code by name (`file.py:name`) and by equation label ([DPO-1]), never by line number."""
 
-    def test_citations_name_what_the_code_defines(self):
+    def test_citations_name_what_the_code_defines_never_line_numbers(self):
         self.assertEqual(citation_problems(read("README.md")), [])
+        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
         self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
         # the check itself: a citation of nothing and a label no file holds are found; a link is no label
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
@@ -2737,9 +2726,6 @@ class TestReadme(unittest.TestCase):
                                            "[DPO-99], [Results](#results)"),
                          ["`sppo.py:nothing_here` names nothing defined in sppo.py",
                           "[DPO-99] appears in no source file"])
-
-    def test_no_line_number_citations(self):
-        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
 
     def test_the_commands_it_gives_name_these_classes(self):
         named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
