@@ -958,11 +958,14 @@ class ScriptChecks:
             self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
         self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
 
-
-def pair_logps_of(policy, ref, batch):
-    """The four log-probs a pairwise loss should get for a batch, each computed alone, under the loss's names."""
-    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
-            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+    def step_log_ratios(self, step, batch_call, loss_call):
+        """A step's loss got its batch's log-probs, the policy's (weights then) and the SFT model's: (a_w, a_l)."""
+        b, policy = batch_call.result, with_weights(batch_call.before)
+        want = {f"{who}_{side}_logps": logps_of(m, b[f"{side}_ids"], b[f"{side}_mask"])
+                for who, m in (("policy", policy), ("ref", self.sft)) for side in ("chosen", "rejected")}
+        for name, value in want.items():     # each computed alone, under the loss's argument names
+            torch.testing.assert_close(loss_call.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+        return [want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"] for side in ("chosen", "rejected")]
 
 
 def exact_run(module, *flags):
@@ -1787,14 +1790,10 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
-            a, want = loss_call.a, pair_logps_of(with_weights(batch_call.before), self.sft, batch_call.result)
-            for name, value in want.items():
-                torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            (a_w, a_l), a = self.step_log_ratios(step, batch_call, loss_call), loss_call.a
             self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
                              (True, False, 0.5))
-            ratio = lambda side: want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"]
-            margin = ratio("chosen") - ratio("rejected")
-            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
+            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * (a_w - a_l))).mean().item(), places=4)
         first = self.r.log[0]                   # step 0: pi_theta = pi_ref; were the reference the policy, always
         self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]),
                          (round(math.log(2), 6), 0.0, 0.0))
@@ -2147,12 +2146,9 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
         self.assertEqual((len(batches), len(losses)), (2, 2))
         for step, (bc, lc) in enumerate(zip(batches, losses)):
-            want = pair_logps_of(with_weights(bc.before), self.sft, bc.result)
-            for name, value in want.items():
-                torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
-            a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
+            a_w, a_l = self.step_log_ratios(step, bc, lc)
             self.assertEqual(lc.a["eta"], 10.0)
-            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()
+            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()      # [SPPO-9], eta/2 = 5
             self.assertAlmostEqual(self.r.log[step]["loss"], want, places=3)
         first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
