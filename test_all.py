@@ -2855,8 +2855,7 @@ class TestScriptProcesses(unittest.TestCase):
 
     def test_dpo(self):
         """python dpo.py: exit 0, charts and summary on stdout, device and SFT on stderr, this process's numbers."""
-        proc = script_process("dpo")
-        p = proc.finish()
+        p = (proc := script_process("dpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
                  if not line.startswith("note: another run is training")]   # it may start while the fixture trains
@@ -2870,8 +2869,7 @@ class TestScriptProcesses(unittest.TestCase):
 
     def test_simpo_first_run_on_an_ascii_terminal(self):
         """python simpo.py, empty --sft-dir, ASCII terminal: the shared cache's twin, ASCII charts, the same numbers."""
-        proc = script_process("simpo")
-        p = proc.finish()
+        p = (proc := script_process("simpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         self.assertIn("): trained; held-out cross-entropy", p.err)
         self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
@@ -2884,16 +2882,14 @@ class TestScriptProcesses(unittest.TestCase):
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
         """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
-        proc = script_process("sppo_exact")
-        p = proc.finish()
+        p = (proc := script_process("sppo_exact")).finish()
         self.assertEqual((p.code, p.err), (0, ""))
         self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_ctrl_c_on_a_terminal(self):
         """A real SIGINT while the progress bar runs: exit 130, one line saying where, the previous run untouched."""
-        proc = script_process("ctrl_c")
-        p = proc.finish()
+        p = (proc := script_process("ctrl_c")).finish()
         self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
         lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
         self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
