@@ -15,16 +15,12 @@ and a failure says what was expected, what came, and which common mistake gives 
     estimate_win_rates    sppo.py    TestEstimateWinRates   python -m unittest test_all.TestEstimateWinRates -v
     sequence_logps        model.py   TestSequenceLogps      python -m unittest test_all.TestSequenceLogps -v
 
-After those five classes the tests follow the code: one part per file (model.py, data.py, dpo.py, simpo.py,
-sppo.py), one class per function or behaviour, named after it; the run contract (flags, faults, the output
-folder, checkpoints, the SFT cache, memory, the README, the scripts as processes) comes last, and students
-can skip it. Every test checks a value worked out independently of the code under test (by hand, in closed
-form, with a plain loop, or recomputed from a run's own files) or an invariance the code promises.
-
-The runs are tiny and shared: one SFT model per judge (5 steps, trained once per test run), each script's
-main() run in this process a few times (run_main), and a fresh process only where the process is the
-point: each script once as a user types it, a real Ctrl-C, a closed pipe, an ASCII terminal. Those start
-first, in parallel, when the whole file runs (load_tests at the end).
+Then the tests follow the code, one part per file and one class per function or behaviour, named after it;
+the run contract (flags, faults, the output folder, checkpoints, the SFT cache, memory, the README, the
+scripts as processes) comes last, and students can skip it. Every test checks a value worked out apart from
+the code under test (by hand, in closed form, with a loop, or from a run's own files) or a promised invariance.
+The runs are tiny and shared: one SFT model per judge, each script's main() run in this process (run_main),
+and a fresh process only where the process is the point, started first and in parallel (load_tests).
 """
 
 import argparse
@@ -39,9 +35,8 @@ import json
 import math
 import os
 
-# Several processes share 2 cores while the tests run: OpenMP threads that spin while they wait would slow
-# every one of them many times over, so they sleep instead (inherited by the subprocesses). Before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Several processes share 2 cores here: OpenMP threads that spin while they wait would slow each many times over
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # so they sleep instead (the subprocesses too); before torch
 import pathlib
 import re
 import shutil
@@ -69,10 +64,7 @@ import sppo
 # ====================================================================================================
 # Write it yourself: dpo_loss, simpo_loss, sppo_loss, estimate_win_rates, sequence_logps
 # ====================================================================================================
-#
-# Each class calls its function alone, nothing of the script around it, and when a value is wrong it says
-# what was expected, what came, and which common mistake gives exactly what came (each mistake below is
-# computed, not guessed from the message).
+# (each mistake below is computed, not guessed from the message)
 
 t = lambda *values, grad=False: torch.tensor(values, dtype=torch.float32, requires_grad=grad)
 softplus = lambda z: math.log(1 + math.exp(z))      # log(1 + exp(z)), written out: -log sigmoid(x) = softplus(-x)
@@ -140,10 +132,11 @@ def expect_grad(test, tensor, want, what, mistakes=()):
     expect_close(test, tensor.grad, want, what, mistakes)
 
 
-def expect_detached(test, rewards, name):
-    if rewards.requires_grad:
-        test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
-                  f"the loss is optimised)")
+def expect_detached(test, chosen_rewards, rejected_rewards):
+    for name, rewards in (("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards)):
+        if rewards.requires_grad:
+            test.fail(f"{name} carries a gradient: return it .detach()ed (rewards are logged and compared; only "
+                      f"the loss is optimised)")
 
 
 class TestDpoLoss(unittest.TestCase):
@@ -177,9 +170,7 @@ class TestDpoLoss(unittest.TestCase):
         rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
         beta = 0.5
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        # log-ratios: chosen 0.5, 0.5, -2.0; rejected -1.0, 0.5, 3.0
-        # logits = beta * (chosen - rejected) = 0.75, 0.0, -2.5; loss = -log sigmoid(z) = log(1 + exp(-z))
-        z = torch.tensor([0.75, 0.0, -2.5])
+        z = torch.tensor([0.75, 0.0, -2.5])      # beta (log-ratio_w - log-ratio_l); loss log(1 + exp(-z))
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
                      "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
                          (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
@@ -206,8 +197,7 @@ class TestDpoLoss(unittest.TestCase):
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        expect_detached(self, cr, "chosen_rewards")
-        expect_detached(self, rj, "rejected_rewards")
+        expect_detached(self, cr, rj)
         losses.sum().backward()
         # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
         logit = beta * ((pc - rc) - (pr - rr)).detach()
@@ -230,7 +220,6 @@ class TestDpoLoss(unittest.TestCase):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
         zero = torch.zeros(4)
         losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
-        # logits +1000, -1000, 0, 0: losses ~0, 1000, log 2, log 2; d/dpc = -sigmoid(-logit) = 0, -1, -1/2, -1/2
         z = t(1000.0, -1000.0, 0.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
                      "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
@@ -241,8 +230,7 @@ class TestDpoLoss(unittest.TestCase):
 
 
 class TestSimpoLoss(unittest.TestCase):
-    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss -log sigma(r_w - r_l - gamma)
-    [SimPO-4]."""
+    """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss [SimPO-4]."""
 
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
@@ -289,8 +277,7 @@ class TestSimpoLoss(unittest.TestCase):
                          (softplus(-gamma), "gamma is added instead of subtracted"),
                          (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
                          (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
-        expect_detached(self, cr, "chosen_rewards")
-        expect_detached(self, rj, "rejected_rewards")
+        expect_detached(self, cr, rj)
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
         expect_grad(self, pc, -beta / lengths * sig(gamma),
@@ -379,8 +366,7 @@ class TestSppoLoss(unittest.TestCase):
         policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
         win = t(0.9, 0.5, 0.2, 0.0)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
-        # log-ratios 1, 0, -2, 0.5; targets eta (P - 1/2) = 1.6, 0, -1.2, -2
-        # losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
+        # log-ratios 1, 0, -2, 0.5; targets 1.6, 0, -1.2, -2; losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
         expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
                      "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
@@ -442,8 +428,7 @@ def bt_prefs(scores, tau):
 
 
 class TestEstimateWinRates(unittest.TestCase):
-    """sppo.estimate_win_rates alone: P_hat(y_i > pi_t|x) = (1/K) sum_j P(y_i > y_j|x), j = i included, from
-    the [N, K, K] matrix of the judge's preferences [SPPO-5]."""
+    """sppo.estimate_win_rates alone: (1/K) sum_j P(y_i > y_j|x), j = i included, from [N, K, K] prefs [SPPO-5]."""
 
     def mistakes(self, prefs):
         """What the usual wrong versions return for `prefs` [N, K, K], each with its hint."""
@@ -478,8 +463,7 @@ class TestEstimateWinRates(unittest.TestCase):
                    "win rates of three samples scored (0, 0.2, -0.2), tau 0.2")
 
     def test_self_tie_counts_one_half(self):
-        # a certain winner and a certain loser: with the self-tie 0.5 in the mean, (1 + 0.5)/2 and (0 + 0.5)/2
-        # (without it they would be 1 and 0)
+        # a certain winner and loser: the self-tie 1/2 in the mean gives (1 + 0.5)/2, (0 + 0.5)/2 (not 1 and 0)
         self.check(bt_prefs(torch.tensor([[1.0, -1.0]]), 1e-3), torch.tensor([[0.75, 0.25]]),
                    "a certain winner and a certain loser (K = 2): (1 + 1/2)/2 and (0 + 1/2)/2")
 
@@ -583,23 +567,17 @@ class TestSequenceLogps(unittest.TestCase):
         expect_close(self, logps, self.loop_logps(ids, mask), "log pi(y|x) of the same two reviews",
                      self.mistakes(ids, mask), atol=1e-3, rtol=0)
 
-    def test_extra_right_padding_changes_nothing(self):
-        ids, mask = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6))     # PAD is id 0
+    def test_extra_right_padding_and_batch_order_change_nothing(self):
+        ids, mask, perm = F.pad(self.ids, (0, 6)), F.pad(self.mask, (0, 6)), torch.tensor([3, 0, 4, 2, 1])  # PAD is 0
         with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(ids, mask)
+            (a, la), (b, lb) = self.logps(self.ids, self.mask), self.logps(ids, mask)
+            c, lc = self.logps(self.ids[perm], self.mask[perm])
         expect_close(self, b, a, "log pi(y|x) with 6 more PAD columns on the right: unchanged",
                      self.mistakes(ids, mask), atol=1e-4, rtol=0)
         expect_close(self, lb, la, "|y| with 6 more PAD columns on the right: unchanged (padding never counts)")
-
-    def test_batch_order_changes_nothing(self):
-        perm = torch.tensor([3, 0, 4, 2, 1])
-        with torch.no_grad():
-            a, la = self.logps(self.ids, self.mask)
-            b, lb = self.logps(self.ids[perm], self.mask[perm])
-        expect_close(self, b, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
+        expect_close(self, c, a[perm], "log pi(y|x) of the same rows in another order: each row's own value, permuted",
                      atol=1e-4, rtol=0)
-        expect_close(self, lb, la[perm], "|y| of the same rows in another order")
+        expect_close(self, lc, la[perm], "|y| of the same rows in another order")
 
     def test_gradient_reaches_the_model(self):
         """Training differentiates log pi(y|x) with respect to the weights: nothing may be detached."""
@@ -612,8 +590,7 @@ class TestSequenceLogps(unittest.TestCase):
 
 
 # ====================================================================================================
-# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model, a script run in process,
-# and the checks every script's run shares (ScriptChecks)
+# The tests' helpers, one of each: stand-in models, tasks, the shared SFT model and runs, ScriptChecks
 # ====================================================================================================
 
 REPO, CPU = os.path.dirname(os.path.abspath(__file__)), torch.device("cpu")
@@ -739,9 +716,7 @@ def quietly():
 
 
 class Spy:
-    """with Spy(obj, "name") as spy: obj.name still runs; spy.calls lists each call: its arguments by name (a), its
-    result, before(a) taken at call time, the calling function (caller), and its order among spied calls (start,
-    end)."""
+    """with Spy(obj, "name") as spy: obj.name runs; spy.calls: a (arguments), result, before(a), caller, start, end."""
     clock = itertools.count()
 
     def __init__(self, obj, name, before=None):
@@ -785,8 +760,7 @@ _SFT = {}
 
 
 def sft(judge="bt"):
-    """The folder of the SFT cache every run here loads (the default task under `judge`, --seed 1, --sft-steps 5,
-    the SMALL model), trained once per test run."""
+    """The SFT cache folder of the default task under `judge` (--seed 1, 5 steps, SMALL), trained once."""
     if judge not in _SFT:
         _SFT[judge], task = scratch(f"sft-{judge}"), data.Task(data.TaskConfig(judge=judge), seed=SEED)
         with quietly():
@@ -795,8 +769,7 @@ def sft(judge="bt"):
 
 
 def run_main(module, argv, spies=()):
-    """`python module.py argv` in this process, inside model.run as every script runs it, from where a fresh process
-    starts (model.progress reset), torch's thread count put back after: (exit code, stdout, stderr)."""
+    """`python module.py argv` in this process, as a fresh process would run it: (exit code, stdout, stderr)."""
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     model.progress.__dict__.update(out=None, phase="setup", step=None, total=None, lr=None)
     with contextlib.ExitStack() as stack:
@@ -812,8 +785,7 @@ def run_main(module, argv, spies=()):
     return code, out.getvalue(), err.getvalue()
 
 
-# The runs of a method script that the tests share, each made once per test run (gpt_run): the script, its flags
-# beyond TINY, and the SFT cache it loads (sft(judge)), or None for a fresh folder it fills itself.
+# The shared runs (gpt_run): script, flags beyond TINY, the judge of the SFT cache it loads (None: its own)
 GPT_RUNS = {
     "dpo": (dpo, "--steps 3 --beta 0.5 --lr 1e-2".split(), "bt"),
     "dpo_precompute": (dpo, "--steps 3 --beta 0.5 --lr 1e-2 --precompute-ref".split(), "bt"),
@@ -828,9 +800,7 @@ _RUNS = {}
 
 
 def gpt_run(name):
-    """One of GPT_RUNS, made once per test run in this process with its connections spied on: a Namespace of dir,
-    out, err, metrics, log, trained (model.pt read back), task and policy (start_run's), spy, gpts (how many GPTs it
-    built), sft_dir and sft (the SFT model)."""
+    """One of GPT_RUNS, made once and spied on: dir, out, err, metrics, log, trained, task, policy, spy, gpts, sft."""
     if name not in _RUNS:
         module, flags, judge = GPT_RUNS[name]
         sft_dir = sft(judge) if judge else scratch("sft-fresh")
@@ -872,9 +842,7 @@ def with_weights(state, cfg=SMALL):
 
 
 class ScriptChecks:
-    """What every method script's run must do, checked on one run of it (gpt_run(run_name)): its files, which data
-    trains and which evaluates, which model is compared with which, the numbers recomputed, the summary, peak memory
-    sampled in training only. A class per script mixes this in."""
+    """What every method script's run must do, checked on one run of it (gpt_run(run_name)); mixed in per script."""
     run_name, title, log_keys, training_forwards, trains_on = None, None, LOG_KEYS, 3, "main"
     reward_scale = None    # the reward: reward_scale * log pi_theta/pi_sft, or (None) SimPO's beta log pi / |y|
 
@@ -955,8 +923,7 @@ class ScriptChecks:
             self.assertAlmostEqual(m.get(key, 0.0), e.get(key, 0.0), places=5, msg=key)
         for key in ("school_shares", "sft_school_shares"):
             self.assertEqual(m.get(key), e.get(key), key)
-        # reward_accuracy: the share of held-out pairs whose reward puts y_w first; ranking_agreement: the share on
-        # which the reward's order (+1, 0, -1) is the average log-likelihood's
+        # reward_accuracy: reward puts y_w first; ranking_agreement: reward's order is the average log-likelihood's
         pc, pr, lc, lr = data.pair_logps_all(self.r.trained, self.r.task.heldout_pairs, CPU)
         if self.reward_scale is None:
             cr, rr = 3.0 * pc / lc, 3.0 * pr / lr                         # SimPO, --beta 3
@@ -991,12 +958,14 @@ class ScriptChecks:
             self.assertFalse([s for s in samples if c.start < s < c.end], f"sampled in {c.caller}")
         self.assertAlmostEqual(self.r.metrics["peak_memory_mb"], meter.result.mb(), places=9)
 
-
-def pair_logps_of(policy, ref, batch):
-    """What a pairwise loss should receive for one batch: the policy's and the reference's log-probs of y_w and y_l,
-    each computed alone, under the argument names of dpo_loss and sppo_hard_loss."""
-    return {f"{who}_{side}_logps": logps_of(m, batch[f"{side}_ids"], batch[f"{side}_mask"])
-            for who, m in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+    def step_log_ratios(self, step, batch_call, loss_call):
+        """A step's loss got its batch's log-probs, the policy's (weights then) and the SFT model's: (a_w, a_l)."""
+        b, policy = batch_call.result, with_weights(batch_call.before)
+        want = {f"{who}_{side}_logps": logps_of(m, b[f"{side}_ids"], b[f"{side}_mask"])
+                for who, m in (("policy", policy), ("ref", self.sft)) for side in ("chosen", "rejected")}
+        for name, value in want.items():     # each computed alone, under the loss's argument names
+            torch.testing.assert_close(loss_call.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+        return [want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"] for side in ("chosen", "rejected")]
 
 
 def exact_run(module, *flags):
@@ -1067,8 +1036,7 @@ class TestSample(unittest.TestCase):
         self.assertTrue(torch.equal(self.draw(0, batch_size=64)[:64], self.draw(0, self.prompts[:64])))   # one stream
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
-        # a model that says EOS with probability 0.15 at every step (and would rather say PAD, BOS, SEP): both ways
-        # of ending occur, EOS drawn early and EOS forced at the last position
+        # EOS with probability 0.15 at every step (banned tokens likelier still): EOS drawn early, or forced last
         probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
         probs[data.EOS_ID] = 0.15
         row = probs.log()
@@ -1119,8 +1087,7 @@ class TestAdam(unittest.TestCase):
 
 class TestSftModel(unittest.TestCase):
     def test_trains_on_demonstrations_and_measures_on_heldout_ones(self):
-        """sft_model: cross-entropy on the demonstrations' response tokens, measured on held-out ones (its cache:
-        TestSftCache); sft_ce per response token, in float64 on the CPU."""
+        """Cross-entropy on the demonstrations' response tokens, measured on held-out ones; sft_ce in float64."""
         task, steps, lrs, real_step = small_task(seed=26), 8, [], model.Adam.step
         demos, held = set(rows_of(task.sft_ids)), set(rows_of(task.sft_heldout_ids))
         pairs = set(rows_of(task.pairs["chosen_ids"])) | set(rows_of(task.pairs["rejected_ids"]))
@@ -1208,8 +1175,7 @@ class TestMinimise(unittest.TestCase):
         # an ill-conditioned quadratic: Newton's first step lands on its minimum
         self.assertLess(model.minimise(x, lambda: ((x - target) ** 2 * scale).sum(), max_iter=1), 1e-15)
         torch.testing.assert_close(x.detach(), target)
-        # cross-entropy of softmax(theta) against p: the minimum is softmax(theta) = p, theta up to a constant (along
-        # which H is singular), and the loss there is the entropy of p, whatever the weights span
+        # cross-entropy to p: softmax(theta) = p at the minimum, a singular H along theta + c; the loss is H(p)
         p = torch.tensor([0.5, 0.3, 0.2 - 1e-12, 1e-12], dtype=torch.float64)
         theta, one = (nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
         loss = model.minimise(theta, lambda: -(p * torch.log_softmax(theta, 0)).sum())
@@ -1357,8 +1323,7 @@ class TestTask(unittest.TestCase):
         self.assertTrue(torch.equal(task.pairs["chosen_ids"][:, :P], task.pairs["rejected_ids"][:, :P]))
 
     def test_labels_are_sampled_from_the_oracle(self):
-        """The higher-scoring response is chosen at the rate the oracle predicts, mean sigmoid(|s_a - s_b| / tau):
-        not always (noisy raters), not at chance."""
+        """The better review is chosen at the oracle's rate, mean sigmoid(|s_a - s_b|/tau): not always nor at chance."""
         task = data.Task(data.TaskConfig(n_demos=8, n_pairs=3000, n_heldout=8), seed=9)
         cs, rs = task.pairs["chosen_score"].double(), task.pairs["rejected_score"].double()
         differ = cs != rs
@@ -1414,8 +1379,7 @@ class TestStartRun(unittest.TestCase):
         with quietly() as (_, err):
             device, task, policy, info = data.start_run(args)
             want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
-            # the same settings again, straight to the SFT cache: a hit, so the same weights, if and only if start_run
-            # trained with this seed, these steps, these demonstrations and this size
+            # the same settings straight to the cache: a hit (same weights) iff start_run trained these settings
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
                 again, cached = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
         self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
@@ -1464,9 +1428,7 @@ class TestEvaluate(unittest.TestCase):
         return side, data.evaluate(policy, sft_model, side, task, CPU, n, seed)
 
     def test_which_way_round_and_the_kl(self):
-        """Every policy review scores +1 and every SFT review -1: each comparison is sigmoid(2 / tau), near 1 one way
-        round, near 0 the other. A policy that writes one positive word of 16 against an SFT model that writes one
-        word of 32: log pi(y|x) - log sft(y|x) = log 2 on every review, so KL(policy || SFT) is log 2."""
+        """Reviews scoring +1 against -1: sigmoid(2 / tau) one way round; one word of 16 against one of 32: KL log 2."""
         for tau in (0.2, 1.0):
             task = small_task(seed=20, tau=tau)
             _, r = self.both(POSITIVE_WRITER, NEGATIVE_WRITER, task, 64, 3)
@@ -1491,8 +1453,8 @@ class TestEvaluate(unittest.TestCase):
         self.assertEqual(kl(a, a), 0.0)
 
     def test_which_samples_go_where(self):
-        """The SFT model samples at 10_000 + seed (its own reviews) and 10_001 + seed (the reviews every policy
-        meets), the policy at 10_000 + seed, all on held-out prompts; win rates and KL recomputed from them."""
+        """The SFT model samples at seeds 10_000 + seed (its own) and 10_001 + seed (the policy's rival), the policy at
+        10_000 + seed, on held-out prompts; win rates and KL recomputed from those samples."""
         task, policy, sft_model, seed, n = small_task(seed=24), sharp_gpt(32), sharp_gpt(33), 5, 40
         with Spy(data, "sample", lambda a: a["generator"].initial_seed()) as spy:
             side, r = self.both(policy, sft_model, task, n, seed)
@@ -1512,8 +1474,7 @@ class TestEvaluate(unittest.TestCase):
         self.assertNotEqual(r["kl_to_sft"], 0.0)
 
     def test_the_sft_side_and_the_game(self):
-        """sft_win_rate_vs_sft is win_rate_vs_sft with the SFT model as the policy: measured (not 1/2 by fiat), and
-        every policy meets the same SFT reviews. Under the cyclic judge both sides report the game."""
+        """sft_win_rate_vs_sft is measured (not 1/2 by fiat) on the reviews every policy meets; cyclic: the game."""
         task = small_task(seed=25)
         side, itself = self.both(EITHER_WRITER, EITHER_WRITER, task, 64, 3)   # its reviews score +1 or -1
         self.assertEqual(itself["win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
@@ -1545,14 +1506,12 @@ class TestRankingMetrics(unittest.TestCase):
     def test_constructed_cases_and_ties(self):
         cr, ones, four = t(1.0, 2.0, 3.0, 4.0), torch.ones(4), lambda x: torch.full((4,), x)
         cases = [  # rewards (chosen, rejected), log-probs (chosen, rejected), lengths: accuracy, agreement
-            # the reward puts y_w first T F T F; average log-likelihoods -1 -2 -2 -2 against -2 -1 -1 -1: T F F F;
-            # agreement 3 of 4 (the SUMMED log-probs, F F F F, would give 2 of 4)
+            # reward: y_w first T F T F; average log-likelihood T F F F: agreement 3/4 (summed, F F F F: 2/4)
             (cr, t(0.0, 3.0, 2.0, 5.0), t(-8.0, -8.0, -6.0, -4.0), t(-4.0, -3.0, -2.0, -1.0), t(8.0, 4.0, 3.0, 2.0),
              t(2.0, 3.0, 2.0, 1.0), 2 / 4, 3 / 4),
             # length decides: -4 over 4 tokens beats -3 over 1 token on average (summed it would lose); TTTF vs TTTT
             (cr, t(0.0, 1.0, 2.0, 5.0), four(-4.0), four(-3.0), four(4.0), ones, 3 / 4, 3 / 4),
-            # a reward that is the same for every response (DPO's and SPPO's at pi_theta = pi_ref) is right about no
-            # pair and agrees with the likelihood only where the likelihood ties too (the third pair)
+            # one reward for every response (DPO's at pi_theta = pi_ref): right about no pair, agrees on ties only
             (four(0.0), four(0.0), t(-1.0, -5.0, -2.0, -3.0), t(-2.0, -1.0, -2.0, -9.0), ones, ones, 0.0, 1 / 4)]
         for *args, accuracy, agreement in cases:
             m = data.ranking_metrics(*args)
@@ -1831,19 +1790,14 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
     run_name, title, reward_scale = "dpo", "DPO", 0.5
 
     def test_every_step_is_the_dpo_loss_of_its_batch(self):
-        """Step by step: the policy's log-probs of the batch (its weights then), the SFT model's as the reference,
-        --beta, chosen and rejected in their places, the logged loss [DPO-1] of those: ln 2 at step 0 only."""
+        """Each step's dpo_loss gets its batch's log-probs (policy then, SFT reference), --beta; ln 2 at step 0 only."""
         losses = [c for c in self.r.spy["dpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]   # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
-            a, want = loss_call.a, pair_logps_of(with_weights(batch_call.before), self.sft, batch_call.result)
-            for name, value in want.items():
-                torch.testing.assert_close(a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
+            (a_w, a_l), a = self.step_log_ratios(step, batch_call, loss_call), loss_call.a
             self.assertEqual((a["policy_chosen_logps"].requires_grad, a["ref_chosen_logps"].requires_grad, a["beta"]),
                              (True, False, 0.5))
-            ratio = lambda side: want[f"policy_{side}_logps"] - want[f"ref_{side}_logps"]
-            margin = ratio("chosen") - ratio("rejected")
-            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * margin)).mean().item(), places=4)
+            self.assertAlmostEqual(self.r.log[step]["loss"], (-F.logsigmoid(0.5 * (a_w - a_l))).mean().item(), places=4)
         first = self.r.log[0]                   # step 0: pi_theta = pi_ref; were the reference the policy, always
         self.assertEqual((round(first["loss"], 6), first["rewards/chosen"], first["rewards/rejected"]),
                          (round(math.log(2), 6), 0.0, 0.0))
@@ -1924,23 +1878,20 @@ class TestDpoExact(unittest.TestCase):
         pi = torch.tensor(m["policy_probs"], dtype=torch.float64)
         self.assertAlmostEqual(m["exploitability"], ex.exploitability(pi), places=12)
         self.assertEqual(m["school_shares"], ex.school_shares(pi).tolist())
-        # DPO's implicit reward beta log pi/pi_ref: one number per school (the judge ties within one), three
-        # different numbers, so the schools stand in a line, which the cycle exploits
+        # DPO's implicit reward beta log pi/pi_ref: one number per school, three different ones: a line, exploited
         reward = m["beta"] * (pi / ex.sft_probs).log()
         per_school = [reward[ex.schools == i] for i in range(3)]
         self.assertLess(max((r - r[0]).abs().max().item() for r in per_school), 1e-6)
         self.assertGreater(min(abs(a[0] - b[0]).item() for a, b in itertools.combinations(per_school, 2)), 0.1)
         self.assertGreater(m["exploitability"], max(m["exploitability_sft"], 0.2))
-        # pairs that meet every school equally (each wins its comparisons 0.9 of the time): by symmetry the
-        # Bradley-Terry fit gives the three schools one reward, and DPO stays at pi_ref's shares
+        # pairs meeting every school equally: by symmetry one reward for the three, and DPO keeps pi_ref's shares
         ex = data.ExactTask(data.TaskConfig(judge="cyclic", pair_schools="uniform"))
         torch.testing.assert_close(ex.school_shares(dpo.fit_exact(ex, ex.population_pairs(), 1.0, 300)),
                                    ex.school_shares(ex.sft_probs), atol=1e-6, rtol=0)
 
 
 # ====================================================================================================
-# simpo.py: the training run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run that trains its own
-# SFT model (another size, --no-length-norm), --exact
+# simpo.py: the run (--judge cyclic, 3 steps, beta 3, gamma 0.6), a first run (own SFT model, size), --exact
 # ====================================================================================================
 
 class TestSimpoScript(ScriptChecks, unittest.TestCase):
@@ -1954,8 +1905,7 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
-        """Step by step: the policy's summed log-probs and |y| of the batch, --beta and --gamma in their places,
-        and the logged loss [SimPO-4] of those."""
+        """Each step's simpo_loss gets its batch's summed log-probs and |y|, --beta and --gamma [SimPO-4]."""
         losses = [c for c in self.r.spy["simpo_loss"].calls if len(c.a["policy_chosen_logps"]) == 8]  # not held-out
         self.assertEqual(len(losses), 3)
         for step, (batch_call, loss_call) in enumerate(zip(self.r.spy["pair_batch"].by("main"), losses)):
@@ -1977,8 +1927,7 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         self.assertIn(f"SFT model (cache {glob_one(small.sft_dir)}): trained; ", small.err)
 
     def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
-        """No reference model: the SFT side of the evaluation is measured while the policy still is the SFT model,
-        and the KL at the end runs the policy's own network on the SFT weights (functional_call)."""
+        """No reference model: the SFT side is measured before training; KL: the SFT weights by functional_call."""
         spy = self.r.spy
         (side,) = spy["evaluate_sft"].calls
         first_step = min(c.start for c in spy["memory_sample"].calls)
@@ -2031,15 +1980,13 @@ class TestSppoHardLoss(unittest.TestCase):
         pc, pr, rc, rr = (-torch.rand(6, generator=g) * 30 for _ in range(4))
         a_w, a_l = (pc - rc).tolist(), (pr - rr).tolist()
         for eta in (0.1, 2.0, 20.0):
-            # TRL's sppo_hard with beta = 1/eta, (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, is the same sum; the
-            # official SPPO trainer halves it, (loss_w + loss_l)/2 (Adam does not care)
+            # TRL's sppo_hard (beta = 1/eta) is this sum; the official trainer halves it (Adam does not care)
             want = [(w - eta / 2) ** 2 + (l + eta / 2) ** 2 for w, l in zip(a_w, a_l)]
             torch.testing.assert_close(sppo.sppo_hard_loss(pc, pr, rc, rr, eta), torch.tensor(want), msg=f"eta {eta}")
 
 
 class TestSelfPlayIteration(unittest.TestCase):
-    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, each sample's win rate among its own prompt's
-    K, and the regression [SPPO-6] fitted on them."""
+    """sppo.self_play_iteration: pi_t frozen, K samples per prompt, win rates within a prompt, [SPPO-6] fitted."""
 
     def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
         """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
@@ -2071,8 +2018,7 @@ class TestSelfPlayIteration(unittest.TestCase):
         again, rows = with_weights(before), []                  # same seeds, same start: the same fit, bit for bit
         self.play(again, prompts, rows)
         self.assertTrue(rows == log_rows and same_weights(again, policy))
-        # K = 3 samples for every prompt; the win rate of sample i, from its definition [SPPO-5]: the mean over the
-        # K samples OF THE SAME PROMPT of P(y_i > y_j | x), its tie with itself (1/2) included
+        # K = 3 samples per prompt; sample i's win rate [SPPO-5]: mean over ITS PROMPT's K of P(y_i > y_j), 1/2 self
         rows, scores = draw.a["prompts"], data.score_responses(draw.result)
         samples = rows_of(torch.cat([rows, draw.result], dim=1))      # prompt + response of each sample
         prompt_of = [tuple(r) for r in rows.tolist()]
@@ -2116,8 +2062,7 @@ class TestSampleMixture(unittest.TestCase):
 
 class TestGameStats(unittest.TestCase):
     def test_the_average_of_the_iterates_on_held_out_prompts(self):
-        """Three iterates that write one school each: their average plays every school a third of the time
-        (exploitability about 0), whatever the last iterate does; the last one's numbers are the evaluation's."""
+        """Three one-school iterates: their average plays each school a third of the time, whatever the last does."""
         task, iterates = small_task(judge="cyclic"), [writer_of(r) for r in ("plot", "cast", "music")]
         last = {"school_shares": [0.0, 0.0, 1.0, 0.0], "exploitability": 0.4}
         with Spy(sppo, "sample_mixture", lambda a: a["generator"].initial_seed()) as spy:
@@ -2134,8 +2079,7 @@ class TestGameStats(unittest.TestCase):
 
 
 class TestSppoScript(ScriptChecks, unittest.TestCase):
-    """sppo.py, self-play under --judge cyclic: two iterations of 2 steps (K = 2, eta 10, tau 0.5: not the
-    defaults, so a default or a swap shows)."""
+    """sppo.py self-play under --judge cyclic: 2 iterations of 2 steps, K = 2, eta 10, tau 0.5 (not the defaults)."""
     run_name, title, log_keys, training_forwards = "sppo", "SPPO", ["loss", "logps/policy", "logps/ref"], 4
     reward_scale = 1 / 10.0     # the implicit reward (1/eta) log pi_theta/pi_sft
 
@@ -2144,8 +2088,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertTrue(all(c.a["pairs"] is self.r.task.heldout_pairs for c in self.r.spy["pair_batch"].calls))
 
     def test_self_play_runs_on_the_training_prompts(self):
-        """Each iteration samples K responses from pi_t for every task.train_prompts row (never a held-out one),
-        with --k, --eta and the task's judge, and fits the policy in place; pi_1 is the SFT model."""
+        """Each iteration samples K responses from pi_t per training prompt, with --k, --eta, the judge; pi_1 is SFT."""
         calls, run = self.r.spy["self_play_iteration"].calls, self.r
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
@@ -2165,10 +2108,8 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
     def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
-        """win_rate_vs_prev of iteration 2 is pi_3 (the final policy) against pi_2, that way round: the policy's
-        evaluation reviews (seed 10_000 + seed) against pi_2's (10_001 + seed). Each iteration's game: the average
-        of pi_1 (the SFT model) .. pi_{t+1}, sampled as a mixture (seed 20_000 + seed), its school shares and
-        exploitability; the last iterate's are the evaluation's."""
+        """win_rate_vs_prev: pi_3 (seed 10_000 + seed) against pi_2 (10_001 + seed); each iteration's game: the average
+        of pi_1 .. pi_{t+1} as a mixture (seed 20_000 + seed); the last iterate's numbers are the evaluation's."""
         run, m = self.r, self.r.metrics
         pis = [c.result[0] for c in run.spy["self_play_iteration"].calls][1:] + [run.trained]   # pi_2, pi_3
         (prev,) = run.spy["heldout_reviews"].by("main")
@@ -2200,8 +2141,7 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
     run_name, title, training_forwards, trains_on, reward_scale = "sppo_hard", "SPPO", 2, "hard_fit", 1 / 10.0
 
     def test_every_step_is_its_batch_against_the_sft_model(self):
-        """Step by step: the reference log-probs are the SFT model's on that batch, y_w's and y_l's in their
-        places, the policy's are those of its current weights, eta from --eta; the first loss is eta^2/2."""
+        """Each step: the SFT model's log-probs of the batch as pi_ref, the policy's current, --eta; first eta^2/2."""
         (fit,) = self.r.spy["hard_fit"].calls
         self.assertTrue(fit.a["pairs"] is self.r.task.pairs and fit.a["policy"] is self.r.policy)
         self.assertTrue(fit.a["ref"] is not self.r.policy and same_weights(fit.a["ref"], self.sft))
@@ -2210,12 +2150,9 @@ class TestHardFit(ScriptChecks, unittest.TestCase):
         batches, losses = self.r.spy["pair_batch"].by("hard_fit"), self.r.spy["sppo_hard_loss"].calls
         self.assertEqual((len(batches), len(losses)), (2, 2))
         for step, (bc, lc) in enumerate(zip(batches, losses)):
-            want = pair_logps_of(with_weights(bc.before), self.sft, bc.result)
-            for name, value in want.items():
-                torch.testing.assert_close(lc.a[name].detach(), value, rtol=0, atol=1e-3, msg=f"step {step}: {name}")
-            a_w, a_l = (want[f"policy_{s}_logps"] - want[f"ref_{s}_logps"] for s in ("chosen", "rejected"))
+            a_w, a_l = self.step_log_ratios(step, bc, lc)
             self.assertEqual(lc.a["eta"], 10.0)
-            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()
+            want = ((a_w - 5.0) ** 2 + (a_l + 5.0) ** 2).mean().item()      # [SPPO-9], eta/2 = 5
             self.assertAlmostEqual(self.r.log[step]["loss"], want, places=3)
         first = self.r.log[0]      # TRL's names; policy = pi_ref: rewards 0, loss (0 - eta/2)^2 + (0 + eta/2)^2
         self.assertEqual((first["rewards/chosen"], first["rewards/rejected"], first["iteration"]), (0.0, 0.0, 1))
@@ -2232,8 +2169,7 @@ def mw_chain(ex, eta, iterations):
 
 
 class TestSppoExact(unittest.TestCase):
-    """python sppo.py --exact: [MW-exact], the eta/2 and K-sample fits, the game numbers per iteration, and
-    [SPPO-Thm4.1] on the cyclic judge (that run, at the defaults, is the script's run as a process)."""
+    """python sppo.py --exact: [MW-exact], other fits, the game per iteration, [SPPO-Thm4.1] (cyclic: a process)."""
 
     @classmethod
     def setUpClass(cls):
@@ -2242,8 +2178,7 @@ class TestSppoExact(unittest.TestCase):
         cls.runs = ((cls.bt, data.ExactTask()), (cls.cyclic, data.ExactTask(data.TaskConfig(judge="cyclic"))))
 
     def test_exact_log_z_fit_is_the_mw_step(self):
-        """Each iteration's fit with the exact log Z closes the multiplicative-weights step: at most 1/1000 of what
-        not moving scores (or below 1e-13), and the chain it continues is the MW chain."""
+        """The exact-log-Z fit closes each MW step (within 1/1000 of not moving, or below 1e-13), along the MW chain."""
         c = self.cyclic
         self.assertEqual((self.files, c["eta"], c["iterations"], c["k"], c["seed"]), (["metrics.json"], 1.0, 40, 4, 0))
         for m, ex in self.runs:
@@ -2260,8 +2195,7 @@ class TestSppoExact(unittest.TestCase):
             self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
 
     def test_the_game_numbers_of_every_iteration(self):
-        """The last iterate pi_{t+1} and the average (1/(t+1)) sum_{s <= t+1} pi_s, the SFT table included, against
-        the MW chain by hand: exploitability, school shares and the mass on the best reviews."""
+        """The last iterate and the average of pi_1 .. pi_{t+1} against the MW chain by hand, iteration by iteration."""
         for m, ex in self.runs:
             chain, best = mw_chain(ex, m["eta"], m["iterations"]), ex.best()
             self.assertAlmostEqual(m["exploitability_sft"], ex.exploitability(ex.sft_probs), places=12)
@@ -2276,8 +2210,7 @@ class TestSppoExact(unittest.TestCase):
                                            msg=f"{m['judge']}, t {t + 1}")
 
     def test_half_and_sampled_fits_are_other_updates(self):
-        """Iteration 1's other two fits, rebuilt here: log Z -> eta/2 on the exact win rates, and K samples per
-        prompt drawn from pi_1 with the run's seed, each with its win rate among its own prompt's K."""
+        """Iteration 1's eta/2 fit and K-sample fit (pi_1's draws with the run's seed), rebuilt here."""
         for m, _ in self.runs:
             self.assertEqual((len(m["mw_kl_half"]), len(m["mw_kl_k"])), (m["iterations"],) * 2)
             self.assertTrue(all(k > 1e-9 for k in m["mw_kl_half"][:5]))  # log Z != eta/2 away from equilibrium
@@ -2314,8 +2247,7 @@ class TestSppoExact(unittest.TestCase):
 
 
 # ====================================================================================================
-# The run contract: students can skip (model.py's appendix: flags, devices, faults, the output folder,
-# checkpoints, the SFT cache, memory; the README; each script as a process)
+# The run contract, students can skip: flags, devices, faults, output folder, checkpoints, SFT cache, memory, README
 # ====================================================================================================
 
 def exits(fn):
@@ -2349,33 +2281,26 @@ class TestFlags(unittest.TestCase):
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
-        """SystemExit(2), the last line naming what was wrong, nothing else escaping (an exception here would be a
-        traceback there), and no folder made: every value is checked before any work."""
+        """Exit 2, the last line naming what was wrong, no traceback, no folder made: every value checked up front."""
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
-        cases = [(dpo, ["--beta", "-1"], "--beta"), (dpo, ["--lr", "0"], "--lr"), (dpo, ["--steps", "-1"], "--steps"),
-                 (dpo, ["--batch-size", "0"], "--batch-size"), (dpo, ["--lr", "abc"], "--lr"),
-                 (simpo, ["--gamma", "-1"], "--gamma"), (simpo, ["--beta", "0"], "--beta"),
-                 (simpo, ["--seed", "x"], "--seed"), (simpo, ["--seed", "-2"], "--seed"),
-                 (dpo, ["--tau", "0"], "--tau"), (dpo, ["--tau", "nan"], "--tau"), (dpo, ["--tau", "inf"], "--tau"),
-                 (simpo, ["--pair-style", "2"], "--pair-style"), (simpo, ["--length-bias", "inf"], "--length-bias"),
-                 (dpo, ["--eval-samples", "0"], "--eval-samples"), (dpo, ["--sft-steps", "0"], "--sft-steps"),
-                 (dpo, ["--beta", "nan"], "--beta"), (simpo, ["--lr", "1e400"], "--lr"),
-                 (simpo, ["--device", "tpu"], "--device"), (simpo, ["--batch-size", "1000000000"], "4096"),
-                 (dpo, ["--eval-samples", "1000000000"], "65536"), (sppo, ["--k", "1000000000"], "64"),
-                 (simpo, ["--seed", str(2**64)], str(2**32 - 1)), (dpo, ["--seed", str(2**64 - 1)], "--seed"),
-                 (simpo, ["--seed", str(2**32)], "--seed"), (simpo, ["--n-layer", "1000"], "--n-layer"),
-                 (simpo, ["--n-embd", "100000"], "--n-embd"),
-                 (simpo, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be a multiple of --n-head (4)"),
-                 (sppo, ["--eta", "0"], "--eta"), (sppo, ["--k", "1"], "--k must be at least 2"),
-                 (sppo, ["--iterations", "abc"], "--iterations"), (dpo, ["--judge", "linear"], "--judge")]
+        # "FLAG VALUE": the last line names FLAG; ("FLAGS", words): it holds the words
+        cases = {dpo: ["--beta -1", "--lr 0", "--steps -1", "--batch-size 0", "--lr abc", "--tau 0", "--tau nan",
+                       "--tau inf", "--eval-samples 0", "--sft-steps 0", "--beta nan", f"--seed {2**64 - 1}",
+                       "--judge linear", ("--eval-samples 1000000000", "65536")],
+                 simpo: ["--gamma -1", "--beta 0", "--seed x", "--seed -2", "--pair-style 2", "--length-bias inf",
+                         "--lr 1e400", "--device tpu", ("--batch-size 1000000000", "4096"), f"--seed {2**32}",
+                         (f"--seed {2**64}", str(2**32 - 1)), "--n-layer 1000", "--n-embd 100000",
+                         ("--n-embd 30 --n-head 4", "--n-embd (30) must be a multiple of --n-head (4)")],
+                 sppo: [("--k 1000000000", "64"), "--eta 0", ("--k 1", "--k must be at least 2"), "--iterations abc"]}
         if not torch.cuda.is_available():
-            cases.append((simpo, ["--device", "cuda"], "--device cuda, but this torch sees no CUDA device"))
-        for module, args, expect in cases:
-            code, _, err = run_main(module, safe + args)
-            self.assertEqual(code, 2, err)
-            self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+            cases[simpo].append(("--device cuda", "--device cuda, but this torch sees no CUDA device"))
+        for module, flags in cases.items():
+            for args, expect in (case if isinstance(case, tuple) else (case, case.split()[0]) for case in flags):
+                code, _, err = run_main(module, safe + args.split())
+                self.assertEqual(code, 2, err)
+                self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
         self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
 
@@ -2418,8 +2343,7 @@ class TestRun(unittest.TestCase):
     """model.run: each fault ends in one line on stderr and an exit code, and the previous run stays whole."""
 
     def test_ctrl_c_divergence_and_out_of_memory_in_a_run(self):
-        """Ctrl-C in training and in the evaluation, a real divergence (--lr 10, on a model wide enough to blow up
-        within a few steps, n_embd 64), out of memory: each one line, its exit code, the previous run untouched."""
+        """Ctrl-C in training or evaluation, a real divergence (--lr 10, n_embd 64), out of memory: one line each."""
         real, calls = data.pair_batch, []
         third_batch = lambda *a, **k: calls.append(1) or (real(*a, **k) if len(calls) < 3 else throw(KeyboardInterrupt))
         oom = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
@@ -2471,8 +2395,7 @@ class TestRun(unittest.TestCase):
         self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
 
     def test_a_reader_that_leaves_early(self):
-        """An unbuffered stdout whose reader has gone (python simpo.py | head -1): the run ends quietly with 0, and
-        stdout now leads to /dev/null, so Python's last flush at exit has nowhere to fail."""
+        """python simpo.py | head -1: exit 0 quietly, stdout led to /dev/null so the last flush cannot fail."""
         sink = tempfile.TemporaryFile(dir=SCRATCH)
         closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
                            spec=["write", "fileno", "flush"])
@@ -2569,8 +2492,7 @@ class TestOutputFolder(unittest.TestCase):
         self.assertEqual(folder_state(out), (self.previous, []))
 
     def test_ctrl_c_during_the_renames_waits_for_them(self):
-        """SIGINT between the two renames is held off (ignored), so the swap is never left half done; Ctrl-C works
-        as before once it is."""
+        """SIGINT between the two renames is ignored, so the swap is never left half done; then Ctrl-C works again."""
         real, caught = os.rename, []
         handler = lambda *a: caught.append(a)                      # what would have raised KeyboardInterrupt
         signal.signal(signal.SIGINT, handler)
@@ -2691,8 +2613,7 @@ class TestSftCache(unittest.TestCase):
 
 class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
-        """Three runs start together on one empty --sft-dir: one trains (slowly: long enough for the others to
-        arrive), the others wait for its lock, then load what it saved. The lock file stays."""
+        """Three runs on one empty --sft-dir: one trains (slowly), the others wait on its lock, load; it stays."""
         task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
         errors = io.StringIO()
         slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
@@ -2778,8 +2699,7 @@ def defined_names(file):
 
 
 def citation_problems(text):
-    """Every `file.py:name` in `text` must name something defined in that file, and every [LABEL] must appear in
-    some source file (the labelled comments the README quotes)."""
+    """Each `file.py:name` must be defined in that file and each [LABEL] appear in a source file."""
     code = "".join(read(f"{file}.py") for file in CODE_FILES)
     return ([f"`{file}.py:{name}` names nothing defined in {file}.py" for file, name in CITATION.findall(text)
              if name not in defined_names(file)]
@@ -2796,8 +2716,9 @@ def readme_block(containing):
 class TestReadme(unittest.TestCase):
     """README.md cites code by name (`file.py:name`) and by equation label ([DPO-1]), never by line number."""
 
-    def test_citations_name_what_the_code_defines(self):
+    def test_citations_name_what_the_code_defines_never_line_numbers(self):
         self.assertEqual(citation_problems(read("README.md")), [])
+        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
         self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
         # the check itself: a citation of nothing and a label no file holds are found; a link is no label
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
@@ -2805,9 +2726,6 @@ class TestReadme(unittest.TestCase):
                                            "[DPO-99], [Results](#results)"),
                          ["`sppo.py:nothing_here` names nothing defined in sppo.py",
                           "[DPO-99] appears in no source file"])
-
-    def test_no_line_number_citations(self):
-        self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
 
     def test_the_commands_it_gives_name_these_classes(self):
         named = set(re.findall(r"python -m unittest test_all\.(\w+)", read("README.md")))
@@ -2837,15 +2755,12 @@ class TestReadme(unittest.TestCase):
         plt.savefig.assert_called_once()
 
 
-# Each script as a user types it, in a process of its own: the faults that need a real process (a signal, a
-# pipe, a terminal) and a run from nothing. Each costs 2-3 s of torch import, so they start first when the
-# whole file runs (load_tests, below), in parallel, and TestScriptProcesses waits for them at the end.
+# Each script as a user types it, in its own process: a signal, a pipe, a terminal, a run from nothing. 2-3 s
+# of torch import each: load_tests starts them first, in parallel; TestScriptProcesses waits at the end.
 
 class ScriptProcess:
-    """`python argv...` in the repository folder, started at once, in a terminal's environment (stdout
-    block-buffered: no PYTHONUNBUFFERED); finish() waits: Namespace(code, out, err, raw). reader_leaves: stdout's
-    reader is gone before the first line (| head, at once); ctrl_c: stderr is a terminal (so the progress bar
-    draws), and Ctrl-C comes once the bar shows a training step."""
+    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err, raw).
+    reader_leaves: stdout closed at once (| head); ctrl_c: stderr a pty, Ctrl-C once the bar shows a step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
         self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
@@ -2943,10 +2858,8 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
-        """python dpo.py from the shared SFT cache: exit 0, the charts and the summary on stdout, the device and the
-        SFT model on stderr, and the numbers of the same run in this process (same seed, same numbers)."""
-        proc = script_process("dpo")
-        p = proc.finish()
+        """python dpo.py: exit 0, charts and summary on stdout, device and SFT on stderr, this process's numbers."""
+        p = (proc := script_process("dpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
                  if not line.startswith("note: another run is training")]   # it may start while the fixture trains
@@ -2959,11 +2872,8 @@ class TestScriptProcesses(unittest.TestCase):
         self.same_numbers(proc, gpt_run("dpo"))
 
     def test_simpo_first_run_on_an_ascii_terminal(self):
-        """python simpo.py with an empty --sft-dir, PYTHONIOENCODING=ascii: it trains and caches the SFT model (the
-        file and the weights of the shared one), prints ASCII charts, and gets the numbers of the same run in this
-        process, which loaded its SFT model (cold cache or warm: the same numbers)."""
-        proc = script_process("simpo")
-        p = proc.finish()
+        """python simpo.py, empty --sft-dir, ASCII terminal: the shared cache's twin, ASCII charts, the same numbers."""
+        p = (proc := script_process("simpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         self.assertIn("): trained; held-out cross-entropy", p.err)
         self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
@@ -2975,18 +2885,15 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertTrue(same_weights(cached(cold), cached(warm)))
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
-        """python sppo.py --exact --judge cyclic (the README's command), its stdout's reader gone before the first
-        line, stdout block-buffered as on a pipe: exit 0, no message, metrics.json only (TestSppoExact reads it)."""
-        proc = script_process("sppo_exact")
-        p = proc.finish()
+        """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
+        p = (proc := script_process("sppo_exact")).finish()
         self.assertEqual((p.code, p.err), (0, ""))
         self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_ctrl_c_on_a_terminal(self):
         """A real SIGINT while the progress bar runs: exit 130, one line saying where, the previous run untouched."""
-        proc = script_process("ctrl_c")
-        p = proc.finish()
+        p = (proc := script_process("ctrl_c")).finish()
         self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
         lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
         self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
@@ -3007,8 +2914,7 @@ atexit.register(cleanup)
 
 
 def load_tests(loader, tests, pattern):
-    """`python -m unittest test_all`: the processes start first (they run while this one works; the SFT model
-    they share is trained first), then the classes run in the order of this file."""
+    """`python -m unittest test_all`: the processes start first, then the classes in the order of this file."""
     for name in PROCESSES:
         script_process(name)
     suite = unittest.TestSuite()
