@@ -605,7 +605,7 @@ class ExactTask:
                                 self.config.length_bias, torch.float64)
         self.reward = (self.scores / self.config.tau + self.config.length_bias * self.words.double()
                        if self.config.judge == "bt" else None)                # no reward under the cyclic judge
-        self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))     # the prefix tree, built once
+        self._table = TablePolicy(self.responses, PROMPT_LEN, len(VOCAB))     # built once; table() copies it
 
     def table(self, probs=None):
         """A model.TablePolicy over the responses, starting at `probs` (default: the SFT table)."""
