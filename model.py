@@ -282,6 +282,7 @@ class TablePolicy(nn.Module):
     def forward(self, idx, caches=None):
         """idx [B, T] -> logits [B, T, vocab]: after the prompt, log of the mass of each continuation of the
         response tokens read so far (log 1e-300 for none); 0 at the prompt's positions, which are never scored."""
+        idx, row = torch.unique(idx, dim=0, return_inverse=True)   # equal rows get equal logits: each computed once
         B, T = idx.shape
         n = min(T - self.prompt_len + 1, self.responses.shape[1])   # position prompt_len - 1 + j read j tokens
         read = idx[:, self.prompt_len:self.prompt_len + n - 1, None] == self.responses[:, :n - 1].T   # [B, n-1, C]
@@ -290,7 +291,7 @@ class TablePolicy(nn.Module):
         mass = torch.einsum("bjc,cjv->bjv", starts * torch.softmax(self.logits, dim=0), next_token)  # [B, n, vocab]
         out = torch.zeros(B, T, self.vocab_size, dtype=torch.float64)
         out[:, self.prompt_len - 1:self.prompt_len - 1 + n] = mass.clamp_min(1e-300).log()
-        return out
+        return out[row]
 
 
 def minimise(theta, loss_fn, max_iter=100):
