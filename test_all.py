@@ -28,6 +28,7 @@ import atexit
 import ast
 import contextlib
 import errno
+import functools
 import inspect
 import io
 import itertools
@@ -2685,6 +2686,7 @@ LABEL = re.compile(r"\[([A-Z][A-Za-z]+(?:-[A-Za-z0-9.]+)?)\](?![(\[])")     # [D
 read = lambda path: pathlib.Path(REPO, path).read_text()
 
 
+@functools.cache
 def defined_names(file):
     """What a source file defines at its top level (functions, classes, constants) and Class.member."""
     names = set()
