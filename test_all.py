@@ -1118,9 +1118,8 @@ class TestFrozenCopy(unittest.TestCase):
     def test_a_copy_that_never_trains(self):
         m = sharp_gpt(15).train()
         ref = model.frozen_copy(m)
-        self.assertEqual((ref.training, m.training), (False, True))
-        self.assertFalse(any(p.requires_grad for p in ref.parameters()))
-        self.assertTrue(all(p.requires_grad for p in m.parameters()))
+        grads = lambda net: {p.requires_grad for p in net.parameters()}
+        self.assertEqual((ref.training, m.training, grads(ref), grads(m)), (False, True, {False}, {True}))
         with torch.no_grad():
             next(m.parameters()).add_(1.0)
         self.assertFalse(torch.equal(next(m.parameters()), next(ref.parameters())))   # not shared
@@ -1193,13 +1192,8 @@ class TestMinimise(unittest.TestCase):
 
 EXAMPLE_A = "the acting was great and the music superb"   # the docstring's worked example
 EXAMPLE_B = "a dull plot but lovely cast"
-
-
-@contextlib.contextmanager
-def utf8_stdout():
-    """A UTF-8 terminal for the charts' glyphs (data.glyphs reads sys.stdout's encoding)."""
-    with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")):
-        yield
+# a terminal of that encoding for the charts (data.glyphs reads sys.stdout's encoding)
+terminal = lambda encoding: contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding=encoding))
 
 
 class TestVocabulary(unittest.TestCase):
@@ -1376,19 +1370,16 @@ class TestStartRun(unittest.TestCase):
         args = dpo.parser.parse_args(["--device", "cpu", "--tau", "0.3", "--length-bias", "0.2", "--pair-style", "0.5",
                                       "--seed", "3", "--sft-steps", "2", "--out", os.path.join(d, "out"), "--sft-dir",
                                       os.path.join(d, "sft"), "--n-layer", "1", "--n-embd", "16", "--lr", "0.02"])
-        model.progress.lr = None
-        with quietly() as (_, err):
+        with quietly():
             device, task, policy, info = data.start_run(args)
             want = data.Task(data.TaskConfig(tau=0.3, length_bias=0.2, pair_style=0.5), seed=3)
             # the same settings straight to the cache: a hit (same weights) iff start_run trained these settings
             with mock.patch.object(model, "Adam", side_effect=AssertionError("not the cached SFT model")):
                 again, cached = model.sft_model(want, CPU, args.sft_dir, 3, 2, model.GPTConfig(n_layer=1, n_embd=16))
-        self.assertIn(f"SFT model (cache {info['path']}): trained; held-out cross-entropy ", err.getvalue())
         self.assertEqual((device, task.config, info["steps"], info["path"]), (CPU, want.config, 2, cached["path"]))
         self.assertTrue(all(torch.equal(getattr(task, k), getattr(want, k)) for k in ("sft_ids", "heldout_prompts")))
         self.assertTrue(all(torch.equal(task.pairs[k], want.pairs[k]) for k in task.pairs))
         self.assertTrue(same_weights(policy, again))
-        self.assertEqual((model.progress.lr, model.progress.out), (0.02, args.out))   # what a fault's line will say
         self.assertEqual(os.listdir(d), ["sft"])     # the output folder is proved writable, not made, before the run
 
 
@@ -1397,10 +1388,8 @@ class TestJoin(unittest.TestCase):
         prompt = torch.tensor([[data.BOS_ID] + data.encode("new horror film") + [data.SEP_ID]] * 2)
         responses = responses_of("great acting", "the plot was dull and boring")   # 2 and 6 words, then EOS
         ids, mask = data.join(prompt, responses)
-        self.assertEqual(mask[0].tolist(), [0] * 5 + [1] * 3 + [0] * 14)           # the prompt never counts
+        self.assertEqual(mask.tolist(), [[0] * 5 + [1] * 3 + [0] * 14, [0] * 5 + [1] * 7 + [0] * 10])   # EOS, no prompt
         self.assertTrue(torch.equal(ids[:, data.PROMPT_LEN:], responses))
-        with torch.no_grad():
-            self.assertEqual(model.sequence_logps(sharp_gpt(4), ids, mask)[1].tolist(), [3.0, 7.0])   # |y|: with EOS
         self.assertEqual(data.response_lengths(responses).tolist(), [2, 6])                          # words only
 
 
@@ -1410,12 +1399,11 @@ class TestPairBatch(unittest.TestCase):
         batch, full = data.pair_batch(task.pairs, idx, CPU), task.pairs
         for side in ("chosen", "rejected"):
             width = batch[f"{side}_ids"].shape[1]
+            self.assertTrue(all(torch.equal(batch[f"{side}_{part}"], full[f"{side}_{part}"][idx, :width])
+                                for part in ("ids", "mask")))                    # the same rows, sides and order
             self.assertTrue((full[f"{side}_ids"][idx, width:] == data.PAD_ID).all())     # only PAD dropped
             self.assertTrue((batch[f"{side}_ids"][:, -1] != data.PAD_ID).any())          # and no more
         sides = [full[f"{side}_{part}"] for side in ("chosen", "rejected") for part in ("ids", "mask")]
-        with torch.no_grad():
-            trimmed, untrimmed = model.pair_logps(m, **batch), model.pair_logps(m, *(x[idx] for x in sides))
-        torch.testing.assert_close(trimmed, untrimmed, rtol=0, atol=1e-4)
         want = (logps_of(m, *sides[:2]), logps_of(m, *sides[2:]), sides[1][:, 1:].sum(1).float(),
                 sides[3][:, 1:].sum(1).float())
         torch.testing.assert_close(data.pair_logps_all(m, full, CPU, batch_size=5), want, rtol=0, atol=1e-4)   # by 5
@@ -1482,8 +1470,6 @@ class TestEvaluate(unittest.TestCase):
         self.assertTrue(side["sft_win_rate_vs_sft"] != 0.5 and abs(side["sft_win_rate_vs_sft"] - 0.5) < 0.15)
         r = data.evaluate(POSITIVE_WRITER, EITHER_WRITER, side, task, CPU, 64, 3)
         self.assertEqual(r["sft_win_rate_vs_sft"], side["sft_win_rate_vs_sft"])
-        self.assertTrue(torch.equal(r["sft_samples"], side["sft_samples"]))
-        self.assertFalse({"exploitability", "sft_exploitability"} & set(r))    # the default judge: no game
         side, r = self.both(sharp_gpt(1), sharp_gpt(2), small_task(seed=26, judge="cyclic"), 32, 3)
         schools = data.school_of(r["samples"]), data.school_of(r["sft_samples"])
         self.assertAlmostEqual(r["win_rate_vs_sft"], data.cyclic_preference_prob(*schools).mean().item(), places=6)
@@ -1517,8 +1503,6 @@ class TestRankingMetrics(unittest.TestCase):
         for *args, accuracy, agreement in cases:
             m = data.ranking_metrics(*args)
             self.assertEqual((m["reward_accuracy"], m["ranking_agreement"]), (accuracy, agreement))
-        m = data.ranking_metrics(t(1.0, 1.0), t(1.0, 0.0), t(-1.0, -1.0), t(-2.0, -2.0), torch.ones(2), torch.ones(2))
-        self.assertEqual(m["reward_accuracy"], 1 / 2)              # a tie in reward is not a correct ordering
 
 
 class TestPrintSummary(unittest.TestCase):
@@ -1562,7 +1546,7 @@ class TestChart(unittest.TestCase):
         return [next(r for r, row in enumerate(grid) if row[c] in (ch, "*")) for c in range(len(grid[0]))], grid
 
     def test_one_series(self):
-        with utf8_stdout():
+        with terminal("utf-8"):
             rising = data.chart(list(range(12)), "rising", width=60, height=4)
             many = data.chart([x * x for x in range(200)], "t", width=20, height=3)
             falling = data.chart(list(range(10, 0, -1)), "falling", width=60, height=2)
@@ -1577,7 +1561,7 @@ class TestChart(unittest.TestCase):
         self.assertEqual(data.chart([], "empty"), ["empty: (no data)"])
 
     def test_several_series_ascii_and_scatter(self):
-        with utf8_stdout():
+        with terminal("utf-8"):
             lines = data.chart([("w", "falls slowly", [0.0, -1.0, -2.0, -3.0]),
                                 ("l", "falls fast", [0.0, -3.0, -6.0, -9.0])], "t", width=60, height=10)
             shares = data.chart([("s", "story", [1.0, 0.5]), ("a", "acting", [0.0, 0.5]), ("c", "craft", [0.0, 0.0])],
@@ -1594,7 +1578,7 @@ class TestChart(unittest.TestCase):
         self.assertEqual({ch: next((r, row.index(ch)) for r, row in enumerate(grid) if ch in row) for ch in "ABC"},
                          {"B": (0, 40), "C": (5, 20), "A": (10, 0)})          # score 1, 0.5, 0; KL 4, 2, 0
         self.assertTrue(any(line.strip().startswith("B = high") for line in points))
-        with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO(), encoding="ascii")):   # a terminal, no Unicode
+        with terminal("ascii"):                                 # a terminal, no Unicode
             self.assertEqual(data.glyphs(), ("#", "|", "+", "-"))
             self.assertTrue(all(line.isascii() for line in data.chart([1.0, 2.0], "t")))
 
