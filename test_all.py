@@ -1038,9 +1038,7 @@ class TestSample(unittest.TestCase):
 
     def test_rows_end_in_eos_then_pad_and_never_banned(self):
         # EOS with probability 0.15 at every step (banned tokens likelier still): EOS drawn early, or forced last
-        probs = torch.full((len(data.VOCAB),), 0.85 / (len(data.VOCAB) - 4))
-        probs[data.EOS_ID] = 0.15
-        row = probs.log()
+        row = logits_row(range(4, len(data.VOCAB)), eos=0.15)    # the words (all but PAD BOS SEP EOS) share 0.85
         row[list(data.BANNED_IN_RESPONSE)] = 50.0
         for ys in (self.a, self.c, self.draw(0, m=Bigram(row))):
             self.assertEqual(tuple(ys.shape), (200, data.MAX_RESPONSE))
@@ -1240,8 +1238,6 @@ class TestOracle(unittest.TestCase):
         self.assertEqual(prob(a[:1], a[:1], 0.2).item(), 0.5)
         better, worse = responses_of("great plot"), responses_of("the plot")
         self.assertGreater(prob(better, worse, 0.1).item(), prob(better, worse, 0.5).item())   # sharper
-        a_b, b_a = data.oracle("x", EXAMPLE_A, EXAMPLE_B), data.oracle("x", EXAMPLE_B, EXAMPLE_A)
-        self.assertAlmostEqual(a_b + b_a, 1.0, places=6)
         self.assertAlmostEqual(data.oracle("classic comedy film", EXAMPLE_A, EXAMPLE_B), sig(0.25 / 0.2), places=6)
 
 
@@ -1431,13 +1427,13 @@ class TestEvaluate(unittest.TestCase):
         self.assertAlmostEqual(kl(POSITIVE_WRITER, EITHER_WRITER), math.log(2), places=5)
         self.assertGreater(kl(EITHER_WRITER, POSITIVE_WRITER), 1e6)   # negative words the SFT model never writes
         allowed = [i for i in range(len(data.VOCAB)) if i not in data.BANNED_IN_RESPONSE]
-        writers = []
-        for _ in range(2):   # random writers: they sample what they score (none of the banned tokens), a few words
+
+        def writer():   # a random writer: it samples what it scores (none of the banned tokens), a few words
             first, rest = (torch.full((len(data.VOCAB),), IMPOSSIBLE) for _ in range(2))
             first[allowed], rest[allowed] = (torch.randn(len(allowed), generator=g) * 2 for _ in range(2))
             first[data.EOS_ID], rest[data.EOS_ID] = IMPOSSIBLE, 3.0
-            writers.append(Bigram(first, rest))
-        a, b = writers
+            return Bigram(first, rest)
+        a, b = writer(), writer()
         self.assertGreater(min(kl(a, b, 128), kl(b, a, 128)), 1.0)   # positive both ways round
         self.assertEqual(kl(a, a), 0.0)
 
@@ -1690,8 +1686,8 @@ class TestFrontier(unittest.TestCase):
 class TestSampleCommand(unittest.TestCase):
     """python data.py sample DIR: reviews from a trained model, the judge's score beside each."""
 
-    def test_prints_scored_reviews(self):
-        run_dir = gpt_run("dpo").dir
+    def test_prints_scored_reviews_or_says_why_not(self):
+        run_dir, d = gpt_run("dpo").dir, scratch("sample")
         code, out, err = run_main(data, ["sample", run_dir, "--prompt", "new horror film", "-n", "5"])
         lines = out.strip().splitlines()
         self.assertEqual((code, len(lines)), (0, 6), err)
@@ -1701,9 +1697,6 @@ class TestSampleCommand(unittest.TestCase):
         self.assertEqual(run_main(data, ["sample", run_dir, "-n", "5"])[1], out)          # seeded: the same again
         self.assertNotEqual(run_main(data, ["sample", run_dir, "-n", "5", "--seed", "1"])[1], out)
         self.assertEqual(run_main(data, ["sample", run_dir, "-n", "3"])[1].splitlines()[:3], lines[:3])   # the first 3
-
-    def test_errors(self):
-        run_dir, d = gpt_run("dpo").dir, scratch("sample")
         for prompt in ("new horrror film", "new horror"):
             refused(self, ["sample", run_dir, "--prompt", prompt], f"got {prompt!r}", "genres: horror comedy")
         refused(self, ["sample"], "sample takes 1 run folder(s), got 0")
@@ -1741,16 +1734,13 @@ class TestDisplacement(unittest.TestCase):
     """python data.py logps DIR (data.displacement): where a trained policy put its probability mass."""
 
     def test_the_command_measures_the_runs_policy_against_its_sft_model(self):
-        run, small, measured, real = gpt_run("dpo"), small_task(seed=3), [], data.displacement
-
-        def recording(policy, sft_model, task, seed=0, n_samples=512):   # the real measure, on a small task
-            measured.append((policy, sft_model, task, seed))
-            return real(policy, sft_model, small, seed, n_samples=16)
-
-        with mock.patch.object(data, "displacement", recording):
+        run, small, real = gpt_run("dpo"), small_task(seed=3), data.displacement
+        on_small = lambda policy, sft_model, task, seed: real(policy, sft_model, small, seed, n_samples=16)
+        with mock.patch.object(data, "displacement", side_effect=on_small) as measure:   # the real measure, small task
             code, out, err = run_main(data, ["logps", run.dir])
         self.assertEqual(code, 0, err)
-        (policy, sft_model, task, seed), = measured
+        (call,) = measure.call_args_list
+        policy, sft_model, task, seed = call.args
         self.assertTrue(same_weights(policy, run.trained) and same_weights(sft_model, run.sft))   # the run's SFT cache
         self.assertTrue(seed == SEED and all(torch.equal(task.pairs[k], run.task.pairs[k]) for k in task.pairs))
         table = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:]}
