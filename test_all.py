@@ -1147,13 +1147,11 @@ class TestTablePolicy(unittest.TestCase):
         # d/dtheta of sum_y log pi(y) = 1 - C pi: the gradient flows through forward like through log_softmax
         logps.sum().backward()
         torch.testing.assert_close(table.logits.grad, 1 - ex.n * table.probs(), atol=1e-4, rtol=0)
-
-    def test_a_response_off_the_list_has_no_mass(self):
+        # a response off the list has no mass
         off = responses_of("great plot lovely cast", "great plot lovely", "great plot")   # the last one is listed
-        logps, _ = model.sequence_logps(self.table, *data.join(self.ex.prompts.expand(3, -1), off))
+        logps, _ = model.sequence_logps(table, *data.join(ex.prompts.expand(3, -1), off))
         self.assertTrue(logps[0].item() < -600 and logps[1].item() < -600)      # log 1e-300 for the token off the list
-        want = self.table.log_probs()[self.ex.texts.index("great plot")].item()
-        self.assertAlmostEqual(logps[2].item(), want, places=4)
+        self.assertAlmostEqual(logps[2].item(), want[ex.texts.index("great plot")].item(), places=4)
 
     def test_model_sample_draws_from_the_table(self):
         n, p = 6000, self.table.probs()
