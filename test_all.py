@@ -703,8 +703,7 @@ def write_previous_run(folder):
     return files
 
 
-def throw(error):
-    """raise error, in a lambda."""
+def throw(error):   # raise, in a lambda
     raise error
 
 
@@ -797,36 +796,30 @@ GPT_RUNS = {
 }
 SPIED = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
          sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}
-_RUNS = {}
 
-
+@functools.cache
 def gpt_run(name):
     """One of GPT_RUNS, made once and spied on: dir, out, err, metrics, log, trained, task, policy, spy, gpts, sft."""
-    if name not in _RUNS:
-        module, flags, judge = GPT_RUNS[name]
-        sft_dir = sft(judge) if judge else scratch("sft-fresh")
-        out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
-        spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
-               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
-               "summary": Spy(data, "print_summary"), "memory": Spy(module, "PeakMemory"),
-               "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
-               **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
-               **{n: Spy(module, n) for n in SPIED[module]}}
-        if module is sppo:
-            spy.update(play_sample=Spy(sppo, "sample"),
-                       game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
-        with count_gpts() as gpts:
-            argv = TINY + flags + ["--out", out, "--sft-dir", sft_dir]
-            code, stdout, err = run_main(module, argv, spies=spy.values())
-        if code != 0:
-            raise AssertionError(f"{name}: exit {code}\n{err}")
-        cache = torch.load(glob_one(sft_dir), weights_only=True)
-        _RUNS[name] = argparse.Namespace(
-            dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
-            spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
-            trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
-            sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
-    return _RUNS[name]
+    module, flags, judge = GPT_RUNS[name]
+    sft_dir = sft(judge) if judge else scratch("sft-fresh")
+    out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
+    spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
+           "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
+           "memory_sample": Spy(model.PeakMemory, "sample"),
+           **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all", "print_summary")},
+           **{n: Spy(module, n) for n in ["PeakMemory", "Adam", *SPIED[module]]}}
+    if module is sppo:
+        spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+    with count_gpts() as gpts:
+        code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+    if code != 0:
+        raise AssertionError(f"{name}: exit {code}\n{err}")
+    cache = torch.load(glob_one(sft_dir), weights_only=True)
+    return argparse.Namespace(
+        dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
+        spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+        trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+        sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
 
 
 def glob_one(folder):
@@ -868,10 +861,8 @@ class ScriptChecks:
         self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
         self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
         self.assertIn(f"SFT model (cache {glob_one(r.sft_dir)}): loaded; ", r.err)   # the shared cache, not rebuilt
-        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
-        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
-                         ({"model", "config", "args"}, dict, SEED, r.dir))
-        self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
+        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)    # (its format: TestCheckpoint)
+        self.assertEqual((ckpt["args"]["seed"], ckpt["args"]["out"]), (SEED, r.dir))
         self.assertTrue(same_weights(ckpt["model"], r.trained) and same_weights(ckpt["model"], r.policy))
         files, beside = folder_state(r.dir)
         self.assertEqual((sorted(files), beside), (["log.jsonl", "metrics.json", "model.pt"], []))
@@ -881,7 +872,6 @@ class ScriptChecks:
         if self.r.task.config.judge != "cyclic":
             return self.assertFalse(set(game) & set(m))
         self.assertLessEqual(set(game), set(m))
-        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
         shares = torch.tensor(m["school_shares"])
         self.assertAlmostEqual(m["exploitability"], data.school_exploitability(shares), places=6)
         self.assertEqual("exploitability_last" in m, self.title == "SPPO")
@@ -905,7 +895,6 @@ class ScriptChecks:
         ids = r.task.heldout_pairs["chosen_ids"][:4]
         with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(same_weights(r.policy, r.trained))
         self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
 
     def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
@@ -937,7 +926,7 @@ class ScriptChecks:
         self.assertAlmostEqual(m["ranking_agreement"], agree.double().mean().item(), places=6)
 
     def test_end_of_run_table_gets_this_runs_numbers(self):
-        (call,) = self.r.spy["summary"].calls
+        (call,) = self.r.spy["print_summary"].calls
         self.assertEqual((call.a["method"], call.a["out"]), (self.title, self.r.dir))
         for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
             self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
@@ -948,11 +937,10 @@ class ScriptChecks:
 
     def test_peak_memory_is_sampled_at_every_training_forward_only(self):
         spy = self.r.spy
-        (meter,) = spy["memory"].calls
+        (meter,) = spy["PeakMemory"].calls
         self.assertIs(meter.a["policy"], self.r.policy)
-        built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
-        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds "
-                                               "anything")
+        built = min(c.start for name in ("Adam", "frozen_copy") if name in spy for c in spy[name].calls)
+        self.assertLess(meter.end, built, "PeakMemory measures from the SFT model, before the method builds anything")
         samples = [s.start for s in spy["memory_sample"].calls]
         self.assertEqual(len(samples), self.training_forwards)
         for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
@@ -1805,7 +1793,6 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
         for row in self.r.log[1:]:
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
             self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
-            self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
 
 
 class TestPrecomputeRef(unittest.TestCase):
@@ -1817,7 +1804,6 @@ class TestPrecomputeRef(unittest.TestCase):
             self.assertEqual(ra.keys(), rb.keys())
             for key in ra:
                 self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
         ma, mb = plain.metrics, pre.metrics
         self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]),
                          (False, True, None))
@@ -1899,10 +1885,8 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
     run_name, title = "simpo", "SimPO"
 
     def simpo_losses(self, m, b, length_norm=True):
-        pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float())
-        if not length_norm:
-            lc, lr = 1, 1
+        pc, pr = (logps_of(m, b[f"{side}_ids"], b[f"{side}_mask"]) for side in ("chosen", "rejected"))
+        lc, lr = (b[f"{side}_mask"][:, 1:].sum(1).float() if length_norm else 1 for side in ("chosen", "rejected"))
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
@@ -2002,8 +1986,7 @@ class TestSelfPlayIteration(unittest.TestCase):
         torch.manual_seed(1)
         policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
         before = weights(policy)
-        spies = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        with spies["draws"] as draws, spies["batch"] as batches, spies["loss"] as losses:
+        with Spy(sppo, "sample") as draws, Spy(sppo, "trim") as batches, Spy(sppo, "sppo_loss") as losses:
             pi_t, stats = self.play(policy, prompts, log_rows)
         self.assertIsNot(pi_t, policy)
         self.assertTrue(not any(p.requires_grad for p in pi_t.parameters()) and not pi_t.training)
@@ -2192,8 +2175,7 @@ class TestSppoExact(unittest.TestCase):
                 self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
             self.assertEqual(m["mw_kl_exact_logz"], max(fits))
             ratio = max([f / n for f, n in zip(fits, m["mw_kl_no_step"]) if f >= 1e-13], default=0.0)
-            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)
-            self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
+            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)     # so <= 1e-3, by the loop above
 
     def test_the_game_numbers_of_every_iteration(self):
         """The last iterate and the average of pi_1 .. pi_{t+1} against the MW chain by hand, iteration by iteration."""
