@@ -884,7 +884,7 @@ class ScriptChecks:
             draw = torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)
             self.assertTrue(torch.equal(call.a["idx"].cpu(), draw))
 
-    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
+    def test_evaluation_compares_the_trained_policy_with_the_sft_model_on_heldout_data_only(self):
         spy, r = self.r.spy, self.r
         self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
         side = spy["evaluate_sft"].calls[0]
@@ -896,13 +896,11 @@ class ScriptChecks:
         with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
         self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
-
-    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
-        held = set(rows_of(self.r.task.heldout_prompts))
-        self.assertTrue(self.r.spy["sample"].calls)
-        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
-        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
+        held = set(rows_of(r.task.heldout_prompts))
+        self.assertTrue(spy["sample"].calls)
+        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in spy["sample"].calls))
+        calls = [c for c in spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
+        self.assertTrue(calls and all(c.a["pairs"] is r.task.heldout_pairs for c in calls))
 
     def test_evaluation_numbers_match_a_recomputation(self):
         """metrics.json's evaluation and held-out rewards, recomputed from model.pt and the SFT cache alone."""
@@ -2073,7 +2071,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
 
     def test_self_play_runs_on_the_training_prompts(self):
         """Each iteration samples K responses from pi_t per training prompt, with --k, --eta, the judge; pi_1 is SFT."""
-        calls, run = self.r.spy["self_play_iteration"].calls, self.r
+        calls, run, m = self.r.spy["self_play_iteration"].calls, self.r, self.r.metrics
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
         for c in calls:
@@ -2088,7 +2086,6 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         pi_1, pi_2 = (c.result[0] for c in calls)
         self.assertTrue(same_weights(pi_1, self.sft) and not same_weights(pi_2, self.sft))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
-        m = run.metrics
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
     def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
