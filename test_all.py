@@ -746,16 +746,6 @@ class Spy:
         return [c for c in self.calls if c.caller == caller]
 
 
-@contextlib.contextmanager
-def count_gpts():
-    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (a frozen copy) __setstate__."""
-    count, init = [], model.GPT.__init__
-    setstate = lambda m, state: count.append(1) or nn.Module.__setstate__(m, state)
-    with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
-            mock.patch.object(model.GPT, "__setstate__", setstate, create=True):
-        yield count
-
-
 _SFT = {}
 
 
@@ -807,17 +797,18 @@ def gpt_run(name):
            "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
            "memory_sample": Spy(model.PeakMemory, "sample"),
            **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all", "print_summary")},
-           **{n: Spy(module, n) for n in ["PeakMemory", "Adam", *SPIED[module]]}}
+           **{n: Spy(module, n) for n in ["PeakMemory", "Adam", *SPIED[module]]},
+           **{n: Spy(model.GPT, n) for n in ("__init__", "__setstate__")}}   # every GPT made: GPT(...), a deepcopy
     if module is sppo:
         spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
-    with count_gpts() as gpts:
-        code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+    code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
     if code != 0:
         raise AssertionError(f"{name}: exit {code}\n{err}")
     cache = torch.load(glob_one(sft_dir), weights_only=True)
     return argparse.Namespace(
         dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
-        spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+        spy=spy, sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+        gpts=len(spy["__init__"].calls + spy["__setstate__"].calls),
         trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
         sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
 
