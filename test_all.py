@@ -820,7 +820,6 @@ def glob_one(folder):
 
 
 def with_weights(state, cfg=SMALL):
-    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
     m = model.GPT(cfg)
     m.load_state_dict(state)
     return m.eval()
@@ -1963,7 +1962,6 @@ class TestSelfPlayIteration(unittest.TestCase):
     """sppo.self_play_iteration: pi_t frozen, K samples per prompt, win rates within a prompt, [SPPO-6] fitted."""
 
     def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
-        """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
         with quietly():
             return sppo.self_play_iteration(policy, prompts, iteration=1, k=k, eta=eta, steps=steps,
                                             config=config or data.TaskConfig(tau=0.3), batch_size=batch_size, lr=lr,
@@ -1977,10 +1975,9 @@ class TestSelfPlayIteration(unittest.TestCase):
         before = weights(policy)
         with Spy(sppo, "sample") as draws, Spy(sppo, "trim") as batches, Spy(sppo, "sppo_loss") as losses:
             pi_t, stats = self.play(policy, prompts, log_rows)
-        self.assertIsNot(pi_t, policy)
         self.assertTrue(not any(p.requires_grad for p in pi_t.parameters()) and not pi_t.training)
         self.assertTrue(same_weights(pi_t, before))       # pi_t is the policy as it was, untouched
-        self.assertFalse(same_weights(policy, before))    # pi_theta moved
+        self.assertFalse(same_weights(policy, before))    # pi_theta moved (so pi_t is not the policy itself)
         (draw,) = draws.calls
         self.assertIs(draw.a["model"], pi_t)              # the samples are pi_t's
         self.assertEqual([(r["step"], r["iteration"]) for r in log_rows], [(0, 1), (1, 1), (2, 1)])
