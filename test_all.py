@@ -2042,9 +2042,7 @@ class TestGameStats(unittest.TestCase):
         shares = data.school_shares(call.result[0])
         self.assertEqual(stats["school_shares_average"], shares.tolist())
         self.assertTrue(all(abs(s - 1 / 3) < 0.04 for s in shares[:3]), shares)
-        self.assertAlmostEqual(stats["exploitability_average"], data.school_exploitability(shares), places=12)
-        self.assertLess(stats["exploitability_average"], 0.05)
-        self.assertEqual((stats["school_shares"], stats["exploitability"]), ([0.0, 0.0, 1.0, 0.0], 0.4))
+        self.assertLess(stats["exploitability_average"], 0.05)   # (its formula, and `last` passed on: TestSppoScript)
 
 
 class TestSppoScript(ScriptChecks, unittest.TestCase):
