@@ -703,8 +703,7 @@ def write_previous_run(folder):
     return files
 
 
-def throw(error):
-    """raise error, in a lambda."""
+def throw(error):   # raise, in a lambda
     raise error
 
 
@@ -747,16 +746,6 @@ class Spy:
         return [c for c in self.calls if c.caller == caller]
 
 
-@contextlib.contextmanager
-def count_gpts():
-    """Counts every GPT made in the block: GPT(...) runs __init__; copy.deepcopy (a frozen copy) __setstate__."""
-    count, init = [], model.GPT.__init__
-    setstate = lambda m, state: count.append(1) or nn.Module.__setstate__(m, state)
-    with mock.patch.object(model.GPT, "__init__", lambda *a, **k: count.append(1) or init(*a, **k)), \
-            mock.patch.object(model.GPT, "__setstate__", setstate, create=True):
-        yield count
-
-
 _SFT = {}
 
 
@@ -797,36 +786,31 @@ GPT_RUNS = {
 }
 SPIED = {dpo: ["dpo_loss", "pair_logps", "frozen_copy"], simpo: ["simpo_loss"],
          sppo: ["self_play_iteration", "hard_fit", "sppo_hard_loss", "frozen_copy"]}
-_RUNS = {}
 
-
+@functools.cache
 def gpt_run(name):
     """One of GPT_RUNS, made once and spied on: dir, out, err, metrics, log, trained, task, policy, spy, gpts, sft."""
-    if name not in _RUNS:
-        module, flags, judge = GPT_RUNS[name]
-        sft_dir = sft(judge) if judge else scratch("sft-fresh")
-        out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
-        spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
-               "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
-               "summary": Spy(data, "print_summary"), "memory": Spy(module, "PeakMemory"),
-               "memory_sample": Spy(model.PeakMemory, "sample"), "adam": Spy(module, "Adam"),
-               **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all")},
-               **{n: Spy(module, n) for n in SPIED[module]}}
-        if module is sppo:
-            spy.update(play_sample=Spy(sppo, "sample"),
-                       game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
-        with count_gpts() as gpts:
-            argv = TINY + flags + ["--out", out, "--sft-dir", sft_dir]
-            code, stdout, err = run_main(module, argv, spies=spy.values())
-        if code != 0:
-            raise AssertionError(f"{name}: exit {code}\n{err}")
-        cache = torch.load(glob_one(sft_dir), weights_only=True)
-        _RUNS[name] = argparse.Namespace(
-            dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
-            spy=spy, gpts=len(gpts), sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
-            trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
-            sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
-    return _RUNS[name]
+    module, flags, judge = GPT_RUNS[name]
+    sft_dir = sft(judge) if judge else scratch("sft-fresh")
+    out, start = os.path.join(scratch(name), "run"), Spy(data, "start_run")
+    spy = {"start_run": start, "pair_batch": Spy(data, "pair_batch", lambda a: weights(start.calls[0].result[2])),
+           "evaluate_sft": Spy(data, "evaluate_sft", lambda a: weights(a["sft"])),
+           "memory_sample": Spy(model.PeakMemory, "sample"),
+           **{n: Spy(data, n) for n in ("evaluate", "heldout_reviews", "sample", "pair_logps_all", "print_summary")},
+           **{n: Spy(module, n) for n in ["PeakMemory", "Adam", *SPIED[module]]},
+           **{n: Spy(model.GPT, n) for n in ("__init__", "__setstate__")}}   # every GPT made: GPT(...), a deepcopy
+    if module is sppo:
+        spy.update(play_sample=Spy(sppo, "sample"), game_stats=Spy(sppo, "game_stats", lambda a: list(a["iterates"])))
+    code, stdout, err = run_main(module, TINY + flags + ["--out", out, "--sft-dir", sft_dir], spies=spy.values())
+    if code != 0:
+        raise AssertionError(f"{name}: exit {code}\n{err}")
+    cache = torch.load(glob_one(sft_dir), weights_only=True)
+    return argparse.Namespace(
+        dir=out, out=stdout, err=err, metrics=read_json(out, "metrics.json"), log=read_json(out, "log.jsonl"),
+        spy=spy, sft_dir=sft_dir, task=start.calls[0].result[1], policy=start.calls[0].result[2],
+        gpts=len(spy["__init__"].calls + spy["__setstate__"].calls),
+        trained=model.load_checkpoint(os.path.join(out, "model.pt"))[0],
+        sft=with_weights(cache["model"], model.GPTConfig(**cache["key"]["model"])))
 
 
 def glob_one(folder):
@@ -836,7 +820,6 @@ def glob_one(folder):
 
 
 def with_weights(state, cfg=SMALL):
-    """A GPT holding a copy of `state` (a state_dict), in eval mode."""
     m = model.GPT(cfg)
     m.load_state_dict(state)
     return m.eval()
@@ -868,10 +851,8 @@ class ScriptChecks:
         self.assertTrue(all(math.isfinite(row[k]) for row in r.log for k in self.log_keys))
         self.assertTrue(all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in r.log))
         self.assertIn(f"SFT model (cache {glob_one(r.sft_dir)}): loaded; ", r.err)   # the shared cache, not rebuilt
-        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)
-        self.assertEqual((set(ckpt), type(ckpt["config"]), ckpt["args"]["seed"], ckpt["args"]["out"]),
-                         ({"model", "config", "args"}, dict, SEED, r.dir))
-        self.assertTrue(all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values()))
+        ckpt = torch.load(os.path.join(r.dir, "model.pt"), weights_only=True)    # (its format: TestCheckpoint)
+        self.assertEqual((ckpt["args"]["seed"], ckpt["args"]["out"]), (SEED, r.dir))
         self.assertTrue(same_weights(ckpt["model"], r.trained) and same_weights(ckpt["model"], r.policy))
         files, beside = folder_state(r.dir)
         self.assertEqual((sorted(files), beside), (["log.jsonl", "metrics.json", "model.pt"], []))
@@ -881,7 +862,6 @@ class ScriptChecks:
         if self.r.task.config.judge != "cyclic":
             return self.assertFalse(set(game) & set(m))
         self.assertLessEqual(set(game), set(m))
-        self.assertEqual((len(m["school_shares"]), round(sum(m["school_shares"]), 9)), (4, 1.0))
         shares = torch.tensor(m["school_shares"])
         self.assertAlmostEqual(m["exploitability"], data.school_exploitability(shares), places=6)
         self.assertEqual("exploitability_last" in m, self.title == "SPPO")
@@ -894,7 +874,7 @@ class ScriptChecks:
             draw = torch.randint(0, len(self.r.task.pairs["chosen_ids"]), (8,), generator=g)
             self.assertTrue(torch.equal(call.a["idx"].cpu(), draw))
 
-    def test_evaluation_compares_the_trained_policy_with_the_sft_model(self):
+    def test_evaluation_compares_the_trained_policy_with_the_sft_model_on_heldout_data_only(self):
         spy, r = self.r.spy, self.r
         self.assertEqual(len(spy["evaluate_sft"].calls), 1, "the SFT model's side of the evaluation is measured once")
         side = spy["evaluate_sft"].calls[0]
@@ -905,15 +885,12 @@ class ScriptChecks:
         ids = r.task.heldout_pairs["chosen_ids"][:4]
         with torch.no_grad():                               # the SFT model, or what computes its logits
             torch.testing.assert_close(call.a["sft"](ids), self.sft(ids), rtol=0, atol=1e-5)
-        self.assertTrue(same_weights(r.policy, r.trained))
         self.assertEqual([(c.a["n_samples"], c.a["seed"]) for c in (side, call)], [(16, SEED)] * 2)
-
-    def test_evaluation_sees_heldout_prompts_and_pairs_only(self):
-        held = set(rows_of(self.r.task.heldout_prompts))
-        self.assertTrue(self.r.spy["sample"].calls)
-        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in self.r.spy["sample"].calls))
-        calls = [c for c in self.r.spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
-        self.assertTrue(calls and all(c.a["pairs"] is self.r.task.heldout_pairs for c in calls))
+        held = set(rows_of(r.task.heldout_prompts))
+        self.assertTrue(spy["sample"].calls)
+        self.assertTrue(all(set(rows_of(c.a["prompts"])) <= held for c in spy["sample"].calls))
+        calls = [c for c in spy["pair_logps_all"].calls if c.caller != "hard_fit"]   # (its pi_ref: training)
+        self.assertTrue(calls and all(c.a["pairs"] is r.task.heldout_pairs for c in calls))
 
     def test_evaluation_numbers_match_a_recomputation(self):
         """metrics.json's evaluation and held-out rewards, recomputed from model.pt and the SFT cache alone."""
@@ -937,7 +914,7 @@ class ScriptChecks:
         self.assertAlmostEqual(m["ranking_agreement"], agree.double().mean().item(), places=6)
 
     def test_end_of_run_table_gets_this_runs_numbers(self):
-        (call,) = self.r.spy["summary"].calls
+        (call,) = self.r.spy["print_summary"].calls
         self.assertEqual((call.a["method"], call.a["out"]), (self.title, self.r.dir))
         for key in ("win_rate_vs_sft", "sft_win_rate_vs_sft", "kl_to_sft", "reward_accuracy"):
             self.assertEqual(call.a["metrics"][key], self.r.metrics[key], key)
@@ -948,11 +925,10 @@ class ScriptChecks:
 
     def test_peak_memory_is_sampled_at_every_training_forward_only(self):
         spy = self.r.spy
-        (meter,) = spy["memory"].calls
+        (meter,) = spy["PeakMemory"].calls
         self.assertIs(meter.a["policy"], self.r.policy)
-        built = [c.start for name in ("adam", "frozen_copy") if name in spy for c in spy[name].calls]
-        self.assertLess(meter.end, min(built), "PeakMemory measures from the SFT model, before the method builds "
-                                               "anything")
+        built = min(c.start for name in ("Adam", "frozen_copy") if name in spy for c in spy[name].calls)
+        self.assertLess(meter.end, built, "PeakMemory measures from the SFT model, before the method builds anything")
         samples = [s.start for s in spy["memory_sample"].calls]
         self.assertEqual(len(samples), self.training_forwards)
         for c in spy["evaluate"].calls + spy["evaluate_sft"].calls + spy["pair_logps_all"].calls:
@@ -1774,7 +1750,6 @@ class TestDpoScript(ScriptChecks, unittest.TestCase):
         for row in self.r.log[1:]:
             self.assertGreater(abs(row["loss"] - math.log(2)), 1e-3, f"step {row['step']}: loss still ln 2")
             self.assertTrue(row["rewards/chosen"] != 0.0 and row["rewards/margins"] != 0.0)
-            self.assertAlmostEqual(row["rewards/margins"], row["rewards/chosen"] - row["rewards/rejected"], places=5)
 
 
 class TestPrecomputeRef(unittest.TestCase):
@@ -1786,7 +1761,6 @@ class TestPrecomputeRef(unittest.TestCase):
             self.assertEqual(ra.keys(), rb.keys())
             for key in ra:
                 self.assertAlmostEqual(ra[key], rb[key], delta=1e-5 * max(1.0, abs(ra[key])), msg=(ra["step"], key))
-        self.assertNotEqual(plain.log[-1]["rewards/margins"], 0.0)    # the reference mattered: the policy moved
         ma, mb = plain.metrics, pre.metrics
         self.assertEqual((ma["precompute_ref"], mb["precompute_ref"], ma["ref_precompute_seconds"]),
                          (False, True, None))
@@ -1868,10 +1842,8 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
     run_name, title = "simpo", "SimPO"
 
     def simpo_losses(self, m, b, length_norm=True):
-        pc, pr = logps_of(m, b["chosen_ids"], b["chosen_mask"]), logps_of(m, b["rejected_ids"], b["rejected_mask"])
-        lc, lr = (b["chosen_mask"][:, 1:].sum(1).float(), b["rejected_mask"][:, 1:].sum(1).float())
-        if not length_norm:
-            lc, lr = 1, 1
+        pc, pr = (logps_of(m, b[f"{side}_ids"], b[f"{side}_mask"]) for side in ("chosen", "rejected"))
+        lc, lr = (b[f"{side}_mask"][:, 1:].sum(1).float() if length_norm else 1 for side in ("chosen", "rejected"))
         return -F.logsigmoid(3.0 * pc / lc - 3.0 * pr / lr - 0.6)     # --beta 3 --gamma 0.6
 
     def test_every_step_is_the_simpo_loss_of_its_batch(self):
@@ -1894,7 +1866,6 @@ class TestSimpoScript(ScriptChecks, unittest.TestCase):
         self.assertAlmostEqual(loss, self.simpo_losses(small.sft, b, length_norm=False).mean().item(), places=3)
         self.assertNotAlmostEqual(loss, self.simpo_losses(small.sft, b).mean().item(), places=2)
         self.assertFalse(small.metrics["length_norm"])
-        self.assertIn(f"SFT model (cache {glob_one(small.sft_dir)}): trained; ", small.err)
 
     def test_the_sft_side_is_measured_before_training_and_one_gpt_is_built(self):
         """No reference model: the SFT side is measured before training; KL: the SFT weights by functional_call."""
@@ -1959,7 +1930,6 @@ class TestSelfPlayIteration(unittest.TestCase):
     """sppo.self_play_iteration: pi_t frozen, K samples per prompt, win rates within a prompt, [SPPO-6] fitted."""
 
     def play(self, policy, prompts, log_rows, k=3, eta=8.0, config=None, steps=3, batch_size=8, lr=1e-2):
-        """One iteration (iteration 1), its sampler and batch order seeded 0, quietly: (pi_t, stats)."""
         with quietly():
             return sppo.self_play_iteration(policy, prompts, iteration=1, k=k, eta=eta, steps=steps,
                                             config=config or data.TaskConfig(tau=0.3), batch_size=batch_size, lr=lr,
@@ -1971,13 +1941,11 @@ class TestSelfPlayIteration(unittest.TestCase):
         torch.manual_seed(1)
         policy = model.GPT(SMALL)      # untrained: reviews of every quality, so the win rates vary
         before = weights(policy)
-        spies = {"draws": Spy(sppo, "sample"), "batch": Spy(sppo, "trim"), "loss": Spy(sppo, "sppo_loss")}
-        with spies["draws"] as draws, spies["batch"] as batches, spies["loss"] as losses:
+        with Spy(sppo, "sample") as draws, Spy(sppo, "trim") as batches, Spy(sppo, "sppo_loss") as losses:
             pi_t, stats = self.play(policy, prompts, log_rows)
-        self.assertIsNot(pi_t, policy)
         self.assertTrue(not any(p.requires_grad for p in pi_t.parameters()) and not pi_t.training)
         self.assertTrue(same_weights(pi_t, before))       # pi_t is the policy as it was, untouched
-        self.assertFalse(same_weights(policy, before))    # pi_theta moved
+        self.assertFalse(same_weights(policy, before))    # pi_theta moved (so pi_t is not the policy itself)
         (draw,) = draws.calls
         self.assertIs(draw.a["model"], pi_t)              # the samples are pi_t's
         self.assertEqual([(r["step"], r["iteration"]) for r in log_rows], [(0, 1), (1, 1), (2, 1)])
@@ -2043,9 +2011,7 @@ class TestGameStats(unittest.TestCase):
         shares = data.school_shares(call.result[0])
         self.assertEqual(stats["school_shares_average"], shares.tolist())
         self.assertTrue(all(abs(s - 1 / 3) < 0.04 for s in shares[:3]), shares)
-        self.assertAlmostEqual(stats["exploitability_average"], data.school_exploitability(shares), places=12)
-        self.assertLess(stats["exploitability_average"], 0.05)
-        self.assertEqual((stats["school_shares"], stats["exploitability"]), ([0.0, 0.0, 1.0, 0.0], 0.4))
+        self.assertLess(stats["exploitability_average"], 0.05)   # (its formula, and `last` passed on: TestSppoScript)
 
 
 class TestSppoScript(ScriptChecks, unittest.TestCase):
@@ -2059,7 +2025,7 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
 
     def test_self_play_runs_on_the_training_prompts(self):
         """Each iteration samples K responses from pi_t per training prompt, with --k, --eta, the judge; pi_1 is SFT."""
-        calls, run = self.r.spy["self_play_iteration"].calls, self.r
+        calls, run, m = self.r.spy["self_play_iteration"].calls, self.r, self.r.metrics
         self.assertEqual([c.a["iteration"] for c in calls], [1, 2])
         play = [c for c in run.spy["play_sample"].calls if c.caller != "sample_mixture"]
         for c in calls:
@@ -2074,7 +2040,6 @@ class TestSppoScript(ScriptChecks, unittest.TestCase):
         pi_1, pi_2 = (c.result[0] for c in calls)
         self.assertTrue(same_weights(pi_1, self.sft) and not same_weights(pi_2, self.sft))
         self.assertEqual([r["iteration"] for r in run.log], [1, 1, 2, 2])
-        m = run.metrics
         self.assertEqual((m["steps"], m["iterations"], m["k"], m["eta"], m["variant"]), (4, 2, 2, 10.0, "selfplay"))
 
     def test_each_iteration_against_the_one_before_and_the_average_of_the_iterates(self):
@@ -2161,8 +2126,7 @@ class TestSppoExact(unittest.TestCase):
                 self.assertTrue(fit <= 1e-3 * no_step or fit < 1e-13, (m["judge"], t + 1, fit, no_step))
             self.assertEqual(m["mw_kl_exact_logz"], max(fits))
             ratio = max([f / n for f, n in zip(fits, m["mw_kl_no_step"]) if f >= 1e-13], default=0.0)
-            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)
-            self.assertLessEqual(m["mw_kl_ratio"], 1e-3)
+            self.assertAlmostEqual(m["mw_kl_ratio"], ratio, places=12)     # so <= 1e-3, by the loop above
 
     def test_the_game_numbers_of_every_iteration(self):
         """The last iterate and the average of pi_1 .. pi_{t+1} against the MW chain by hand, iteration by iteration."""
