@@ -2447,12 +2447,11 @@ class TestOutputFolder(unittest.TestCase):
 
     def test_cannot_write_is_one_line_exit_2(self):
         d = scratch("blocked")
-        blocker = os.path.join(d, "a-file")
-        pathlib.Path(blocker).touch()
-        for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
+        pathlib.Path(d, "a-file").touch()
+        sub = os.path.join(d, "a-file", "sub")                     # below a file: no folder can be made there
+        for call in (lambda: model.prepare_out_dir(sub), lambda: model.fail("boom")):
             code, err = exits(call)
             self.assertTrue(code == 2 and err.startswith("error:"), err)
-        sub = os.path.join(blocker, "sub")
         code, _, err = run_main(dpo, TINY + ["--out", sub, "--sft-dir", os.path.join(d, "sft")])
         self.assertIn(f"cannot write to output folder {sub!r}", err.strip().splitlines()[-1])
         self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
@@ -2611,8 +2610,6 @@ class TestSftCache(unittest.TestCase):
         self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
         self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])     # its temporary file removed
 
-
-class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
         """Three runs on one empty --sft-dir: one trains (slowly), the others wait on its lock, load; it stays."""
         task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
@@ -2639,13 +2636,10 @@ class TestPeakMemory(unittest.TestCase):
 
     def test_samples_training_forwards_only(self):
         policy, ids = sharp_gpt(3).train(), torch.ones(2, 6, dtype=torch.long)
-        before = weights(policy)
-        torch.manual_seed(5)
-        expected = torch.rand(3)
-        torch.manual_seed(5)
+        before, rng = weights(policy), torch.get_rng_state()
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
-            self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
+            self.assertTrue(torch.equal(torch.get_rng_state(), rng))      # the warm-up draws no random numbers,
             self.assertTrue(same_weights(before, policy))                  # leaves the weights and no gradients,
             self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
@@ -2761,11 +2755,11 @@ class TestReadme(unittest.TestCase):
 # of torch import each: load_tests starts them first, in parallel; TestScriptProcesses waits at the end.
 
 class ScriptProcess:
-    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err, raw).
+    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err).
     reader_leaves: stdout closed at once (| head); ctrl_c: stderr a pty, Ctrl-C once the bar shows a step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
-        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
+        self.out, self.ctrl_c, self.seen, self.signalled = out, ctrl_c, b"", False
         stderr = subprocess.PIPE
         if ctrl_c:
             import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
@@ -2794,19 +2788,17 @@ class ScriptProcess:
                 self.proc.send_signal(signal.SIGINT)   # Ctrl-C, once a training step has run
                 self.signalled = True
 
+    @functools.cache
     def finish(self):
-        if self.result is None:
-            try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
-                out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-            if self.ctrl_c:
-                self.watcher.join()
-            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"),
-                                             raw=out or b"", err=err)
-        return self.result
+        try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
+            out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        if self.ctrl_c:
+            self.watcher.join()
+        err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
+        return argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), err=err)
 
     def metrics(self):
         self.finish()
@@ -2855,9 +2847,6 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertEqual(read_json(proc.out, "log.jsonl"), here.log)
         self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"],
                                      here.trained))
-        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
-        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
         """python dpo.py: exit 0, charts and summary on stdout, device and SFT on stderr, this process's numbers."""
@@ -2878,19 +2867,17 @@ class TestScriptProcesses(unittest.TestCase):
         p = (proc := script_process("simpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         self.assertIn("): trained; held-out cross-entropy", p.err)
-        self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
+        self.assertTrue(p.out.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
         self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
         self.same_numbers(proc, gpt_run("simpo"))
-        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic"))
+        cold, warm = (glob_one(d) for d in (proc.proc.args[proc.proc.args.index("--sft-dir") + 1], sft("cyclic")))
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
-        cached = lambda path: torch.load(path, weights_only=True)["model"]
-        self.assertTrue(same_weights(cached(cold), cached(warm)))
+        self.assertTrue(same_weights(*(torch.load(path, weights_only=True)["model"] for path in (cold, warm))))
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
         """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
-        p = (proc := script_process("sppo_exact")).finish()
-        self.assertEqual((p.code, p.err), (0, ""))
-        self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
+        p, m = (proc := script_process("sppo_exact")).finish(), proc.metrics()
+        self.assertEqual((p.code, p.err, m["method"], m["judge"]), (0, "", "sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_ctrl_c_on_a_terminal(self):
@@ -2919,11 +2906,9 @@ def load_tests(loader, tests, pattern):
     """`python -m unittest test_all`: the processes start first, then the classes in the order of this file."""
     for name in PROCESSES:
         script_process(name)
-    suite = unittest.TestSuite()
-    for obj in list(globals().values()):
-        if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == __name__:
-            suite.addTests(loader.loadTestsFromTestCase(obj))
-    return suite
+    classes = [obj for obj in globals().values()
+               if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == __name__]
+    return unittest.TestSuite(map(loader.loadTestsFromTestCase, classes))
 
 
 if __name__ == "__main__":
