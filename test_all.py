@@ -2282,7 +2282,6 @@ class TestFlags(unittest.TestCase):
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
-        """Exit 2, the last line naming what was wrong, no traceback, no folder made: every value checked up front."""
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
@@ -2300,8 +2299,8 @@ class TestFlags(unittest.TestCase):
         for module, flags in cases.items():
             for args, expect in (case if isinstance(case, tuple) else (case, case.split()[0]) for case in flags):
                 code, _, err = run_main(module, safe + args.split())
-                self.assertEqual(code, 2, err)
-                self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+                self.assertTrue(code == 2 and expect in err.strip().splitlines()[-1] and "Traceback" not in err,
+                                (args, code, err))
         self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
 
@@ -2362,9 +2361,8 @@ class TestRun(unittest.TestCase):
             previous, sft_dir = write_previous_run(out), scratch("sft-64") if flags else sft()   # (another size)
             with patch:
                 code, _, err = run_main(dpo, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir])
-            self.assertEqual(code, want, err)
-            self.assertNotIn("Traceback", err)
-            self.assertEqual(len([l for l in err.splitlines() if l.startswith(("error", "interrupted"))]), 1, err)
+            said = [line for line in err.splitlines() if line.startswith(("error", "interrupted"))]
+            self.assertEqual((code, "Traceback" in err, len(said)), (want, False, 1), err)
             self.assertRegex(err.strip().splitlines()[-1], f"^{line}previous results in {re.escape(out)} untouched$")
             self.assertEqual(folder_state(out), (previous, []))     # untouched
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
@@ -2378,7 +2376,6 @@ class TestRun(unittest.TestCase):
         with torch.no_grad():
             m.lm_head.weight[0, 0] = float("inf")
         self.assertRaises(FloatingPointError, model.check_weights, m)
-        self.assertRaises(FloatingPointError, model.check_loss, torch.tensor(float("nan")), 4, 10)
         model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
         nan_in_sft = lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training")
         self.assertEqual(exits(lambda: model.run(nan_in_sft)), (1, "error: the loss is nan at step 3 of 5 (SFT "
@@ -2394,17 +2391,6 @@ class TestRun(unittest.TestCase):
         self.assertTrue(code == 130 and line.startswith("interrupted ") and "at step" not in line
                         and line.endswith(f"; the run was saved in {out}"), line)
         self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
-
-    def test_a_reader_that_leaves_early(self):
-        """python simpo.py | head -1: exit 0 quietly, stdout led to /dev/null so the last flush cannot fail."""
-        sink = tempfile.TemporaryFile(dir=SCRATCH)
-        closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
-                           spec=["write", "fileno", "flush"])
-        with quietly() as (_, err), contextlib.redirect_stdout(closed):
-            model.run(lambda: print("a chart"))                    # returns: no SystemExit, no traceback
-        self.assertEqual(err.getvalue(), "")
-        self.assertTrue(os.path.samestat(os.fstat(sink.fileno()), os.stat(os.devnull)))
-        sink.close()
 
 
 class TestOutputFolder(unittest.TestCase):
@@ -2509,7 +2495,6 @@ class TestCheckpoint(unittest.TestCase):
         m, d = sharp_gpt(14), os.path.join(scratch("ckpt"), "run")
         model.save_run(d, m, argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2]),
                        {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
-        self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
         ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
         self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
         self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None,
@@ -2528,9 +2513,8 @@ class TestCheckpoint(unittest.TestCase):
         for name, words in (("x.pt", "not a PyTorch file"), ("no.pt", "no such file")):
             path = os.path.join(d, name)
             code, err = exits(lambda: model.load_checkpoint(path))
-            line = err.strip()
-            self.assertEqual((code, len(line.splitlines())), (2, 1))
-            self.assertTrue(line.startswith(f"error: cannot load checkpoint {path!r}: ") and words in line, line)
+            self.assertEqual((code, err.count("\n")), (2, 1), err)
+            self.assertTrue(err.startswith(f"error: cannot load checkpoint {path!r}: ") and words in err, err)
 
 
 class TestSftCache(unittest.TestCase):
@@ -2715,7 +2699,6 @@ class TestReadme(unittest.TestCase):
     def test_citations_name_what_the_code_defines_never_line_numbers(self):
         self.assertEqual(citation_problems(read("README.md")), [])
         self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
-        self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
         # the check itself: a citation of nothing and a label no file holds are found; a link is no label
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
                                            "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
@@ -2755,7 +2738,7 @@ class TestReadme(unittest.TestCase):
 # of torch import each: load_tests starts them first, in parallel; TestScriptProcesses waits at the end.
 
 class ScriptProcess:
-    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err).
+    """`python argv... --out OUT` in REPO, stdout block-buffered as on a terminal; finish() waits: (code, out, err).
     reader_leaves: stdout closed at once (| head); ctrl_c: stderr a pty, Ctrl-C once the bar shows a step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
@@ -2766,7 +2749,7 @@ class ScriptProcess:
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
         env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, *argv, "--out", out], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=stderr)
         if reader_leaves:
             self.proc.stdout.close()
@@ -2813,17 +2796,15 @@ def script_process(name):
     if name not in _PROCESSES:
         out = os.path.join(scratch(name), "run")
         if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
-            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
+            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic"], out, reader_leaves=True)
         elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
-            argv = ["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")]
-            p = ScriptProcess(argv, out, PYTHONIOENCODING="ascii")
+            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--sft-dir", scratch("sft-cold")], out,
+                              PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
-            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()], out,
-                              PYTHONIOENCODING="utf-8")
+            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--sft-dir", sft()], out, PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
             previous = write_previous_run(out)
-            argv = ["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()]
-            p = ScriptProcess(argv, out, ctrl_c=True)
+            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--sft-dir", sft()], out, ctrl_c=True)
             p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
@@ -2875,7 +2856,6 @@ class TestScriptProcesses(unittest.TestCase):
         self.assertTrue(same_weights(*(torch.load(path, weights_only=True)["model"] for path in (cold, warm))))
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
-        """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
         p, m = (proc := script_process("sppo_exact")).finish(), proc.metrics()
         self.assertEqual((p.code, p.err, m["method"], m["judge"]), (0, "", "sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
@@ -2885,10 +2865,9 @@ class TestScriptProcesses(unittest.TestCase):
         p = (proc := script_process("ctrl_c")).finish()
         self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
         lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
-        self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
+        self.assertEqual((p.code, p.out, "Traceback" in p.err), (130, "", False), p.err[-2000:])  # stdout: after saving
         self.assertRegex(lines[-1], r"^interrupted at step \d+ of 1000000 \(training\); previous results in "
                                     + re.escape(proc.out) + " untouched$")
-        self.assertNotIn("Traceback", p.err)
         self.assertEqual(folder_state(proc.out), (proc.previous, []))
 
 
