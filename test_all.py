@@ -2714,13 +2714,12 @@ class TestReadme(unittest.TestCase):
 
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
-        run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
-        rows = read_json(run_dir, "log.jsonl")
+        run, recipe, plt = gpt_run("dpo"), readme_block("matplotlib.pyplot"), mock.MagicMock()
         self.assertIn('"out/dpo/log.jsonl"', recipe)
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
-            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
+            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run.dir, "log.jsonl"))), {})
         drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
-        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows])
+        self.assertEqual(drawn, {k: ([r["step"] for r in run.log], [r[k] for r in run.log])
                                  for k in ("logps/chosen", "logps/rejected")})
         plt.savefig.assert_called_once()
 
