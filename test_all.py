@@ -2215,7 +2215,6 @@ class TestFlags(unittest.TestCase):
         self.assertEqual(simpo.parser.parse_args(["--seed", str(2**32 - 1)]).seed, 2**32 - 1)
 
     def test_bad_flags_exit_2_before_any_folder_is_made(self):
-        """Exit 2, the last line naming what was wrong, no traceback, no folder made: every value checked up front."""
         d = scratch("flags")
         safe = ["--out", os.path.join(d, "out"), "--sft-dir", os.path.join(d, "sft"), "--device", "cpu", "--steps", "1",
                 "--sft-steps", "1", "--eval-samples", "4", "--batch-size", "4"]
@@ -2233,8 +2232,8 @@ class TestFlags(unittest.TestCase):
         for module, flags in cases.items():
             for args, expect in (case if isinstance(case, tuple) else (case, case.split()[0]) for case in flags):
                 code, _, err = run_main(module, safe + args.split())
-                self.assertEqual(code, 2, err)
-                self.assertTrue(expect in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err))
+                self.assertTrue(code == 2 and expect in err.strip().splitlines()[-1] and "Traceback" not in err,
+                                (args, code, err))
         self.assertEqual(run_main(sppo, ["--exact", "--k", "1", "--out", os.path.join(d, "a", "b")])[0], 2)
         self.assertEqual(os.listdir(d), [])
 
@@ -2295,9 +2294,8 @@ class TestRun(unittest.TestCase):
             previous, sft_dir = write_previous_run(out), scratch("sft-64") if flags else sft()   # (another size)
             with patch:
                 code, _, err = run_main(dpo, TINY + ["--steps", "3", *flags, "--out", out, "--sft-dir", sft_dir])
-            self.assertEqual(code, want, err)
-            self.assertNotIn("Traceback", err)
-            self.assertEqual(len([l for l in err.splitlines() if l.startswith(("error", "interrupted"))]), 1, err)
+            said = [line for line in err.splitlines() if line.startswith(("error", "interrupted"))]
+            self.assertEqual((code, "Traceback" in err, len(said)), (want, False, 1), err)
             self.assertRegex(err.strip().splitlines()[-1], f"^{line}previous results in {re.escape(out)} untouched$")
             self.assertEqual(folder_state(out), (previous, []))     # untouched
         with mock.patch.object(dpo, "pair_logps", side_effect=RuntimeError("a bug, not memory")), \
@@ -2306,12 +2304,9 @@ class TestRun(unittest.TestCase):
 
     def test_non_finite_loss_or_weights(self):
         m = sharp_gpt()
-        model.check_weights(m)
         model.check_loss(torch.tensor(1e30), 4, 10)                # large is not diverged
-        with torch.no_grad():
-            m.lm_head.weight[0, 0] = float("inf")
+        m.lm_head.weight.data[0, 0] = float("inf")
         self.assertRaises(FloatingPointError, model.check_weights, m)
-        self.assertRaises(FloatingPointError, model.check_loss, torch.tensor(float("nan")), 4, 10)
         model.progress.__dict__.update(out="out/x", phase="setup", step=None, total=None, lr=1e-3)
         nan_in_sft = lambda: model.check_loss(torch.tensor(float("nan")), 3, 5, phase="SFT training")
         self.assertEqual(exits(lambda: model.run(nan_in_sft)), (1, "error: the loss is nan at step 3 of 5 (SFT "
@@ -2322,22 +2317,9 @@ class TestRun(unittest.TestCase):
         out = os.path.join(scratch("fault"), "out")
         model.progress.__dict__.update(out=out, phase="setup", step=2, total=3)
         saved_then_ctrl_c = lambda: model.save_files(out, {"metrics.json": b"new"}) or throw(KeyboardInterrupt)
-        code, err = exits(lambda: model.run(saved_then_ctrl_c))   # Ctrl-C while the charts print
-        line = err.strip()
-        self.assertTrue(code == 130 and line.startswith("interrupted ") and "at step" not in line
-                        and line.endswith(f"; the run was saved in {out}"), line)
+        self.assertEqual(exits(lambda: model.run(saved_then_ctrl_c)),     # Ctrl-C while the charts print
+                         (130, f"interrupted after the save; the run was saved in {out}\n"))
         self.assertEqual(folder_state(out)[0], {"metrics.json": b"new"})
-
-    def test_a_reader_that_leaves_early(self):
-        """python simpo.py | head -1: exit 0 quietly, stdout led to /dev/null so the last flush cannot fail."""
-        sink = tempfile.TemporaryFile(dir=SCRATCH)
-        closed = mock.Mock(write=mock.Mock(side_effect=BrokenPipeError(errno.EPIPE, "Broken pipe")), fileno=sink.fileno,
-                           spec=["write", "fileno", "flush"])
-        with quietly() as (_, err), contextlib.redirect_stdout(closed):
-            model.run(lambda: print("a chart"))                    # returns: no SystemExit, no traceback
-        self.assertEqual(err.getvalue(), "")
-        self.assertTrue(os.path.samestat(os.fstat(sink.fileno()), os.stat(os.devnull)))
-        sink.close()
 
 
 class TestOutputFolder(unittest.TestCase):
@@ -2380,12 +2362,11 @@ class TestOutputFolder(unittest.TestCase):
 
     def test_cannot_write_is_one_line_exit_2(self):
         d = scratch("blocked")
-        blocker = os.path.join(d, "a-file")
-        pathlib.Path(blocker).touch()
-        for call in (lambda: model.prepare_out_dir(os.path.join(blocker, "sub")), lambda: model.fail("boom")):
+        pathlib.Path(d, "a-file").touch()
+        sub = os.path.join(d, "a-file", "sub")                     # below a file: no folder can be made there
+        for call in (lambda: model.prepare_out_dir(sub), lambda: model.fail("boom")):
             code, err = exits(call)
             self.assertTrue(code == 2 and err.startswith("error:"), err)
-        sub = os.path.join(blocker, "sub")
         code, _, err = run_main(dpo, TINY + ["--out", sub, "--sft-dir", os.path.join(d, "sft")])
         self.assertIn(f"cannot write to output folder {sub!r}", err.strip().splitlines()[-1])
         self.assertEqual((code, os.listdir(d)), (2, ["a-file"]))
@@ -2443,7 +2424,6 @@ class TestCheckpoint(unittest.TestCase):
         m, d = sharp_gpt(14), os.path.join(scratch("ckpt"), "run")
         model.save_run(d, m, argparse.Namespace(beta=0.1, out="x", flag=True, seed=3, nothing=None, odd=[1, 2]),
                        {"method": "test", "score": 0.5}, [{"step": 0, "loss": 0.7}])
-        self.assertEqual(sorted(os.listdir(d)), ["log.jsonl", "metrics.json", "model.pt"])
         ckpt = torch.load(os.path.join(d, "model.pt"), weights_only=True)
         self.assertEqual((set(ckpt), model.GPTConfig(**ckpt["config"])), ({"model", "config", "args"}, m.config))
         self.assertEqual(ckpt["args"], {"beta": 0.1, "out": "x", "flag": True, "seed": 3, "nothing": None,
@@ -2462,18 +2442,15 @@ class TestCheckpoint(unittest.TestCase):
         for name, words in (("x.pt", "not a PyTorch file"), ("no.pt", "no such file")):
             path = os.path.join(d, name)
             code, err = exits(lambda: model.load_checkpoint(path))
-            line = err.strip()
-            self.assertEqual((code, len(line.splitlines())), (2, 1))
-            self.assertTrue(line.startswith(f"error: cannot load checkpoint {path!r}: ") and words in line, line)
+            self.assertEqual((code, err.count("\n")), (2, 1), err)
+            self.assertTrue(err.startswith(f"error: cannot load checkpoint {path!r}: ") and words in err, err)
 
 
 class TestSftCache(unittest.TestCase):
     """model.sft_cache (through model.sft_model): a classroom on one --sft-dir trains each SFT model once."""
 
     def sft_model(self, task, d, steps=3, **patches):
-        with quietly() as (_, err), contextlib.ExitStack() as stack:
-            for name, value in patches.items():
-                stack.enter_context(mock.patch.object(model, name, value))
+        with quietly() as (_, err), mock.patch.multiple(model, **patches) if patches else contextlib.nullcontext():
             m, info = model.sft_model(task, CPU, d, 0, steps, SMALL, quiet=True)
         return m, info, err.getvalue()
 
@@ -2529,9 +2506,8 @@ class TestSftCache(unittest.TestCase):
         denied = OSError(errno.EACCES, "Permission denied")
         with mock.patch.object(os, "open", side_effect=denied):       # no lock file can be made: runs unlocked
             m, info, err = self.sft_model(task, d, write=mock.Mock(side_effect=denied))
-        self.assertFalse(info["cached"])
-        self.assertIn(f"note: could not write the SFT cache {info['path']} (Permission denied); going on with the "
-                      f"model just trained", err)
+        self.assertTrue(not info["cached"] and f"note: could not write the SFT cache {info['path']} (Permission "
+                        f"denied); going on with the model just trained" in err, err)
         self.assertEqual(os.listdir(d), [])
         self.sft_model(task, d)                                       # now a writable folder: the cache is made
         with mock.patch.object(os, "open", side_effect=denied):       # read-only with a valid cache: read it
@@ -2544,16 +2520,13 @@ class TestSftCache(unittest.TestCase):
         self.assertTrue(not info3["cached"] and "(No space left on device)" in err, err)
         self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])     # its temporary file removed
 
-
-class TestLock(unittest.TestCase):
     def test_runs_starting_together_train_once(self):
         """Three runs on one empty --sft-dir: one trains (slowly), the others wait on its lock, load; it stays."""
         task, d, real, trained, results = small_task(seed=21), scratch("lock"), model.Adam, [], []
-        errors = io.StringIO()
         slow_adam = lambda *a, **k: trained.append(1) or time.sleep(0.5) or real(*a, **k)   # an optimiser: training
         train = lambda: results.append(model.sft_model(task, CPU, d, 0, 3, SMALL, quiet=True))
         threads = [threading.Thread(target=train) for _ in range(3)]
-        with mock.patch.object(model, "Adam", slow_adam), contextlib.redirect_stderr(errors):
+        with mock.patch.object(model, "Adam", slow_adam), quietly() as (_, errors):
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -2572,13 +2545,10 @@ class TestPeakMemory(unittest.TestCase):
 
     def test_samples_training_forwards_only(self):
         policy, ids = sharp_gpt(3).train(), torch.ones(2, 6, dtype=torch.long)
-        before = weights(policy)
-        torch.manual_seed(5)
-        expected = torch.rand(3)
-        torch.manual_seed(5)
+        before, rng = weights(policy), torch.get_rng_state()
         with Spy(model.PeakMemory, "sample") as spy:
             meter = model.PeakMemory(policy)
-            self.assertTrue(torch.equal(torch.rand(3), expected))          # the warm-up draws no random numbers,
+            self.assertTrue(torch.equal(torch.get_rng_state(), rng))      # the warm-up draws no random numbers,
             self.assertTrue(same_weights(before, policy))                  # leaves the weights and no gradients,
             self.assertTrue(all(p.grad is None for p in policy.parameters()) and spy.calls == [])   # is not sampled
             policy(ids)                                                   # training: sampled
@@ -2587,7 +2557,6 @@ class TestPeakMemory(unittest.TestCase):
             model.frozen_copy(policy)(ids)                                # a frozen copy carries the hook: not
             policy.eval()(ids)                                            # evaluation: not
         self.assertEqual((len(spy.calls), meter.mb()), (1, (meter.peak - meter.base) / 2**20))
-        self.assertGreaterEqual(meter.mb(), 0.0)
 
     def test_where_the_bytes_come_from(self):
         import resource
@@ -2654,7 +2623,6 @@ class TestReadme(unittest.TestCase):
     def test_citations_name_what_the_code_defines_never_line_numbers(self):
         self.assertEqual(citation_problems(read("README.md")), [])
         self.assertEqual(re.findall(r"`[a-z_]+\.py`,? lines? \d+(?:-\d+)?|\blines \d+-\d+", read("README.md")), [])
-        self.assertIn("python -m unittest test_all", read("README.md"))      # the one test command
         # the check itself: a citation of nothing and a label no file holds are found; a link is no label
         self.assertEqual(citation_problems("`dpo.py:dpo_loss`, `data.py:ExactTask.best`, `model.py:SFT_LR`, "
                                            "`model.py:GPTConfig.vocab_size`, `sppo.py:nothing_here`, [DPO-1], [Nash], "
@@ -2679,13 +2647,12 @@ class TestReadme(unittest.TestCase):
 
     def test_the_matplotlib_recipe_plots_the_log(self):
         """matplotlib is not a dependency: a stand-in records what the README's recipe asks it to draw."""
-        run_dir, recipe, plt = gpt_run("dpo").dir, readme_block("matplotlib.pyplot"), mock.MagicMock()
-        rows = read_json(run_dir, "log.jsonl")
+        run, recipe, plt = gpt_run("dpo"), readme_block("matplotlib.pyplot"), mock.MagicMock()
         self.assertIn('"out/dpo/log.jsonl"', recipe)
         with mock.patch.dict(sys.modules, {"matplotlib": mock.MagicMock(pyplot=plt), "matplotlib.pyplot": plt}):
-            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run_dir, "log.jsonl"))), {})
+            exec(recipe.replace('"out/dpo/log.jsonl"', repr(os.path.join(run.dir, "log.jsonl"))), {})
         drawn = {c.kwargs.get("label"): tuple(map(list, c.args)) for c in plt.plot.call_args_list}
-        self.assertEqual(drawn, {k: ([r["step"] for r in rows], [r[k] for r in rows])
+        self.assertEqual(drawn, {k: ([r["step"] for r in run.log], [r[k] for r in run.log])
                                  for k in ("logps/chosen", "logps/rejected")})
         plt.savefig.assert_called_once()
 
@@ -2694,18 +2661,18 @@ class TestReadme(unittest.TestCase):
 # of torch import each: load_tests starts them first, in parallel; TestScriptProcesses waits at the end.
 
 class ScriptProcess:
-    """`python argv...` in REPO, stdout block-buffered as on a terminal; finish() waits: Namespace(code, out, err, raw).
+    """`python argv... --out OUT` in REPO, stdout block-buffered as on a terminal; finish() waits: (code, out, err).
     reader_leaves: stdout closed at once (| head); ctrl_c: stderr a pty, Ctrl-C once the bar shows a step."""
 
     def __init__(self, argv, out, reader_leaves=False, ctrl_c=False, **env):
-        self.out, self.ctrl_c, self.result, self.seen, self.signalled = out, ctrl_c, None, b"", False
+        self.out, self.ctrl_c, self.seen, self.signalled = out, ctrl_c, b"", False
         stderr = subprocess.PIPE
         if ctrl_c:
             import fcntl, pty, struct, termios   # noqa: E401  (Unix only, like the signal)
             self.terminal, stderr = pty.openpty()
             fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
         env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **env}
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, *argv, "--out", out], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=stderr)
         if reader_leaves:
             self.proc.stdout.close()
@@ -2727,19 +2694,17 @@ class ScriptProcess:
                 self.proc.send_signal(signal.SIGINT)   # Ctrl-C, once a training step has run
                 self.signalled = True
 
+    @functools.cache
     def finish(self):
-        if self.result is None:
-            try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
-                out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-            if self.ctrl_c:
-                self.watcher.join()
-            err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
-            self.result = argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"),
-                                             raw=out or b"", err=err)
-        return self.result
+        try:        # a run that Ctrl-C never reaches would train for hours: stopped here, and the test says why
+            out, err = self.proc.communicate(timeout=120 if self.ctrl_c else 600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        if self.ctrl_c:
+            self.watcher.join()
+        err = (self.seen if self.ctrl_c else err).decode("utf-8", "replace").replace("\r\n", "\n")
+        return argparse.Namespace(code=self.proc.returncode, out=(out or b"").decode("utf-8", "replace"), err=err)
 
     def metrics(self):
         self.finish()
@@ -2754,17 +2719,15 @@ def script_process(name):
     if name not in _PROCESSES:
         out = os.path.join(scratch(name), "run")
         if name == "sppo_exact":   # the README's command, and a reader that leaves at once (| head, closed early)
-            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic", "--out", out], out, reader_leaves=True)
+            p = ScriptProcess(["sppo.py", "--exact", "--judge", "cyclic"], out, reader_leaves=True)
         elif name == "simpo":      # a first run (its SFT model trained in its own folder), on an ASCII terminal
-            argv = ["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--out", out, "--sft-dir", scratch("sft-cold")]
-            p = ScriptProcess(argv, out, PYTHONIOENCODING="ascii")
+            p = ScriptProcess(["simpo.py", *TINY, *GPT_RUNS["simpo"][1], "--sft-dir", scratch("sft-cold")], out,
+                              PYTHONIOENCODING="ascii")
         elif name == "dpo":        # from the shared SFT cache, on a UTF-8 terminal
-            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--out", out, "--sft-dir", sft()], out,
-                              PYTHONIOENCODING="utf-8")
+            p = ScriptProcess(["dpo.py", *TINY, *GPT_RUNS["dpo"][1], "--sft-dir", sft()], out, PYTHONIOENCODING="utf-8")
         else:                      # "ctrl_c": a long run into a folder that holds a previous run
             previous = write_previous_run(out)
-            argv = ["dpo.py", *TINY, "--steps", "1000000", "--out", out, "--sft-dir", sft()]
-            p = ScriptProcess(argv, out, ctrl_c=True)
+            p = ScriptProcess(["dpo.py", *TINY, "--steps", "1000000", "--sft-dir", sft()], out, ctrl_c=True)
             p.previous = previous
         _PROCESSES[name] = p
     return _PROCESSES[name]
@@ -2783,17 +2746,12 @@ class TestScriptProcesses(unittest.TestCase):
 
     def same_numbers(self, proc, here):
         m, without_timing = proc.metrics(), lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}
-        self.assertEqual(m.keys(), here.metrics.keys())
-        self.assertEqual(without_timing(m), without_timing(here.metrics))
+        self.assertEqual((m.keys(), without_timing(m)), (here.metrics.keys(), without_timing(here.metrics)))
         self.assertEqual(read_json(proc.out, "log.jsonl"), here.log)
         self.assertTrue(same_weights(torch.load(os.path.join(proc.out, "model.pt"), weights_only=True)["model"],
                                      here.trained))
-        self.assertTrue(all(m[k] >= 0.0 for k in ("startup_seconds", "train_seconds", "eval_seconds")))
-        self.assertLessEqual(m["startup_seconds"] + m["train_seconds"] + m["eval_seconds"], m["wall_seconds"] + 1e-6)
-        self.assertEqual(folder_state(proc.out)[1], [])
 
     def test_dpo(self):
-        """python dpo.py: exit 0, charts and summary on stdout, device and SFT on stderr, this process's numbers."""
         p = (proc := script_process("dpo")).finish()
         self.assertEqual(p.code, 0, p.err[-2000:])
         lines = [line.split("; held-out")[0] for line in p.err.splitlines()
@@ -2809,21 +2767,17 @@ class TestScriptProcesses(unittest.TestCase):
     def test_simpo_first_run_on_an_ascii_terminal(self):
         """python simpo.py, empty --sft-dir, ASCII terminal: the shared cache's twin, ASCII charts, the same numbers."""
         p = (proc := script_process("simpo")).finish()
-        self.assertEqual(p.code, 0, p.err[-2000:])
-        self.assertIn("): trained; held-out cross-entropy", p.err)
-        self.assertTrue(p.raw.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
+        self.assertTrue(p.code == 0 and "): trained; held-out cross-entropy" in p.err, p.err[-2000:])
+        self.assertTrue(p.out.isascii() and "?" not in p.out)              # no character replaced: ASCII charts
         self.assertTrue("\n" + " " * 10 + "+---\n" in p.out and p.out.splitlines()[1][10] == "|", p.out[:300])
         self.same_numbers(proc, gpt_run("simpo"))
-        cold, warm = glob_one(proc.proc.args[proc.proc.args.index("--sft-dir") + 1]), glob_one(sft("cyclic"))
+        cold, warm = (glob_one(d) for d in (proc.proc.args[proc.proc.args.index("--sft-dir") + 1], sft("cyclic")))
         self.assertEqual(os.path.basename(cold), os.path.basename(warm))
-        cached = lambda path: torch.load(path, weights_only=True)["model"]
-        self.assertTrue(same_weights(cached(cold), cached(warm)))
+        self.assertTrue(same_weights(*(torch.load(path, weights_only=True)["model"] for path in (cold, warm))))
 
     def test_sppo_exact_cyclic_to_a_reader_that_leaves_at_once(self):
-        """python sppo.py --exact --judge cyclic | head, closed at once: exit 0, no message, metrics.json only."""
-        p = (proc := script_process("sppo_exact")).finish()
-        self.assertEqual((p.code, p.err), (0, ""))
-        self.assertEqual((proc.metrics()["method"], proc.metrics()["judge"]), ("sppo", "cyclic"))
+        p, m = (proc := script_process("sppo_exact")).finish(), proc.metrics()
+        self.assertEqual((p.code, p.err, m["method"], m["judge"]), (0, "", "sppo", "cyclic"))
         self.assertEqual((sorted(os.listdir(proc.out)), folder_state(proc.out)[1]), (["metrics.json"], []))
 
     def test_ctrl_c_on_a_terminal(self):
@@ -2831,10 +2785,9 @@ class TestScriptProcesses(unittest.TestCase):
         p = (proc := script_process("ctrl_c")).finish()
         self.assertTrue(proc.signalled, "the progress bar never showed a training step:\n" + p.err[-2000:])
         lines = [line.split("\r")[-1] for line in p.err.splitlines() if line.split("\r")[-1].strip()]
-        self.assertEqual((p.code, p.out), (130, ""), p.err[-2000:])       # nothing printed before the files are saved
+        self.assertEqual((p.code, p.out, "Traceback" in p.err), (130, "", False), p.err[-2000:])  # stdout: after saving
         self.assertRegex(lines[-1], r"^interrupted at step \d+ of 1000000 \(training\); previous results in "
                                     + re.escape(proc.out) + " untouched$")
-        self.assertNotIn("Traceback", p.err)
         self.assertEqual(folder_state(proc.out), (proc.previous, []))
 
 
@@ -2852,11 +2805,9 @@ def load_tests(loader, tests, pattern):
     """`python -m unittest test_all`: the processes start first, then the classes in the order of this file."""
     for name in PROCESSES:
         script_process(name)
-    suite = unittest.TestSuite()
-    for obj in list(globals().values()):
-        if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == __name__:
-            suite.addTests(loader.loadTestsFromTestCase(obj))
-    return suite
+    classes = [obj for obj in globals().values()
+               if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == __name__]
+    return unittest.TestSuite(map(loader.loadTestsFromTestCase, classes))
 
 
 if __name__ == "__main__":
