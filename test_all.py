@@ -143,88 +143,85 @@ def expect_detached(test, chosen_rewards, rejected_rewards):
 class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
+    def loss(self, pc, pr, rc, rr, beta):
+        """dpo_loss's losses, chosen_rewards, rejected_rewards, and what the usual wrong versions return, each with
+        its hint: for each of the three, and for d loss / d log pi_theta of y_w and of y_l."""
+        out = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
+        pc, pr = pc.detach(), pr.detach()
+        z = beta * ((pc - rc) - (pr - rr))      # the logits; the loss is -log sigmoid(z) = log(1 + exp(-z))
+        m = {"losses": [(F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
+                                        "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
+                        (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
+                        (F.softplus(-beta * (pc - pr)),
+                         "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)"),
+                        (F.softplus(-beta * ((pc + rc) - (pr + rr))),
+                         "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
+                        (-z, NO_LOGSIGMOID), (F.logsigmoid(z), MINUS),
+                        (torch.sigmoid(-z), "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
+                        (-torch.sigmoid(z), "the log is missing: the loss is -log sigmoid(logits)")]}
+        for name, policy, ref, other in (("chosen", pc, rc, pr - rr), ("rejected", pr, rr, pc - rc)):
+            m[name] = [(policy - ref, "beta is missing from the reward: beta * log-ratio"),
+                       (beta * policy, "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - "
+                                       "log pi_ref(y|x))"),
+                       (beta * other, REWARDS_SWAPPED),
+                       (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")]
+        # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l)); y_l's is its opposite
+        weight, n = torch.sigmoid(-z), len(z)
+        grad = [(-beta * torch.sigmoid(z), SWAPPED), (beta * torch.sigmoid(z), SWAPPED),
+                (-torch.sigmoid(-z / beta), "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)"),
+                (-beta * weight / n, f"1/{n} of the right gradient for a batch of {n}: the losses were averaged "
+                                     f"inside dpo_loss; return one loss per example"),
+                (-beta * torch.sigmoid(-beta * (pc - pr)), "the reference is not subtracted"),
+                (torch.full_like(z, -beta), "the log-sigmoid is missing: -logits has the same gradient -beta for "
+                                            "every pair; -log sigmoid weighs each pair by how wrong it is")]
+        m["y_w"] = [(beta * weight, "the sign: raising log pi_theta(y_w|x) must LOWER the loss")] + grad
+        m["y_l"] = [(-beta * weight, "the sign: raising log pi_theta(y_l|x) must raise the loss")] + [
+            (-value, hint) for value, hint in grad]
+        return out + (m,)
+
     def test_equal_policy_and_reference_give_ln2(self):
         g, beta = torch.Generator().manual_seed(0), 0.1
         pc, pr = -torch.rand(8, generator=g) * 30, -torch.rand(8, generator=g) * 30
         pc.requires_grad_(True)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pr, pc.detach().clone(), pr.clone(), beta)
         expect_close(self, losses, torch.full((8,), math.log(2)),
-                     "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693", [
-                         (0.0, "is the log-sigmoid missing? The loss is -log sigmoid(logits), not -logits"),
-                         (-math.log(2), MINUS),
-                         (0.5, "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
-                         (-0.5, "the log is missing: the loss is -log sigmoid(logits)"),
-                         (-F.logsigmoid(beta * (pc - pr)).detach(),
-                          "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
-        for got, logps, name in ((cr, pc, "chosen"), (rj, pr, "rejected")):
-            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-                (beta * logps.detach(),
-                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
+                     "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693",
+                     m["losses"])
+        for got, name in ((cr, "chosen"), (rj, "rejected")):
+            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0",
+                         m[name])
         losses.sum().backward()
         expect_grad(self, pc, torch.full((8,), -beta * 0.5),
-                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
-                        (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
-                        (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
+                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", m["y_w"])
 
     def test_hand_computed_batch(self):
         pc, pr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0)
         rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
-        beta = 0.5
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        z = torch.tensor([0.75, 0.0, -2.5])      # beta (log-ratio_w - log-ratio_l); loss log(1 + exp(-z))
+        losses, cr, rj, m = self.loss(pc, pr, rc, rr, 0.5)
+        # beta (log-ratio_w - log-ratio_l) = (0.75, 0, -2.5); loss log(1 + exp(-logit))
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
-                     "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
-                                         "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
-                         (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
-                         (F.softplus(-beta * (pc - pr)),
-                          "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
-                         (F.softplus(-beta * ((pc + rc) - (pr + rr))),
-                          "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
-                         (-z, NO_LOGSIGMOID),
-                         (F.logsigmoid(z), MINUS),
-                         (torch.sigmoid(-z), "sigmoid without the log: the loss is -log sigmoid(logits)")])
-        sides = (("chosen", "y_w", cr, t(0.25, 0.25, -1.0), pc, rc, pr - rr),
-                 ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5), pr, rr, pc - rc))
-        for name, y, got, want, policy, ref, other in sides:
-            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", [
-                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
-                (beta * policy, "the reference is not subtracted from the reward"),
-                (beta * other, REWARDS_SWAPPED),
-                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")])
+                     "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)",
+                     m["losses"])
+        for name, y, got, want in (("chosen", "y_w", cr, t(0.25, 0.25, -1.0)),
+                                   ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5))):
+            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", m[name])
 
     def test_gradient_closed_form(self):
         pc, pr = t(-5.0, -3.0, -10.0, -1.0, grad=True), t(-6.0, -2.0, -4.0, -9.0, grad=True)
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pr, rc, rr, beta)
         expect_detached(self, cr, rj)
         losses.sum().backward()
-        # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
-        logit = beta * ((pc - rc) - (pr - rr)).detach()
-        weight = torch.sigmoid(-logit)
-        mistakes = [(-beta * torch.sigmoid(logit), SWAPPED),
-                    (beta * torch.sigmoid(logit), SWAPPED),
-                    (-torch.sigmoid(-logit / beta), "beta is missing from the logits"),
-                    (-beta * weight / 4, "a quarter of the right gradient for a batch of 4: the losses were averaged "
-                                         "inside dpo_loss; return one loss per example"),
-                    (-beta * torch.sigmoid(-beta * (pc - pr).detach()), "the reference is not subtracted"),
-                    (torch.full((4,), -beta), "the log-sigmoid is missing: -logits has the same gradient -beta for "
-                                              "every pair; -log sigmoid weighs each pair by how wrong it is")]
-        expect_grad(self, pc, -beta * weight, "d loss / d log pi_theta(y_w|x) = -beta sigmoid(-logit)",
-                    mistakes + [(beta * weight, "the sign: raising log pi_theta(y_w|x) must lower the loss")])
-        expect_grad(self, pr, beta * weight, "d loss / d log pi_theta(y_l|x) = +beta sigmoid(-logit)",
-                    [(-value, hint) for value, hint in mistakes]
-                    + [(-beta * weight, "the sign: raising log pi_theta(y_l|x) must raise the loss")])
+        weight = torch.sigmoid(-beta * ((pc - rc) - (pr - rr)).detach())
+        expect_grad(self, pc, -beta * weight, "d loss / d log pi_theta(y_w|x) = -beta sigmoid(-logit)", m["y_w"])
+        expect_grad(self, pr, beta * weight, "d loss / d log pi_theta(y_l|x) = +beta sigmoid(-logit)", m["y_l"])
 
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
-        zero = torch.zeros(4)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
-        z = t(1000.0, -1000.0, 0.0, 0.0)
+        losses, cr, rj, m = self.loss(pc, pr, torch.zeros(4), torch.zeros(4), 1.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
-                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
-                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite", m["losses"])
         losses.sum().backward()
         expect_grad(self, pc, t(0.0, -1.0, -0.5, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0, 0")
