@@ -149,22 +149,24 @@ class TestDpoLoss(unittest.TestCase):
         out = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         pc, pr = pc.detach(), pr.detach()
         z = beta * ((pc - rc) - (pr - rr))      # the logits; the loss is -log sigmoid(z) = log(1 + exp(-z))
-        m = {"losses": [(F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
-                                        "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
-                        (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
-                        (F.softplus(-beta * (pc - pr)),
-                         "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)"),
-                        (F.softplus(-beta * ((pc + rc) - (pr + rr))),
-                         "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
-                        (-z, NO_LOGSIGMOID), (F.logsigmoid(z), MINUS),
-                        (torch.sigmoid(-z), "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
-                        (-torch.sigmoid(z), "the log is missing: the loss is -log sigmoid(logits)")]}
+        m = {"losses": [
+            (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta (log-ratio "
+                            "of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
+            (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
+            (F.softplus(-beta * (pc - pr)),
+             "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)"),
+            (F.softplus(-beta * ((pc + rc) - (pr + rr))),
+             "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
+            (-z, NO_LOGSIGMOID), (F.logsigmoid(z), MINUS),
+            (torch.sigmoid(-z), "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
+            (-torch.sigmoid(z), "the log is missing: the loss is -log sigmoid(logits)")]}
         for name, policy, ref, other in (("chosen", pc, rc, pr - rr), ("rejected", pr, rr, pc - rc)):
-            m[name] = [(policy - ref, "beta is missing from the reward: beta * log-ratio"),
-                       (beta * policy, "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - "
-                                       "log pi_ref(y|x))"),
-                       (beta * other, REWARDS_SWAPPED),
-                       (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")]
+            m[name] = [
+                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
+                (beta * policy,
+                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))"),
+                (beta * other, REWARDS_SWAPPED),
+                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")]
         # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l)); y_l's is its opposite
         weight, n = torch.sigmoid(-z), len(z)
         grad = [(-beta * torch.sigmoid(z), SWAPPED), (beta * torch.sigmoid(z), SWAPPED),
@@ -230,51 +232,48 @@ class TestDpoLoss(unittest.TestCase):
 class TestSimpoLoss(unittest.TestCase):
     """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss [SimPO-4]."""
 
+    def loss(self, pc, pr, lc, lr, beta, gamma):
+        """simpo_loss's losses, chosen_rewards, rejected_rewards, and what the usual wrong versions return, each with
+        its hint: for the losses and for each side's rewards."""
+        out = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
+        pc, pr, m = pc.detach(), pr.detach(), {}
+        for name, logps, lengths, other in (("chosen", pc, lc, pr / lr), ("rejected", pr, lr, pc / lc)):
+            m[name] = [(beta * logps,
+                        "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
+                       (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
+                       (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
+                       (beta * other, REWARDS_SWAPPED)]
+        margin = beta * (pc / lc - pr / lr)    # r_w - r_l; the logits are margin - gamma, the loss log(1 + exp(-z))
+        m["losses"] = [
+            (F.softplus(-(margin + gamma)),
+             "gamma is added: the chosen reward must beat the rejected one BY gamma, logits = r_w - r_l - gamma"),
+            (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
+            (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is gamma itself "
+                                                   "(the official code's gamma_beta_ratio is gamma/beta)"),
+            (F.softplus(-(margin - gamma / beta)), "gamma is divided by beta: the target margin is gamma itself"),
+            (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
+            (F.softplus(margin - gamma), "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
+            (-(margin - gamma), NO_LOGSIGMOID), (F.logsigmoid(margin - gamma), MINUS)]
+        return out + (m,)
+
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
-        lc, lr = t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
-        beta, gamma = 2.0, 0.5
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pr, t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0), 2.0, 0.5)
         # rewards beta/|y| * logp: chosen 2*-6/3 = -4, 2*-4/2 = -4, 2*-3/6 = -1; rejected -6, -4, -6
-        for got, logps, lengths, other, want, name in ((cr, pc, lc, pr / lr, t(-4.0, -4.0, -1.0), "chosen"),
-                                                       (rj, pr, lr, pc / lc, t(-6.0, -4.0, -6.0), "rejected")):
-            expect_close(self, got, want, f"{name}_rewards = (beta/|y|) log pi_theta(y|x), beta 2", [
-                (beta * logps, "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
-                (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
-                (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
-                (beta * other, REWARDS_SWAPPED)])
-        # logits r_w - r_l - gamma = 1.5, -0.5, 4.5; loss = log(1 + exp(-z))
-        margin = t(2.0, 0.0, 5.0)
+        for name, got, want in (("chosen", cr, t(-4.0, -4.0, -1.0)), ("rejected", rj, t(-6.0, -4.0, -6.0))):
+            expect_close(self, got, want, f"{name}_rewards = (beta/|y|) log pi_theta(y|x), beta 2", m[name])
+        # reward margins 2, 0, 5; logits r_w - r_l - gamma = 1.5, -0.5, 4.5
         expect_close(self, losses, t(softplus(-1.5), softplus(0.5), softplus(-4.5)),
-                     "losses for reward margins (2, 0, 5), gamma 0.5: -log sigmoid(margin - gamma)", [
-                         (F.softplus(-(margin + gamma)), "gamma is added: the chosen reward must beat the rejected "
-                                                         "one BY gamma, logits = r_w - r_l - gamma"),
-                         (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
-                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is "
-                                                                "gamma itself (the official code's gamma_beta_ratio "
-                                                                "is gamma/beta)"),
-                         (F.softplus(-(margin - gamma / beta)),
-                          "gamma is divided by beta: the target margin is gamma itself"),
-                         (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
-                         (F.softplus(margin - gamma),
-                          "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
-                         (-(margin - gamma), NO_LOGSIGMOID),
-                         (F.logsigmoid(margin - gamma), MINUS)])
+                     "losses for reward margins (2, 0, 5), gamma 0.5: -log sigmoid(margin - gamma)", m["losses"])
 
     def test_equal_rewards_give_log_one_plus_exp_gamma(self):
         """SimPO does not start at ln 2: with equal rewards the logit is -gamma (README, "Reading your logs")."""
         pc = t(-6.0, -10.0, -4.0, grad=True)
         lengths = t(3.0, 5.0, 2.0)
         beta, gamma = 2.0, 1.0
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pc.detach().clone(), lengths, lengths, beta, gamma,
-                                 returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pc.detach().clone(), lengths, lengths, beta, gamma)
         expect_close(self, losses, torch.full((3,), softplus(gamma)),
-                     "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", [
-                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give "
-                                       "-log sigmoid(-gamma)"),
-                         (softplus(-gamma), "gamma is added instead of subtracted"),
-                         (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
-                         (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
+                     "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", m["losses"])
         expect_detached(self, cr, rj)
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
@@ -312,28 +311,18 @@ class TestSimpoLoss(unittest.TestCase):
     def test_unit_lengths_give_summed_reward(self):
         """The --no-length-norm ablation: lengths all 1, the reward is beta * log pi(y|x), summed."""
         pc, pr = t(-6.0, -14.0), t(-9.0, -2.0)
-        ones = torch.ones(2)
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=RETURNS)
-        for name, y, got, logps, other in (("chosen", "y_w", cr, pc, pr), ("rejected", "y_l", rj, pr, pc)):
-            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)",
-                         [(logps, "beta is missing from the reward"), (2.0 * other, REWARDS_SWAPPED)])
+        losses, cr, rj, m = self.loss(pc, pr, torch.ones(2), torch.ones(2), 2.0, 1.0)
+        for name, y, got, logps in (("chosen", "y_w", cr, pc), ("rejected", "y_l", rj, pr)):
+            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)", m[name])
         # margins 2*(-6+9) = 6 and 2*(-14+2) = -24; logits margin - gamma = 5 and -25
-        margin = t(6.0, -24.0)
         expect_close(self, losses, t(softplus(-5.0), softplus(25.0)),
-                     "losses at margins 6 and -24, gamma 1 (lengths 1)", [
-            (F.softplus(-(margin + 1)), "gamma is added: logits = r_w - r_l - gamma"),
-            (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma"),
-            (F.softplus(-(margin - 2)), "gamma is multiplied by beta: the target margin is gamma itself"),
-            (F.softplus(margin + 1), "chosen and rejected swapped: logits = r_w - r_l - gamma")])
+                     "losses at margins 6 and -24, gamma 1 (lengths 1)", m["losses"])
 
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -3.0, grad=True), t(-1000.0, 0.0, -3.0, grad=True)
-        ones = torch.ones(3)
-        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=RETURNS)
-        z = t(1000.0, -1000.0, 0.0)
+        losses, _, _, m = self.loss(pc, pr, torch.ones(3), torch.ones(3), 1.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2)),
-                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite",
-                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite", m["losses"])
         losses.sum().backward()      # the gradients: -beta/|y| sigmoid(-logit) and its opposite
         expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0")
