@@ -251,7 +251,8 @@ class TestSimpoLoss(unittest.TestCase):
             (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is gamma itself "
                                                    "(the official code's gamma_beta_ratio is gamma/beta)"),
             (F.softplus(-(margin - gamma / beta)), "gamma is divided by beta: the target margin is gamma itself"),
-            (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
+            (F.softplus(margin + gamma),      # at gamma 0 the same as the next one, the sign flipped
+             SWAPPED if gamma == 0 else "chosen and rejected swapped: logits = r_w - r_l - gamma"),
             (F.softplus(margin - gamma), "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
             (-(margin - gamma), NO_LOGSIGMOID), (F.logsigmoid(margin - gamma), MINUS)]
         return out + (m,)
