@@ -183,8 +183,7 @@ class TestDpoLoss(unittest.TestCase):
 
     def test_equal_policy_and_reference_give_ln2(self):
         g, beta = torch.Generator().manual_seed(0), 0.1
-        pc, pr = -torch.rand(8, generator=g) * 30, -torch.rand(8, generator=g) * 30
-        pc.requires_grad_(True)
+        pc, pr = (-torch.rand(8, generator=g) * 30).requires_grad_(True), -torch.rand(8, generator=g) * 30
         losses, cr, rj, m = self.loss(pc, pr, pc.detach().clone(), pr.clone(), beta)
         expect_close(self, losses, torch.full((8,), math.log(2)),
                      "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693",
@@ -197,8 +196,7 @@ class TestDpoLoss(unittest.TestCase):
                     "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", m["y_w"])
 
     def test_hand_computed_batch(self):
-        pc, pr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0)
-        rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
+        pc, pr, rc, rr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0), t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
         losses, cr, rj, m = self.loss(pc, pr, rc, rr, 0.5)
         # beta (log-ratio_w - log-ratio_l) = (0.75, 0, -2.5); loss log(1 + exp(-logit))
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
@@ -269,8 +267,7 @@ class TestSimpoLoss(unittest.TestCase):
 
     def test_equal_rewards_give_log_one_plus_exp_gamma(self):
         """SimPO does not start at ln 2: with equal rewards the logit is -gamma (README, "Reading your logs")."""
-        pc = t(-6.0, -10.0, -4.0, grad=True)
-        lengths = t(3.0, 5.0, 2.0)
+        pc, lengths = t(-6.0, -10.0, -4.0, grad=True), t(3.0, 5.0, 2.0)
         beta, gamma = 2.0, 1.0
         losses, cr, rj, m = self.loss(pc, pc.detach().clone(), lengths, lengths, beta, gamma)
         expect_close(self, losses, torch.full((3,), softplus(gamma)),
@@ -280,10 +277,9 @@ class TestSimpoLoss(unittest.TestCase):
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
         expect_grad(self, pc, -beta / lengths * sig(gamma),
                     "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
-                        (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's "
-                                                             "path"),
-                        (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
-                        (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
+            (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's path"),
+            (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
+            (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
 
     def test_reward_scales_as_one_over_length(self):
         pc, pr = t(-6.0, -4.0), t(-9.0, -2.0)
@@ -351,16 +347,14 @@ class TestSppoLoss(unittest.TestCase):
                  "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
 
     def test_hand_worked_values(self):
-        policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
-        win = t(0.9, 0.5, 0.2, 0.0)
+        policy, ref, win = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5), t(0.9, 0.5, 0.2, 0.0)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
         # log-ratios 1, 0, -2, 0.5; targets 1.6, 0, -1.2, -2; losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
         expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
                      "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
     def test_minimiser_is_eta_times_p_minus_half(self):
-        ref = t(-4.0, -9.0, -2.5, -20.0)
-        win = t(0.0, 0.3, 0.5, 0.95)
+        ref, win = t(-4.0, -9.0, -2.5, -20.0), t(0.0, 0.3, 0.5, 0.95)
         for eta in (0.5, 10.0, 1000.0):
             with self.subTest(eta=eta):
                 best = [r + eta * (p - 0.5) for r, p in zip(ref.tolist(), win.tolist())]
@@ -397,8 +391,7 @@ class TestSppoLoss(unittest.TestCase):
                      "(1 - 2)^2, (0 - 2)^2", self.mistakes(policy, ref, torch.ones(2), 4.0))
 
     def test_finite_at_extreme_inputs(self):
-        policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
-        ref = t(-1000.0, 1000.0, 0.0, -1000.0)
+        policy, ref = t(1000.0, -1000.0, 0.0, -1000.0, grad=True), t(-1000.0, 1000.0, 0.0, -1000.0)
         win = t(0.0, 1.0, 1.0, 0.5)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 1.0)
         # log-ratios 2000, -2000, 0, 0; targets -0.5, 0.5, 0.5, 0
