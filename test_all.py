@@ -485,16 +485,12 @@ class TestSequenceLogps(unittest.TestCase):
 
     def loop_logps(self, ids, mask):
         """The definition, one token at a time: each response token scored by a forward pass on its prefix."""
-        out = []
-        for b in range(ids.shape[0]):
-            total = 0.0
-            for t in range(1, ids.shape[1]):
-                if mask[b, t]:
-                    with torch.no_grad():
-                        logits = self.m(ids[b:b + 1, :t])[0, -1]
-                    total += torch.log_softmax(logits.double(), dim=-1)[ids[b, t]].item()
-            out.append(total)
-        return torch.tensor(out, dtype=torch.float64)
+        out = torch.zeros(ids.shape[0], dtype=torch.float64)
+        for b, t in mask[:, 1:].nonzero().tolist():      # token t + 1 of row b is a response token
+            with torch.no_grad():
+                logits = self.m(ids[b:b + 1, :t + 1])[0, -1]
+            out[b] += torch.log_softmax(logits.double(), dim=-1)[ids[b, t + 1]].item()
+        return out
 
     def mistakes(self, ids, mask):
         """What the usual wrong versions return for these rows, each with its hint."""
