@@ -144,8 +144,7 @@ class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
     def loss(self, pc, pr, rc, rr, beta):
-        """dpo_loss's losses, chosen_rewards, rejected_rewards, and what the usual wrong versions return, each with
-        its hint: for each of the three, and for d loss / d log pi_theta of y_w and of y_l."""
+        """dpo_loss's three outputs, and m: what the usual wrong versions give for each and for both gradients."""
         out = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
         pc, pr = pc.detach(), pr.detach()
         z = beta * ((pc - rc) - (pr - rr))      # the logits; the loss is -log sigmoid(z) = log(1 + exp(-z))
@@ -231,8 +230,7 @@ class TestSimpoLoss(unittest.TestCase):
     """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss [SimPO-4]."""
 
     def loss(self, pc, pr, lc, lr, beta, gamma):
-        """simpo_loss's losses, chosen_rewards, rejected_rewards, and what the usual wrong versions return, each with
-        its hint: for the losses and for each side's rewards."""
+        """simpo_loss's three outputs, and m: what the usual wrong versions give for the losses and the rewards."""
         out = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
         pc, pr, m = pc.detach(), pr.detach(), {}
         for name, logps, lengths, other in (("chosen", pc, lc, pr / lr), ("rejected", pr, lr, pc / lc)):
