@@ -143,88 +143,84 @@ def expect_detached(test, chosen_rewards, rejected_rewards):
 class TestDpoLoss(unittest.TestCase):
     """dpo.dpo_loss alone: losses -log sigma(beta (log-ratio_w - log-ratio_l)) [DPO-1], rewards [DPO-2]."""
 
+    def loss(self, pc, pr, rc, rr, beta):
+        """dpo_loss's three outputs, and m: what the usual wrong versions give for each and for both gradients."""
+        out = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
+        pc, pr = pc.detach(), pr.detach()
+        z = beta * ((pc - rc) - (pr - rr))      # the logits; the loss is -log sigmoid(z) = log(1 + exp(-z))
+        m = {"losses": [
+            (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta (log-ratio "
+                            "of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
+            (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
+            (F.softplus(-beta * (pc - pr)),
+             "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)"),
+            (F.softplus(-beta * ((pc + rc) - (pr + rr))),
+             "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
+            (-z, NO_LOGSIGMOID), (F.logsigmoid(z), MINUS),
+            (torch.sigmoid(-z), "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
+            (-torch.sigmoid(z), "the log is missing: the loss is -log sigmoid(logits)")]}
+        for name, policy, ref, other in (("chosen", pc, rc, pr - rr), ("rejected", pr, rr, pc - rc)):
+            m[name] = [
+                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
+                (beta * policy,
+                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))"),
+                (beta * other, REWARDS_SWAPPED),
+                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")]
+        # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l)); y_l's is its opposite
+        weight, n = torch.sigmoid(-z), len(z)
+        grad = [(-beta * torch.sigmoid(z), SWAPPED), (beta * torch.sigmoid(z), SWAPPED),
+                (-torch.sigmoid(-z / beta), "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)"),
+                (-beta * weight / n, f"1/{n} of the right gradient for a batch of {n}: the losses were averaged "
+                                     f"inside dpo_loss; return one loss per example"),
+                (-beta * torch.sigmoid(-beta * (pc - pr)), "the reference is not subtracted"),
+                (torch.full_like(z, -beta), "the log-sigmoid is missing: -logits has the same gradient -beta for "
+                                            "every pair; -log sigmoid weighs each pair by how wrong it is")]
+        m["y_w"] = [(beta * weight, "the sign: raising log pi_theta(y_w|x) must LOWER the loss")] + grad
+        m["y_l"] = [(-beta * weight, "the sign: raising log pi_theta(y_l|x) must raise the loss")] + [
+            (-value, hint) for value, hint in grad]
+        return out + (m,)
+
     def test_equal_policy_and_reference_give_ln2(self):
         g, beta = torch.Generator().manual_seed(0), 0.1
-        pc, pr = -torch.rand(8, generator=g) * 30, -torch.rand(8, generator=g) * 30
-        pc.requires_grad_(True)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, pc.detach().clone(), pr.clone(), beta, returns=RETURNS)
+        pc, pr = (-torch.rand(8, generator=g) * 30).requires_grad_(True), -torch.rand(8, generator=g) * 30
+        losses, cr, rj, m = self.loss(pc, pr, pc.detach().clone(), pr.clone(), beta)
         expect_close(self, losses, torch.full((8,), math.log(2)),
-                     "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693", [
-                         (0.0, "is the log-sigmoid missing? The loss is -log sigmoid(logits), not -logits"),
-                         (-math.log(2), MINUS),
-                         (0.5, "sigmoid(logits) without the log: the loss is -log sigmoid(logits)"),
-                         (-0.5, "the log is missing: the loss is -log sigmoid(logits)"),
-                         (-F.logsigmoid(beta * (pc - pr)).detach(),
-                          "the reference is not subtracted: each log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")])
-        for got, logps, name in ((cr, pc, "chosen"), (rj, pr, "rejected")):
-            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0", [
-                (beta * logps.detach(),
-                 "the reference is not subtracted: the reward is beta (log pi_theta(y|x) - log pi_ref(y|x))")])
+                     "pi_theta = pi_ref (log-ratios 0, logits 0): every loss must be -log sigmoid(0) = ln 2 = 0.693",
+                     m["losses"])
+        for got, name in ((cr, "chosen"), (rj, "rejected")):
+            expect_close(self, got, torch.zeros(8), f"{name}_rewards when pi_theta = pi_ref: beta * log-ratio = 0",
+                         m[name])
         losses.sum().backward()
         expect_grad(self, pc, torch.full((8,), -beta * 0.5),
-                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", [
-                        (beta * 0.5, "the sign: raising log pi_theta(y_w|x) must LOWER the loss"),
-                        (-0.5, "beta is missing from the logits: beta (log-ratio_w - log-ratio_l)")])
+                    "d loss / d log pi_theta(y_w|x) at logits 0: -beta sigmoid(0) = -0.05", m["y_w"])
 
     def test_hand_computed_batch(self):
-        pc, pr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0)
-        rc, rr = t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
-        beta = 0.5
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
-        z = torch.tensor([0.75, 0.0, -2.5])      # beta (log-ratio_w - log-ratio_l); loss log(1 + exp(-z))
+        pc, pr, rc, rr = t(-5.0, -3.0, -10.0), t(-6.0, -2.0, -4.0), t(-5.5, -3.5, -8.0), t(-5.0, -2.5, -7.0)
+        losses, cr, rj, m = self.loss(pc, pr, rc, rr, 0.5)
+        # beta (log-ratio_w - log-ratio_l) = (0.75, 0, -2.5); loss log(1 + exp(-logit))
         expect_close(self, losses, t(softplus(-0.75), math.log(2), softplus(2.5)),
-                     "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)", [
-                         (F.softplus(z), "chosen and rejected swapped (or the logit's sign flipped): the logit is beta "
-                                         "(log-ratio of y_w - log-ratio of y_l), and the loss -log sigmoid(logit)"),
-                         (F.softplus(-z / beta), "beta is missing: logits = beta (log-ratio_w - log-ratio_l)"),
-                         (F.softplus(-beta * (pc - pr)),
-                          "the reference is not subtracted: log-ratio = log pi_theta - log pi_ref"),
-                         (F.softplus(-beta * ((pc + rc) - (pr + rr))),
-                          "the reference is added: log pi_theta/pi_ref = log pi_theta - log pi_ref"),
-                         (-z, NO_LOGSIGMOID),
-                         (F.logsigmoid(z), MINUS),
-                         (torch.sigmoid(-z), "sigmoid without the log: the loss is -log sigmoid(logits)")])
-        sides = (("chosen", "y_w", cr, t(0.25, 0.25, -1.0), pc, rc, pr - rr),
-                 ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5), pr, rr, pc - rc))
-        for name, y, got, want, policy, ref, other in sides:
-            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", [
-                (policy - ref, "beta is missing from the reward: beta * log-ratio"),
-                (beta * policy, "the reference is not subtracted from the reward"),
-                (beta * other, REWARDS_SWAPPED),
-                (beta * (ref - policy), "the sign: policy minus reference, log pi_theta - log pi_ref")])
+                     "losses for log-ratios w (0.5, 0.5, -2) and l (-1, 0.5, 3), beta 0.5, logits (0.75, 0, -2.5)",
+                     m["losses"])
+        for name, y, got, want in (("chosen", "y_w", cr, t(0.25, 0.25, -1.0)),
+                                   ("rejected", "y_l", rj, t(-0.5, 0.25, 1.5))):
+            expect_close(self, got, want, f"{name}_rewards = beta (log pi_theta({y}|x) - log pi_ref({y}|x))", m[name])
 
     def test_gradient_closed_form(self):
         pc, pr = t(-5.0, -3.0, -10.0, -1.0, grad=True), t(-6.0, -2.0, -4.0, -9.0, grad=True)
         rc, rr = t(-5.5, -3.5, -8.0, -2.0), t(-5.0, -2.5, -7.0, -3.0)
         beta = 0.7
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, rc, rr, beta, returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pr, rc, rr, beta)
         expect_detached(self, cr, rj)
         losses.sum().backward()
-        # paper, section 4: grad = -beta sigma(r_l - r_w) (grad log pi(y_w) - grad log pi(y_l))
-        logit = beta * ((pc - rc) - (pr - rr)).detach()
-        weight = torch.sigmoid(-logit)
-        mistakes = [(-beta * torch.sigmoid(logit), SWAPPED),
-                    (beta * torch.sigmoid(logit), SWAPPED),
-                    (-torch.sigmoid(-logit / beta), "beta is missing from the logits"),
-                    (-beta * weight / 4, "a quarter of the right gradient for a batch of 4: the losses were averaged "
-                                         "inside dpo_loss; return one loss per example"),
-                    (-beta * torch.sigmoid(-beta * (pc - pr).detach()), "the reference is not subtracted"),
-                    (torch.full((4,), -beta), "the log-sigmoid is missing: -logits has the same gradient -beta for "
-                                              "every pair; -log sigmoid weighs each pair by how wrong it is")]
-        expect_grad(self, pc, -beta * weight, "d loss / d log pi_theta(y_w|x) = -beta sigmoid(-logit)",
-                    mistakes + [(beta * weight, "the sign: raising log pi_theta(y_w|x) must lower the loss")])
-        expect_grad(self, pr, beta * weight, "d loss / d log pi_theta(y_l|x) = +beta sigmoid(-logit)",
-                    [(-value, hint) for value, hint in mistakes]
-                    + [(-beta * weight, "the sign: raising log pi_theta(y_l|x) must raise the loss")])
+        weight = torch.sigmoid(-beta * ((pc - rc) - (pr - rr)).detach())
+        expect_grad(self, pc, -beta * weight, "d loss / d log pi_theta(y_w|x) = -beta sigmoid(-logit)", m["y_w"])
+        expect_grad(self, pr, beta * weight, "d loss / d log pi_theta(y_l|x) = +beta sigmoid(-logit)", m["y_l"])
 
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -1000.0, 0.0, grad=True), t(-1000.0, 0.0, -1000.0, 0.0, grad=True)
-        zero = torch.zeros(4)
-        losses, cr, rj = attempt(self, dpo.dpo_loss, pc, pr, zero, zero, 1.0, returns=RETURNS)
-        z = t(1000.0, -1000.0, 0.0, 0.0)
+        losses, cr, rj, m = self.loss(pc, pr, torch.zeros(4), torch.zeros(4), 1.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2), math.log(2)),
-                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite",
-                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+                     "losses at logits +1000, -1000, 0, 0 (beta 1): ~0, 1000, ln 2, ln 2, all finite", m["losses"])
         losses.sum().backward()
         expect_grad(self, pc, t(0.0, -1.0, -0.5, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0, 0")
@@ -233,60 +229,55 @@ class TestDpoLoss(unittest.TestCase):
 class TestSimpoLoss(unittest.TestCase):
     """simpo.simpo_loss alone: rewards (beta/|y|) log pi_theta(y|x) [SimPO-2], loss [SimPO-4]."""
 
+    def loss(self, pc, pr, lc, lr, beta, gamma):
+        """simpo_loss's three outputs, and m: what the usual wrong versions give for the losses and the rewards."""
+        out = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
+        pc, pr, m = pc.detach(), pr.detach(), {}
+        for name, logps, lengths, other in (("chosen", pc, lc, pr / lr), ("rejected", pr, lr, pc / lc)):
+            m[name] = [(beta * logps,
+                        "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
+                       (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
+                       (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
+                       (beta * other, REWARDS_SWAPPED)]
+        margin = beta * (pc / lc - pr / lr)    # r_w - r_l; the logits are margin - gamma, the loss log(1 + exp(-z))
+        m["losses"] = [
+            (F.softplus(-(margin + gamma)),
+             "gamma is added: the chosen reward must beat the rejected one BY gamma, logits = r_w - r_l - gamma"),
+            (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
+            (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is gamma itself "
+                                                   "(the official code's gamma_beta_ratio is gamma/beta)"),
+            (F.softplus(-(margin - gamma / beta)), "gamma is divided by beta: the target margin is gamma itself"),
+            (F.softplus(margin + gamma),      # at gamma 0 the same as the next one, the sign flipped
+             SWAPPED if gamma == 0 else "chosen and rejected swapped: logits = r_w - r_l - gamma"),
+            (F.softplus(margin - gamma), "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
+            (-(margin - gamma), NO_LOGSIGMOID), (F.logsigmoid(margin - gamma), MINUS)]
+        return out + (m,)
+
     def test_hand_computed_batch(self):
         pc, pr = t(-6.0, -4.0, -3.0), t(-9.0, -2.0, -12.0)
-        lc, lr = t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0)
-        beta, gamma = 2.0, 0.5
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, lc, lr, beta, gamma, returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pr, t(3.0, 2.0, 6.0), t(3.0, 1.0, 4.0), 2.0, 0.5)
         # rewards beta/|y| * logp: chosen 2*-6/3 = -4, 2*-4/2 = -4, 2*-3/6 = -1; rejected -6, -4, -6
-        for got, logps, lengths, other, want, name in ((cr, pc, lc, pr / lr, t(-4.0, -4.0, -1.0), "chosen"),
-                                                       (rj, pr, lr, pc / lc, t(-6.0, -4.0, -6.0), "rejected")):
-            expect_close(self, got, want, f"{name}_rewards = (beta/|y|) log pi_theta(y|x), beta 2", [
-                (beta * logps, "the length normalisation is missing: divide log pi_theta(y|x) by |y| [SimPO-2]"),
-                (logps / lengths, "beta is missing from the reward: (beta/|y|) log pi_theta(y|x)"),
-                (beta * logps * lengths, "multiplied by |y|: the reward DIVIDES by the length"),
-                (beta * other, REWARDS_SWAPPED)])
-        # logits r_w - r_l - gamma = 1.5, -0.5, 4.5; loss = log(1 + exp(-z))
-        margin = t(2.0, 0.0, 5.0)
+        for name, got, want in (("chosen", cr, t(-4.0, -4.0, -1.0)), ("rejected", rj, t(-6.0, -4.0, -6.0))):
+            expect_close(self, got, want, f"{name}_rewards = (beta/|y|) log pi_theta(y|x), beta 2", m[name])
+        # reward margins 2, 0, 5; logits r_w - r_l - gamma = 1.5, -0.5, 4.5
         expect_close(self, losses, t(softplus(-1.5), softplus(0.5), softplus(-4.5)),
-                     "losses for reward margins (2, 0, 5), gamma 0.5: -log sigmoid(margin - gamma)", [
-                         (F.softplus(-(margin + gamma)), "gamma is added: the chosen reward must beat the rejected "
-                                                         "one BY gamma, logits = r_w - r_l - gamma"),
-                         (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma [SimPO-3]"),
-                         (F.softplus(-(margin - beta * gamma)), "gamma is multiplied by beta: the target margin is "
-                                                                "gamma itself (the official code's gamma_beta_ratio "
-                                                                "is gamma/beta)"),
-                         (F.softplus(-(margin - gamma / beta)),
-                          "gamma is divided by beta: the target margin is gamma itself"),
-                         (F.softplus(margin + gamma), "chosen and rejected swapped: logits = r_w - r_l - gamma"),
-                         (F.softplus(margin - gamma),
-                          "the sign: chosen minus rejected, then the loss -log sigmoid(logits)"),
-                         (-(margin - gamma), NO_LOGSIGMOID),
-                         (F.logsigmoid(margin - gamma), MINUS)])
+                     "losses for reward margins (2, 0, 5), gamma 0.5: -log sigmoid(margin - gamma)", m["losses"])
 
     def test_equal_rewards_give_log_one_plus_exp_gamma(self):
         """SimPO does not start at ln 2: with equal rewards the logit is -gamma (README, "Reading your logs")."""
-        pc = t(-6.0, -10.0, -4.0, grad=True)
-        lengths = t(3.0, 5.0, 2.0)
+        pc, lengths = t(-6.0, -10.0, -4.0, grad=True), t(3.0, 5.0, 2.0)
         beta, gamma = 2.0, 1.0
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pc.detach().clone(), lengths, lengths, beta, gamma,
-                                 returns=RETURNS)
+        losses, cr, rj, m = self.loss(pc, pc.detach().clone(), lengths, lengths, beta, gamma)
         expect_close(self, losses, torch.full((3,), softplus(gamma)),
-                     "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", [
-                         (math.log(2), "gamma is missing: logits = r_w - r_l - gamma, so equal rewards give "
-                                       "-log sigmoid(-gamma)"),
-                         (softplus(-gamma), "gamma is added instead of subtracted"),
-                         (softplus(beta * gamma), "gamma is multiplied by beta: the target margin is gamma itself"),
-                         (gamma, "the log-sigmoid is missing: the loss is -log sigmoid(logits)")])
+                     "equal rewards, gamma 1: every loss must be -log sigmoid(-gamma) = ln(1 + e) = 1.313", m["losses"])
         expect_detached(self, cr, rj)
         losses.sum().backward()
         # d/d logp_w of -log sigma(beta logp_w/|y_w| - ...) = -(beta/|y_w|) sigma(-logit) = -(beta/|y_w|) sigma(gamma)
         expect_grad(self, pc, -beta / lengths * sig(gamma),
                     "d loss / d log pi_theta(y_w|x) = -(beta/|y_w|) sigmoid(gamma)", [
-                        (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's "
-                                                             "path"),
-                        (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
-                        (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
+            (-beta * sig(gamma) * torch.ones(3), "the length normalisation is missing from the gradient's path"),
+            (-1 / lengths * sig(gamma), "beta is missing from the rewards: (beta/|y|) log pi_theta(y|x)"),
+            (beta / lengths * sig(gamma), "the sign: raising log pi_theta(y_w|x) must lower the loss")])
 
     def test_reward_scales_as_one_over_length(self):
         pc, pr = t(-6.0, -4.0), t(-9.0, -2.0)
@@ -315,28 +306,18 @@ class TestSimpoLoss(unittest.TestCase):
     def test_unit_lengths_give_summed_reward(self):
         """The --no-length-norm ablation: lengths all 1, the reward is beta * log pi(y|x), summed."""
         pc, pr = t(-6.0, -14.0), t(-9.0, -2.0)
-        ones = torch.ones(2)
-        losses, cr, rj = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 2.0, 1.0, returns=RETURNS)
-        for name, y, got, logps, other in (("chosen", "y_w", cr, pc, pr), ("rejected", "y_l", rj, pr, pc)):
-            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)",
-                         [(logps, "beta is missing from the reward"), (2.0 * other, REWARDS_SWAPPED)])
+        losses, cr, rj, m = self.loss(pc, pr, torch.ones(2), torch.ones(2), 2.0, 1.0)
+        for name, y, got, logps in (("chosen", "y_w", cr, pc), ("rejected", "y_l", rj, pr)):
+            expect_close(self, got, 2.0 * logps, f"{name}_rewards with lengths 1: beta log pi_theta({y}|x)", m[name])
         # margins 2*(-6+9) = 6 and 2*(-14+2) = -24; logits margin - gamma = 5 and -25
-        margin = t(6.0, -24.0)
         expect_close(self, losses, t(softplus(-5.0), softplus(25.0)),
-                     "losses at margins 6 and -24, gamma 1 (lengths 1)", [
-            (F.softplus(-(margin + 1)), "gamma is added: logits = r_w - r_l - gamma"),
-            (F.softplus(-margin), "gamma is missing: logits = r_w - r_l - gamma"),
-            (F.softplus(-(margin - 2)), "gamma is multiplied by beta: the target margin is gamma itself"),
-            (F.softplus(margin + 1), "chosen and rejected swapped: logits = r_w - r_l - gamma")])
+                     "losses at margins 6 and -24, gamma 1 (lengths 1)", m["losses"])
 
     def test_finite_at_extreme_margins(self):
         pc, pr = t(0.0, -1000.0, -3.0, grad=True), t(-1000.0, 0.0, -3.0, grad=True)
-        ones = torch.ones(3)
-        losses, _, _ = attempt(self, simpo.simpo_loss, pc, pr, ones, ones, 1.0, 0.0, returns=RETURNS)
-        z = t(1000.0, -1000.0, 0.0)
+        losses, _, _, m = self.loss(pc, pr, torch.ones(3), torch.ones(3), 1.0, 0.0)
         expect_close(self, losses, t(0.0, 1000.0, math.log(2)),
-                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite",
-                     [(-z, NO_LOGSIGMOID), (F.softplus(z), SWAPPED)])
+                     "losses at logits +1000, -1000, 0: ~0, 1000, ln 2, all finite", m["losses"])
         losses.sum().backward()      # the gradients: -beta/|y| sigmoid(-logit) and its opposite
         expect_grad(self, pc, t(0.0, -1.0, -0.5), "d loss / d log pi_theta(y_w|x) at logits +1000, -1000, 0")
         expect_grad(self, pr, t(0.0, 1.0, 0.5), "d loss / d log pi_theta(y_l|x) at logits +1000, -1000, 0")
@@ -364,16 +345,14 @@ class TestSppoLoss(unittest.TestCase):
                  "the reference is not subtracted: the log-ratio is log pi_theta(y|x) - log pi_ref(y|x)")]
 
     def test_hand_worked_values(self):
-        policy, ref = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5)
-        win = t(0.9, 0.5, 0.2, 0.0)
+        policy, ref, win = t(-5.0, -3.0, -10.0, -7.0), t(-6.0, -3.0, -8.0, -7.5), t(0.9, 0.5, 0.2, 0.0)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 4.0)
         # log-ratios 1, 0, -2, 0.5; targets 1.6, 0, -1.2, -2; losses (1 - 1.6)^2, 0, (-2 + 1.2)^2, (0.5 + 2)^2
         expect_close(self, losses, t(0.36, 0.0, 0.64, 6.25), "losses for log-ratios (1, 0, -2, 0.5), win rates "
                      "(0.9, 0.5, 0.2, 0), eta 4: targets (1.6, 0, -1.2, -2)", self.mistakes(policy, ref, win, 4.0))
 
     def test_minimiser_is_eta_times_p_minus_half(self):
-        ref = t(-4.0, -9.0, -2.5, -20.0)
-        win = t(0.0, 0.3, 0.5, 0.95)
+        ref, win = t(-4.0, -9.0, -2.5, -20.0), t(0.0, 0.3, 0.5, 0.95)
         for eta in (0.5, 10.0, 1000.0):
             with self.subTest(eta=eta):
                 best = [r + eta * (p - 0.5) for r, p in zip(ref.tolist(), win.tolist())]
@@ -410,8 +389,7 @@ class TestSppoLoss(unittest.TestCase):
                      "(1 - 2)^2, (0 - 2)^2", self.mistakes(policy, ref, torch.ones(2), 4.0))
 
     def test_finite_at_extreme_inputs(self):
-        policy = t(1000.0, -1000.0, 0.0, -1000.0, grad=True)
-        ref = t(-1000.0, 1000.0, 0.0, -1000.0)
+        policy, ref = t(1000.0, -1000.0, 0.0, -1000.0, grad=True), t(-1000.0, 1000.0, 0.0, -1000.0)
         win = t(0.0, 1.0, 1.0, 0.5)
         losses = attempt(self, sppo.sppo_loss, policy, ref, win, 1.0)
         # log-ratios 2000, -2000, 0, 0; targets -0.5, 0.5, 0.5, 0
@@ -505,16 +483,12 @@ class TestSequenceLogps(unittest.TestCase):
 
     def loop_logps(self, ids, mask):
         """The definition, one token at a time: each response token scored by a forward pass on its prefix."""
-        out = []
-        for b in range(ids.shape[0]):
-            total = 0.0
-            for t in range(1, ids.shape[1]):
-                if mask[b, t]:
-                    with torch.no_grad():
-                        logits = self.m(ids[b:b + 1, :t])[0, -1]
-                    total += torch.log_softmax(logits.double(), dim=-1)[ids[b, t]].item()
-            out.append(total)
-        return torch.tensor(out, dtype=torch.float64)
+        out = torch.zeros(ids.shape[0], dtype=torch.float64)
+        for b, t in mask[:, 1:].nonzero().tolist():      # token t + 1 of row b is a response token
+            with torch.no_grad():
+                logits = self.m(ids[b:b + 1, :t + 1])[0, -1]
+            out[b] += torch.log_softmax(logits.double(), dim=-1)[ids[b, t + 1]].item()
+        return out
 
     def mistakes(self, ids, mask):
         """What the usual wrong versions return for these rows, each with its hint."""
