@@ -256,9 +256,8 @@ def frozen_copy(model):
 # Each script's claim ("DPO's loss is minimised at pi*", "SPPO's regression is the multiplicative-weights step")
 # is about the best POLICY, not the best network: it is checked on any distribution over a list of responses, one
 # logit each, pi(y) = exp(theta_y) / sum_y' exp(theta_y'). By the chain rule pi(y_i | x, y_<i) = mass(responses
-# starting y_<i y_i) / mass(responses starting y_<i): the table answers forward(idx) with next-token logits, and
-# sequence_logps, pair_logps and sample work on it unchanged (the sum over response tokens telescopes to
-# theta_y - logsumexp(theta)). The exact modes train on log_probs(), the same numbers in float64.
+# starting y_<i y_i) / mass(responses starting y_<i): the table answers forward(idx) with next-token logits, so
+# sequence_logps, pair_logps and sample work on it unchanged, their sums telescoping to theta_y - logsumexp(theta).
 
 class TablePolicy(nn.Module):
     """pi(y|x) = softmax(theta)[y] over a list of different responses [C, L] (token ids, EOS, padding) that start
@@ -272,7 +271,7 @@ class TablePolicy(nn.Module):
         self.logits = nn.Parameter(torch.zeros(len(self.responses), dtype=torch.float64))
 
     def log_probs(self):
-        """log pi(y|x) of each listed response, [C], float64: theta_y - logsumexp(theta)."""
+        """log pi(y|x) of each listed response, [C], float64: theta_y - logsumexp(theta); the exact modes train it."""
         return torch.log_softmax(self.logits, dim=0)
 
     def probs(self):
