@@ -1,7 +1,7 @@
 """
 test_all.py: the tests of model.py, data.py, dpo.py, simpo.py and sppo.py (standard-library unittest only).
 
-    python -m unittest test_all -v                  the whole suite (about 20 s on 2 quiet cores)
+    python -m unittest test_all -v                  the whole suite (20 to 25 s on 2 quiet cores)
     python -m unittest test_all.TestDpoLoss -v      one class (any class below)
 
 Write it yourself: replace a function's body with `raise NotImplementedError`, write it again from its
